@@ -1,0 +1,180 @@
+"""What every analyzer shares: input checks, neuron selection, and leaving the model as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from relprop.errors import AnalyzerInputError
+
+NeuronSelection = Union[int, Sequence[int], Tensor, None]
+SELECTION_MODES = ("max_activation", "index", "all")
+
+
+class Analyzer:
+    """Base of all analyzers: ``analyze(x, neuron_selection)`` → relevance shaped like ``x``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to explain. It ends in logits (no softmax) and is never modified: parameters,
+        hooks and train/eval mode are as they were after ``analyze`` returns or raises. It is run
+        in eval mode during the analysis.
+    neuron_selection_mode : {"max_activation", "index", "all"}
+        Which output to explain: the largest per sample, the one given to ``analyze``, or all.
+    """
+
+    def __init__(self, model: nn.Module, neuron_selection_mode: str = "max_activation") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if neuron_selection_mode not in SELECTION_MODES:
+            raise ValueError(
+                f"neuron_selection_mode={neuron_selection_mode!r} is not one of "
+                f"{', '.join(SELECTION_MODES)}"
+            )
+        self.model = model
+        self.neuron_selection_mode = neuron_selection_mode
+
+    # -- public ---------------------------------------------------------------------------
+
+    def analyze(self, x: Tensor, neuron_selection: NeuronSelection = None) -> Tensor:
+        """Relevance of every input element for the selected output neuron(s).
+
+        Parameters
+        ----------
+        x : Tensor
+            A batch of inputs, on the model's device and of its dtype.
+        neuron_selection : int, sequence of int or Tensor, optional
+            With ``neuron_selection_mode="index"``: one output index for all samples or one per
+            sample. Given with ``"max_activation"`` it is used as an index too.
+
+        Returns
+        -------
+        Tensor
+            Same shape, dtype and device as ``x``.
+        """
+        self._check_input(x)
+        if self.neuron_selection_mode == "index" and neuron_selection is None:
+            raise AnalyzerInputError(
+                "neuron_selection_mode='index' needs neuron_selection: analyze(x, "
+                "neuron_selection=3) or one index per sample"
+            )
+        if self.neuron_selection_mode == "all" and neuron_selection is not None:
+            raise AnalyzerInputError(
+                "neuron_selection_mode='all' explains all outputs; drop neuron_selection or "
+                "create the analyzer with neuron_selection_mode='index'"
+            )
+        with preserved_state(self.model):
+            return self._analyze(x, neuron_selection)
+
+    def _analyze(self, x: Tensor, neuron_selection: NeuronSelection) -> Tensor:
+        raise NotImplementedError
+
+    # -- shared helpers ----------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise AnalyzerInputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise AnalyzerInputError(
+                f"x has shape {tuple(x.shape)}; it needs a batch dimension first, e.g. "
+                "x.unsqueeze(0) for a single sample"
+            )
+        if x.shape[0] == 0:
+            raise AnalyzerInputError("x is an empty batch (shape[0] == 0)")
+        if not x.is_floating_point():
+            raise AnalyzerInputError(
+                f"x has dtype {x.dtype}; analyzers need a floating-point input, e.g. x.float()"
+            )
+        param = next(iter(self.model.parameters()), None)
+        if param is not None:
+            if param.device != x.device:
+                raise AnalyzerInputError(
+                    f"x is on {x.device} but the model's parameters are on {param.device}; move "
+                    f"one of them, e.g. x.to({str(param.device)!r})"
+                )
+            if param.dtype != x.dtype:
+                raise AnalyzerInputError(
+                    f"x has dtype {x.dtype} but the model's parameters are {param.dtype}; "
+                    f"convert one of them, e.g. x.to({param.dtype})"
+                )
+        if not bool(torch.isfinite(x).all()):
+            bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+            raise AnalyzerInputError(
+                f"x contains {bad} values; relevance of a non-finite input is undefined. Clean "
+                "the input (e.g. torch.nan_to_num) before analyzing"
+            )
+
+    def _run_model(self, fn, x: Tensor):
+        """Run ``fn(x)`` and turn a shape error of the model into an :class:`AnalyzerInputError`."""
+        try:
+            return fn(x)
+        except RuntimeError as err:
+            message = str(err).split("\n")[0]
+            raise AnalyzerInputError(
+                f"the model cannot take an input of shape {tuple(x.shape)}: {message}"
+            ) from err
+
+    def _selection_mask(self, output: Tensor, neuron_selection: NeuronSelection) -> Tensor:
+        """A 0/1 mask shaped like ``output`` marking the selected neurons of each sample."""
+        flat = output.reshape(output.shape[0], -1)
+        n, k = flat.shape
+        if self.neuron_selection_mode == "all":
+            return torch.ones_like(output)
+        if neuron_selection is None:
+            index = flat.argmax(dim=1)
+        else:
+            index = _selection_index(neuron_selection, n, k, output.device)
+        mask = torch.zeros_like(flat)
+        mask[torch.arange(n, device=output.device), index] = 1
+        return mask.reshape(output.shape)
+
+
+def _selection_index(selection: NeuronSelection, n: int, k: int, device) -> Tensor:
+    if isinstance(selection, bool):
+        raise AnalyzerInputError(f"neuron_selection must be an int or a sequence, got {selection}")
+    if isinstance(selection, int):
+        values = [selection] * n
+    elif isinstance(selection, Tensor):
+        if selection.is_floating_point() or selection.dim() > 1:
+            raise AnalyzerInputError(
+                f"neuron_selection tensor must be integer of shape ({n},) or a scalar, got dtype "
+                f"{selection.dtype} shape {tuple(selection.shape)}"
+            )
+        values = [int(selection)] * n if selection.dim() == 0 else selection.tolist()
+    else:
+        try:
+            values = [int(v) for v in selection]
+        except (TypeError, ValueError) as err:
+            raise AnalyzerInputError(
+                f"neuron_selection must be an int, a sequence of ints or an integer tensor, got "
+                f"{selection!r}"
+            ) from err
+    if len(values) != n:
+        raise AnalyzerInputError(
+            f"neuron_selection has {len(values)} indices but the batch has {n} samples; give one "
+            "index per sample or a single int for all"
+        )
+    bad = [v for v in values if not -k <= v < k]
+    if bad:
+        raise AnalyzerInputError(
+            f"neuron_selection index {bad[0]} is out of range: the model has {k} outputs "
+            f"(valid 0..{k - 1})"
+        )
+    return torch.tensor([v % k for v in values], device=device)
+
+
+@contextmanager
+def preserved_state(model: nn.Module):
+    """Run the model in eval mode and restore every module's train/eval flag afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -1,0 +1,262 @@
+"""The gradient family, run by autograd on the model itself (any differentiable layer works)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from relprop.analyzers.base import Analyzer, NeuronSelection
+from relprop.graph.trace import trace
+
+POSTPROCESS = (None, "abs", "square")
+INTEGRATION_RULES = (
+    "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre"
+)
+
+
+class Gradient(Analyzer):
+    """∂y_c/∂x: the saliency map of Simonyan et al., 2014, *Deep Inside Convolutional Networks*.
+
+    Parameters
+    ----------
+    postprocess : {None, "abs", "square"}
+        Applied to the gradient.
+    """
+
+    def __init__(self, model: nn.Module, postprocess: str | None = None,
+                 neuron_selection_mode: str = "max_activation") -> None:
+        super().__init__(model, neuron_selection_mode)
+        if postprocess not in POSTPROCESS:
+            raise ValueError(f"postprocess={postprocess!r} is not one of {POSTPROCESS}")
+        self.postprocess = postprocess
+
+    def _forward_fn(self) -> Callable[[Tensor], Tensor]:
+        return self.model
+
+    def _gradient(self, x: Tensor, neuron_selection: NeuronSelection,
+                  mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Gradient of the selected outputs at ``x``; returns (gradient, selection mask)."""
+        forward = self._forward_fn()
+        inp = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            output = self._run_model(forward, inp)
+            if mask is None:
+                mask = self._selection_mask(output.detach(), neuron_selection)
+            (grad,) = torch.autograd.grad(output, inp, grad_outputs=mask)
+        return grad, mask
+
+    def _analyze(self, x, neuron_selection):
+        grad, _ = self._gradient(x, neuron_selection)
+        if self.postprocess == "abs":
+            return grad.abs()
+        if self.postprocess == "square":
+            return grad * grad
+        return grad
+
+
+class InputTimesGradient(Gradient):
+    """x ⊙ ∂y_c/∂x (Shrikumar et al., 2016, *Not Just a Black Box*)."""
+
+    def __init__(self, model: nn.Module, neuron_selection_mode: str = "max_activation") -> None:
+        super().__init__(model, None, neuron_selection_mode)
+
+    def _analyze(self, x, neuron_selection):
+        grad, _ = self._gradient(x, neuron_selection)
+        return x * grad
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
+
+
+class SmoothGrad(Gradient):
+    """Mean gradient over noisy copies of the input (Smilkov et al., 2017, *SmoothGrad*).
+
+    The selected neuron is fixed on the clean input, then ``augment_by_n`` gradients are taken
+    at ``x + ε``, ``ε ~ N(0, noise_scale²)`` drawn one copy after another.
+
+    Parameters
+    ----------
+    augment_by_n : int
+        Number of noisy copies.
+    noise_scale : float
+        Standard deviation of the Gaussian noise, in input units.
+    seed : int, optional
+        Seeds the noise for reproducible maps.
+    postprocess : {None, "abs", "square"}
+        Applied to each gradient before averaging.
+    """
+
+    def __init__(self, model: nn.Module, augment_by_n: int = 64, noise_scale: float = 1.0,
+                 seed: int | None = None, postprocess: str | None = None,
+                 neuron_selection_mode: str = "max_activation") -> None:
+        super().__init__(model, postprocess, neuron_selection_mode)
+        if int(augment_by_n) < 1:
+            raise ValueError(f"augment_by_n must be at least 1, got {augment_by_n}")
+        if noise_scale < 0:
+            raise ValueError(f"noise_scale must be non-negative, got {noise_scale}")
+        self.augment_by_n = int(augment_by_n)
+        self.noise_scale = float(noise_scale)
+        self.seed = seed
+
+    def _analyze(self, x, neuron_selection):
+        _, mask = self._gradient(x, neuron_selection)
+        generator = _generator(self.seed, x.device)
+        total = torch.zeros_like(x)
+        for _ in range(self.augment_by_n):
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            grad, _ = self._gradient(x + self.noise_scale * noise, None, mask)
+            if self.postprocess == "abs":
+                grad = grad.abs()
+            elif self.postprocess == "square":
+                grad = grad * grad
+            total += grad
+        return total / self.augment_by_n
+
+
+def integration_points(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Points α_k in [0, 1] and weights w_k of the path integral ∫₀¹ g(α) dα ≈ Σ w_k g(α_k).
+
+    Riemann sums (left, right, middle, trapezoid) as in Captum; ``gausslegendre`` is
+    Gauss–Legendre quadrature mapped to [0, 1].
+    """
+    if rule not in INTEGRATION_RULES:
+        raise ValueError(f"integration={rule!r} is not one of {', '.join(INTEGRATION_RULES)}")
+    n = int(steps)
+    if n < 2 and rule == "riemann_trapezoid":
+        raise ValueError("riemann_trapezoid needs at least 2 steps")
+    if n < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if rule == "riemann_left":
+        return np.linspace(0, 1 - 1 / n, n), np.full(n, 1 / n)
+    if rule == "riemann_right":
+        return np.linspace(1 / n, 1, n), np.full(n, 1 / n)
+    if rule == "riemann_middle":
+        return np.linspace(1 / (2 * n), 1 - 1 / (2 * n), n), np.full(n, 1 / n)
+    if rule == "riemann_trapezoid":
+        weights = np.full(n, 1 / (n - 1))
+        weights[[0, -1]] /= 2
+        return np.linspace(0, 1, n), weights
+    points, weights = np.polynomial.legendre.leggauss(n)
+    return (points + 1) / 2, weights / 2
+
+
+class IntegratedGradients(Gradient):
+    """(x − x̄) ⊙ ∫₀¹ ∂y_c/∂x(x̄ + α(x − x̄)) dα (Sundararajan et al., 2017, *Axiomatic
+    Attribution for Deep Networks*).
+
+    Parameters
+    ----------
+    steps : int
+        Number of points on the path.
+    reference_inputs : float or Tensor
+        The baseline x̄ (broadcast to x); zero by default.
+    integration : str
+        The quadrature: ``riemann_trapezoid`` (default; exact for a path linear in α),
+        ``riemann_left``, ``riemann_right``, ``riemann_middle`` or ``gausslegendre``.
+    """
+
+    def __init__(self, model: nn.Module, steps: int = 64, reference_inputs: float | Tensor = 0.0,
+                 integration: str = "riemann_trapezoid",
+                 neuron_selection_mode: str = "max_activation") -> None:
+        super().__init__(model, None, neuron_selection_mode)
+        self.points, self.weights = integration_points(steps, integration)
+        self.steps = int(steps)
+        self.integration = integration
+        self.reference_inputs = reference_inputs
+
+    def _analyze(self, x, neuron_selection):
+        baseline = torch.as_tensor(self.reference_inputs, dtype=x.dtype, device=x.device)
+        baseline = baseline.expand_as(x)
+        _, mask = self._gradient(x, neuron_selection)
+        delta = x - baseline
+        total = torch.zeros_like(x)
+        for alpha, weight in zip(self.points, self.weights):
+            grad, _ = self._gradient(baseline + float(alpha) * delta, None, mask)
+            total += float(weight) * grad
+        return delta * total
+
+
+class _ReLUReplaced(fx.Interpreter):
+    """Runs the traced model with every ReLU's backward replaced (deconvnet, guided backprop)."""
+
+    RELU_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_}
+
+    def __init__(self, gm: fx.GraphModule, relu: Callable[[Tensor], Tensor]) -> None:
+        super().__init__(gm)
+        self.relu = relu
+
+    def call_module(self, target, args, kwargs):
+        if isinstance(self.fetch_attr(target), nn.ReLU):
+            return self.relu(args[0])
+        return super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        if target in self.RELU_FUNCTIONS:
+            return self.relu(args[0])
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if target in ("relu", "relu_"):
+            return self.relu(args[0])
+        return super().call_method(target, args, kwargs)
+
+
+class _GuidedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (out > 0)
+
+
+class _DeconvReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(min=0)
+
+
+class _ModifiedReLUGradient(Gradient):
+    relu_function: type[torch.autograd.Function]
+
+    def __init__(self, model: nn.Module, neuron_selection_mode: str = "max_activation") -> None:
+        super().__init__(model, None, neuron_selection_mode)
+        self._gm: fx.GraphModule | None = None
+
+    def _forward_fn(self):
+        if self._gm is None:
+            self._gm = trace(self.model)
+        interpreter = _ReLUReplaced(self._gm, self.relu_function.apply)
+        return lambda x: interpreter.run(x)
+
+
+class Deconvnet(_ModifiedReLUGradient):
+    """Deconvnet: ReLUs pass back the positive part of the signal, ignoring the forward mask
+    (Zeiler & Fergus, 2014, *Visualizing and Understanding Convolutional Networks*)."""
+
+    relu_function = _DeconvReLU
+
+
+class GuidedBackprop(_ModifiedReLUGradient):
+    """Guided backpropagation: ReLUs pass back positive gradients where the input was positive
+    (Springenberg et al., 2015, *Striving for Simplicity: The All Convolutional Net*)."""
+
+    relu_function = _GuidedReLU

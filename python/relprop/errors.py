@@ -1,0 +1,30 @@
+"""The exceptions relprop raises. Each message names the problem and the way out."""
+
+from __future__ import annotations
+
+
+class RelpropError(Exception):
+    """Base class of every error relprop raises on purpose."""
+
+
+class UnsupportedLayerError(RelpropError):
+    """A layer or operation of the model has no relevance mapping.
+
+    The message names the module path, its type and how to map it.
+    """
+
+
+class SoftmaxOutputError(RelpropError, ValueError):
+    """The model ends in a softmax; explain the logits instead (`relprop.model_wo_softmax`)."""
+
+
+class AnalyzerInputError(RelpropError, ValueError):
+    """The input or the neuron selection passed to ``analyze`` cannot be used."""
+
+
+class UnknownAnalyzerError(RelpropError, ValueError):
+    """``create_analyzer`` was given a name it does not know; the message lists the valid ones."""
+
+
+class TraceError(RelpropError):
+    """The model could not be traced into a plan (e.g. data-dependent Python control flow)."""

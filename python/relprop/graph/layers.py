@@ -1,0 +1,281 @@
+"""Executable steps: each maps one graph node's forward and hands relevance back to its inputs.
+
+A layer gets its resolved arguments in forward and returns ``(output, saved)``; in
+``relevance(saved, R)`` it returns one relevance tensor (or None) per node occurrence in its
+arguments, in ``torch.fx.node.map_arg`` order. Layers with weights call the ``relprop::`` ops;
+the rest are small enough to stay in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from relprop.graph.canonize import FoldedParameters
+from relprop.ops import conv as conv_ops
+from relprop.ops import linear as linear_ops
+from relprop.ops import pool as pool_ops
+from relprop.ops._layer_rules import divide
+from relprop.rules.base import Rule
+
+
+def _pair(value: int | Sequence[int], dims: int = 2) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dims
+    return tuple(int(v) for v in value)
+
+
+class Layer:
+    """Base: forward with the original semantics, relevance passed to the first argument."""
+
+    def forward(self, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def relevance(self, saved: Any, relevance: Tensor) -> list[Tensor | None]:
+        raise NotImplementedError
+
+
+class WeightLayer(Layer):
+    """A dense layer or a 1-D/2-D convolution under an LRP rule (``relprop::`` ops)."""
+
+    def __init__(self, params: FoldedParameters, rule: Rule, geometry: dict | None, dims: int):
+        self.params = params
+        self.rule = rule
+        self.geometry = geometry  # None for dense layers
+        self.dims = dims
+
+    def forward(self, args, kwargs):
+        x = args[0]
+        weight, bias = self.params.get()
+        name, rule_params = self.rule.op()
+        op_bias = None if self.rule.ignore_bias else bias
+        if self.geometry is None:
+            lead = x.shape[:-1]
+            x_op = x.reshape(-1, x.shape[-1])
+            saved = linear_ops.linear_forward(x_op, weight, op_bias, name, rule_params)
+            z = saved[0]
+            if op_bias is None and bias is not None:
+                z = z + bias
+            return z.reshape(*lead, z.shape[-1]), (x_op, weight, op_bias, saved, lead)
+        g = self.geometry
+        if self.dims == 1:
+            x_op, w_op = x.unsqueeze(2), weight.unsqueeze(2)
+        else:
+            x_op, w_op = x, weight
+        saved = conv_ops.conv2d_forward(
+            x_op, w_op, op_bias, g["stride"], g["padding"], g["dilation"], g["groups"], name,
+            rule_params,
+        )
+        z = saved[0]
+        if op_bias is None and bias is not None:
+            z = z + bias.view(1, -1, 1, 1)
+        out = z.squeeze(2) if self.dims == 1 else z
+        return out, (x_op, w_op, op_bias, saved, None)
+
+    def relevance(self, saved, relevance):
+        x_op, w_op, op_bias, fwd, lead = saved
+        name, rule_params = self.rule.op()
+        if self.geometry is None:
+            r = linear_ops.linear_relevance(
+                x_op, w_op, op_bias, fwd, relevance.reshape(-1, relevance.shape[-1]), name,
+                rule_params,
+            )
+            return [r.reshape(*lead, r.shape[-1])]
+        g = self.geometry
+        r_op = relevance.unsqueeze(2) if self.dims == 1 else relevance
+        r = conv_ops.conv2d_relevance(
+            x_op, w_op, op_bias, fwd, r_op, g["stride"], g["padding"], g["dilation"], g["groups"],
+            name, rule_params,
+        )
+        return [r.squeeze(2) if self.dims == 1 else r]
+
+
+class PassLayer(Layer):
+    """Element-wise layers (activations, dropout, identities, unfoldable BatchNorm, scaling by a
+    constant): relevance goes through unchanged to the one tensor argument."""
+
+    def __init__(self, fn: Callable[..., Any], live_index: int = 0) -> None:
+        self.fn = fn
+        self.live_index = live_index
+
+    def forward(self, args, kwargs):
+        return self.fn(*args, **kwargs), None
+
+    def relevance(self, saved, relevance):
+        out: list[Tensor | None] = [None] * (self.live_index + 1)
+        out[self.live_index] = relevance
+        return out
+
+
+class MovementLayer(Layer):
+    """Ops that only move values (reshape, permute, cat, indexing, ...): relevance moves with
+    them, which is exactly the vector-Jacobian product of the op (a 0/1 matrix)."""
+
+    def __init__(self, fn: Callable[..., Any], reshape_only: bool = False) -> None:
+        self.fn = fn
+        self.reshape_only = reshape_only
+
+    def forward(self, args, kwargs):
+        out = self.fn(*args, **kwargs)
+        if self.reshape_only:
+            return out, args[0].shape
+        return out, (args, kwargs)
+
+    def relevance(self, saved, relevance):
+        if self.reshape_only:
+            return [relevance.reshape(saved)]
+        return _vjp(self.fn, saved[0], saved[1], relevance)
+
+
+class NormLayer(Layer):
+    """Linear maps without weights — sums, differences, means — under the z-rule (``Norm``).
+
+    ``R_k = (x_k ⊙ ∂y/∂x_k)ᵀ (R / stab(y))``: each operand gets the share it contributed.
+    """
+
+    def __init__(self, fn: Callable[..., Any], stabilizer: float) -> None:
+        self.fn = fn
+        self.stabilizer = stabilizer
+
+    def forward(self, args, kwargs):
+        out = self.fn(*args, **kwargs)
+        return out, (args, kwargs, out)
+
+    def relevance(self, saved, relevance):
+        args, kwargs, out = saved
+        share = divide(relevance, out, self.stabilizer)
+        grads = _vjp(self.fn, args, kwargs, share)
+        tensors = _flat_tensors(args, kwargs)
+        return [None if g is None else g * t for g, t in zip(grads, tensors)]
+
+
+class GateLayer(Layer):
+    """``signal * gate`` (squeeze-excitation): all relevance to the signal, none to the gate."""
+
+    def __init__(self, signal_index: int) -> None:
+        self.signal_index = signal_index
+
+    def forward(self, args, kwargs):
+        return args[0] * args[1], None
+
+    def relevance(self, saved, relevance):
+        out: list[Tensor | None] = [None, None]
+        out[self.signal_index] = relevance
+        return out
+
+
+class MaxPoolLayer(Layer):
+    """Max pooling (1-D/2-D, plain or adaptive): winner takes all."""
+
+    def __init__(self, pool: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
+        self.pool = pool
+
+    def forward(self, args, kwargs):
+        x = args[0]
+        out, indices = self.pool(x)
+        return out, (indices, x.shape)
+
+    def relevance(self, saved, relevance):
+        indices, shape = saved
+        return [pool_ops.max_pool_relevance(relevance, indices, shape)]
+
+
+class AvgPoolLayer(Layer):
+    """Average pooling (1-D/2-D) under the z-rule."""
+
+    def __init__(self, dims: int, options: dict, stabilizer: float) -> None:
+        self.dims = dims
+        self.options = options
+        self.stabilizer = stabilizer
+
+    def forward(self, args, kwargs):
+        x = args[0]
+        o = self.options
+        pool = F.avg_pool1d if self.dims == 1 else F.avg_pool2d
+        extra = {} if self.dims == 1 else {"divisor_override": o["divisor_override"]}
+        out = pool(x, o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"],
+                   o["count_include_pad"], **extra)
+        return out, x
+
+    def relevance(self, saved, relevance):
+        o = self.options
+        return [
+            pool_ops.avg_pool_relevance(
+                saved, relevance, o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"],
+                o["count_include_pad"], o["divisor_override"], self.stabilizer,
+            )
+        ]
+
+
+class AdaptiveAvgPoolLayer(Layer):
+    """Adaptive average pooling (1-D/2-D) under the z-rule."""
+
+    def __init__(self, dims: int, output_size, stabilizer: float) -> None:
+        self.dims = dims
+        self.output_size = output_size
+        self.stabilizer = stabilizer
+
+    def forward(self, args, kwargs):
+        x = args[0]
+        pool = F.adaptive_avg_pool1d if self.dims == 1 else F.adaptive_avg_pool2d
+        return pool(x, self.output_size), x
+
+    def relevance(self, saved, relevance):
+        size = self.output_size
+        if self.dims == 2:
+            size = _pair(size)
+            size = tuple(saved.shape[2 + i] if s is None else s for i, s in enumerate(size))
+        return [pool_ops.adaptive_avg_pool_relevance(saved, relevance, size, self.stabilizer)]
+
+
+def _flat_tensors(args: tuple, kwargs: dict) -> list[Any]:
+    flat: list[Any] = []
+
+    def visit(value):
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        else:
+            flat.append(value)
+
+    visit(args)
+    visit(kwargs)
+    return flat
+
+
+def _vjp(fn: Callable[..., Any], args: tuple, kwargs: dict, cotangent: Tensor) -> list:
+    """Vector-Jacobian product of ``fn`` at ``(args, kwargs)`` for every tensor leaf."""
+    leaves = _flat_tensors(args, kwargs)
+    inputs = [
+        v.detach().requires_grad_(True)
+        if isinstance(v, Tensor) and v.is_floating_point()
+        else None
+        for v in leaves
+    ]
+    iterator = iter(inputs)
+
+    def rebuild(value):
+        if isinstance(value, list):
+            return [rebuild(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(rebuild(v) for v in value)
+        if isinstance(value, dict):
+            return {k: rebuild(v) for k, v in value.items()}
+        replaced = next(iterator)
+        return value if replaced is None else replaced
+
+    new_args = rebuild(args)
+    new_kwargs = rebuild(kwargs)
+    wanted = [t for t in inputs if t is not None]
+    with torch.enable_grad():
+        out = fn(*new_args, **new_kwargs)
+        grads = torch.autograd.grad(out, wanted, cotangent, allow_unused=True)
+    by_leaf = iter(grads)
+    return [None if t is None else next(by_leaf) for t in inputs]

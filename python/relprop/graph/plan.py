@@ -1,0 +1,455 @@
+"""The Plan: the traced model as a list of steps, each with its layer, rule and implementation.
+
+Built once per analyzer (trace → fold BatchNorms → assign rules). It is plain data that prints as
+a table, so users see which rule hits which layer and which op runs it.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from relprop.errors import UnsupportedLayerError
+from relprop.graph import layers as L
+from relprop.graph.canonize import FoldedParameters, can_fold
+from relprop.graph.trace import OPERATOR_NAMES, check_no_softmax_output, is_softmax, output_node
+from relprop.rules.base import Norm, Pass, Rule, WinnerTakesAll
+
+ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.PReLU,
+)
+IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
+ACTIVATION_FUNCTIONS = {
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu,
+    F.silu, F.mish, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.softplus,
+}
+ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+GATE_PRODUCERS_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+GATE_PRODUCERS_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
+IDENTITY_METHODS = {"contiguous", "clone", "detach", "float", "to", "type_as"}
+RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+RESHAPE_METHODS = {"view", "reshape", "flatten", "view_as", "reshape_as"}
+MOVEMENT_FUNCTIONS = {
+    torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.cat, torch.concat,
+    torch.stack, operator.getitem, torch.movedim,
+}
+MOVEMENT_METHODS = {"permute", "transpose", "squeeze", "unsqueeze", "expand", "expand_as",
+                    "movedim", "repeat"}
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
+MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
+MEAN_FUNCTIONS = {torch.mean, torch.sum}
+MEAN_METHODS = {"mean", "sum"}
+META_METHODS = {"size", "dim", "numel"}
+
+
+@dataclass
+class Step:
+    """One node of the model: what it is, which rule applies, and the layer that runs it."""
+
+    name: str
+    op: str  # fx op: placeholder, get_attr, call_module, call_function, call_method, output
+    target: Any
+    args: tuple
+    kwargs: dict
+    leaves: list[str | None]  # node name per argument leaf (None for constants)
+    path: str  # module path, or the innermost module the call sits in
+    kind: str
+    rule: Any = None
+    impl: str = ""
+    layer: L.Layer | None = None
+
+
+@dataclass
+class Plan:
+    """The steps of one model in execution order."""
+
+    steps: list[Step]
+    input_name: str
+    output_name: str
+    first_layer: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rows = [("#", "node", "module / function", "kind", "rule", "op")]
+        for i, s in enumerate(self.steps):
+            if s.op in ("placeholder", "output") or s.kind in ("meta", "constant"):
+                continue
+            rule = s.rule.describe() if s.rule is not None else "-"
+            rows.append((str(i), s.name, s.path, s.kind, rule, s.impl or "-"))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines + self.notes)
+
+    __repr__ = __str__
+
+    def rules(self) -> dict[str, str]:
+        """Module path → rule description, for every step with a rule."""
+        return {s.path: s.rule.describe() for s in self.steps if s.rule is not None}
+
+
+def _node_leaves(args: tuple, kwargs: dict) -> list[str | None]:
+    return [v.name if isinstance(v, fx.Node) else None for v in L._flat_tensors(args, kwargs)]
+
+
+def _module_path(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    inner = list(stack.values())[-1][0] if stack else ""
+    name = OPERATOR_NAMES.get(node.target) or getattr(node.target, "__name__", str(node.target))
+    return f"{inner}:{name}" if inner else str(name)
+
+
+def _unsupported(node: fx.Node, gm: fx.GraphModule, what: str) -> UnsupportedLayerError:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        type_name = type(module).__name__
+        return UnsupportedLayerError(
+            f"module {node.target!r} of type {type(module).__module__}.{type_name} has no "
+            f"relevance mapping in relprop ({what}). If it is element-wise, map it in a "
+            f"composite: relprop.composites.Composite(layer_map=[({type_name}, "
+            "relprop.rules.Pass())]); otherwise explain with a gradient analyzer ('gradient', "
+            "'input_t_gradient', 'integrated_gradients', 'smoothgrad'), which runs any "
+            "differentiable layer"
+        )
+    return UnsupportedLayerError(
+        f"{node.op} {getattr(node.target, '__name__', node.target)!r} in {_module_path(node)!r} "
+        f"has no relevance mapping in relprop ({what}). Rewrite it with supported layers, wrap "
+        "it in a module and map that module type to relprop.rules.Pass() in a composite if it is "
+        "element-wise, or explain with a gradient analyzer ('gradient', 'integrated_gradients')"
+    )
+
+
+def _bind(node: fx.Node, names: list[str], defaults: dict) -> dict:
+    values = dict(defaults)
+    for name, value in zip(names, node.args[1:]):
+        values[name] = value
+    for name, value in node.kwargs.items():
+        if name in values or name in names:
+            values[name] = value
+    return values
+
+
+class PlanBuilder:
+    """Turns a traced GraphModule and a composite into a :class:`Plan`."""
+
+    def __init__(self, gm: fx.GraphModule, composite) -> None:
+        self.gm = gm
+        self.composite = composite
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+
+    def build(self) -> Plan:
+        gm = self.gm
+        check_no_softmax_output(gm)
+        out = output_node(gm.graph)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedLayerError(
+                f"the model's forward takes {len(placeholders)} inputs "
+                f"({', '.join(p.name for p in placeholders)}); relprop explains models of one "
+                "input tensor. Wrap the model so that forward(x) takes one tensor"
+            )
+        folded = self._fold_batch_norms()
+        steps: list[Step] = []
+        first_layer = None
+        for node in gm.graph.nodes:
+            step = Step(node.name, node.op, node.target, node.args, node.kwargs,
+                        _node_leaves(node.args, node.kwargs), _module_path(node), "")
+            if node.op == "placeholder":
+                step.kind = "input"
+            elif node.op == "output":
+                step.kind = "output"
+            elif node.op == "get_attr":
+                step.kind = "constant"
+            elif node.name in folded.get("absorbed", {}):
+                step.kind = "batchnorm (folded)"
+                step.layer = L.PassLayer(_identity)
+                step.impl = f"folded into {folded['absorbed'][node.name]}"
+            else:
+                is_first = False
+                if self._has_weights(node) and first_layer is None:
+                    first_layer = node.name
+                    is_first = True
+                self._classify(node, step, folded, is_first)
+            steps.append(step)
+        plan = Plan(steps, placeholders[0].name, out.name, first_layer)
+        return plan
+
+    # -- BatchNorm folding ------------------------------------------------------------------
+
+    def _fold_batch_norms(self) -> dict:
+        """Map each foldable BatchNorm to the dense/conv layer right before it."""
+        params: dict[str, list[nn.Module]] = {}
+        absorbed: dict[str, str] = {}
+        for node in self.gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            bn = self.gm.get_submodule(node.target)
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not can_fold(bn):
+                continue
+            prev = node.args[0] if node.args else None
+            if not isinstance(prev, fx.Node) or len(prev.users) != 1:
+                continue
+            if not self._has_weights(prev):
+                continue
+            params.setdefault(prev.name, []).append(bn)
+            absorbed[node.name] = prev.name
+        return {"bns": params, "absorbed": absorbed}
+
+    def _has_weights(self, node: fx.Node) -> bool:
+        if node.op != "call_module":
+            return False
+        module = self.gm.get_submodule(node.target)
+        return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+
+    # -- classification -----------------------------------------------------------------
+
+    def _classify(self, node: fx.Node, step: Step, folded: dict, is_first: bool) -> None:
+        gm = self.gm
+        stabilizer = self.composite.stabilizer
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            mapped = self.composite.rule_for(str(node.target), module, is_first)
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                self._weight_step(node, step, module, folded["bns"].get(node.name, []), mapped)
+            elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
+                dims = 1 if isinstance(module, nn.MaxPool1d) else 2
+                pool = F.max_pool1d if dims == 1 else F.max_pool2d
+                m = module
+                step.kind, step.rule, step.impl = "max_pool", WinnerTakesAll(), _pool_impl()
+                step.layer = L.MaxPoolLayer(
+                    lambda x: pool(x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                   ceil_mode=m.ceil_mode, return_indices=True)
+                )
+            elif isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
+                dims = 1 if isinstance(module, nn.AdaptiveMaxPool1d) else 2
+                pool = F.adaptive_max_pool1d if dims == 1 else F.adaptive_max_pool2d
+                size = module.output_size
+                step.kind, step.rule, step.impl = "max_pool", WinnerTakesAll(), _pool_impl()
+                step.layer = L.MaxPoolLayer(lambda x: pool(x, size, return_indices=True))
+            elif isinstance(module, (nn.AvgPool1d, nn.AvgPool2d)):
+                dims = 1 if isinstance(module, nn.AvgPool1d) else 2
+                options = {
+                    "kernel_size": module.kernel_size, "stride": module.stride,
+                    "padding": module.padding, "ceil_mode": module.ceil_mode,
+                    "count_include_pad": module.count_include_pad,
+                    "divisor_override": getattr(module, "divisor_override", None),
+                }
+                step.kind, step.rule, step.impl = "avg_pool", Norm(stabilizer), _pool_impl()
+                step.layer = L.AvgPoolLayer(dims, options, stabilizer)
+            elif isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+                dims = 1 if isinstance(module, nn.AdaptiveAvgPool1d) else 2
+                step.kind, step.rule, step.impl = "avg_pool", Norm(stabilizer), _pool_impl()
+                step.layer = L.AdaptiveAvgPoolLayer(dims, module.output_size, stabilizer)
+            elif isinstance(module, ACTIVATION_MODULES):
+                step.kind, step.rule = "activation", Pass()
+                step.layer = L.PassLayer(module)
+            elif isinstance(module, IDENTITY_MODULES) or type(module).__name__ == "StochasticDepth":
+                step.kind, step.rule = "identity", Pass()
+                step.layer = L.PassLayer(_identity)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if not can_fold(module):
+                    raise _unsupported(node, gm, "BatchNorm without running statistics")
+                # Not after a dense/conv layer: Zennit's choice, relevance passes through.
+                step.kind, step.rule = "batchnorm", Pass()
+                step.layer = L.PassLayer(_batch_norm_eval(module))
+            elif isinstance(module, (nn.Flatten, nn.Unflatten)):
+                step.kind = "reshape"
+                step.layer = L.MovementLayer(module, reshape_only=True)
+            elif isinstance(mapped, Pass):
+                step.kind, step.rule = "mapped", mapped
+                step.layer = L.PassLayer(module)
+            elif is_softmax(node, gm):
+                raise _unsupported(node, gm, "a softmax inside the network")
+            else:
+                raise _unsupported(node, gm, "not a layer relprop knows")
+            return
+        target = node.target
+        is_method = node.op == "call_method"
+        if (not is_method and target in ACTIVATION_FUNCTIONS) or (
+            is_method and target in ACTIVATION_METHODS
+        ):
+            step.kind, step.rule = "activation", Pass()
+            step.layer = L.PassLayer(self._callable(node))
+        elif (not is_method and (target in IDENTITY_FUNCTIONS
+                                 or getattr(target, "__name__", "") == "stochastic_depth")) or (
+            is_method and target in IDENTITY_METHODS
+        ):
+            step.kind, step.rule = "identity", Pass()
+            step.layer = L.PassLayer(self._callable(node))
+        elif (not is_method and target in RESHAPE_FUNCTIONS) or (
+            is_method and target in RESHAPE_METHODS
+        ):
+            step.kind = "reshape"
+            step.layer = L.MovementLayer(self._callable(node), reshape_only=True)
+        elif (not is_method and target in MOVEMENT_FUNCTIONS) or (
+            is_method and target in MOVEMENT_METHODS
+        ):
+            step.kind = "movement"
+            step.layer = L.MovementLayer(self._callable(node))
+        elif is_method and target in META_METHODS:
+            step.kind = "meta"
+            step.layer = L.PassLayer(self._callable(node))
+        elif (not is_method and target in ADD_FUNCTIONS) or (
+            is_method and target in ("add", "add_", "sub", "sub_")
+        ):
+            self._sum_step(node, step, stabilizer)
+        elif (not is_method and target in MUL_FUNCTIONS) or (
+            is_method and target in ("mul", "mul_", "div", "div_")
+        ):
+            self._mul_step(node, step)
+        elif (not is_method and target in MEAN_FUNCTIONS) or (is_method and target in MEAN_METHODS):
+            step.kind, step.rule = "mean", Norm(stabilizer)
+            step.layer = L.NormLayer(self._callable(node), stabilizer)
+        elif not is_method and target in (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d):
+            dims = 2 if target is F.adaptive_avg_pool2d else 1
+            size = _bind(node, ["output_size"], {"output_size": None})["output_size"]
+            step.kind, step.rule, step.impl = "avg_pool", Norm(stabilizer), _pool_impl()
+            step.layer = L.AdaptiveAvgPoolLayer(dims, size, stabilizer)
+        elif not is_method and target in (F.avg_pool2d, F.avg_pool1d):
+            dims = 2 if target is F.avg_pool2d else 1
+            names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                     "divisor_override"]
+            o = _bind(node, names, {"stride": None, "padding": 0, "ceil_mode": False,
+                                    "count_include_pad": True, "divisor_override": None})
+            if o["stride"] is None:
+                o["stride"] = o["kernel_size"]
+            step.kind, step.rule, step.impl = "avg_pool", Norm(stabilizer), _pool_impl()
+            step.layer = L.AvgPoolLayer(dims, o, stabilizer)
+        elif not is_method and target in (F.max_pool2d, F.max_pool1d, torch.max_pool2d,
+                                          torch.max_pool1d):
+            pool = F.max_pool2d if target in (F.max_pool2d, torch.max_pool2d) else F.max_pool1d
+            names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
+            o = _bind(node, names, {"stride": None, "padding": 0, "dilation": 1,
+                                    "ceil_mode": False})
+            step.kind, step.rule, step.impl = "max_pool", WinnerTakesAll(), _pool_impl()
+            step.layer = L.MaxPoolLayer(
+                lambda x: pool(x, o["kernel_size"], o["stride"], o["padding"], o["dilation"],
+                               ceil_mode=o["ceil_mode"], return_indices=True)
+            )
+        elif not is_method and target in (F.adaptive_max_pool2d, F.adaptive_max_pool1d):
+            pool = F.adaptive_max_pool2d if target is F.adaptive_max_pool2d else (
+                F.adaptive_max_pool1d)
+            size = _bind(node, ["output_size"], {"output_size": None})["output_size"]
+            step.kind, step.rule, step.impl = "max_pool", WinnerTakesAll(), _pool_impl()
+            step.layer = L.MaxPoolLayer(lambda x: pool(x, size, return_indices=True))
+        elif not is_method and target is getattr:
+            step.kind = "meta"
+            step.layer = L.PassLayer(getattr)
+        elif is_softmax(node, gm):
+            raise _unsupported(node, gm, "a softmax inside the network")
+        else:
+            raise _unsupported(node, gm, "an operation relprop does not map")
+
+    def _callable(self, node: fx.Node):
+        if node.op == "call_method":
+            name = node.target
+            return lambda self_, *a, **k: getattr(self_, name)(*a, **k)
+        return node.target
+
+    def _weight_step(self, node, step, module, bns, mapped) -> None:
+        rule = mapped if isinstance(mapped, Rule) else self.composite.default_rule()
+        if isinstance(mapped, Pass):
+            raise _unsupported(node, self.gm, "a layer with weights cannot pass relevance through")
+        geometry = None
+        dims = 2
+        kind = "linear"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            dims = 1 if isinstance(module, nn.Conv1d) else 2
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                if isinstance(module.padding, str) and module.padding == "valid":
+                    pad = (0,) * dims
+                else:
+                    raise _unsupported(
+                        node, self.gm,
+                        f"padding={module.padding!r}, padding_mode={module.padding_mode!r}; "
+                        "relprop supports explicit zero padding",
+                    )
+            else:
+                pad = module.padding
+            expand = (lambda v: (1, v[0])) if dims == 1 else (lambda v: tuple(v))
+            geometry = {
+                "stride": list(expand(L._pair(module.stride, dims))),
+                "padding": list((0, pad[0]) if dims == 1 else L._pair(pad, 2)),
+                "dilation": list(expand(L._pair(module.dilation, dims))),
+                "groups": module.groups,
+            }
+            kind = f"conv{dims}d"
+        step.kind = kind
+        step.rule = rule
+        step.impl = "op:relprop::" + ("linear" if geometry is None else "conv2d")
+        if bns:
+            step.kind += " + batchnorm"
+        step.layer = L.WeightLayer(FoldedParameters(module, bns), rule, geometry, dims)
+
+    def _sum_step(self, node, step, stabilizer) -> None:
+        live = [a for a in node.args[:2] if isinstance(a, fx.Node) and not self._is_constant(a)]
+        if node.kwargs.get("alpha", 1) != 1:
+            raise _unsupported(node, self.gm, "add/sub with alpha != 1")
+        fn = self._callable(node)
+        if len(live) < 2:
+            # x + constant: the constant acts as a bias, relevance passes to x.
+            index = step.leaves.index(live[0].name) if live else 0
+            step.kind, step.rule = "add constant", Pass()
+            step.layer = L.PassLayer(fn, index)
+            return
+        step.kind, step.rule = "sum", Norm(stabilizer)
+        step.layer = L.NormLayer(fn, stabilizer)
+
+    def _mul_step(self, node, step) -> None:
+        operands = node.args[:2]
+        live = [isinstance(a, fx.Node) and not self._is_constant(a) for a in operands]
+        fn = self._callable(node)
+        is_div = node.target in (operator.truediv, torch.div, "div", "div_")
+        if sum(live) < 2:
+            index = live.index(True) if any(live) else 0
+            step.kind, step.rule = "scale", Pass()
+            step.layer = L.PassLayer(fn, index)
+            return
+        if is_div:
+            raise _unsupported(node, self.gm, "division of two tensors")
+        gates = [self._is_gate(a) for a in operands]
+        if gates.count(True) != 1:
+            raise _unsupported(
+                node, self.gm,
+                "a product of two tensors where neither (or both) is a sigmoid gate; relprop "
+                "gives all relevance of 'signal * gate' to the signal",
+            )
+        step.kind, step.rule = "gate", Pass()
+        step.layer = L.GateLayer(signal_index=gates.index(False))
+
+    def _is_constant(self, node: fx.Node) -> bool:
+        return node.op == "get_attr"
+
+    def _is_gate(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.gm.get_submodule(node.target), GATE_PRODUCERS_MODULES)
+        if node.op == "call_function":
+            return node.target in GATE_PRODUCERS_FUNCTIONS
+        return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+def _batch_norm_eval(bn: nn.Module):
+    def run(x):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                            bn.eps)
+
+    return run
+
+
+def _pool_impl() -> str:
+    return "op:relprop::pool"

@@ -1,0 +1,108 @@
+"""The Program: runs a Plan forward (saving what each rule needs) and relevance backward.
+
+No hooks and no autograd graph: each step's forward saves only what its rule needs, the
+relevance pass walks the steps in reverse and frees each step's saved tensors as soon as it is
+done with them. Relevance reaching one node along several paths (residual branches) adds up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from relprop.errors import AnalyzerInputError
+from relprop.graph.plan import Plan
+
+
+class Program:
+    """An executable :class:`Plan` bound to the traced module (for constants)."""
+
+    def __init__(self, plan: Plan, gm: fx.GraphModule) -> None:
+        self.plan = plan
+        self.gm = gm
+        self._last_use = self._last_uses()
+
+    def _last_uses(self) -> dict[int, list[str]]:
+        last: dict[str, int] = {}
+        for i, step in enumerate(self.plan.steps):
+            for name in step.leaves:
+                if name is not None:
+                    last[name] = i
+        by_step: dict[int, list[str]] = {}
+        for name, i in last.items():
+            by_step.setdefault(i, []).append(name)
+        return by_step
+
+    def run(self, x: Tensor, start: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """Forward, then relevance from ``start(output)``.
+
+        Returns
+        -------
+        (output, relevance)
+            The model output and the relevance of ``x``.
+        """
+        with torch.no_grad():
+            output, saved, live = self._forward(x)
+            relevance = self._relevance(start(output), saved, live)
+        # An input no relevance reached (a constant output, say) gets zero relevance.
+        return output, torch.zeros_like(x) if relevance is None else relevance
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Only the forward pass (the model's output, through relprop's steps)."""
+        with torch.no_grad():
+            return self._forward(x)[0]
+
+    def _forward(self, x: Tensor):
+        env: dict[str, object] = {}
+        saved: dict[str, object] = {}
+        live: set[str] = set()
+        output = None
+        for i, step in enumerate(self.plan.steps):
+            if step.op == "placeholder":
+                env[step.name] = x
+                live.add(step.name)
+            elif step.op == "get_attr":
+                env[step.name] = _fetch_attr(self.gm, step.target)
+            elif step.op == "output":
+                output = env[self.plan.output_name]
+            else:
+                args = fx.node.map_arg(step.args, lambda n: env[n.name])
+                kwargs = fx.node.map_arg(step.kwargs, lambda n: env[n.name])
+                try:
+                    value, ctx = step.layer.forward(args, kwargs)
+                except RuntimeError as err:
+                    raise AnalyzerInputError(
+                        f"the model cannot take an input of shape {tuple(x.shape)}: step "
+                        f"{step.path!r} ({step.kind}) failed with: {str(err).splitlines()[0]}"
+                    ) from err
+                env[step.name] = value
+                if isinstance(value, Tensor) and any(n in live for n in step.leaves if n):
+                    live.add(step.name)
+                    saved[step.name] = ctx
+            for name in self._last_use.get(i, ()):
+                if name != self.plan.output_name:
+                    env.pop(name, None)
+        return output, saved, live
+
+    def _relevance(self, start: Tensor, saved: dict, live: set[str]) -> Tensor | None:
+        pending: dict[str, Tensor] = {self.plan.output_name: start}
+        for step in reversed(self.plan.steps):
+            if step.layer is None or step.name not in pending:
+                continue
+            incoming = pending.pop(step.name)
+            outgoing = step.layer.relevance(saved.pop(step.name), incoming)
+            for name, r in zip(step.leaves, outgoing):
+                if name is None or r is None or name not in live:
+                    continue
+                pending[name] = pending[name] + r if name in pending else r
+        return pending.get(self.plan.input_name)
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value.detach() if isinstance(value, Tensor) else value

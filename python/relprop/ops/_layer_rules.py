@@ -1,0 +1,310 @@
+"""The LRP rules of linear maps (dense and convolution layers), written once for any linear map.
+
+A dense layer and a convolution differ only in the linear map ``x ↦ Wx + b`` and its transpose
+``s ↦ Wᵀs``. Everything a rule does on top of that — the modified pre-activations, the stabilised
+division, the product with the input — is the same, so it lives here and ``linear.py`` /
+``conv.py`` supply the map. docs/ops.md states every formula; the rules' papers are cited in
+``relprop.rules``.
+
+Two implementations per rule:
+
+- ``*_reference``: the formula term by term, no shortcuts. The truth that tests compare with.
+- ``*_fast``: the same numbers with the work a real network lets us skip: the ``x⁻`` terms when
+  the input is non-negative (after a ReLU), the ``z < 0`` branch of γ when no relevance sits there,
+  several weight sets of one input in a single call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+RULES = ("epsilon", "wsquare", "flat", "zplus", "alphabeta", "gamma", "zbox")
+# How many parameters each rule takes (docs/ops.md).
+RULE_PARAM_COUNT = {
+    "epsilon": 1,
+    "wsquare": 1,
+    "flat": 1,
+    "zplus": 2,
+    "alphabeta": 4,
+    "gamma": 2,
+    "zbox": 3,
+}
+# How many tensors each rule's forward saves after z.
+AUX_COUNT = {"zplus": 1, "alphabeta": 2, "gamma": 2, "zbox": 1}
+
+
+@dataclass(frozen=True)
+class LinearMap:
+    """A linear map with bias: ``forward(x, W, b) = Wx + b`` and ``transpose(s, W, x) = Wᵀs``.
+
+    ``forward_many`` and ``transpose_many`` evaluate several weight sets in one call where the
+    map allows it (the default loops).
+    """
+
+    forward: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    transpose: Callable[[Tensor, Tensor, Tensor], Tensor]
+    forward_many: Callable[[Tensor, Sequence[Tensor], Sequence[Tensor | None]], list[Tensor]]
+    transpose_many: Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor]
+    # The flat rule's relevance without forming the all-ones weights, where the map knows how.
+    flat_relevance: Callable[[Tensor, Tensor, Tensor, float], Tensor] | None = None
+
+
+def check_rule(rule: str, params: Sequence[float]) -> None:
+    """Raise a clear error for an unknown rule name or a wrong number of parameters."""
+    if rule not in RULE_PARAM_COUNT:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
+    if len(params) != RULE_PARAM_COUNT[rule]:
+        raise ValueError(
+            f"rule {rule!r} takes {RULE_PARAM_COUNT[rule]} parameters, got {len(params)}: "
+            f"{list(params)} (see docs/ops.md)"
+        )
+
+
+def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
+    """``d + ε·sign(d)`` with zero counted as positive (Zennit's stabiliser)."""
+    return torch.where(denominator >= 0, denominator + epsilon, denominator - epsilon)
+
+
+def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
+    """``numerator / stab(denominator, ε)``; with ε = 0 a zero denominator gives zero."""
+    if epsilon == 0:
+        safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+        return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
+    return numerator / stabilize(denominator, epsilon)
+
+
+def _positive(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _negative(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+def _gamma_weights(
+    weight: Tensor, bias: Tensor | None, gamma: float
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``W + γW⁺``, ``W + γW⁻`` and the biases ``b + γb⁺``, ``b + γb⁻``."""
+    w_up = weight + gamma * weight.clamp(min=0)
+    w_down = weight + gamma * weight.clamp(max=0)
+    if bias is None:
+        return w_up, w_down, None, None
+    return w_up, w_down, bias + gamma * bias.clamp(min=0), bias + gamma * bias.clamp(max=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: every term of docs/ops.md, literally.
+# ---------------------------------------------------------------------------------------------
+
+
+def forward_reference(
+    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, rule: str, params: Sequence[float]
+) -> list[Tensor]:
+    """``[z, *aux]`` of ``rule`` for the layer ``(weight, bias)`` at input ``x``."""
+    check_rule(rule, params)
+    fwd = lin.forward
+    z = fwd(x, weight, bias)
+    if rule in ("epsilon", "wsquare", "flat"):
+        return [z]
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    if rule in ("zplus", "alphabeta"):
+        use_bias = params[-1] != 0
+        zp = fwd(xp, wp, _positive(bias) if use_bias else None) + fwd(xn, wn, None)
+        if rule == "zplus":
+            return [z, zp]
+        zn = fwd(xp, wn, _negative(bias) if use_bias else None) + fwd(xn, wp, None)
+        return [z, zp, zn]
+    if rule == "gamma":
+        w_up, w_down, b_up, b_down = _gamma_weights(weight, bias, params[0])
+        zpos = fwd(xp, w_up, b_up) + fwd(xn, w_down, None)
+        zneg = fwd(xp, w_down, b_down) + fwd(xn, w_up, None)
+        return [z, zpos, zneg]
+    low, high = torch.full_like(x, params[0]), torch.full_like(x, params[1])
+    zb = fwd(x, weight, None) - fwd(low, wp, None) - fwd(high, wn, None)
+    return [z, zb]
+
+
+def relevance_reference(
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    saved: Sequence[Tensor],
+    relevance: Tensor,
+    rule: str,
+    params: Sequence[float],
+) -> Tensor:
+    """Relevance of the input ``x`` from the ``relevance`` of the layer output."""
+    check_rule(rule, params)
+    fwd, tr = lin.forward, lin.transpose
+    z = saved[0]
+    if rule == "epsilon":
+        return x * tr(divide(relevance, z, params[0]), weight, x)
+    if rule == "wsquare":
+        w2 = weight * weight
+        d = fwd(torch.ones_like(x), w2, None if bias is None else bias * bias)
+        return tr(divide(relevance, d, params[0]), w2, x)
+    if rule == "flat":
+        w1 = torch.ones_like(weight)
+        d = fwd(torch.ones_like(x), w1, None)
+        return tr(divide(relevance, d, params[0]), w1, x)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    if rule == "zplus":
+        s = divide(relevance, saved[1], params[0])
+        return xp * tr(s, wp, x) + xn * tr(s, wn, x)
+    if rule == "alphabeta":
+        alpha, beta, eps = params[0], params[1], params[2]
+        sp = divide(relevance, saved[1], eps)
+        sn = divide(relevance, saved[2], eps)
+        activator = xp * tr(sp, wp, x) + xn * tr(sp, wn, x)
+        inhibitor = xp * tr(sn, wn, x) + xn * tr(sn, wp, x)
+        return alpha * activator - beta * inhibitor
+    if rule == "gamma":
+        w_up, w_down, _, _ = _gamma_weights(weight, bias, params[0])
+        sp = divide(relevance * (z > 0), saved[1], params[1])
+        sn = divide(relevance * (z < 0), saved[2], params[1])
+        return xp * (tr(sp, w_up, x) + tr(sn, w_down, x)) + xn * (
+            tr(sp, w_down, x) + tr(sn, w_up, x)
+        )
+    low, high = torch.full_like(x, params[0]), torch.full_like(x, params[1])
+    s = divide(relevance, saved[1], params[2])
+    return x * tr(s, weight, x) - low * tr(s, wp, x) - high * tr(s, wn, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast: the same numbers, skipping what vanishes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_nonnegative(x: Tensor) -> bool:
+    # One reduction decides whether the x⁻ terms (half the modified products) can be skipped.
+    return x.numel() == 0 or bool(x.amin() >= 0)
+
+
+def forward_fast(
+    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, rule: str, params: Sequence[float]
+) -> list[Tensor]:
+    """Same as :func:`forward_reference`, with one call per weight set when ``x ≥ 0``."""
+    check_rule(rule, params)
+    if rule in ("epsilon", "wsquare", "flat"):
+        return [lin.forward(x, weight, bias)]
+    if not _is_nonnegative(x) or rule == "zbox":
+        return forward_reference(lin, x, weight, bias, rule, params)
+    wp = weight.clamp(min=0)
+    if rule in ("zplus", "alphabeta"):
+        use_bias = params[-1] != 0
+        z, zp = lin.forward_many(x, [weight, wp], [bias, _positive(bias) if use_bias else None])
+        if rule == "zplus":
+            return [z, zp]
+        if use_bias or bias is None:
+            # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), no third product needed.
+            return [z, zp, z - zp]
+        return [z, zp, lin.forward(x, weight.clamp(max=0), None)]
+    # γ with x ≥ 0: zpos = z + γ(W⁺x + b⁺) and zneg = z + γ(W⁻x + b⁻) = (1 + γ)z − γ(W⁺x + b⁺).
+    gamma = params[0]
+    z, zp = lin.forward_many(x, [weight, wp], [bias, _positive(bias)])
+    return [z, z + gamma * zp, (1 + gamma) * z - gamma * zp]
+
+
+def relevance_fast(
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    saved: Sequence[Tensor],
+    relevance: Tensor,
+    rule: str,
+    params: Sequence[float],
+) -> Tensor:
+    """Same as :func:`relevance_reference`, with the vanishing terms skipped."""
+    check_rule(rule, params)
+    tr = lin.transpose
+    if rule == "epsilon":
+        return x * tr(divide(relevance, saved[0], params[0]), weight, x)
+    if rule == "flat":
+        return _flat_fast(lin, x, weight, relevance, params[0])
+    if rule == "wsquare" or rule == "zbox" or not _is_nonnegative(x):
+        if rule == "zbox":
+            # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs = (x − h)·Wᵀs + (h − l)·W⁺ᵀs, since W⁻ = W − W⁺.
+            s = divide(relevance, saved[1], params[2])
+            c = tr(s, weight, x)
+            cp = tr(s, weight.clamp(min=0), x)
+            return (x - params[1]) * c + (params[1] - params[0]) * cp
+        return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params)
+    wp = weight.clamp(min=0)
+    if rule == "zplus":
+        return x * tr(divide(relevance, saved[1], params[0]), wp, x)
+    if rule == "alphabeta":
+        alpha, beta, eps = params[0], params[1], params[2]
+        sp = divide(relevance, saved[1], eps)
+        if beta == 0:
+            return x * tr(alpha * sp, wp, x)
+        sn = divide(relevance, saved[2], eps)
+        return x * lin.transpose_many([alpha * sp, -beta * sn], [wp, weight.clamp(max=0)], x)
+    gamma, eps = params[0], params[1]
+    z = saved[0]
+    sp = divide(relevance * (z > 0), saved[1], eps)
+    w_up = weight + gamma * wp
+    sn_relevance = relevance * (z < 0)
+    # After a ReLU the next layer hands no relevance to neurons with z < 0: skip that product.
+    if not bool(sn_relevance.any()):
+        return x * tr(sp, w_up, x)
+    sn = divide(sn_relevance, saved[2], eps)
+    w_down = weight + gamma * weight.clamp(max=0)
+    return x * lin.transpose_many([sp, sn], [w_up, w_down], x)
+
+
+def _flat_fast(lin: LinearMap, x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
+    if lin.flat_relevance is not None:
+        return lin.flat_relevance(x, weight, relevance, eps)
+    return relevance_reference(lin, x, weight, None, [relevance], relevance, "flat", [eps])
+
+
+def forward_by_backend(
+    lin: LinearMap,
+    triton_forward: Callable[[], Callable[..., list[Tensor]]],
+    backend: str,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    rule: str,
+    params: Sequence[float],
+) -> list[Tensor]:
+    """Run the forward of ``rule`` on ``backend`` (``triton_forward()`` binds the kernel)."""
+    if backend == "triton":
+        return triton_forward()(x, weight, bias, rule, list(params))
+    if backend == "reference":
+        return forward_reference(lin, x, weight, bias, rule, params)
+    return forward_fast(lin, x, weight, bias, rule, params)
+
+
+def relevance_by_backend(
+    lin: LinearMap,
+    triton_relevance: Callable[[], Callable[..., Tensor]],
+    backend: str,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    saved: Sequence[Tensor],
+    relevance: Tensor,
+    rule: str,
+    params: Sequence[float],
+) -> Tensor:
+    """Run the relevance of ``rule`` on ``backend`` (``triton_relevance()`` binds the kernel)."""
+    if backend == "triton":
+        return triton_relevance()(x, weight, bias, list(saved), relevance, rule, list(params))
+    if backend == "reference":
+        return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params)
+    return relevance_fast(lin, x, weight, bias, saved, relevance, rule, params)
+
+
+def fake_forward(z: Tensor, rule: str, params: Sequence[float]) -> list[Tensor]:
+    """Shapes of ``[z, *aux]`` for ``torch.library`` fake tensors, ``z`` an empty output."""
+    check_rule(rule, params)
+    return [z] + [torch.empty_like(z) for _ in range(AUX_COUNT.get(rule, 0))]

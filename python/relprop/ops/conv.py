@@ -1,0 +1,211 @@
+"""Relevance ops of 2-D convolutions: ``relprop::conv2d_forward`` and ``relprop::conv2d_relevance``.
+
+The maths of every rule is in ``_layer_rules.py`` (docs/ops.md); this file supplies the
+convolution map and its transpose (the gradient of the convolution with respect to its input)
+and registers the ops with ``torch.library``: the plain-PyTorch reference as the default for any
+device, the fast composition on CPU (oneDNN convolutions, several weight sets per call), the
+fused Triton implicit-GEMM kernel on CUDA. 1-D convolutions run as 2-D ones of height 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from relprop.ops import _layer_rules as rules
+from relprop.ops._backend import forced_backend
+
+Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
+
+
+def _conv_input_grad(x_shape, weight, s, stride, padding, dilation, groups) -> Tensor:
+    return torch.ops.aten.convolution_backward(
+        s,
+        _shape_carrier(x_shape, s),
+        weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0, 0],
+        groups,
+        [True, False, False],
+    )[0]
+
+
+def _shape_carrier(x_shape, s: Tensor) -> Tensor:
+    # convolution_backward only reads the input's shape when no weight gradient is asked for:
+    # an expanded zero-stride scalar carries it without allocating an input-sized buffer.
+    return s.new_zeros(()).expand(x_shape)
+
+
+@lru_cache(maxsize=256)
+def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
+    """The convolution with this geometry as a :class:`~relprop.ops._layer_rules.LinearMap`."""
+
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    def transpose(s: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        return _conv_input_grad(x.shape, weight, s, stride, padding, dilation, groups)
+
+    def forward_many(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]):
+        if groups != 1:
+            return [forward(x, w, b) for w, b in zip(weights, biases)]
+        # One convolution with the weight sets stacked along output channels: x is read once.
+        stacked_bias = None
+        if any(b is not None for b in biases):
+            stacked_bias = torch.cat(
+                [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
+            )
+        z = forward(x, torch.cat(list(weights)), stacked_bias)
+        # Each part gets its own storage: the op's outputs may not alias one another.
+        parts = z.split([w.shape[0] for w in weights], dim=1)
+        return [p.clone() if p.is_contiguous() else p.contiguous() for p in parts]
+
+    def transpose_many(ss: Sequence[Tensor], weights: Sequence[Tensor], x: Tensor) -> Tensor:
+        if groups != 1:
+            out = transpose(ss[0], weights[0], x)
+            for s, w in zip(ss[1:], weights[1:]):
+                out += transpose(s, w, x)
+            return out
+        # Σ_k W_kᵀ s_k as one transposed convolution over the stacked channels.
+        return transpose(torch.cat(list(ss), dim=1), torch.cat(list(weights)), x)
+
+    def flat_relevance(x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
+        # All-ones weights: every output channel has the same denominator (the receptive field's
+        # size inside the image), and Wᵀs needs s summed over each group's output channels only.
+        n, c, h, w = x.shape
+        out_channels, in_per_group, kh, kw = weight.shape
+        ones_x = x.new_ones((1, in_per_group, h, w))
+        count = F.conv2d(ones_x, x.new_ones((1, in_per_group, kh, kw)), None, stride, padding,
+                         dilation)
+        share = rules.divide(relevance, count, eps)
+        share = share.view(n, groups, out_channels // groups, *share.shape[2:]).sum(dim=2)
+        spread = _conv_input_grad((n, groups, h, w), x.new_ones((groups, 1, kh, kw)), share,
+                                  stride, padding, dilation, groups)
+        return spread.unsqueeze(2).expand(n, groups, c // groups, h, w).reshape(n, c, h, w)
+
+    return rules.LinearMap(forward, transpose, forward_many, transpose_many, flat_relevance)
+
+
+def _map(stride, padding, dilation, groups) -> rules.LinearMap:
+    return conv_map(tuple(stride), tuple(padding), tuple(dilation), int(groups))
+
+
+def conv2d_forward_reference(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+    rule: str, params: Sequence[float],
+) -> list[Tensor]:
+    """Reference ``[z, *aux]`` of a convolution under ``rule`` (docs/ops.md)."""
+    lin = _map(stride, padding, dilation, groups)
+    return rules.forward_reference(lin, x, weight, bias, rule, params)
+
+
+def conv2d_relevance_reference(
+    x: Tensor, weight: Tensor, bias: Tensor | None, saved: Sequence[Tensor], relevance: Tensor,
+    stride, padding, dilation, groups: int, rule: str, params: Sequence[float],
+) -> Tensor:
+    """Reference relevance of a convolution's input under ``rule`` (docs/ops.md)."""
+    lin = _map(stride, padding, dilation, groups)
+    return rules.relevance_reference(lin, x, weight, bias, saved, relevance, rule, params)
+
+
+def _triton_kernels():
+    from relprop._kernels.triton import conv as kernel
+
+    return kernel
+
+
+@torch.library.custom_op(
+    "relprop::conv2d_forward",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups, str rule, float[] params) -> Tensor[]"
+    ),
+)
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, rule, params):
+    return conv2d_forward_reference(
+        x, weight, bias, stride, padding, dilation, groups, rule, params
+    )
+
+
+@torch.library.custom_op(
+    "relprop::conv2d_relevance",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor[] saved, Tensor relevance, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, str rule, float[] params) -> Tensor"
+    ),
+)
+def conv2d_relevance(x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule,
+                     params):
+    return conv2d_relevance_reference(
+        x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params
+    )
+
+
+def _forward_on(default_backend: str):
+    def kernel(x, weight, bias, stride, padding, dilation, groups, rule, params):
+        backend = forced_backend() or default_backend
+        geometry = (list(stride), list(padding), list(dilation), groups)
+
+        def triton_forward():
+            launch = _triton_kernels().conv2d_forward
+            return lambda x, w, b, rule, params: launch(x, w, b, *geometry, rule, params)
+
+        return rules.forward_by_backend(
+            _map(stride, padding, dilation, groups), triton_forward, backend, x, weight, bias,
+            rule, params,
+        )
+
+    return kernel
+
+
+def _relevance_on(default_backend: str):
+    def kernel(x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params):
+        backend = forced_backend() or default_backend
+        geometry = (list(stride), list(padding), list(dilation), groups)
+
+        def triton_relevance():
+            launch = _triton_kernels().conv2d_relevance
+            return lambda x, w, b, saved, r, rule, params: launch(
+                x, w, b, saved, r, *geometry, rule, params
+            )
+
+        return rules.relevance_by_backend(
+            _map(stride, padding, dilation, groups), triton_relevance, backend, x, weight, bias,
+            saved, relevance, rule, params,
+        )
+
+    return kernel
+
+
+conv2d_forward.register_kernel("cpu")(_forward_on("native"))
+conv2d_forward.register_kernel("cuda")(_forward_on("triton"))
+conv2d_relevance.register_kernel("cpu")(_relevance_on("native"))
+conv2d_relevance.register_kernel("cuda")(_relevance_on("triton"))
+
+
+@conv2d_forward.register_fake
+def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, rule, params):
+    size = [
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1)
+        // stride[i]
+        + 1
+        for i in range(2)
+    ]
+    z = x.new_empty((x.shape[0], weight.shape[0], *size))
+    return rules.fake_forward(z, rule, params)
+
+
+@conv2d_relevance.register_fake
+def _conv2d_relevance_fake(x, weight, bias, saved, relevance, stride, padding, dilation, groups,
+                           rule, params):
+    return torch.empty_like(x)

@@ -1,0 +1,140 @@
+"""Relevance ops of dense layers: ``relprop::linear_forward`` and ``relprop::linear_relevance``.
+
+The maths of every rule is in ``_layer_rules.py`` (docs/ops.md); this file supplies the dense
+map ``x ↦ xWᵀ + b`` and registers the ops with ``torch.library``: the plain-PyTorch reference as
+the default for any device, the fast composition on CPU, the fused Triton kernel on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from relprop.ops import _layer_rules as rules
+from relprop.ops._backend import forced_backend
+
+
+def _transpose(s: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    return s @ weight
+
+
+def _forward_many(
+    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]
+) -> list[Tensor]:
+    # Separate GEMMs: concatenating dense weights would copy them (hundreds of MB in VGG's fc6).
+    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+
+
+def _transpose_many(ss: Sequence[Tensor], weights: Sequence[Tensor], x: Tensor) -> Tensor:
+    out = ss[0] @ weights[0]
+    for s, w in zip(ss[1:], weights[1:]):
+        out += s @ w
+    return out
+
+
+def _flat_relevance(x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
+    # Every output has the same denominator (the fan-in) and Wᵀs = Σ_j s_j for every input.
+    fan_in = torch.full((), float(weight.shape[1]), dtype=relevance.dtype, device=relevance.device)
+    share = rules.divide(relevance, fan_in, eps).sum(dim=-1, keepdim=True)
+    return share.expand(*relevance.shape[:-1], x.shape[-1]).contiguous()
+
+
+DENSE_MAP = rules.LinearMap(
+    forward=F.linear,
+    transpose=_transpose,
+    forward_many=_forward_many,
+    transpose_many=_transpose_many,
+    flat_relevance=_flat_relevance,
+)
+
+
+def linear_forward_reference(
+    x: Tensor, weight: Tensor, bias: Tensor | None, rule: str, params: Sequence[float]
+) -> list[Tensor]:
+    """Reference ``[z, *aux]`` of a dense layer under ``rule`` (docs/ops.md)."""
+    return rules.forward_reference(DENSE_MAP, x, weight, bias, rule, params)
+
+
+def linear_relevance_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    saved: Sequence[Tensor],
+    relevance: Tensor,
+    rule: str,
+    params: Sequence[float],
+) -> Tensor:
+    """Reference relevance of a dense layer's input under ``rule`` (docs/ops.md)."""
+    return rules.relevance_reference(DENSE_MAP, x, weight, bias, saved, relevance, rule, params)
+
+
+def _triton_forward():
+    from relprop._kernels.triton.linear import linear_forward as kernel
+
+    return kernel
+
+
+def _triton_relevance():
+    from relprop._kernels.triton.linear import linear_relevance as kernel
+
+    return kernel
+
+
+@torch.library.custom_op(
+    "relprop::linear_forward",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, str rule, float[] params) -> Tensor[]",
+)
+def linear_forward(x, weight, bias, rule, params):
+    return linear_forward_reference(x, weight, bias, rule, params)
+
+
+@torch.library.custom_op(
+    "relprop::linear_relevance",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor[] saved, Tensor relevance, str rule, "
+        "float[] params) -> Tensor"
+    ),
+)
+def linear_relevance(x, weight, bias, saved, relevance, rule, params):
+    return linear_relevance_reference(x, weight, bias, saved, relevance, rule, params)
+
+
+def _forward_on(default_backend: str):
+    def kernel(x, weight, bias, rule, params):
+        backend = forced_backend() or default_backend
+        return rules.forward_by_backend(
+            DENSE_MAP, _triton_forward, backend, x, weight, bias, rule, params
+        )
+
+    return kernel
+
+
+def _relevance_on(default_backend: str):
+    def kernel(x, weight, bias, saved, relevance, rule, params):
+        backend = forced_backend() or default_backend
+        return rules.relevance_by_backend(
+            DENSE_MAP, _triton_relevance, backend, x, weight, bias, saved, relevance, rule, params
+        )
+
+    return kernel
+
+
+linear_forward.register_kernel("cpu")(_forward_on("native"))
+linear_forward.register_kernel("cuda")(_forward_on("triton"))
+linear_relevance.register_kernel("cpu")(_relevance_on("native"))
+linear_relevance.register_kernel("cuda")(_relevance_on("triton"))
+
+
+@linear_forward.register_fake
+def _linear_forward_fake(x, weight, bias, rule, params):
+    return rules.fake_forward(x.new_empty((*x.shape[:-1], weight.shape[0])), rule, params)
+
+
+@linear_relevance.register_fake
+def _linear_relevance_fake(x, weight, bias, saved, relevance, rule, params):
+    return torch.empty_like(x)

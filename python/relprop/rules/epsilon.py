@@ -1,0 +1,44 @@
+"""LRP-0 and LRP-ε."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relprop.rules.base import Rule
+
+
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """LRP-ε: ``R_i = x_i Σ_j w_ij R_j / (z_j + ε·sign(z_j))`` with ``z_j = Σ_i x_i w_ij + b_j``.
+
+    ε absorbs weak or contradictory contributions; ε = 0 is LRP-0 (:class:`Z`). Bach et al., 2015,
+    *On Pixel-Wise Explanations for Non-Linear Classifier Decisions by Layer-Wise Relevance
+    Propagation*, PLoS ONE 10(7).
+
+    Parameters
+    ----------
+    epsilon : float
+        Added to the denominator with its sign (zero counts as positive).
+    bias : bool
+        False ignores the bias in the denominator (iNNvestigate's ``epsilon_IB``).
+    """
+
+    epsilon: float = 1e-6
+    bias: bool = True
+
+    def op(self) -> tuple[str, list[float]]:
+        return "epsilon", [float(self.epsilon)]
+
+    @property
+    def ignore_bias(self) -> bool:
+        return not self.bias
+
+
+@dataclass(frozen=True)
+class Z(Epsilon):
+    """LRP-0: ``R_i = x_i Σ_j w_ij R_j / z_j`` (Bach et al., 2015); zero denominators give zero.
+
+    On a ReLU network LRP-0 equals gradient × input.
+    """
+
+    epsilon: float = 0.0
