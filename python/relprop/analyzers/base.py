@@ -32,7 +32,7 @@ class Analyzer:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if neuron_selection_mode not in SELECTION_MODES:
-            raise ValueError(
+            raise AnalyzerInputError(
                 f"neuron_selection_mode={neuron_selection_mode!r} is not one of "
                 f"{', '.join(SELECTION_MODES)}"
             )

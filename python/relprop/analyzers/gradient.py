@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relprop.analyzers.base import Analyzer, NeuronSelection
-from relprop.graph.trace import trace
+from relprop.errors import TraceError
+from relprop.graph.trace import check_no_softmax_output, trace
 
 POSTPROCESS = (None, "abs", "square")
 INTEGRATION_RULES = (
@@ -38,9 +39,23 @@ class Gradient(Analyzer):
     def _forward_fn(self) -> Callable[[Tensor], Tensor]:
         return self.model
 
+    def _check_model(self) -> None:
+        """Refuse a model that ends in a softmax, as the LRP analyzers do (checked once)."""
+        if getattr(self, "_checked", False):
+            return
+        try:
+            gm = trace(self.model)
+        except TraceError:
+            # Gradients run any model; one torch.fx cannot trace just goes unchecked.
+            gm = None
+        if gm is not None:
+            check_no_softmax_output(gm)
+        self._checked = True
+
     def _gradient(self, x: Tensor, neuron_selection: NeuronSelection,
                   mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Gradient of the selected outputs at ``x``; returns (gradient, selection mask)."""
+        self._check_model()
         forward = self._forward_fn()
         inp = x.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -82,7 +97,9 @@ class SmoothGrad(Gradient):
     """Mean gradient over noisy copies of the input (Smilkov et al., 2017, *SmoothGrad*).
 
     The selected neuron is fixed on the clean input, then ``augment_by_n`` gradients are taken
-    at ``x + ε``, ``ε ~ N(0, noise_scale²)`` drawn one copy after another.
+    at ``x + noise_scale · ε_k``. The noise contract (tests rebuild it to feed Captum the same
+    noise): with ``seed`` given, one ``torch.Generator`` on ``x``'s device seeded with it, and
+    ``ε_k = torch.randn(x.shape, generator=g, dtype=x.dtype)`` drawn for k = 1..n in order.
 
     Parameters
     ----------

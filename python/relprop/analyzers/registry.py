@@ -89,12 +89,12 @@ class _IndexedComposite(C.Composite):
 
 
 def _deep_taylor(model: nn.Module, neuron_selection_mode: str = "max_activation") -> DeepTaylor:
-    return DeepTaylor(model, C.uniform(ZPlus(bias=False)), neuron_selection_mode)
+    return DeepTaylor(model, C.uniform(ZPlus(use_bias=False)), neuron_selection_mode)
 
 
 def _deep_taylor_bounded(model: nn.Module, low: float, high: float,
                          neuron_selection_mode: str = "max_activation") -> DeepTaylor:
-    return DeepTaylor(model, C.uniform(ZPlus(bias=False), first=ZBox(low, high)),
+    return DeepTaylor(model, C.uniform(ZPlus(use_bias=False), first=ZBox(low, high)),
                       neuron_selection_mode)
 
 
@@ -102,8 +102,8 @@ def _bounded(low: float, high: float, epsilon: float = EPSILON_DEFAULT) -> C.Com
     return C.uniform(Epsilon(epsilon), first=ZBox(low, high))
 
 
-def _alpha_beta(alpha: float = 2.0, beta: float = 1.0, bias: bool = True) -> C.Composite:
-    return C.uniform(AlphaBeta(alpha, beta, bias=bias))
+def _alpha_beta(alpha: float = 2.0, beta: float = 1.0, use_bias: bool = True) -> C.Composite:
+    return C.uniform(AlphaBeta(alpha, beta, use_bias=use_bias))
 
 
 ANALYZERS: dict[str, Callable[..., Analyzer]] = {
@@ -118,17 +118,17 @@ ANALYZERS: dict[str, Callable[..., Analyzer]] = {
     "guided_backprop": GuidedBackprop,
     "lrp": _generic_lrp,
     "lrp.z": _uniform(lambda: Z()),
-    "lrp.z_IB": _uniform(lambda: Z(bias=False)),
+    "lrp.z_IB": _uniform(lambda: Z(use_bias=False)),
     "lrp.epsilon": _uniform(lambda epsilon=EPSILON_DEFAULT: Epsilon(epsilon)),
-    "lrp.epsilon_IB": _uniform(lambda epsilon=EPSILON_DEFAULT: Epsilon(epsilon, bias=False)),
+    "lrp.epsilon_IB": _uniform(lambda epsilon=EPSILON_DEFAULT: Epsilon(epsilon, use_bias=False)),
     "lrp.w_square": _uniform(lambda: WSquare()),
     "lrp.flat": _uniform(lambda: Flat()),
     "lrp.alpha_beta": _lrp(_alpha_beta),
     "lrp.alpha_2_beta_1": _uniform(lambda: AlphaBeta(2.0, 1.0)),
-    "lrp.alpha_2_beta_1_IB": _uniform(lambda: AlphaBeta(2.0, 1.0, bias=False)),
+    "lrp.alpha_2_beta_1_IB": _uniform(lambda: AlphaBeta(2.0, 1.0, use_bias=False)),
     "lrp.alpha_1_beta_0": _uniform(lambda: AlphaBeta(1.0, 0.0)),
-    "lrp.alpha_1_beta_0_IB": _uniform(lambda: AlphaBeta(1.0, 0.0, bias=False)),
-    "lrp.z_plus": _uniform(lambda: ZPlus(bias=False)),
+    "lrp.alpha_1_beta_0_IB": _uniform(lambda: AlphaBeta(1.0, 0.0, use_bias=False)),
+    "lrp.z_plus": _uniform(lambda: ZPlus(use_bias=False)),
     "lrp.z_plus_fast": _uniform(lambda: ZPlusFast()),
     "lrp.gamma": _uniform(lambda gamma=0.25: Gamma(gamma)),
     "lrp.bounded": _lrp(_bounded),

@@ -19,6 +19,7 @@ from relprop.graph.canonize import FoldedParameters
 from relprop.ops import conv as conv_ops
 from relprop.ops import linear as linear_ops
 from relprop.ops import pool as pool_ops
+from relprop.ops._backend import layer_backend
 from relprop.ops._layer_rules import divide
 from relprop.rules.base import Rule
 
@@ -39,8 +40,20 @@ class Layer:
         raise NotImplementedError
 
 
+# The ε rule's forward is the plain layer: it returns just [z].
+PLAIN_FORWARD = ("epsilon", [0.0])
+# Rules whose relevance reads z itself (the others only read their aux pre-activations).
+READS_Z = {"epsilon", "alphabeta", "gamma"}
+
+
 class WeightLayer(Layer):
-    """A dense layer or a 1-D/2-D convolution under an LRP rule (``relprop::`` ops)."""
+    """A dense layer or a 1-D/2-D convolution under an LRP rule (``relprop::`` ops).
+
+    On the native (CPU) backend the forward runs the plain layer and keeps only what the rule's
+    relevance reads; the relevance op recomputes the one extra product ``W⁺x`` that z⁺, αβ and γ
+    need (docs/ops.md, lean ``saved``): the same arithmetic, without an aux tensor per layer held
+    from the forward to the relevance pass. Triton and the reference keep the fused forward.
+    """
 
     def __init__(self, params: FoldedParameters, rule: Rule, geometry: dict | None, dims: int):
         self.params = params
@@ -52,29 +65,31 @@ class WeightLayer(Layer):
         x = args[0]
         weight, bias = self.params.get()
         name, rule_params = self.rule.op()
+        lean = layer_backend(x.device) == "native"
+        fwd_name, fwd_params = PLAIN_FORWARD if lean else (name, rule_params)
         op_bias = None if self.rule.ignore_bias else bias
         if self.geometry is None:
             lead = x.shape[:-1]
-            x_op = x.reshape(-1, x.shape[-1])
-            saved = linear_ops.linear_forward(x_op, weight, op_bias, name, rule_params)
-            z = saved[0]
-            if op_bias is None and bias is not None:
-                z = z + bias
-            return z.reshape(*lead, z.shape[-1]), (x_op, weight, op_bias, saved, lead)
-        g = self.geometry
-        if self.dims == 1:
-            x_op, w_op = x.unsqueeze(2), weight.unsqueeze(2)
+            x_op, w_op = x.reshape(-1, x.shape[-1]), weight
+            saved = linear_ops.linear_forward(x_op, w_op, op_bias, fwd_name, fwd_params)
         else:
-            x_op, w_op = x, weight
-        saved = conv_ops.conv2d_forward(
-            x_op, w_op, op_bias, g["stride"], g["padding"], g["dilation"], g["groups"], name,
-            rule_params,
-        )
+            g = self.geometry
+            lead = None
+            x_op, w_op = (x.unsqueeze(2), weight.unsqueeze(2)) if self.dims == 1 else (x, weight)
+            saved = conv_ops.conv2d_forward(
+                x_op, w_op, op_bias, g["stride"], g["padding"], g["dilation"], g["groups"],
+                fwd_name, fwd_params,
+            )
         z = saved[0]
+        if lean and name not in READS_Z:
+            saved = []
         if op_bias is None and bias is not None:
-            z = z + bias.view(1, -1, 1, 1)
-        out = z.squeeze(2) if self.dims == 1 else z
-        return out, (x_op, w_op, op_bias, saved, None)
+            z = z + (bias if self.geometry is None else bias.view(1, -1, 1, 1))
+        if self.geometry is None:
+            out = z.reshape(*lead, z.shape[-1])
+        else:
+            out = z.squeeze(2) if self.dims == 1 else z
+        return out, (x_op, w_op, op_bias, saved, lead)
 
     def relevance(self, saved, relevance):
         x_op, w_op, op_bias, fwd, lead = saved

@@ -6,6 +6,7 @@ a table, so users see which rule hits which layer and which op runs it.
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,10 +16,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from relprop._native import native_available
 from relprop.errors import UnsupportedLayerError
 from relprop.graph import layers as L
 from relprop.graph.canonize import FoldedParameters, can_fold
 from relprop.graph.trace import OPERATOR_NAMES, check_no_softmax_output, is_softmax, output_node
+from relprop.ops._backend import forced_backend, layer_backend
 from relprop.rules.base import Norm, Pass, Rule, WinnerTakesAll
 
 ACTIVATION_MODULES = (
@@ -122,8 +125,14 @@ def _unsupported(node: fx.Node, gm: fx.GraphModule, what: str) -> UnsupportedLay
             "'input_t_gradient', 'integrated_gradients', 'smoothgrad'), which runs any "
             "differentiable layer"
         )
+    stack = node.meta.get("nn_module_stack") or {}
+    where = ""
+    if stack:
+        path, module_type = list(stack.values())[-1]
+        type_name = getattr(module_type, "__qualname__", str(module_type))
+        where = f" inside module {path!r} of type {getattr(module_type, '__module__', '')}.{type_name}"
     return UnsupportedLayerError(
-        f"{node.op} {getattr(node.target, '__name__', node.target)!r} in {_module_path(node)!r} "
+        f"{node.op} {getattr(node.target, '__name__', node.target)!r}{where} "
         f"has no relevance mapping in relprop ({what}). Rewrite it with supported layers, wrap "
         "it in a module and map that module type to relprop.rules.Pass() in a composite if it is "
         "element-wise, or explain with a gradient analyzer ('gradient', 'integrated_gradients')"
@@ -146,7 +155,8 @@ class PlanBuilder:
     def __init__(self, gm: fx.GraphModule, composite) -> None:
         self.gm = gm
         self.composite = composite
-        self.nodes = {n.name: n for n in gm.graph.nodes}
+        param = next(iter(gm.parameters()), None)
+        self.device = param.device if param is not None else torch.device("cpu")
 
     def build(self) -> Plan:
         gm = self.gm
@@ -253,7 +263,7 @@ class PlanBuilder:
                 step.layer = L.AdaptiveAvgPoolLayer(dims, module.output_size, stabilizer)
             elif isinstance(module, ACTIVATION_MODULES):
                 step.kind, step.rule = "activation", Pass()
-                step.layer = L.PassLayer(module)
+                step.layer = L.PassLayer(_out_of_place(module))
             elif isinstance(module, IDENTITY_MODULES) or type(module).__name__ == "StochasticDepth":
                 step.kind, step.rule = "identity", Pass()
                 step.layer = L.PassLayer(_identity)
@@ -352,10 +362,15 @@ class PlanBuilder:
             raise _unsupported(node, gm, "an operation relprop does not map")
 
     def _callable(self, node: fx.Node):
+        # In-place variants would overwrite tensors an earlier step saved for the relevance
+        # pass (a ReLU(inplace=True) rewrites the conv output the ε-rule divides by).
         if node.op == "call_method":
-            name = node.target
+            name = node.target[:-1] if node.target.endswith("_") else node.target
             return lambda self_, *a, **k: getattr(self_, name)(*a, **k)
-        return node.target
+        target = IN_PLACE_FUNCTIONS.get(node.target, node.target)
+        if node.kwargs.get("inplace"):
+            return lambda *a, **k: target(*a, **{**k, "inplace": False})
+        return target
 
     def _weight_step(self, node, step, module, bns, mapped) -> None:
         rule = mapped if isinstance(mapped, Rule) else self.composite.default_rule()
@@ -387,7 +402,8 @@ class PlanBuilder:
             kind = f"conv{dims}d"
         step.kind = kind
         step.rule = rule
-        step.impl = "op:relprop::" + ("linear" if geometry is None else "conv2d")
+        op = "linear" if geometry is None else "conv2d"
+        step.impl = f"relprop::{op} [{layer_backend(self.device)}]"
         if bns:
             step.kind += " + batchnorm"
         step.layer = L.WeightLayer(FoldedParameters(module, bns), rule, geometry, dims)
@@ -439,6 +455,24 @@ class PlanBuilder:
         return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
 
 
+IN_PLACE_FUNCTIONS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    F.relu_: F.relu,
+    torch.relu_: torch.relu,
+}
+
+
+def _out_of_place(module: nn.Module) -> nn.Module:
+    """The module itself, or a shallow copy with ``inplace=False`` (the user's stays as it is)."""
+    if not getattr(module, "inplace", False):
+        return module
+    clone = copy.copy(module)
+    clone.inplace = False
+    return clone
+
+
 def _identity(x, *args, **kwargs):
     return x
 
@@ -452,4 +486,7 @@ def _batch_norm_eval(bn: nn.Module):
 
 
 def _pool_impl() -> str:
-    return "op:relprop::pool"
+    backend = forced_backend()
+    if backend == "reference" or not native_available():
+        return "relprop::pool [reference]"
+    return "relprop::pool [native]"

@@ -10,8 +10,8 @@ Two implementations per rule:
 
 - ``*_reference``: the formula term by term, no shortcuts. The truth that tests compare with.
 - ``*_fast``: the same numbers with the work a real network lets us skip: the ``x⁻`` terms when
-  the input is non-negative (after a ReLU), the ``z < 0`` branch of γ when no relevance sits there,
-  several weight sets of one input in a single call.
+  the input is non-negative (after a ReLU), the ``z < 0`` branch of γ when no relevance sits there;
+  and it accepts a lean ``saved`` so the forward pass need not keep aux tensors alive.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from relprop.ops.elementwise import stabilized_divide
 
 RULES = ("epsilon", "wsquare", "flat", "zplus", "alphabeta", "gamma", "zbox")
 # How many parameters each rule takes (docs/ops.md).
@@ -41,14 +43,12 @@ AUX_COUNT = {"zplus": 1, "alphabeta": 2, "gamma": 2, "zbox": 1}
 class LinearMap:
     """A linear map with bias: ``forward(x, W, b) = Wx + b`` and ``transpose(s, W, x) = Wᵀs``.
 
-    ``forward_many`` and ``transpose_many`` evaluate several weight sets in one call where the
-    map allows it (the default loops).
+    (Stacking several weight sets into one oneDNN call was measured on VGG-16 shapes: no faster
+    than separate calls, and splitting the result costs copies.)
     """
 
     forward: Callable[[Tensor, Tensor, Tensor | None], Tensor]
     transpose: Callable[[Tensor, Tensor, Tensor], Tensor]
-    forward_many: Callable[[Tensor, Sequence[Tensor], Sequence[Tensor | None]], list[Tensor]]
-    transpose_many: Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor]
     # The flat rule's relevance without forming the all-ones weights, where the map knows how.
     flat_relevance: Callable[[Tensor, Tensor, Tensor, float], Tensor] | None = None
 
@@ -65,8 +65,8 @@ def check_rule(rule: str, params: Sequence[float]) -> None:
 
 
 def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
-    """``d + ε·sign(d)`` with zero counted as positive (Zennit's stabiliser)."""
-    return torch.where(denominator >= 0, denominator + epsilon, denominator - epsilon)
+    """``d + ε·(sign(d) + [d = 0])``: zero (also −0.0) counts as positive, as in Zennit."""
+    return denominator + epsilon * (torch.sign(denominator) + (denominator == 0).to(denominator))
 
 
 def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
@@ -75,6 +75,28 @@ def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
         safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
         return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
     return numerator / stabilize(denominator, epsilon)
+
+
+# Below this many elements the op's dispatch (~80 µs) costs more than the torch composition.
+_FUSED_DIVIDE_MIN_NUMEL = 1 << 16
+
+
+def divide_fast(
+    numerator: Tensor,
+    denominator: Tensor,
+    epsilon: float,
+    scale: float = 1.0,
+    sign_reference: Tensor | None = None,
+    sign: int = 1,
+) -> Tensor:
+    """``scale · [sign·ref > 0] · numerator / stab(denominator, ε)`` in one fused pass
+    (``relprop::stabilized_divide``) for large tensors, the torch composition for small ones."""
+    if numerator.numel() >= _FUSED_DIVIDE_MIN_NUMEL:
+        return stabilized_divide(numerator, denominator, epsilon, scale, sign_reference, sign)
+    if sign_reference is not None:
+        numerator = numerator * (sign_reference > 0 if sign > 0 else sign_reference < 0)
+    out = divide(numerator, denominator, epsilon)
+    return out if scale == 1.0 else out.mul_(scale)
 
 
 def _positive(t: Tensor | None) -> Tensor | None:
@@ -142,6 +164,7 @@ def relevance_reference(
     """Relevance of the input ``x`` from the ``relevance`` of the layer output."""
     check_rule(rule, params)
     fwd, tr = lin.forward, lin.transpose
+    saved = complete_saved(lin, x, weight, bias, saved, rule, params)
     z = saved[0]
     if rule == "epsilon":
         return x * tr(divide(relevance, z, params[0]), weight, x)
@@ -190,26 +213,47 @@ def _is_nonnegative(x: Tensor) -> bool:
 def forward_fast(
     lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, rule: str, params: Sequence[float]
 ) -> list[Tensor]:
-    """Same as :func:`forward_reference`, with one call per weight set when ``x ≥ 0``."""
+    """Same as :func:`forward_reference`, with the ``x⁻`` products skipped when ``x ≥ 0``."""
     check_rule(rule, params)
     if rule in ("epsilon", "wsquare", "flat"):
         return [lin.forward(x, weight, bias)]
     if not _is_nonnegative(x) or rule == "zbox":
         return forward_reference(lin, x, weight, bias, rule, params)
+    z = lin.forward(x, weight, bias)
+    return [z, *_aux_nonnegative(lin, x, weight, bias, z, rule, params)]
+
+
+def _aux_nonnegative(
+    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor | None, rule: str,
+    params: Sequence[float],
+) -> list[Tensor]:
+    """The aux pre-activations of z⁺, αβ and γ for ``x ≥ 0`` from ``z`` and one product W⁺x
+    (z⁺ needs no ``z``)."""
     wp = weight.clamp(min=0)
     if rule in ("zplus", "alphabeta"):
         use_bias = params[-1] != 0
-        z, zp = lin.forward_many(x, [weight, wp], [bias, _positive(bias) if use_bias else None])
+        zp = lin.forward(x, wp, _positive(bias) if use_bias else None)
         if rule == "zplus":
-            return [z, zp]
+            return [zp]
         if use_bias or bias is None:
             # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), no third product needed.
-            return [z, zp, z - zp]
-        return [z, zp, lin.forward(x, weight.clamp(max=0), None)]
+            return [zp, z - zp]
+        return [zp, lin.forward(x, weight.clamp(max=0), None)]
     # γ with x ≥ 0: zpos = z + γ(W⁺x + b⁺) and zneg = z + γ(W⁻x + b⁻) = (1 + γ)z − γ(W⁺x + b⁺).
     gamma = params[0]
-    z, zp = lin.forward_many(x, [weight, wp], [bias, _positive(bias)])
-    return [z, z + gamma * zp, (1 + gamma) * z - gamma * zp]
+    zp = lin.forward(x, wp, _positive(bias))
+    return [z + gamma * zp, (1 + gamma) * z - gamma * zp]
+
+
+def complete_saved(
+    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, saved: Sequence[Tensor],
+    rule: str, params: Sequence[float], forward=None,
+) -> list[Tensor]:
+    """``saved`` with its missing entries recomputed from ``x`` (docs/ops.md: ``saved`` may be
+    ``[]`` or ``[z]``, trading one more product in the relevance pass for memory)."""
+    if len(saved) == 1 + AUX_COUNT.get(rule, 0):
+        return list(saved)
+    return (forward or forward_reference)(lin, x, weight, bias, rule, params)
 
 
 def relevance_fast(
@@ -222,42 +266,54 @@ def relevance_fast(
     rule: str,
     params: Sequence[float],
 ) -> Tensor:
-    """Same as :func:`relevance_reference`, with the vanishing terms skipped."""
+    """Same as :func:`relevance_reference`, with the vanishing terms skipped.
+
+    Takes a lean ``saved`` (``[]`` or ``[z]``) for z⁺, αβ and γ on non-negative input and
+    computes their one extra product ``W⁺x`` here, so the forward pass keeps no aux tensors.
+    """
     check_rule(rule, params)
     tr = lin.transpose
-    if rule == "epsilon":
-        return x * tr(divide(relevance, saved[0], params[0]), weight, x)
     if rule == "flat":
         return _flat_fast(lin, x, weight, relevance, params[0])
-    if rule == "wsquare" or rule == "zbox" or not _is_nonnegative(x):
+    if rule == "epsilon":
+        z = saved[0] if saved else lin.forward(x, weight, bias)
+        # The transposed product is a fresh tensor: scale it by x in place, no extra buffer.
+        return tr(divide_fast(relevance, z, params[0]), weight, x).mul_(x)
+    if rule in ("wsquare", "zbox") or not _is_nonnegative(x):
+        saved = complete_saved(lin, x, weight, bias, saved, rule, params, forward_fast)
         if rule == "zbox":
             # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs = (x − h)·Wᵀs + (h − l)·W⁺ᵀs, since W⁻ = W − W⁺.
-            s = divide(relevance, saved[1], params[2])
+            s = divide_fast(relevance, saved[1], params[2])
             c = tr(s, weight, x)
             cp = tr(s, weight.clamp(min=0), x)
-            return (x - params[1]) * c + (params[1] - params[0]) * cp
+            return c.mul_(x - params[1]).add_(cp.mul_(params[1] - params[0]))
         return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params)
+    if len(saved) > 1:
+        aux = list(saved[1:])
+    else:
+        # z⁺ never reads z; αβ and γ do (a lean saved then holds it).
+        if saved:
+            z = saved[0]
+        else:
+            z = None if rule == "zplus" else lin.forward(x, weight, bias)
+        aux = _aux_nonnegative(lin, x, weight, bias, z, rule, params)
     wp = weight.clamp(min=0)
     if rule == "zplus":
-        return x * tr(divide(relevance, saved[1], params[0]), wp, x)
+        return tr(divide_fast(relevance, aux[0], params[0]), wp, x).mul_(x)
     if rule == "alphabeta":
         alpha, beta, eps = params[0], params[1], params[2]
-        sp = divide(relevance, saved[1], eps)
-        if beta == 0:
-            return x * tr(alpha * sp, wp, x)
-        sn = divide(relevance, saved[2], eps)
-        return x * lin.transpose_many([alpha * sp, -beta * sn], [wp, weight.clamp(max=0)], x)
+        c = tr(divide_fast(relevance, aux[0], eps, alpha), wp, x)
+        if beta != 0:
+            c.add_(tr(divide_fast(relevance, aux[1], eps, -beta), weight.clamp(max=0), x))
+        return c.mul_(x)
     gamma, eps = params[0], params[1]
     z = saved[0]
-    sp = divide(relevance * (z > 0), saved[1], eps)
-    w_up = weight + gamma * wp
-    sn_relevance = relevance * (z < 0)
+    c = tr(divide_fast(relevance, aux[0], eps, sign_reference=z, sign=1), weight + gamma * wp, x)
     # After a ReLU the next layer hands no relevance to neurons with z < 0: skip that product.
-    if not bool(sn_relevance.any()):
-        return x * tr(sp, w_up, x)
-    sn = divide(sn_relevance, saved[2], eps)
-    w_down = weight + gamma * weight.clamp(max=0)
-    return x * lin.transpose_many([sp, sn], [w_up, w_down], x)
+    sn = divide_fast(relevance, aux[1], eps, sign_reference=z, sign=-1)
+    if bool(sn.any()):
+        c.add_(tr(sn, weight + gamma * weight.clamp(max=0), x))
+    return c.mul_(x)
 
 
 def _flat_fast(lin: LinearMap, x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:

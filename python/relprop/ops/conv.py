@@ -54,29 +54,6 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
     def transpose(s: Tensor, weight: Tensor, x: Tensor) -> Tensor:
         return _conv_input_grad(x.shape, weight, s, stride, padding, dilation, groups)
 
-    def forward_many(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]):
-        if groups != 1:
-            return [forward(x, w, b) for w, b in zip(weights, biases)]
-        # One convolution with the weight sets stacked along output channels: x is read once.
-        stacked_bias = None
-        if any(b is not None for b in biases):
-            stacked_bias = torch.cat(
-                [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
-            )
-        z = forward(x, torch.cat(list(weights)), stacked_bias)
-        # Each part gets its own storage: the op's outputs may not alias one another.
-        parts = z.split([w.shape[0] for w in weights], dim=1)
-        return [p.clone() if p.is_contiguous() else p.contiguous() for p in parts]
-
-    def transpose_many(ss: Sequence[Tensor], weights: Sequence[Tensor], x: Tensor) -> Tensor:
-        if groups != 1:
-            out = transpose(ss[0], weights[0], x)
-            for s, w in zip(ss[1:], weights[1:]):
-                out += transpose(s, w, x)
-            return out
-        # Σ_k W_kᵀ s_k as one transposed convolution over the stacked channels.
-        return transpose(torch.cat(list(ss), dim=1), torch.cat(list(weights)), x)
-
     def flat_relevance(x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
         # All-ones weights: every output channel has the same denominator (the receptive field's
         # size inside the image), and Wᵀs needs s summed over each group's output channels only.
@@ -91,7 +68,7 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
                                   stride, padding, dilation, groups)
         return spread.unsqueeze(2).expand(n, groups, c // groups, h, w).reshape(n, c, h, w)
 
-    return rules.LinearMap(forward, transpose, forward_many, transpose_many, flat_relevance)
+    return rules.LinearMap(forward, transpose, flat_relevance)
 
 
 def _map(stride, padding, dilation, groups) -> rules.LinearMap:

@@ -21,20 +21,6 @@ def _transpose(s: Tensor, weight: Tensor, x: Tensor) -> Tensor:
     return s @ weight
 
 
-def _forward_many(
-    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]
-) -> list[Tensor]:
-    # Separate GEMMs: concatenating dense weights would copy them (hundreds of MB in VGG's fc6).
-    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
-
-
-def _transpose_many(ss: Sequence[Tensor], weights: Sequence[Tensor], x: Tensor) -> Tensor:
-    out = ss[0] @ weights[0]
-    for s, w in zip(ss[1:], weights[1:]):
-        out += s @ w
-    return out
-
-
 def _flat_relevance(x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
     # Every output has the same denominator (the fan-in) and Wᵀs = Σ_j s_j for every input.
     fan_in = torch.full((), float(weight.shape[1]), dtype=relevance.dtype, device=relevance.device)
@@ -45,8 +31,6 @@ def _flat_relevance(x: Tensor, weight: Tensor, relevance: Tensor, eps: float) ->
 DENSE_MAP = rules.LinearMap(
     forward=F.linear,
     transpose=_transpose,
-    forward_many=_forward_many,
-    transpose_many=_transpose_many,
     flat_relevance=_flat_relevance,
 )
 

@@ -23,14 +23,14 @@ class AlphaBeta(Rule):
         Weights of the activating and inhibiting parts; α ≥ 1, β ≥ 0, α − β = 1.
     stabilizer : float
         Added to the denominators with their sign.
-    bias : bool
+    use_bias : bool
         False leaves the bias out of both denominators (iNNvestigate's ``_IB`` variants).
     """
 
     alpha: float = 2.0
     beta: float = 1.0
     stabilizer: float = 1e-6
-    bias: bool = True
+    use_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-9:
@@ -44,5 +44,5 @@ class AlphaBeta(Rule):
             float(self.alpha),
             float(self.beta),
             float(self.stabilizer),
-            1.0 if self.bias else 0.0,
+            1.0 if self.use_bias else 0.0,
         ]

@@ -19,19 +19,19 @@ class Epsilon(Rule):
     ----------
     epsilon : float
         Added to the denominator with its sign (zero counts as positive).
-    bias : bool
+    use_bias : bool
         False ignores the bias in the denominator (iNNvestigate's ``epsilon_IB``).
     """
 
     epsilon: float = 1e-6
-    bias: bool = True
+    use_bias: bool = True
 
     def op(self) -> tuple[str, list[float]]:
         return "epsilon", [float(self.epsilon)]
 
     @property
     def ignore_bias(self) -> bool:
-        return not self.bias
+        return not self.use_bias
 
 
 @dataclass(frozen=True)

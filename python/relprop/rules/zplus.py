@@ -19,16 +19,16 @@ class ZPlus(Rule):
     ----------
     stabilizer : float
         Added to the denominator with its sign.
-    bias : bool
+    use_bias : bool
         Keep ``b⁺`` in the denominator (Zennit does); iNNvestigate's ``z_plus`` and Deep Taylor
-        drop it (``bias=False``).
+        drop it (``use_bias=False``).
     """
 
     stabilizer: float = 1e-6
-    bias: bool = True
+    use_bias: bool = True
 
     def op(self) -> tuple[str, list[float]]:
-        return "zplus", [float(self.stabilizer), 1.0 if self.bias else 0.0]
+        return "zplus", [float(self.stabilizer), 1.0 if self.use_bias else 0.0]
 
 
 @dataclass(frozen=True)
@@ -39,4 +39,4 @@ class ZPlusFast(ZPlus):
     the ``x⁻`` terms at run time whenever the input has no negative entry.
     """
 
-    bias: bool = False
+    use_bias: bool = False

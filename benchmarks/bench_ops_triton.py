@@ -1,0 +1,239 @@
+"""GPU micro-benchmark: the fused Triton LRP kernels against the torch composition of the same op.
+
+For layer shapes of VGG16 and ResNet50 (batch 64 by default), each rule and dtype, it times with
+``triton.testing.do_bench`` (median, 20th and 80th percentile, CUDA-synchronised):
+
+- ``gradient``: the layer's forward plus the gradient with respect to its input — the cost an
+  LRP step is measured against (a plain gradient does exactly this much work per layer);
+- ``triton``: ``relprop._kernels.triton`` forward + relevance (the fused kernels);
+- ``reference``: ``relprop.ops`` reference forward + relevance (plain torch, cuBLAS/cuDNN).
+
+It also records peak extra GPU memory per step and the largest relative deviation of the Triton
+relevance from the reference, prints a table and writes long-format CSV rows (one per op,
+provider, shape, rule, dtype and metric) in the format of the other benchmarks.
+
+Run on a GPU machine, unattended::
+
+    python benchmarks/bench_ops_triton.py --out bench_ops_triton.csv
+
+Without CUDA it prints why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+QUANTILES = [0.5, 0.2, 0.8]
+RULE_PARAMS = {
+    "epsilon": [0.25],
+    "zplus": [1e-9, 1.0],
+    "alphabeta": [2.0, 1.0, 1e-9, 1.0],
+    "gamma": [0.25, 1e-9],
+    "zbox": [-3.0, 3.0, 1e-9],
+    "flat": [1e-9],
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer shape; ``first`` layers see mixed-sign pixels, the others ReLU outputs."""
+
+    name: str
+    kind: str  # "conv" or "linear"
+    in_features: int  # channels for conv
+    out_features: int
+    size: int = 1  # input height = width
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    first: bool = False
+
+
+LAYERS = [
+    Layer("vgg16.conv1_1", "conv", 3, 64, 224, 3, 1, 1, first=True),
+    Layer("vgg16.conv2_1", "conv", 64, 128, 112, 3, 1, 1),
+    Layer("vgg16.conv3_2", "conv", 256, 256, 56, 3, 1, 1),
+    Layer("vgg16.conv4_2", "conv", 512, 512, 28, 3, 1, 1),
+    Layer("vgg16.conv5_2", "conv", 512, 512, 14, 3, 1, 1),
+    Layer("vgg16.fc6", "linear", 25088, 4096),
+    Layer("vgg16.fc7", "linear", 4096, 4096),
+    Layer("resnet50.conv1", "conv", 3, 64, 224, 7, 2, 3, first=True),
+    Layer("resnet50.layer1.conv1", "conv", 64, 64, 56, 1),
+    Layer("resnet50.layer1.conv2", "conv", 64, 64, 56, 3, 1, 1),
+    Layer("resnet50.layer1.conv3", "conv", 64, 256, 56, 1),
+    Layer("resnet50.layer2.conv2", "conv", 128, 128, 56, 3, 2, 1),
+    Layer("resnet50.layer2.downsample", "conv", 256, 512, 56, 1, 2, 0),
+    Layer("resnet50.layer4.conv2", "conv", 512, 512, 7, 3, 1, 1),
+    Layer("resnet50.fc", "linear", 2048, 1000),
+]
+
+
+def rules_for(layer: Layer) -> list[str]:
+    """The rules a composite would put on this layer (zB and flat only on the first one)."""
+    if layer.first:
+        return ["epsilon", "zbox", "flat", "gamma"]
+    return ["epsilon", "zplus", "alphabeta", "gamma"]
+
+
+def make_inputs(layer: Layer, batch: int, dtype: torch.dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    if layer.kind == "conv":
+        x_shape = (batch, layer.in_features, layer.size, layer.size)
+        w_shape = (layer.out_features, layer.in_features, layer.kernel, layer.kernel)
+    else:
+        x_shape = (batch, layer.in_features)
+        w_shape = (layer.out_features, layer.in_features)
+    fan_in = w_shape[1] * layer.kernel * layer.kernel
+    x = torch.randn(x_shape, device="cuda", generator=gen)
+    if not layer.first:
+        x = x.clamp_(min=0)
+    w = torch.randn(w_shape, device="cuda", generator=gen) / fan_in**0.5
+    b = torch.randn(layer.out_features, device="cuda", generator=gen) * 0.1
+    return x.to(dtype), w.to(dtype), b.to(dtype)
+
+
+def providers(layer: Layer, rule: str):
+    """``{name: step}``, each step mapping (x, W, b, R) to the input relevance (or gradient)."""
+    from relprop._kernels.triton import conv as triton_conv
+    from relprop._kernels.triton import linear as triton_linear
+    from relprop.ops.conv import conv2d_forward_reference, conv2d_relevance_reference
+    from relprop.ops.linear import linear_forward_reference, linear_relevance_reference
+
+    params = RULE_PARAMS[rule]
+    if layer.kind == "conv":
+        geometry = ([layer.stride] * 2, [layer.padding] * 2, [1, 1], 1)
+
+        def gradient(x, w, b, r):
+            x = x.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(F.conv2d(x, w, b, *geometry), x, r)
+            return grad
+
+        def triton_step(x, w, b, r):
+            saved = triton_conv.conv2d_forward(x, w, b, *geometry, rule, params)
+            return triton_conv.conv2d_relevance(x, w, b, saved, r, *geometry, rule, params)
+
+        def reference_step(x, w, b, r):
+            saved = conv2d_forward_reference(x, w, b, *geometry, rule, params)
+            return conv2d_relevance_reference(x, w, b, saved, r, *geometry, rule, params)
+
+    else:
+
+        def gradient(x, w, b, r):
+            x = x.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(F.linear(x, w, b), x, r)
+            return grad
+
+        def triton_step(x, w, b, r):
+            saved = triton_linear.linear_forward(x, w, b, rule, params)
+            return triton_linear.linear_relevance(x, w, b, saved, r, rule, params)
+
+        def reference_step(x, w, b, r):
+            saved = linear_forward_reference(x, w, b, rule, params)
+            return linear_relevance_reference(x, w, b, saved, r, rule, params)
+
+    return {"gradient": gradient, "triton": triton_step, "reference": reference_step}
+
+
+def peak_extra_memory(step: Callable[[], torch.Tensor]) -> int:
+    """Bytes allocated at peak during one call, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def describe(layer: Layer, batch: int) -> str:
+    if layer.kind == "conv":
+        return (f"{batch}x{layer.in_features}x{layer.size}x{layer.size}->{layer.out_features}"
+                f" k{layer.kernel}s{layer.stride}p{layer.padding}")  # fmt: skip
+    return f"{batch}x{layer.in_features}->{layer.out_features}"
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    import triton
+    from triton.testing import do_bench
+
+    device_name = torch.cuda.get_device_name()
+    version = f"torch {torch.__version__}, triton {triton.__version__}"
+    rows = []
+    for layer in LAYERS:
+        if args.filter and args.filter not in layer.name:
+            continue
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            x, w, b = make_inputs(layer, args.batch, dtype)
+            if layer.kind == "conv":
+                z = F.conv2d(x, w, b, layer.stride, layer.padding)
+            else:
+                z = F.linear(x, w, b)
+            # Relevance as it arrives after a ReLU: zero where the unit is off.
+            r = torch.randn_like(z) * (z > 0)
+            for rule in rules_for(layer):
+                steps = providers(layer, rule)
+                relevance = {name: steps[name](x, w, b, r) for name in ("triton", "reference")}
+                scale = relevance["reference"].float().abs().max().clamp(min=1e-30)
+                deviation = ((relevance["triton"].float() - relevance["reference"].float()).abs()
+                             .max() / scale).item()  # fmt: skip
+                del relevance
+                times = {}
+                for name, step in steps.items():
+                    call = functools.partial(step, x, w, b, r)
+                    p50, p20, p80 = do_bench(call, quantiles=QUANTILES)
+                    times[name] = p50
+                    memory = peak_extra_memory(call)
+                    base = {
+                        "op": f"{layer.kind}_relevance", "provider": name, "layer": layer.name,
+                        "shape": describe(layer, args.batch), "rule": rule, "dtype": dtype_name,
+                        "device": device_name, "version": version,
+                    }  # fmt: skip
+                    rows.append({**base, "metric": "time_ms", "p50": p50, "p20": p20, "p80": p80})
+                    rows.append({**base, "metric": "peak_extra_mib", "p50": memory / 2**20,
+                                 "p20": "", "p80": ""})  # fmt: skip
+                print(
+                    f"{layer.name:28s} {dtype_name:4s} {rule:9s} "
+                    f"grad {times['gradient']:8.3f} ms  triton {times['triton']:8.3f} ms "
+                    f"({times['triton'] / times['gradient']:5.2f}x grad)  "
+                    f"reference {times['reference']:8.3f} ms "
+                    f"({times['reference'] / times['triton']:5.2f}x triton)  "
+                    f"max rel dev {deviation:.1e}",
+                    flush=True,
+                )
+                rows.append({**base, "provider": "triton-vs-reference", "metric": "max_rel_dev",
+                             "p50": deviation, "p20": "", "p80": ""})  # fmt: skip
+            del x, w, b, z, r
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16")
+    parser.add_argument("--filter", default="", help="only layers whose name contains this")
+    parser.add_argument("--out", default="bench_ops_triton.csv", help="CSV file to write")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_ops_triton: no CUDA device; nothing to measure (run it on a GPU machine).")
+        return 0
+    rows = run(args)
+    with open(args.out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

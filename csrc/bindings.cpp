@@ -1,0 +1,194 @@
+// relprop._C: the pybind11 face of the native kernels.
+//
+// Every function takes data pointers as Python ints, shapes, element strides and dtype codes
+// (relprop._native builds them from tensors), so the module does not link libtorch and works
+// with any torch version. CUDA entry points exist only when nvcc compiled kernels/cuda/.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "relprop/elementwise.h"
+#include "relprop/pool.h"
+
+namespace py = pybind11;
+
+namespace relprop {
+namespace {
+
+using Pair = std::array<int64_t, 2>;
+using Shape6 = std::array<int64_t, 6>;
+using StrideList = std::array<int64_t, 4>;
+
+Strides4 strides(const StrideList& s) { return {{s[0], s[1], s[2], s[3]}}; }
+
+PlaneShape plane_shape(const Shape6& s) { return {s[0], s[1], s[2], s[3], s[4], s[5]}; }
+
+AvgPoolGeometry avg_geometry(const Pair& kernel, const Pair& stride, const Pair& padding,
+                             bool count_include_pad, int64_t divisor_override) {
+  return {kernel[0],  kernel[1],  stride[0],         stride[1],
+          padding[0], padding[1], count_include_pad, divisor_override};
+}
+
+SignMask sign_mask(int sign) {
+  if (sign < -1 || sign > 1) {
+    throw std::invalid_argument("stabilized_divide: sign must be -1, 0 or +1, got " +
+                                std::to_string(sign));
+  }
+  return static_cast<SignMask>(sign);
+}
+
+constexpr const char* kStabilizedDivideDoc =
+    "out = scale * numerator / stab(denominator, epsilon), stab(d, e) = d + e*(sign(d) + [d == 0]), "
+    "0 where stab is 0; sign = +1 / -1 keeps only entries with sign_reference > 0 / < 0 (0 "
+    "elsewhere), sign = 0 ignores sign_reference. All buffers contiguous, numel elements; dtype: "
+    "0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
+
+constexpr const char* kShapeDoc =
+    "shape = (N, C, H, W, OH, OW); strides are element strides of (N, C, H, W) views; "
+    "dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16; out is a contiguous buffer.";
+
+}  // namespace
+}  // namespace relprop
+
+PYBIND11_MODULE(_C, m) {
+  using namespace relprop;
+  m.doc() = "relprop native kernels (pointer interface, no libtorch linkage)";
+
+  m.def(
+      "cuda_compiled",
+      []() {
+#ifdef RELPROP_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True when the CUDA kernels were compiled into this module.");
+
+  m.def(
+      "cuda_device_count",
+      []() {
+#ifdef RELPROP_WITH_CUDA
+        return cuda_device_count();
+#else
+        return 0;
+#endif
+      },
+      "Number of CUDA devices visible to the module's runtime (0 without a driver or GPU).");
+
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+
+  m.def(
+      "max_pool_relevance_cpu",
+      [](int dtype, const Shape6& shape, uintptr_t relevance, const StrideList& relevance_strides,
+         uintptr_t indices, const StrideList& indices_strides, uintptr_t out) {
+        max_pool_relevance_cpu(static_cast<DType>(dtype), plane_shape(shape), relevance,
+                               strides(relevance_strides), indices, strides(indices_strides), out);
+      },
+      py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
+      py::arg("indices"), py::arg("indices_strides"), py::arg("out"), release_gil, kShapeDoc);
+
+  m.def(
+      "avg_pool2d_relevance_cpu",
+      [](int dtype, const Shape6& shape, const Pair& kernel, const Pair& stride,
+         const Pair& padding, bool count_include_pad, int64_t divisor_override, uintptr_t x,
+         const StrideList& x_strides, uintptr_t relevance, const StrideList& relevance_strides,
+         double stabilizer, uintptr_t out) {
+        avg_pool2d_relevance_cpu(
+            static_cast<DType>(dtype), plane_shape(shape),
+            avg_geometry(kernel, stride, padding, count_include_pad, divisor_override), x,
+            strides(x_strides), relevance, strides(relevance_strides), stabilizer, out);
+      },
+      py::arg("dtype"), py::arg("shape"), py::arg("kernel_size"), py::arg("stride"),
+      py::arg("padding"), py::arg("count_include_pad"), py::arg("divisor_override"), py::arg("x"),
+      py::arg("x_strides"), py::arg("relevance"), py::arg("relevance_strides"),
+      py::arg("stabilizer"), py::arg("out"), release_gil, kShapeDoc);
+
+  m.def(
+      "adaptive_avg_pool2d_relevance_cpu",
+      [](int dtype, const Shape6& shape, uintptr_t x, const StrideList& x_strides,
+         uintptr_t relevance, const StrideList& relevance_strides, double stabilizer,
+         uintptr_t out) {
+        adaptive_avg_pool2d_relevance_cpu(static_cast<DType>(dtype), plane_shape(shape), x,
+                                          strides(x_strides), relevance, strides(relevance_strides),
+                                          stabilizer, out);
+      },
+      py::arg("dtype"), py::arg("shape"), py::arg("x"), py::arg("x_strides"), py::arg("relevance"),
+      py::arg("relevance_strides"), py::arg("stabilizer"), py::arg("out"), release_gil, kShapeDoc);
+
+  m.def(
+      "stabilized_divide_cpu",
+      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator, double epsilon,
+         double scale, uintptr_t sign_reference, int sign, uintptr_t out) {
+        stabilized_divide_cpu(static_cast<DType>(dtype), numel, numerator, denominator, epsilon,
+                              scale, sign_reference, sign_mask(sign), out);
+      },
+      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("denominator"),
+      py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"), py::arg("sign"),
+      py::arg("out"), release_gil, kStabilizedDivideDoc);
+
+#ifdef RELPROP_WITH_CUDA
+  m.def(
+      "stabilized_divide_cuda",
+      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator, double epsilon,
+         double scale, uintptr_t sign_reference, int sign, uintptr_t out, uintptr_t stream,
+         int device) {
+        stabilized_divide_cuda(static_cast<DType>(dtype), numel, numerator, denominator, epsilon,
+                               scale, sign_reference, sign_mask(sign), out, stream, device);
+      },
+      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("denominator"),
+      py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"), py::arg("sign"),
+      py::arg("out"), py::arg("stream"), py::arg("device"), release_gil, kStabilizedDivideDoc);
+
+  m.def(
+      "max_pool_relevance_cuda",
+      [](int dtype, const Shape6& shape, uintptr_t relevance, const StrideList& relevance_strides,
+         uintptr_t indices, const StrideList& indices_strides, uintptr_t out, uintptr_t workspace,
+         uintptr_t stream, int device) {
+        max_pool_relevance_cuda(static_cast<DType>(dtype), plane_shape(shape), relevance,
+                                strides(relevance_strides), indices, strides(indices_strides), out,
+                                workspace, stream, device);
+      },
+      py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
+      py::arg("indices"), py::arg("indices_strides"), py::arg("out"), py::arg("workspace"),
+      py::arg("stream"), py::arg("device"), release_gil,
+      "workspace: 4 int32 on the device. Deterministic (gather, no float atomics).");
+
+  m.def(
+      "avg_pool2d_relevance_cuda",
+      [](int dtype, const Shape6& shape, const Pair& kernel, const Pair& stride,
+         const Pair& padding, bool count_include_pad, int64_t divisor_override, uintptr_t x,
+         const StrideList& x_strides, uintptr_t relevance, const StrideList& relevance_strides,
+         double stabilizer, uintptr_t out, uintptr_t workspace, uintptr_t stream, int device) {
+        avg_pool2d_relevance_cuda(
+            static_cast<DType>(dtype), plane_shape(shape),
+            avg_geometry(kernel, stride, padding, count_include_pad, divisor_override), x,
+            strides(x_strides), relevance, strides(relevance_strides), stabilizer, out, workspace,
+            stream, device);
+      },
+      py::arg("dtype"), py::arg("shape"), py::arg("kernel_size"), py::arg("stride"),
+      py::arg("padding"), py::arg("count_include_pad"), py::arg("divisor_override"), py::arg("x"),
+      py::arg("x_strides"), py::arg("relevance"), py::arg("relevance_strides"),
+      py::arg("stabilizer"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+      py::arg("device"), release_gil,
+      "workspace: N*C*OH*OW float32 (float64 for float64 inputs) on the device.");
+
+  m.def(
+      "adaptive_avg_pool2d_relevance_cuda",
+      [](int dtype, const Shape6& shape, uintptr_t x, const StrideList& x_strides,
+         uintptr_t relevance, const StrideList& relevance_strides, double stabilizer, uintptr_t out,
+         uintptr_t workspace, uintptr_t stream, int device) {
+        adaptive_avg_pool2d_relevance_cuda(
+            static_cast<DType>(dtype), plane_shape(shape), x, strides(x_strides), relevance,
+            strides(relevance_strides), stabilizer, out, workspace, stream, device);
+      },
+      py::arg("dtype"), py::arg("shape"), py::arg("x"), py::arg("x_strides"), py::arg("relevance"),
+      py::arg("relevance_strides"), py::arg("stabilizer"), py::arg("out"), py::arg("workspace"),
+      py::arg("stream"), py::arg("device"), release_gil,
+      "workspace: N*C*OH*OW float32 (float64 for float64 inputs) on the device.");
+#endif
+}

@@ -1,0 +1,42 @@
+// Fused element-wise kernels of the relevance rules: the pointer interface shared by the CPU twin
+// (csrc/cpu/elementwise.cpp), the CUDA kernel (kernels/cuda/elementwise.cu) and the bindings.
+//
+// All tensors are contiguous buffers of `numel` elements of one dtype (DType codes of pool.h).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "relprop/pool.h"
+
+namespace relprop {
+
+// Which entries of a stabilised division survive: all of them, those whose sign reference is
+// > 0, or those whose sign reference is < 0 (the others become exactly 0).
+enum class SignMask : int { None = 0, Positive = 1, Negative = -1 };
+
+// stab(d, e) = d + e * (sign(d) + [d == 0]); zero, -0.0 included, counts as positive.
+// copysign alone would send -0.0 to -e; adding +0.0 first turns -0.0 into +0.0 and leaves every
+// other value alone (compilers keep `d + 0` unless told to ignore signed zeros, as -ffast-math
+// does). copysign is a bit operation, so the CPU loop has no branch here to vectorise around.
+template <typename T>
+RELPROP_HD T stabilize_denominator(T d, T e) {
+  return d + std::copysign(e, d + T(0));
+}
+
+// out = keep ? (scale * numerator) / stab(denominator, e) : 0, and 0 wherever the stabilised
+// denominator is 0 (for e = 0: where the denominator is 0). `keep` follows `mask` applied to
+// `sign_reference` (ignored, and may be 0, when mask is SignMask::None). Deterministic: every
+// element is computed on its own. Throws std::invalid_argument for an unsupported dtype.
+void stabilized_divide_cpu(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator,
+                           double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
+                           uintptr_t out);
+
+#ifdef RELPROP_WITH_CUDA
+// CUDA launcher; float16 and bfloat16 compute in float32. `stream` is a cudaStream_t handle.
+void stabilized_divide_cuda(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator,
+                            double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
+                            uintptr_t out, uintptr_t stream, int device);
+#endif
+
+}  // namespace relprop

@@ -1,0 +1,1 @@
+"""GPU kernels of relprop; ``kernels/triton`` ships as ``relprop._kernels.triton``."""

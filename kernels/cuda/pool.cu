@@ -1,0 +1,321 @@
+// CUDA pooling relevance kernels; CPU twins in csrc/cpu/pool.cpp, semantics in docs/ops.md.
+//
+// Determinism: no floating-point atomics. Every kernel that produces input relevance runs one
+// thread per *input* element and gathers its contributions from the outputs in raster order, the
+// same order in which the CPU twin scatters them, so repeated runs are bitwise equal.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <stdexcept>
+#include <string>
+
+#include "relprop/pool.h"
+#include "relprop/pool_geometry.h"
+
+namespace relprop {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct Accumulator {
+  using type = float;
+};
+template <>
+struct Accumulator<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(typename Accumulator<T>::type v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("relprop._C (CUDA): ") + what + ": " +
+                             cudaGetErrorString(status));
+  }
+}
+
+// Selects the caller's device for the launches and restores the previous one afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+      cudaGetLastError();  // clear the sticky "no device" status
+      throw std::runtime_error(
+          "relprop._C: no CUDA device is available to the native kernels (no GPU or no driver)");
+    }
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+unsigned int blocks_for(int64_t work) {
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > INT_MAX ? INT_MAX : blocks));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Max pool (winner takes all). The forward's indices are arbitrary positions in the plane, so the
+// gather needs to know which outputs can point at an input. Output (oh, ow) has a *nominal* input
+// position (floor(oh*H/OH), floor(ow*W/OW)); a first pass measures the range of the winners'
+// offsets from it (integer min/max atomics, which are order-independent), and each input then scans
+// only the outputs whose nominal position lies within that range of it. For regular pools this is
+// exactly the set of windows holding the input.
+
+__global__ void init_offset_bounds_kernel(int* bounds) {
+  bounds[0] = INT_MAX;  // min row offset
+  bounds[1] = INT_MIN;  // max row offset
+  bounds[2] = INT_MAX;  // min column offset
+  bounds[3] = INT_MIN;  // max column offset
+}
+
+__global__ void winner_offset_bounds_kernel(PlaneShape s, const int64_t* indices, Strides4 is,
+                                            int* bounds) {
+  const int64_t total = s.batch * s.channels * s.out_h * s.out_w;
+  int row_min = INT_MAX, row_max = INT_MIN, col_min = INT_MAX, col_max = INT_MIN;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < total;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t ow = k % s.out_w;
+    const int64_t oh = (k / s.out_w) % s.out_h;
+    const int64_t c = (k / (s.out_w * s.out_h)) % s.channels;
+    const int64_t n = k / (s.out_w * s.out_h * s.channels);
+    const int64_t winner = indices[n * is[0] + c * is[1] + oh * is[2] + ow * is[3]];
+    const int row_offset = static_cast<int>(winner / s.in_w - (oh * s.in_h) / s.out_h);
+    const int col_offset = static_cast<int>(winner % s.in_w - (ow * s.in_w) / s.out_w);
+    row_min = min(row_min, row_offset);
+    row_max = max(row_max, row_offset);
+    col_min = min(col_min, col_offset);
+    col_max = max(col_max, col_offset);
+  }
+  for (int delta = 16; delta > 0; delta /= 2) {
+    row_min = min(row_min, __shfl_down_sync(0xffffffffu, row_min, delta));
+    row_max = max(row_max, __shfl_down_sync(0xffffffffu, row_max, delta));
+    col_min = min(col_min, __shfl_down_sync(0xffffffffu, col_min, delta));
+    col_max = max(col_max, __shfl_down_sync(0xffffffffu, col_max, delta));
+  }
+  if ((threadIdx.x & 31) == 0) {
+    atomicMin(&bounds[0], row_min);
+    atomicMax(&bounds[1], row_max);
+    atomicMin(&bounds[2], col_min);
+    atomicMax(&bounds[3], col_max);
+  }
+}
+
+// Outputs o in [0, out_size) whose nominal position floor(o*in/out) lies in [i - hi, i - lo].
+__device__ __forceinline__ void nominal_inverse(int64_t i, int64_t in_size, int64_t out_size,
+                                                int lo, int hi, int64_t* first, int64_t* last) {
+  *first = max64(ceil_div((i - hi) * out_size, in_size), 0);
+  *last = min64(ceil_div((i - lo + 1) * out_size, in_size) - 1, out_size - 1);
+}
+
+template <typename T>
+__global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides4 rs,
+                                       const int64_t* indices, Strides4 is, const int* bounds,
+                                       T* out) {
+  using Acc = typename Accumulator<T>::type;
+  const int64_t total = s.batch * s.channels * s.in_h * s.in_w;
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= total) return;
+  const int64_t iw = k % s.in_w;
+  const int64_t ih = (k / s.in_w) % s.in_h;
+  const int64_t c = (k / (s.in_w * s.in_h)) % s.channels;
+  const int64_t n = k / (s.in_w * s.in_h * s.channels);
+  const int64_t flat = ih * s.in_w + iw;
+  int64_t oh0, oh1, ow0, ow1;
+  nominal_inverse(ih, s.in_h, s.out_h, bounds[0], bounds[1], &oh0, &oh1);
+  nominal_inverse(iw, s.in_w, s.out_w, bounds[2], bounds[3], &ow0, &ow1);
+  const T* r = relevance + n * rs[0] + c * rs[1];
+  const int64_t* idx = indices + n * is[0] + c * is[1];
+  Acc acc = Acc(0);
+  for (int64_t oh = oh0; oh <= oh1; ++oh) {
+    for (int64_t ow = ow0; ow <= ow1; ++ow) {
+      if (idx[oh * is[2] + ow * is[3]] == flat) acc += to_acc(r[oh * rs[2] + ow * rs[3]]);
+    }
+  }
+  out[k] = from_acc<T>(acc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Average pools (z-rule), as in the CPU twin. Pass 1, one thread per output:
+// share = R / stab(z, e) / divisor with z = P x. Pass 2, one thread per input:
+// out = x * sum of the shares of the windows holding it.
+
+template <typename T, typename Windows>
+__global__ void avg_share_kernel(PlaneShape s, Windows windows, const T* x, Strides4 xs,
+                                 const T* relevance, Strides4 rs,
+                                 typename Accumulator<T>::type stabilizer,
+                                 typename Accumulator<T>::type* share) {
+  using Acc = typename Accumulator<T>::type;
+  const int64_t total = s.batch * s.channels * s.out_h * s.out_w;
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= total) return;
+  const int64_t ow = k % s.out_w;
+  const int64_t oh = (k / s.out_w) % s.out_h;
+  const int64_t c = (k / (s.out_w * s.out_h)) % s.channels;
+  const int64_t n = k / (s.out_w * s.out_h * s.channels);
+  const AxisWindow wh = windows.rows(s, oh);
+  const AxisWindow ww = windows.cols(s, ow);
+  const T* xp = x + n * xs[0] + c * xs[1];
+  Acc sum = Acc(0);
+  for (int64_t ih = wh.start; ih < wh.end; ++ih) {
+    for (int64_t iw = ww.start; iw < ww.end; ++iw) sum += to_acc(xp[ih * xs[2] + iw * xs[3]]);
+  }
+  const Acc divisor = Acc(windows.divisor(wh, ww));
+  const Acc r = to_acc(relevance[n * rs[0] + c * rs[1] + oh * rs[2] + ow * rs[3]]);
+  share[k] = stabilized_ratio(r, sum / divisor, stabilizer) / divisor;
+}
+
+template <typename T, typename Windows>
+__global__ void avg_gather_kernel(PlaneShape s, Windows windows, const T* x, Strides4 xs,
+                                  const typename Accumulator<T>::type* share, T* out) {
+  using Acc = typename Accumulator<T>::type;
+  const int64_t total = s.batch * s.channels * s.in_h * s.in_w;
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= total) return;
+  const int64_t iw = k % s.in_w;
+  const int64_t ih = (k / s.in_w) % s.in_h;
+  const int64_t c = (k / (s.in_w * s.in_h)) % s.channels;
+  const int64_t n = k / (s.in_w * s.in_h * s.channels);
+  int64_t oh0, oh1, ow0, ow1;
+  windows.inverse_rows(s, ih, &oh0, &oh1);
+  windows.inverse_cols(s, iw, &ow0, &ow1);
+  const Acc* plane_share = share + (n * s.channels + c) * s.out_h * s.out_w;
+  Acc acc = Acc(0);
+  for (int64_t oh = oh0; oh <= oh1; ++oh) {
+    for (int64_t ow = ow0; ow <= ow1; ++ow) acc += plane_share[oh * s.out_w + ow];
+  }
+  out[k] = from_acc<T>(acc * to_acc(x[n * xs[0] + c * xs[1] + ih * xs[2] + iw * xs[3]]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launchers.
+
+template <typename T>
+void launch_max_pool(const PlaneShape& s, uintptr_t relevance, const Strides4& rs,
+                     uintptr_t indices, const Strides4& is, uintptr_t out, uintptr_t workspace,
+                     cudaStream_t stream) {
+  const auto* idx = reinterpret_cast<const int64_t*>(indices);
+  auto* bounds = reinterpret_cast<int*>(workspace);
+  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
+  const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
+  if (in_total == 0) return;
+  init_offset_bounds_kernel<<<1, 1, 0, stream>>>(bounds);
+  // Grid-stride loop: a bounded grid keeps the global atomics to a few per block.
+  const unsigned int bound_blocks = min(blocks_for(out_total), 1024u);
+  winner_offset_bounds_kernel<<<bound_blocks, kThreads, 0, stream>>>(s, idx, is, bounds);
+  max_pool_gather_kernel<T><<<blocks_for(in_total), kThreads, 0, stream>>>(
+      s, reinterpret_cast<const T*>(relevance), rs, idx, is, bounds, reinterpret_cast<T*>(out));
+  check(cudaGetLastError(), "max_pool_relevance launch");
+}
+
+template <typename T, typename Windows>
+void launch_avg(const PlaneShape& s, const Windows& windows, uintptr_t x, const Strides4& xs,
+                uintptr_t relevance, const Strides4& rs, double stabilizer, uintptr_t out,
+                uintptr_t workspace, cudaStream_t stream) {
+  using Acc = typename Accumulator<T>::type;
+  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
+  const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
+  if (in_total == 0) return;
+  auto* share = reinterpret_cast<Acc*>(workspace);
+  if (out_total > 0) {
+    avg_share_kernel<T, Windows><<<blocks_for(out_total), kThreads, 0, stream>>>(
+        s, windows, reinterpret_cast<const T*>(x), xs, reinterpret_cast<const T*>(relevance), rs,
+        static_cast<Acc>(stabilizer), share);
+  }
+  avg_gather_kernel<T, Windows><<<blocks_for(in_total), kThreads, 0, stream>>>(
+      s, windows, reinterpret_cast<const T*>(x), xs, share, reinterpret_cast<T*>(out));
+  check(cudaGetLastError(), "average pool relevance launch");
+}
+
+// Calls `body(T{})` with T the C++ type of `dtype`.
+template <typename Body>
+void dispatch_dtype(DType dtype, const char* op, Body&& body) {
+  switch (dtype) {
+    case DType::Float32:
+      return body(float{});
+    case DType::Float64:
+      return body(double{});
+    case DType::Float16:
+      return body(__half{});
+    case DType::BFloat16:
+      return body(__nv_bfloat16{});
+  }
+  throw std::invalid_argument(std::string(op) + ": unknown dtype code " +
+                              std::to_string(static_cast<int>(dtype)));
+}
+
+}  // namespace
+
+int cuda_device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+void max_pool_relevance_cuda(DType dtype, const PlaneShape& shape, uintptr_t relevance,
+                             const Strides4& relevance_strides, uintptr_t indices,
+                             const Strides4& indices_strides, uintptr_t out, uintptr_t workspace,
+                             uintptr_t stream, int device) {
+  DeviceGuard guard(device);
+  dispatch_dtype(dtype, "max_pool_relevance", [&](auto tag) {
+    using T = decltype(tag);
+    launch_max_pool<T>(shape, relevance, relevance_strides, indices, indices_strides, out,
+                       workspace, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+void avg_pool2d_relevance_cuda(DType dtype, const PlaneShape& shape,
+                               const AvgPoolGeometry& geometry, uintptr_t x,
+                               const Strides4& x_strides, uintptr_t relevance,
+                               const Strides4& relevance_strides, double stabilizer, uintptr_t out,
+                               uintptr_t workspace, uintptr_t stream, int device) {
+  DeviceGuard guard(device);
+  dispatch_dtype(dtype, "avg_pool2d_relevance", [&](auto tag) {
+    using T = decltype(tag);
+    launch_avg<T>(shape, AvgPoolWindows{geometry}, x, x_strides, relevance, relevance_strides,
+                  stabilizer, out, workspace, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+void adaptive_avg_pool2d_relevance_cuda(DType dtype, const PlaneShape& shape, uintptr_t x,
+                                        const Strides4& x_strides, uintptr_t relevance,
+                                        const Strides4& relevance_strides, double stabilizer,
+                                        uintptr_t out, uintptr_t workspace, uintptr_t stream,
+                                        int device) {
+  DeviceGuard guard(device);
+  dispatch_dtype(dtype, "adaptive_avg_pool2d_relevance", [&](auto tag) {
+    using T = decltype(tag);
+    launch_avg<T>(shape, AdaptiveAvgPoolWindows{}, x, x_strides, relevance, relevance_strides,
+                  stabilizer, out, workspace, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+}  // namespace relprop

@@ -1,0 +1,344 @@
+"""Pieces shared by the linear and conv2d LRP kernels.
+
+Host side: rule codes, parameter parsing, dtype checks. Device side (``@triton.jit`` helpers that
+the kernels inline): the stabiliser, the per-rule accumulation of the modified forward, the
+per-rule relevance scales ``s = R / stab(z, e)`` and the per-rule accumulation and epilogue of the
+transposed product. The maths is the op contract of ``docs/ops.md``; the rules are Zennit 0.5's
+``Epsilon``, ``WSquare``, ``Flat``, ``ZPlus``, ``AlphaBeta``, ``Gamma`` and ``ZBox`` (Bach et al.,
+PLoS ONE 2015; Montavon et al., Pattern Recognition 2017; Montavon et al., Explainable AI 2019).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+EPSILON = tl.constexpr(0)
+WSQUARE = tl.constexpr(1)
+FLAT = tl.constexpr(2)
+ZPLUS = tl.constexpr(3)
+ALPHABETA = tl.constexpr(4)
+GAMMA = tl.constexpr(5)
+ZBOX = tl.constexpr(6)
+
+_RULES = {
+    # name: (code, number of params, number of aux tensors saved after z)
+    "epsilon": (0, 1, 0),
+    "wsquare": (1, 1, 0),
+    "flat": (2, 1, 0),
+    "zplus": (3, 2, 1),
+    "alphabeta": (4, 4, 2),
+    "gamma": (5, 2, 2),
+    "zbox": (6, 3, 1),
+}
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A rule in the kernels' terms.
+
+    ``p0``/``p1`` are the rule's own numbers (α-β: α, β; γ: γ; zB: low, high; else unused),
+    ``stabilizer`` is the ``e`` of ``stab`` (ε for the ε-rule), ``use_bias`` scales the bias in the
+    z⁺ and α-β pre-activations (1 elsewhere), ``beta_nonzero`` lets α-β drop its negative stream
+    at compile time when β = 0.
+    """
+
+    code: int
+    n_aux: int
+    p0: float
+    p1: float
+    stabilizer: float
+    use_bias: float
+    beta_nonzero: bool
+
+
+def parse_rule(rule: str, params: list[float]) -> RuleSpec:
+    """Check ``rule`` and ``params`` against the op contract and map them to kernel arguments.
+
+    Params per rule (contract order): epsilon ``[ε]``, wsquare/flat ``[e]``, zplus
+    ``[e, use_bias]``, alphabeta ``[α, β, e, use_bias]``, gamma ``[γ, e]``, zbox
+    ``[low, high, e]``.
+    """
+    if rule not in _RULES:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {sorted(_RULES)}")
+    code, n_params, n_aux = _RULES[rule]
+    if len(params) != n_params:
+        raise ValueError(f"rule {rule!r} takes {n_params} params, got {len(params)}: {params}")
+    values = [float(p) for p in params]
+    if rule == "zplus":
+        return RuleSpec(code, n_aux, 0.0, 0.0, values[0], values[1], False)
+    if rule == "alphabeta":
+        alpha, beta, stabilizer, use_bias = values
+        return RuleSpec(code, n_aux, alpha, beta, stabilizer, use_bias, beta != 0.0)
+    if rule == "gamma":
+        return RuleSpec(code, n_aux, values[0], 0.0, values[1], 1.0, False)
+    if rule == "zbox":
+        return RuleSpec(code, n_aux, values[0], values[1], values[2], 1.0, False)
+    return RuleSpec(code, n_aux, 0.0, 0.0, values[0], 1.0, False)
+
+
+def check_tensors(*tensors: torch.Tensor | None) -> None:
+    """Raise unless all tensors share a supported dtype and a device the kernels can run on."""
+    present = [t for t in tensors if t is not None]
+    dtype, device = present[0].dtype, present[0].device
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"Triton LRP kernels take float32, float16 or bfloat16, got {dtype}")
+    for t in present:
+        if t.dtype != dtype or t.device != device:
+            raise ValueError(
+                f"all tensors must share dtype and device; got {t.dtype} on {t.device} "
+                f"beside {dtype} on {device}"
+            )
+
+
+def dot_precision(x: torch.Tensor, allow_tf32: bool) -> str:
+    """``tl.dot`` precision for fp32 operands: TF32 where torch's own flag for the same product
+    allows it (cuDNN convolutions do by default, cuBLAS matmuls do not), IEEE otherwise."""
+    return "tf32" if allow_tf32 and x.is_cuda and x.dtype == torch.float32 else "ieee"
+
+
+def is_interpreted(device: torch.device) -> bool:
+    """CPU tensors only reach a Triton kernel under ``TRITON_INTERPRET=1``: use tiny blocks there."""
+    return device.type != "cuda"
+
+
+@triton.jit
+def _stabilize(d, e):
+    """``stab(d, e) = d + e·(sign(d) + [d == 0])``: zero counts as positive, as in Zennit."""
+    return d + tl.where(d >= 0, e, -e)
+
+
+@triton.jit
+def _positive(t):
+    """``max(t, 0)`` in t's own dtype (``tl.maximum`` with a float literal promotes to fp32)."""
+    return tl.maximum(t, 0.0).to(t.dtype)
+
+
+@triton.jit
+def _negative(t):
+    """``min(t, 0)`` in t's own dtype."""
+    return tl.minimum(t, 0.0).to(t.dtype)
+
+
+@triton.jit
+def _divide(r, d, e):
+    """``r / stab(d, e)``, and 0 where that denominator is 0 (only possible for e = 0, LRP-0:
+    a unit that nothing reaches passes nothing on instead of spreading NaN)."""
+    den = _stabilize(d, e)
+    return tl.where(den == 0, 0.0, r / tl.where(den == 0, 1.0, den))
+
+
+@triton.jit
+def _forward_accumulate(
+    acc0, acc1, acc2, x, w, valid, p0, p1, RULE: tl.constexpr, PRECISION: tl.constexpr
+):
+    """Add one K-tile of ``x (M×K) @ w (K×O)`` to the rule's accumulators.
+
+    ``acc0`` collects ``Wx``; ``acc1``/``acc2`` the rule's modified products: z⁺-rule
+    ``W⁺x⁺ + W⁻x⁻``; α-β the same and ``W⁻x⁺ + W⁺x⁻``; γ ``(W+γW⁺)x⁺ + (W+γW⁻)x⁻`` and
+    ``(W+γW⁻)x⁺ + (W+γW⁺)x⁻``; zB ``W⁺(x−l) + W⁻(x−h)`` (every term ≥ 0, so no cancellation,
+    unlike ``Wx − W⁺l − W⁻h``). Modified weights live in registers only. The x⁻ products are
+    skipped for tiles without negative inputs (after a ReLU: all of them); skipping adds nothing,
+    so results do not depend on it. ``valid`` marks real (not padded, in-range) entries of x.
+    """
+    acc0 = tl.dot(x, w, acc0, input_precision=PRECISION)
+    if RULE == ZPLUS:
+        acc1 = tl.dot(_positive(x), _positive(w), acc1, input_precision=PRECISION)
+        if tl.min(x) < 0:
+            acc1 = tl.dot(_negative(x), _negative(w), acc1, input_precision=PRECISION)
+    elif RULE == ALPHABETA:
+        x_pos = _positive(x)
+        w_pos = _positive(w)
+        w_neg = _negative(w)
+        acc1 = tl.dot(x_pos, w_pos, acc1, input_precision=PRECISION)
+        acc2 = tl.dot(x_pos, w_neg, acc2, input_precision=PRECISION)
+        if tl.min(x) < 0:
+            x_neg = _negative(x)
+            acc1 = tl.dot(x_neg, w_neg, acc1, input_precision=PRECISION)
+            acc2 = tl.dot(x_neg, w_pos, acc2, input_precision=PRECISION)
+    elif RULE == GAMMA:
+        x_pos = _positive(x)
+        w_up = (w + p0 * _positive(w)).to(w.dtype)
+        w_down = (w + p0 * _negative(w)).to(w.dtype)
+        acc1 = tl.dot(x_pos, w_up, acc1, input_precision=PRECISION)
+        acc2 = tl.dot(x_pos, w_down, acc2, input_precision=PRECISION)
+        if tl.min(x) < 0:
+            x_neg = _negative(x)
+            acc1 = tl.dot(x_neg, w_down, acc1, input_precision=PRECISION)
+            acc2 = tl.dot(x_neg, w_up, acc2, input_precision=PRECISION)
+    elif RULE == ZBOX:
+        above_low = tl.where(valid, x - p0, 0.0).to(w.dtype)
+        below_high = tl.where(valid, x - p1, 0.0).to(w.dtype)
+        acc1 = tl.dot(above_low, _positive(w), acc1, input_precision=PRECISION)
+        acc1 = tl.dot(below_high, _negative(w), acc1, input_precision=PRECISION)
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def _denominator_accumulate(acc0, w, valid, RULE: tl.constexpr, PRECISION: tl.constexpr):
+    """Add one K-tile of the input-independent denominators to ``acc0``.
+
+    w²-rule: ``W²·1``; flat: ``1·1`` (a count). The all-ones input is zero where x is padding.
+    """
+    ones = valid.to(tl.float32)
+    if RULE == WSQUARE:
+        acc0 = tl.dot(ones.to(w.dtype), w * w, acc0, input_precision=PRECISION)
+    else:
+        acc0 += tl.sum(ones, axis=1)[:, None]
+    return acc0
+
+
+@triton.jit
+def _forward_epilogue(
+    acc0,
+    acc1,
+    acc2,
+    b_ptr,
+    offs_o,
+    mask_o,
+    p0,
+    use_bias,
+    RULE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DENOMINATOR: tl.constexpr,
+):
+    """Add the bias terms of the contract to the accumulators: z, zp/zn, zpos/zneg, zb, W²·1+b²."""
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        if DENOMINATOR:
+            if RULE == WSQUARE:
+                acc0 += b * b
+        else:
+            acc0 += b
+            if RULE == ZPLUS:
+                acc1 += use_bias * tl.maximum(b, 0.0)
+            elif RULE == ALPHABETA:
+                acc1 += use_bias * tl.maximum(b, 0.0)
+                acc2 += use_bias * tl.minimum(b, 0.0)
+            elif RULE == GAMMA:
+                acc1 += b + p0 * tl.maximum(b, 0.0)
+                acc2 += b + p0 * tl.minimum(b, 0.0)
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def _relevance_scales(
+    r_ptr,
+    z_ptr,
+    aux0_ptr,
+    aux1_ptr,
+    offs,
+    mask,
+    den_ptr,
+    den_offs,
+    den_mask,
+    p0,
+    p1,
+    stabilizer,
+    RULE: tl.constexpr,
+):
+    """Load one tile of R and return the rule's relevance per unit of pre-activation (fp32).
+
+    Returns ``(s_up, s_down)``: ε ``R/stab(z, ε)``; w², flat ``R/stab(den, e)`` with the
+    input-independent denominator ``den``; z⁺ ``R/stab(zp, e)``; zB ``R/stab(zb, e)``; α-β
+    ``α·R/stab(zp, e)`` and ``−β·R/stab(zn, e)`` (sign folded in, so α-β and γ share one
+    accumulation); γ ``[z>0]·R/stab(zpos, e)`` and ``[z<0]·R/stab(zneg, e)``. ``s_down`` is only
+    meaningful for α-β and γ. Masked entries load R = 0 and a denominator of 1, so they give 0;
+    so does a zero denominator.
+    """
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RULE == EPSILON:
+        z = tl.load(z_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        s_up = _divide(r, z, stabilizer)
+        s_down = s_up
+    elif RULE == WSQUARE or RULE == FLAT:
+        den = tl.load(den_ptr + den_offs, mask=den_mask, other=1.0).to(tl.float32)
+        s_up = _divide(r, den, stabilizer)
+        s_down = s_up
+    elif RULE == ZPLUS or RULE == ZBOX:
+        z_mod = tl.load(aux0_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        s_up = _divide(r, z_mod, stabilizer)
+        s_down = s_up
+    elif RULE == ALPHABETA:
+        z_pos = tl.load(aux0_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        z_neg = tl.load(aux1_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        s_up = p0 * _divide(r, z_pos, stabilizer)
+        s_down = -p1 * _divide(r, z_neg, stabilizer)
+    else:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z_pos = tl.load(aux0_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        z_neg = tl.load(aux1_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        s_up = _divide(tl.where(z > 0, r, 0.0), z_pos, stabilizer)
+        s_down = _divide(tl.where(z < 0, r, 0.0), z_neg, stabilizer)
+    return s_up, s_down
+
+
+@triton.jit
+def _relevance_accumulate(
+    acc_a,
+    acc_b,
+    s_up,
+    s_down,
+    w,
+    x_has_neg,
+    p0,
+    RULE: tl.constexpr,
+    DOWN_STREAM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Add one reduction tile of the transposed product ``s (M×O) @ w (O×C)`` to ``acc_a``/``acc_b``.
+
+    The input relevance is ``x·acc_a`` (ε), ``acc_a`` (w², flat), ``x⁺·acc_a + x⁻·acc_b``
+    (z⁺, α-β, γ) or ``(x−l)·acc_a + (x−h)·acc_b`` (zB). With the weight pair ``(w_a, w_b)`` =
+    ``(W⁺, W⁻)`` or, for γ, ``(W+γW⁺, W+γW⁻)``: ``acc_a += s_up·w_a + s_down·w_b`` and
+    ``acc_b += s_up·w_b + s_down·w_a``. ``acc_b`` is only needed where x has negative entries
+    (``x_has_neg``, for the whole tile) and the ``s_down`` products only where ``s_down`` is
+    nonzero (γ after a ReLU: nowhere); the skips add nothing, so results do not depend on them.
+    """
+    if RULE == EPSILON:
+        acc_a = tl.dot(s_up.to(w.dtype), w, acc_a, input_precision=PRECISION)
+    elif RULE == WSQUARE:
+        acc_a = tl.dot(s_up.to(w.dtype), w * w, acc_a, input_precision=PRECISION)
+    elif RULE == FLAT:
+        acc_a += tl.sum(s_up, axis=1)[:, None]
+    else:
+        if RULE == GAMMA:
+            w_a = (w + p0 * _positive(w)).to(w.dtype)
+            w_b = (w + p0 * _negative(w)).to(w.dtype)
+        else:
+            w_a = _positive(w)
+            w_b = _negative(w)
+        s_up_w = s_up.to(w.dtype)
+        acc_a = tl.dot(s_up_w, w_a, acc_a, input_precision=PRECISION)
+        if RULE == ZBOX:
+            acc_b = tl.dot(s_up_w, w_b, acc_b, input_precision=PRECISION)
+        else:
+            if x_has_neg:
+                acc_b = tl.dot(s_up_w, w_b, acc_b, input_precision=PRECISION)
+        if DOWN_STREAM:  # noqa: SIM102 - compile-time test around a run-time one
+            if tl.max(tl.abs(s_down)) > 0:
+                s_down_w = s_down.to(w.dtype)
+                acc_a = tl.dot(s_down_w, w_b, acc_a, input_precision=PRECISION)
+                if x_has_neg:
+                    acc_b = tl.dot(s_down_w, w_a, acc_b, input_precision=PRECISION)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _relevance_epilogue(x, acc_a, acc_b, p0, p1, RULE: tl.constexpr):
+    """Combine the accumulators with the input tile into the input relevance (fp32)."""
+    x = x.to(tl.float32)
+    if RULE == EPSILON:
+        relevance = x * acc_a
+    elif RULE == WSQUARE or RULE == FLAT:
+        relevance = acc_a
+    elif RULE == ZBOX:
+        relevance = (x - p0) * acc_a + (x - p1) * acc_b
+    else:
+        relevance = tl.maximum(x, 0.0) * acc_a + tl.minimum(x, 0.0) * acc_b
+    return relevance

@@ -1,0 +1,370 @@
+"""Fused LRP kernels for a 2-D convolution (NCHW, zero padding, stride, dilation, groups).
+
+``conv2d_forward`` is an implicit GEMM (rows: output pixels, columns: output channels of one
+group, reduction: kernel taps × input channels, gathered from x on the fly; no im2col buffer)
+that computes z and the rule's modified pre-activations in one pass with one accumulator each.
+
+``conv2d_relevance`` is the implicit GEMM of the transposed convolution (the gradient of the
+convolution with respect to its input): rows are input pixels, columns input channels, and the
+reduction runs over the kernel taps and output channels that reach a pixel, loading
+``s = R / stab(·)`` as the operand and multiplying by x (or x⁺/x⁻, or the zB bounds) at the end.
+For stride > 1 the input pixels are split by their phase ``(ih mod sh, iw mod sw)``: within one
+phase the taps that reach a pixel are the same for every pixel, so no masked-out work is done
+for the taps that skip it. The maths is ``docs/ops.md``; rules after Zennit 0.5 and Montavon et
+al., "Layer-Wise Relevance Propagation: An Overview" (2019).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    FLAT,
+    WSQUARE,
+    _denominator_accumulate,
+    _forward_accumulate,
+    _forward_epilogue,
+    _relevance_accumulate,
+    _relevance_epilogue,
+    _relevance_scales,
+    check_tensors,
+    dot_precision,
+    is_interpreted,
+    parse_rule,
+)
+
+
+@triton.jit
+def _conv2d_forward_kernel(
+    x_ptr, w_ptr, b_ptr, out0_ptr, out1_ptr, out2_ptr,
+    N, C, H, W, O, OH, OW, C_GROUP, O_GROUP, KH, KW,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    p0, p1, use_bias,
+    RULE: tl.constexpr, N_OUTPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M output pixels × BLOCK_O output channels) tile of z and the rule's
+    modified pre-activations for group ``program_id(2)``.
+
+    With ``DENOMINATOR`` it computes instead, for one virtual all-ones image (zero-padded), the
+    w²-rule's ``W²·1 + b²`` or the flat rule's ``1·1``.
+    """
+    pid_m = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    group = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N * OH * OW
+    n = offs_m // (OH * OW)
+    pixel = offs_m % (OH * OW)
+    oh = pixel // OW
+    ow = pixel % OW
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < O_GROUP
+    channels_out = group * O_GROUP + offs_o
+    x_image = n.to(tl.int64) * C * H * W + group * C_GROUP * H * W
+    w_filter = channels_out * (C_GROUP * KH * KW)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    for kh in range(KH):
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        for kw in range(KW):
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_pixel = x_image + ih * W + iw
+            for c0 in range(0, C_GROUP, BLOCK_K):
+                offs_c = c0 + tl.arange(0, BLOCK_K)
+                mask_c = offs_c < C_GROUP
+                valid = inside[:, None] & mask_c[None, :]
+                w = tl.load(
+                    w_ptr + w_filter[None, :] + offs_c[:, None] * (KH * KW) + (kh * KW + kw),
+                    mask=mask_c[:, None] & mask_o[None, :],
+                    other=0.0,
+                )
+                if DENOMINATOR:
+                    acc0 = _denominator_accumulate(acc0, w, valid, RULE, PRECISION)
+                else:
+                    x = tl.load(
+                        x_ptr + x_pixel[:, None] + offs_c[None, :] * (H * W), mask=valid, other=0.0
+                    )
+                    acc0, acc1, acc2 = _forward_accumulate(
+                        acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION
+                    )
+    acc0, acc1, acc2 = _forward_epilogue(
+        acc0, acc1, acc2, b_ptr, channels_out, mask_o, p0, use_bias, RULE, HAS_BIAS, DENOMINATOR
+    )
+    offs_out = (n.to(tl.int64) * O * OH * OW + pixel)[:, None] + channels_out[None, :] * (OH * OW)
+    mask_out = mask_m[:, None] & mask_o[None, :]
+    tl.store(out0_ptr + offs_out, acc0.to(out0_ptr.dtype.element_ty), mask=mask_out)
+    if N_OUTPUTS > 1:
+        tl.store(out1_ptr + offs_out, acc1.to(out1_ptr.dtype.element_ty), mask=mask_out)
+    if N_OUTPUTS > 2:
+        tl.store(out2_ptr + offs_out, acc2.to(out2_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _conv2d_relevance_kernel(
+    x_ptr, w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, out_ptr,
+    N, C, H, W, O, OH, OW, C_GROUP, O_GROUP, KH, KW,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    p0, p1, stabilizer,
+    RULE: tl.constexpr, DOWN_STREAM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M input pixels of one stride phase × BLOCK_C input channels) tile of the
+    input relevance; ``program_id(2)`` enumerates (group, phase)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    group = tl.program_id(2) // (STRIDE_H * STRIDE_W)
+    phase = tl.program_id(2) % (STRIDE_H * STRIDE_W)
+    phase_h = phase // STRIDE_W
+    phase_w = phase % STRIDE_W
+    # Input rows/columns of this phase: phase_h, phase_h + sh, ... (none when phase_h >= H).
+    rows_h = tl.maximum((H - phase_h + STRIDE_H - 1) // STRIDE_H, 0)
+    rows_w = tl.maximum((W - phase_w + STRIDE_W - 1) // STRIDE_W, 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N * rows_h * rows_w
+    plane = tl.maximum(rows_h * rows_w, 1)
+    n = offs_m // plane
+    ih = phase_h + STRIDE_H * ((offs_m % plane) // tl.maximum(rows_w, 1))
+    iw = phase_w + STRIDE_W * ((offs_m % plane) % tl.maximum(rows_w, 1))
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C_GROUP
+    channels_in = group * C_GROUP + offs_c
+    offs_x = (n.to(tl.int64) * C * H * W + ih * W + iw)[:, None] + channels_in[None, :] * (H * W)
+    mask_x = mask_m[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + offs_x, mask=mask_x, other=0.0)
+    x_has_neg = tl.min(x) < 0
+    r_image = n.to(tl.int64) * O * OH * OW
+    acc_a = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for kh in range(KH):
+        shifted_h = ih + PAD_H - kh * DIL_H
+        for kw in range(KW):
+            shifted_w = iw + PAD_W - kw * DIL_W
+            # Tap (kh, kw) reaches this phase's pixels only if the shifts are multiples of the
+            # stride; the same for every pixel of the phase.
+            tap_hits = ((phase_h + PAD_H - kh * DIL_H) % STRIDE_H == 0) & (
+                (phase_w + PAD_W - kw * DIL_W) % STRIDE_W == 0
+            )
+            if tap_hits:
+                oh = shifted_h // STRIDE_H
+                ow = shifted_w // STRIDE_W
+                reached = mask_m & (shifted_h >= 0) & (oh < OH) & (shifted_w >= 0) & (ow < OW)
+                out_pixel = oh * OW + ow
+                for o0 in range(0, O_GROUP, BLOCK_O):
+                    offs_o = o0 + tl.arange(0, BLOCK_O)
+                    mask_o = offs_o < O_GROUP
+                    channels_out = group * O_GROUP + offs_o
+                    mask_r = reached[:, None] & mask_o[None, :]
+                    s_up, s_down = _relevance_scales(
+                        r_ptr, z_ptr, aux0_ptr, aux1_ptr,
+                        (r_image + out_pixel)[:, None] + channels_out[None, :] * (OH * OW),
+                        mask_r,
+                        den_ptr, out_pixel[:, None] + channels_out[None, :] * (OH * OW), mask_r,
+                        p0, p1, stabilizer, RULE,
+                    )  # fmt: skip
+                    w = tl.load(
+                        w_ptr
+                        + channels_out[:, None] * (C_GROUP * KH * KW)
+                        + offs_c[None, :] * (KH * KW)
+                        + (kh * KW + kw),
+                        mask=mask_o[:, None] & mask_c[None, :],
+                        other=0.0,
+                    )
+                    acc_a, acc_b = _relevance_accumulate(
+                        acc_a, acc_b, s_up, s_down, w, x_has_neg, p0, RULE, DOWN_STREAM, PRECISION
+                    )
+    relevance = _relevance_epilogue(x, acc_a, acc_b, p0, p1, RULE)
+    tl.store(out_ptr + offs_x, relevance.to(out_ptr.dtype.element_ty), mask=mask_x)
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    first, second = value
+    return int(first), int(second)
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _precision(x: torch.Tensor) -> str:
+    # The same fp32 precision as torch's own convolution (cuDNN) under the user's settings.
+    return dot_precision(x, torch.backends.cudnn.allow_tf32)
+
+
+def _forward_blocks(device: torch.device, n_outputs: int, o_group: int, c_group: int):
+    """(BLOCK_M, BLOCK_O, BLOCK_K, num_warps): fixed per shape, so results never depend on timing.
+
+    Narrow layers (few channels per group) get narrow tiles instead of mostly-masked ones; rules
+    with three fp32 accumulators get a smaller pixel tile to stay within registers.
+    """
+    if is_interpreted(device):
+        return 64, 16, 16, 1
+    block_o = min(128, max(16, triton.next_power_of_2(o_group)))
+    block_k = min(32, max(16, triton.next_power_of_2(c_group)))
+    block_m = 128 if n_outputs == 1 else 64
+    return block_m, block_o, block_k, 8 if block_m * block_o >= 128 * 64 else 4
+
+
+def _relevance_blocks(device: torch.device, o_group: int, c_group: int):
+    """(BLOCK_M, BLOCK_C, BLOCK_O, num_warps) of the relevance kernel."""
+    if is_interpreted(device):
+        return 64, 16, 16, 1
+    block_c = min(128, max(16, triton.next_power_of_2(c_group)))
+    block_o = min(32, max(16, triton.next_power_of_2(o_group)))
+    return 64, block_c, block_o, 8 if block_c >= 128 else 4
+
+
+def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
+    stride, padding, dilation, groups = geometry
+    n, c, h, w = x.shape
+    o, c_group, kh, kw = weight.shape
+    oh = _output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _output_size(w, kw, stride[1], padding[1], dilation[1])
+    o_group = o // groups
+    outputs = [x.new_empty((n, o, oh, ow)) for _ in range(n_outputs)]
+    block_m, block_o, block_k, num_warps = _forward_blocks(x.device, n_outputs, o_group, c_group)
+    grid = (triton.cdiv(n * oh * ow, block_m), triton.cdiv(o_group, block_o), groups)
+    padded = outputs + [outputs[0]] * (3 - n_outputs)
+    _conv2d_forward_kernel[grid](
+        x, weight, bias if bias is not None else weight, *padded,
+        n, c, h, w, o, oh, ow, c_group, o_group, kh, kw,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        spec.p0, spec.p1, spec.use_bias,
+        RULE=spec.code, N_OUTPUTS=n_outputs, HAS_BIAS=bias is not None,
+        DENOMINATOR=denominator, PRECISION=_precision(x),
+        BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+    return outputs
+
+
+def _check_geometry(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv2d takes x (N, C, H, W) and weight (O, C/groups, kh, kw); got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
+    if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups != 0:
+        raise ValueError(
+            f"channels do not match groups={groups}: x {tuple(x.shape)}, weight "
+            f"{tuple(weight.shape)}"
+        )
+
+
+def conv2d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    rule: str,
+    params: list[float],
+) -> list[torch.Tensor]:
+    """Forward of a 2-D convolution that also returns what ``rule`` needs for the relevance.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(N, C, H, W)``.
+    weight : torch.Tensor
+        ``(O, C/groups, kh, kw)``.
+    bias : torch.Tensor or None
+        ``(O,)``.
+    stride, padding, dilation : list of int
+        ``[h, w]`` (an int means both); padding is zero padding.
+    groups : int
+        Number of channel groups.
+    rule : str
+        One of ``epsilon``, ``wsquare``, ``flat``, ``zplus``, ``alphabeta``, ``gamma``, ``zbox``.
+    params : list of float
+        The rule's numbers in the order of ``docs/ops.md``.
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``[z, *aux]``: ``z = conv(x, W) + b`` then ``zp`` (zplus), ``zp, zn`` (alphabeta),
+        ``zpos, zneg`` (gamma) or ``zb`` (zbox), each shaped like z.
+    """
+    check_tensors(x, weight, bias)
+    _check_geometry(x, weight, groups)
+    spec = parse_rule(rule, params)
+    geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    return _launch_forward(
+        x.contiguous(), weight.contiguous(), bias, geometry, spec, 1 + spec.n_aux, False
+    )
+
+
+def conv2d_relevance(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    saved: list[torch.Tensor],
+    relevance: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    rule: str,
+    params: list[float],
+) -> torch.Tensor:
+    """Relevance of a 2-D convolution's input, in one fused kernel.
+
+    Parameters
+    ----------
+    x, weight, bias, stride, padding, dilation, groups, rule, params
+        As given to :func:`conv2d_forward`.
+    saved : list of torch.Tensor
+        What :func:`conv2d_forward` returned for the same inputs.
+    relevance : torch.Tensor
+        Relevance of the layer's output, shaped like z.
+
+    Returns
+    -------
+    torch.Tensor
+        Relevance of the input, shaped like x: e.g. ``x ⊙ Wᵀ(R / stab(z, ε))`` with ``Wᵀ`` the
+        transposed convolution for ``epsilon``; the other rules as tabulated in ``docs/ops.md``.
+    """
+    check_tensors(x, weight, bias, relevance, *saved)
+    _check_geometry(x, weight, groups)
+    spec = parse_rule(rule, params)
+    if len(saved) != 1 + spec.n_aux:
+        raise ValueError(f"rule {rule!r} expects {1 + spec.n_aux} saved tensors, got {len(saved)}")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    x = x.contiguous()
+    weight = weight.contiguous()
+    n, c, h, w = x.shape
+    o, c_group, kh, kw = weight.shape
+    oh, ow = relevance.shape[2], relevance.shape[3]
+    o_group = o // groups
+    saved = [t.contiguous() for t in saved]
+    saved += [saved[0]] * (3 - len(saved))
+    if spec.code in (WSQUARE.value, FLAT.value):
+        # Input-independent: computed once per call for one virtual image of ones, broadcast.
+        geometry = (stride, padding, dilation, groups)
+        (denominator,) = _launch_forward(x[:1], weight, bias, geometry, spec, 1, True)
+    else:
+        denominator = saved[0]
+    out = torch.empty_like(x)
+    block_m, block_c, block_o, num_warps = _relevance_blocks(x.device, o_group, c_group)
+    phase_rows = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])
+    grid = (
+        triton.cdiv(phase_rows, block_m),
+        triton.cdiv(c_group, block_c),
+        groups * stride[0] * stride[1],
+    )
+    _conv2d_relevance_kernel[grid](
+        x, weight, relevance.contiguous(), *saved, denominator, out,
+        n, c, h, w, o, oh, ow, c_group, o_group, kh, kw,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        spec.p0, spec.p1, spec.stabilizer,
+        RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma",
+        PRECISION=_precision(x),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o, num_warps=num_warps,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,261 @@
+"""Fused LRP kernels for a linear layer ``z = x Wᵀ + b``.
+
+``linear_forward`` computes z and the rule's modified pre-activations in one pass over x and W
+(one accumulator each, modified weights formed in registers). ``linear_relevance`` computes
+``s = R / stab(·)`` while loading the operand of the transposed GEMM ``s W`` and multiplies by
+x (or x⁺/x⁻, or the zB bounds) before storing: one kernel, no intermediate in memory. The maths
+is the op contract in ``docs/ops.md``; the rules follow Zennit 0.5 (Anders et al., 2021) and
+Montavon et al., "Layer-Wise Relevance Propagation: An Overview" (2019).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    FLAT,
+    WSQUARE,
+    _denominator_accumulate,
+    _forward_accumulate,
+    _forward_epilogue,
+    _relevance_accumulate,
+    _relevance_epilogue,
+    _relevance_scales,
+    check_tensors,
+    dot_precision,
+    is_interpreted,
+    parse_rule,
+)
+
+
+@triton.jit
+def _linear_forward_kernel(
+    x_ptr, w_ptr, b_ptr, out0_ptr, out1_ptr, out2_ptr,
+    N, IN, OUT,
+    p0, p1, use_bias,
+    RULE: tl.constexpr, N_OUTPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M × BLOCK_O) tile of z and of the rule's modified pre-activations.
+
+    With ``DENOMINATOR`` it computes instead, for a virtual all-ones input row, the w²-rule's
+    ``W²·1 + b²`` or the flat rule's ``1·1``.
+    """
+    pid_m = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_m = offs_m < N
+    mask_o = offs_o < OUT
+    rows = offs_m.to(tl.int64)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    for k0 in range(0, IN, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < IN
+        valid = mask_m[:, None] & mask_k[None, :]
+        w = tl.load(
+            w_ptr + offs_o[None, :] * IN + offs_k[:, None],
+            mask=mask_k[:, None] & mask_o[None, :],
+            other=0.0,
+        )
+        if DENOMINATOR:
+            acc0 = _denominator_accumulate(acc0, w, valid, RULE, PRECISION)
+        else:
+            x = tl.load(x_ptr + rows[:, None] * IN + offs_k[None, :], mask=valid, other=0.0)
+            acc0, acc1, acc2 = _forward_accumulate(
+                acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION
+            )
+    acc0, acc1, acc2 = _forward_epilogue(
+        acc0, acc1, acc2, b_ptr, offs_o, mask_o, p0, use_bias, RULE, HAS_BIAS, DENOMINATOR
+    )
+    offs_out = rows[:, None] * OUT + offs_o[None, :]
+    mask_out = mask_m[:, None] & mask_o[None, :]
+    tl.store(out0_ptr + offs_out, acc0.to(out0_ptr.dtype.element_ty), mask=mask_out)
+    if N_OUTPUTS > 1:
+        tl.store(out1_ptr + offs_out, acc1.to(out1_ptr.dtype.element_ty), mask=mask_out)
+    if N_OUTPUTS > 2:
+        tl.store(out2_ptr + offs_out, acc2.to(out2_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _linear_relevance_kernel(
+    x_ptr, w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, out_ptr,
+    N, IN, OUT,
+    p0, p1, stabilizer,
+    RULE: tl.constexpr, DOWN_STREAM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M × BLOCK_K) tile of the input relevance: a GEMM over the outputs of
+    ``s = R / stab(·)`` (divided on load) with the rule's weights, times the input tile."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < N
+    mask_k = offs_k < IN
+    rows = offs_m.to(tl.int64)
+    mask_x = mask_m[:, None] & mask_k[None, :]
+    offs_x = rows[:, None] * IN + offs_k[None, :]
+    x = tl.load(x_ptr + offs_x, mask=mask_x, other=0.0)
+    x_has_neg = tl.min(x) < 0
+    acc_a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for o0 in range(0, OUT, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        mask_o = offs_o < OUT
+        s_up, s_down = _relevance_scales(
+            r_ptr, z_ptr, aux0_ptr, aux1_ptr,
+            rows[:, None] * OUT + offs_o[None, :], mask_m[:, None] & mask_o[None, :],
+            den_ptr, offs_o[None, :], mask_o[None, :],
+            p0, p1, stabilizer, RULE,
+        )  # fmt: skip
+        w = tl.load(
+            w_ptr + offs_o[:, None] * IN + offs_k[None, :],
+            mask=mask_o[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        acc_a, acc_b = _relevance_accumulate(
+            acc_a, acc_b, s_up, s_down, w, x_has_neg, p0, RULE, DOWN_STREAM, PRECISION
+        )
+    relevance = _relevance_epilogue(x, acc_a, acc_b, p0, p1, RULE)
+    tl.store(out_ptr + offs_x, relevance.to(out_ptr.dtype.element_ty), mask=mask_x)
+
+
+def _precision(x: torch.Tensor) -> str:
+    # The same fp32 precision as torch's own linear (cuBLAS) under the user's settings.
+    return dot_precision(x, torch.backends.cuda.matmul.allow_tf32)
+
+
+def _forward_blocks(device: torch.device, n_outputs: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_O, BLOCK_K, num_warps): fixed per rule, so results never depend on timing.
+
+    Rules with three fp32 accumulators get a smaller output tile to stay within registers.
+    """
+    if is_interpreted(device):
+        return 16, 16, 16, 1
+    if n_outputs == 1:
+        return 128, 128, 32, 8
+    return 64, 128, 32, 8
+
+
+def _relevance_blocks(device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_O, num_warps) of the relevance kernel."""
+    if is_interpreted(device):
+        return 16, 16, 16, 1
+    return 64, 128, 32, 8
+
+
+def _launch_forward(x2d, weight, bias, spec, n_outputs, denominator):
+    n_rows, n_in = x2d.shape
+    n_out = weight.shape[0]
+    outputs = [x2d.new_empty((n_rows, n_out)) for _ in range(n_outputs)]
+    block_m, block_o, block_k, num_warps = _forward_blocks(x2d.device, n_outputs)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_out, block_o))
+    padded = outputs + [outputs[0]] * (3 - n_outputs)
+    _linear_forward_kernel[grid](
+        x2d, weight, bias if bias is not None else weight, *padded,
+        n_rows, n_in, n_out,
+        spec.p0, spec.p1, spec.use_bias,
+        RULE=spec.code, N_OUTPUTS=n_outputs, HAS_BIAS=bias is not None,
+        DENOMINATOR=denominator, PRECISION=_precision(x2d),
+        BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+    return outputs
+
+
+def linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rule: str,
+    params: list[float],
+) -> list[torch.Tensor]:
+    """Forward of a linear layer that also returns what ``rule`` needs for the relevance.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Input, ``(N, in)`` (leading dimensions beyond one are flattened and restored).
+    weight : torch.Tensor
+        ``(out, in)``.
+    bias : torch.Tensor or None
+        ``(out,)``.
+    rule : str
+        One of ``epsilon``, ``wsquare``, ``flat``, ``zplus``, ``alphabeta``, ``gamma``, ``zbox``.
+    params : list of float
+        The rule's numbers in the order of ``docs/ops.md``.
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``[z, *aux]``: ``z = x Wᵀ + b`` then ``zp`` (zplus), ``zp, zn`` (alphabeta),
+        ``zpos, zneg`` (gamma) or ``zb`` (zbox), each shaped like z.
+    """
+    check_tensors(x, weight, bias)
+    spec = parse_rule(rule, params)
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    outputs = _launch_forward(
+        x2d, weight.contiguous(), bias, spec, 1 + spec.n_aux, denominator=False
+    )
+    return [out.reshape(*x.shape[:-1], weight.shape[0]) for out in outputs]
+
+
+def linear_relevance(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    saved: list[torch.Tensor],
+    relevance: torch.Tensor,
+    rule: str,
+    params: list[float],
+) -> torch.Tensor:
+    """Relevance of a linear layer's input, in one fused kernel.
+
+    Parameters
+    ----------
+    x, weight, bias, rule, params
+        As given to :func:`linear_forward`.
+    saved : list of torch.Tensor
+        What :func:`linear_forward` returned for the same inputs.
+    relevance : torch.Tensor
+        Relevance of the layer's output, shaped like z.
+
+    Returns
+    -------
+    torch.Tensor
+        Relevance of the input, shaped like x: e.g. ``x ⊙ Wᵀ(R / stab(z, ε))`` for ``epsilon``;
+        the other rules as tabulated in ``docs/ops.md``.
+    """
+    check_tensors(x, weight, bias, relevance, *saved)
+    spec = parse_rule(rule, params)
+    if len(saved) != 1 + spec.n_aux:
+        raise ValueError(f"rule {rule!r} expects {1 + spec.n_aux} saved tensors, got {len(saved)}")
+    n_in = x.shape[-1]
+    x2d = x.reshape(-1, n_in).contiguous()
+    weight = weight.contiguous()
+    n_rows, n_out = x2d.shape[0], weight.shape[0]
+    flat_saved = [t.reshape(n_rows, n_out).contiguous() for t in saved]
+    flat_saved += [flat_saved[0]] * (3 - len(flat_saved))
+    if spec.code in (WSQUARE.value, FLAT.value):
+        # Input-independent: computed once per call for one virtual row of ones, broadcast.
+        ones_row = x2d[:1]
+        (denominator,) = _launch_forward(ones_row, weight, bias, spec, 1, denominator=True)
+    else:
+        denominator = flat_saved[0]
+    out = torch.empty_like(x2d)
+    block_m, block_k, block_o, num_warps = _relevance_blocks(x2d.device)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_in, block_k))
+    _linear_relevance_kernel[grid](
+        x2d, weight, relevance.reshape(n_rows, n_out).contiguous(), *flat_saved, denominator, out,
+        n_rows, n_in, n_out,
+        spec.p0, spec.p1, spec.stabilizer,
+        RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma",
+        PRECISION=_precision(x2d),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, num_warps=num_warps,
+    )  # fmt: skip
+    return out.reshape(x.shape)

@@ -1,0 +1,1 @@
+"""Kernel sources shipped inside relprop; ``relprop._kernels.triton`` is kernels/triton/."""

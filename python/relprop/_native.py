@@ -1,0 +1,125 @@
+"""Loader of the compiled module ``relprop._C`` and the tensor-to-pointer helpers it needs.
+
+``relprop._C`` is optional at import time: when it is missing (a source checkout without a build,
+a failed compile) every op runs its plain-PyTorch reference and this module warns once. The test
+suite refuses that silent fallback unless ``RELPROP_ALLOW_NO_NATIVE=1`` is set, so a broken build
+cannot hide behind it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+try:
+    from relprop import _C as _module
+except ImportError as error:  # the reference path takes over; see native_error()
+    _module: ModuleType | None = None
+    _error: str | None = f"{type(error).__name__}: {error}"
+else:
+    _error = None
+
+_warned = False
+
+# dtype codes of relprop._C (csrc/include/relprop/pool.h)
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+}
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def native_available() -> bool:
+    """True when the compiled module ``relprop._C`` was imported."""
+    return _module is not None
+
+
+def native_error() -> str | None:
+    """Why ``relprop._C`` failed to import, or None when it loaded."""
+    return _error
+
+
+def cuda_compiled() -> bool:
+    """True when ``relprop._C`` holds the CUDA kernels (nvcc was found at build time)."""
+    return _module is not None and bool(_module.cuda_compiled())
+
+
+def native() -> ModuleType:
+    """The compiled module; raises RuntimeError naming the import failure when it is missing."""
+    if _module is None:
+        raise RuntimeError(
+            f"relprop._C is not available ({_error}); rebuild with `pip install -e .` or set "
+            "RELPROP_BACKEND=reference"
+        )
+    return _module
+
+
+def warn_fallback(reason: str) -> None:
+    """Warn once per process that an op runs its reference instead of the native kernel."""
+    global _warned
+    if _warned or os.environ.get("RELPROP_ALLOW_NO_NATIVE") == "1":
+        return
+    _warned = True
+    warnings.warn(
+        f"relprop: {reason}; falling back to the plain-PyTorch reference implementations "
+        "(set RELPROP_ALLOW_NO_NATIVE=1 to silence this)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+if _module is None:
+    warn_fallback(f"the compiled module relprop._C did not load ({_error})")
+
+
+class Planes(NamedTuple):
+    """``(N, C, H, W, OH, OW)``: the plane geometry the native pooling kernels take."""
+
+    batch: int
+    channels: int
+    in_h: int
+    in_w: int
+    out_h: int
+    out_w: int
+
+
+def dtype_code(tensor: Tensor, allowed: tuple[torch.dtype, ...]) -> int:
+    """The native dtype code of ``tensor``; TypeError when the kernel does not take its dtype."""
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(
+            f"the native kernel takes {names} on {tensor.device.type}, got {tensor.dtype}"
+        )
+    return DTYPE_CODES[tensor.dtype]
+
+
+def pointer(tensor: Tensor) -> int:
+    """Address of the tensor's first element, as an int for ``relprop._C``."""
+    return tensor.data_ptr()
+
+
+def strides4(tensor: Tensor) -> tuple[int, int, int, int]:
+    """Element strides of a 4-D (N, C, H, W) tensor; other layouts must be viewed first."""
+    if tensor.dim() != 4:
+        raise ValueError(f"expected a 4-D (N, C, H, W) tensor, got shape {tuple(tensor.shape)}")
+    stride = tensor.stride()
+    return (stride[0], stride[1], stride[2], stride[3])
+
+
+def cuda_launch_args(tensor: Tensor) -> dict[str, int]:
+    """``stream`` and ``device`` arguments of a CUDA entry point for work on ``tensor``."""
+    if not cuda_compiled():
+        raise RuntimeError(
+            "relprop._C was built without CUDA kernels (nvcc was not found at build time); "
+            "rebuild with nvcc on PATH or set RELPROP_BACKEND=reference"
+        )
+    device = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    return {"stream": torch.cuda.current_stream(device).cuda_stream, "device": device}

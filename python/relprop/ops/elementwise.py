@@ -1,0 +1,245 @@
+"""Fused element-wise ops of the relevance rules: the stabilised division in one pass.
+
+Every LRP rule divides the relevance of a layer's output by a stabilised pre-activation,
+``s = R / stab(z, ε)`` with ``stab(d, e) = d + e·(sign(d) + [d = 0])`` (zero counts as positive,
+as in Zennit; Bach et al., "On Pixel-Wise Explanations for Non-Linear Classifier Decisions by
+Layer-Wise Relevance Propagation", PLoS ONE 2015). The γ rule (Montavon et al., "Layer-Wise
+Relevance Propagation: An Overview", 2019) and α-β add a sign mask and a factor:
+``[z > 0]·R / stab(z⁺, ε)``, ``[z < 0]·R / stab(z⁻, ε)``, ``α·R / stab(z_p, ε)``,
+``−β·R / stab(z_n, ε)``. As a torch composition that is three to six passes over activations
+that are often tens of megabytes; here it is one:
+
+``relprop::stabilized_divide(Tensor numerator, Tensor denominator, float epsilon, float scale,
+Tensor? sign_reference, int sign) -> Tensor``
+    ``scale · numerator / stab(denominator, ε)``, exactly 0 where ``stab(denominator, ε) = 0``
+    (for ε = 0: where the denominator is 0) and, when ``sign_reference`` is given, exactly 0
+    wherever ``sign · sign_reference > 0`` fails (``sign`` is +1 or −1).
+
+``-0.0`` is a zero like ``+0.0`` and is stabilised to ``+ε`` (``copysign(ε, d)`` would give
+``−ε``). float16 and bfloat16 are computed in float32 and rounded once.
+
+The reference is the ``default`` kernel (any device); the ``cpu`` kernel runs the OpenMP loop of
+``csrc/cpu/elementwise.cpp`` (float32, float64) and the ``cuda`` kernel
+``kernels/cuda/elementwise.cu`` (also float16, bfloat16). Both compute each element on its own, so
+results are deterministic, and on the CPU they equal the reference bitwise.
+
+``RELPROP_BACKEND=reference`` runs the reference everywhere; ``native`` runs ``relprop._C`` and
+raises if it cannot; unset or ``triton`` (there is no Triton kernel), ``relprop._C`` runs where it
+loaded and the reference runs elsewhere, after one warning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from relprop import _native
+from relprop.ops._backend import forced_backend
+
+# float16 and bfloat16 are computed in float32, as the CUDA kernel does.
+_COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def _check_sign(sign_reference: Tensor | None, sign: int) -> None:
+    if sign_reference is not None and sign not in (1, -1):
+        raise ValueError(f"stabilized_divide: sign must be +1 or -1 with a reference, got {sign}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: plain PyTorch, any device, the truth the kernels are tested against.
+
+
+def stabilized_divide_reference(
+    numerator: Tensor,
+    denominator: Tensor,
+    epsilon: float,
+    scale: float = 1.0,
+    sign_reference: Tensor | None = None,
+    sign: int = 1,
+) -> Tensor:
+    """``scale · numerator / stab(denominator, ε)`` as a torch composition (see the module)."""
+    _check_sign(sign_reference, sign)
+    compute = _COMPUTE_DTYPES.get(numerator.dtype, numerator.dtype)
+    n, d = numerator.to(compute), denominator.to(compute)
+    # d < 0 is false for -0.0, so negative zero gets +ε like +0.0.
+    shift = torch.where(d < 0, d.new_tensor(-epsilon), d.new_tensor(epsilon))
+    stabilized = d + shift
+    keep = stabilized != 0
+    if sign_reference is not None:
+        keep &= sign_reference > 0 if sign > 0 else sign_reference < 0
+    out = torch.where(keep, scale * n / stabilized, n.new_zeros(()))
+    return out.to(numerator.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Native path (relprop._C): the OpenMP CPU loop and the CUDA kernel.
+
+
+def _native_path(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s op runs the native kernel; warns once when it should but cannot."""
+    backend = forced_backend()
+    if backend == "reference":
+        return False
+    cuda = tensor.device.type == "cuda"
+    if tensor.dtype not in (_native.CUDA_DTYPES if cuda else _native.CPU_DTYPES):
+        return False
+    if backend == "native":
+        _native.native()  # raises with the import error: a forced path must not degrade
+        if cuda:
+            _native.cuda_launch_args(tensor)
+        return True
+    if not _native.native_available():
+        _native.warn_fallback(f"relprop._C did not load ({_native.native_error()})")
+        return False
+    if cuda and not _native.cuda_compiled():
+        _native.warn_fallback("relprop._C was built without its CUDA kernels")
+        return False
+    return True
+
+
+def _stabilized_divide_native(
+    numerator: Tensor,
+    denominator: Tensor,
+    epsilon: float,
+    scale: float,
+    sign_reference: Tensor | None,
+    sign: int,
+) -> Tensor:
+    numerator = numerator.contiguous()
+    denominator = denominator.contiguous()
+    if sign_reference is not None:
+        sign_reference = sign_reference.contiguous()
+    out = torch.empty_like(numerator)
+    if out.numel() == 0:
+        return out
+    args = {
+        "numel": out.numel(),
+        "numerator": _native.pointer(numerator),
+        "denominator": _native.pointer(denominator),
+        "epsilon": float(epsilon),
+        "scale": float(scale),
+        # Address 0 with sign 0: the kernels never read the reference then.
+        "sign_reference": 0 if sign_reference is None else _native.pointer(sign_reference),
+        "sign": 0 if sign_reference is None else int(sign),
+        "out": _native.pointer(out),
+    }
+    module = _native.native()
+    if numerator.device.type == "cuda":
+        module.stabilized_divide_cuda(
+            dtype=_native.dtype_code(numerator, _native.CUDA_DTYPES),
+            **_native.cuda_launch_args(numerator),
+            **args,
+        )
+    else:
+        module.stabilized_divide_cpu(
+            dtype=_native.dtype_code(numerator, _native.CPU_DTYPES), **args
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library op. The decorated function is the `default` kernel (any device); the `cpu` and
+# `cuda` kernels take the native path when they can.
+
+
+@torch.library.custom_op(
+    "relprop::stabilized_divide",
+    mutates_args=(),
+    schema=(
+        "(Tensor numerator, Tensor denominator, float epsilon, float scale, "
+        "Tensor? sign_reference, int sign) -> Tensor"
+    ),
+)
+def stabilized_divide_op(numerator, denominator, epsilon, scale, sign_reference, sign):
+    return stabilized_divide_reference(numerator, denominator, epsilon, scale, sign_reference, sign)
+
+
+@stabilized_divide_op.register_fake
+def _(numerator, denominator, epsilon, scale, sign_reference, sign):
+    return torch.empty_like(numerator, memory_format=torch.contiguous_format)
+
+
+@stabilized_divide_op.register_kernel(("cpu", "cuda"))
+def _(numerator, denominator, epsilon, scale, sign_reference, sign):
+    _check_sign(sign_reference, sign)
+    same_dtype = denominator.dtype == numerator.dtype and (
+        sign_reference is None or sign_reference.dtype == numerator.dtype
+    )
+    if not same_dtype or not _native_path(numerator):
+        return stabilized_divide_reference(
+            numerator, denominator, epsilon, scale, sign_reference, sign
+        )
+    return _stabilized_divide_native(numerator, denominator, epsilon, scale, sign_reference, sign)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrapper: what the engine calls.
+
+
+def stabilized_divide(
+    numerator: Tensor,
+    denominator: Tensor,
+    epsilon: float,
+    scale: float = 1.0,
+    sign_reference: Tensor | None = None,
+    sign: int = 1,
+) -> Tensor:
+    """Stabilised, optionally sign-masked and scaled division in one pass.
+
+    ``out = scale · numerator / stab(denominator, ε)`` with
+    ``stab(d, e) = d + e·(sign(d) + [d = 0])`` (zero, ``-0.0`` included, counts as positive;
+    Zennit's stabiliser), and ``out = 0`` exactly where ``stab(denominator, ε) = 0``, which for
+    ε ≥ 0 happens only with ε = 0 and a zero denominator. With ``sign_reference``, ``out = 0``
+    exactly wherever ``sign · sign_reference > 0`` fails: the γ rule's ``[z > 0]·R / stab(z⁺, ε)``
+    is ``stabilized_divide(R, zpos, ε, sign_reference=z, sign=1)``, α-β's ``−β·R / stab(z_n, ε)``
+    is ``stabilized_divide(R, zn, ε, scale=-beta)``.
+
+    Parameters
+    ----------
+    numerator : Tensor
+        ``R``, floating point.
+    denominator : Tensor
+        ``z``, same shape, dtype and device as ``numerator``.
+    epsilon : float
+        ``ε``; 0 gives the unstabilised division with 0 for zero denominators.
+    scale : float, optional
+        Factor applied to the numerator before the division (α, −β).
+    sign_reference : Tensor or None, optional
+        Tensor whose sign selects the entries that survive (same shape, dtype and device).
+    sign : int, optional
+        +1 keeps entries where ``sign_reference > 0``, −1 where ``sign_reference < 0``; ignored
+        without a reference.
+
+    Returns
+    -------
+    Tensor
+        Contiguous, shaped like ``numerator``, of its dtype. float16 and bfloat16 are computed in
+        float32 and rounded once.
+
+    Raises
+    ------
+    ValueError
+        Shapes, dtypes or devices differ, or ``sign`` is not ±1 with a reference.
+    """
+    tensors = {"denominator": denominator}
+    if sign_reference is not None:
+        tensors["sign_reference"] = sign_reference
+    for name, tensor in tensors.items():
+        if tensor.shape != numerator.shape:
+            raise ValueError(
+                f"stabilized_divide: {name} has shape {tuple(tensor.shape)}, numerator "
+                f"{tuple(numerator.shape)}"
+            )
+        if tensor.dtype != numerator.dtype or tensor.device != numerator.device:
+            raise ValueError(
+                f"stabilized_divide: {name} is {tensor.dtype} on {tensor.device}, numerator "
+                f"{numerator.dtype} on {numerator.device}"
+            )
+    if not numerator.is_floating_point():
+        raise ValueError(
+            f"stabilized_divide: expected floating-point tensors, got {numerator.dtype}"
+        )
+    _check_sign(sign_reference, sign)
+    return stabilized_divide_op(
+        numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign)
+    )

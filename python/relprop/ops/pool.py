@@ -1,0 +1,427 @@
+"""Relevance of pooling layers: winner-takes-all for max pools, the z-rule for average pools.
+
+Three ``torch.library`` ops (docs/ops.md), each with a plain-PyTorch reference that is the
+``default`` for any device, a native CPU kernel (``csrc/cpu/pool.cpp``) and a CUDA kernel
+(``kernels/cuda/pool.cu``) reached through ``relprop._C``:
+
+``relprop::max_pool_relevance(Tensor relevance, Tensor indices, SymInt[] input_size) -> Tensor``
+    ``R_in[n, c, i] = Σ_{o : idx[n, c, o] = i} R[n, c, o]``: all relevance of a window goes to
+    the position the forward picked (Montavon et al., "Layer-Wise Relevance Propagation: An
+    Overview", 2019). Takes the indices of ``max_pool{1,2}d`` and ``adaptive_max_pool{1,2}d``.
+``relprop::avg_pool2d_relevance`` and ``relprop::adaptive_avg_pool2d_relevance``
+    ``R_in = x · Pᵀ(R / stab(P x, e))`` with ``P`` the pooling and
+    ``stab(d, e) = d + e·(sign(d) + [d = 0])``: the z-rule of Bach et al., "On Pixel-Wise
+    Explanations for Non-Linear Classifier Decisions by Layer-Wise Relevance Propagation",
+    PLoS ONE 2015 (Zennit's ``Norm``).
+
+The engine calls the public wrappers :func:`max_pool_relevance`, :func:`avg_pool_relevance` and
+:func:`adaptive_avg_pool_relevance`, which also take 1-D pools (as height-1 images). The native
+kernels sum in a fixed order, so repeated runs give bitwise-equal relevance.
+
+``RELPROP_BACKEND=reference`` runs the references everywhere; ``native`` runs ``relprop._C`` and
+raises if it cannot; unset or ``triton`` (pooling has no Triton kernel), ``relprop._C`` runs where
+it loaded and the references run elsewhere, after one warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from relprop import _native
+from relprop.ops._backend import forced_backend
+from relprop.ops._layer_rules import divide
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _pair(value: IntOrPair) -> list[int]:
+    if isinstance(value, int):
+        return [value, value]
+    values = [int(v) for v in value]
+    if len(values) == 1:
+        return values * 2
+    if len(values) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# References: plain PyTorch, any device, the truth the kernels are tested against.
+
+
+def max_pool_relevance_reference(
+    relevance: Tensor, indices: Tensor, input_size: Sequence[int]
+) -> Tensor:
+    """Winner-takes-all relevance, ``(N, C, *input_size)``, by a scatter-add onto the indices."""
+    batch, channels = relevance.shape[:2]
+    plane = 1
+    for size in input_size:
+        plane *= size
+    out = relevance.new_zeros((batch, channels, plane))
+    out.scatter_add_(
+        2, indices.reshape(batch, channels, -1), relevance.reshape(batch, channels, -1)
+    )
+    return out.reshape(batch, channels, *input_size)
+
+
+def avg_pool2d_relevance_reference(
+    x: Tensor,
+    relevance: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None,
+    stabilizer: float,
+) -> Tensor:
+    """z-rule relevance of ``avg_pool2d``: ``x · Pᵀ(R / stab(P x, e))``."""
+    z = F.avg_pool2d(
+        x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+    )
+    share = divide(relevance, z, stabilizer)
+    spread = torch.ops.aten.avg_pool2d_backward(
+        share, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+    )
+    return x * spread
+
+
+def adaptive_avg_pool2d_relevance_reference(
+    x: Tensor, relevance: Tensor, output_size: Sequence[int], stabilizer: float
+) -> Tensor:
+    """z-rule relevance of ``adaptive_avg_pool2d``: ``x · Pᵀ(R / stab(P x, e))``."""
+    z = F.adaptive_avg_pool2d(x, output_size)
+    share = divide(relevance, z, stabilizer)
+    return x * torch.ops.aten._adaptive_avg_pool2d_backward(share, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Native paths (relprop._C): CPU twins and CUDA kernels.
+
+
+def _native_path(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s op runs the native kernel; warns once when it should but cannot."""
+    backend = forced_backend()
+    if backend == "reference":
+        return False
+    cuda = tensor.device.type == "cuda"
+    if tensor.dtype not in (_native.CUDA_DTYPES if cuda else _native.CPU_DTYPES):
+        return False
+    if backend == "native":
+        _native.native()  # raises with the import error: a forced path must not degrade
+        if cuda:
+            _native.cuda_launch_args(tensor)
+        return True
+    if not _native.native_available():
+        _native.warn_fallback(f"relprop._C did not load ({_native.native_error()})")
+        return False
+    if cuda and not _native.cuda_compiled():
+        _native.warn_fallback("relprop._C was built without its CUDA kernels")
+        return False
+    return True
+
+
+def _as_planes(t: Tensor) -> Tensor:
+    """A 4-D (N, C, H, W) view; 1-D pools arrive as (N, C, L) and become height-1 images."""
+    return t.unsqueeze(2) if t.dim() == 3 else t
+
+
+def _planes(x4: Tensor, r4: Tensor) -> _native.Planes:
+    return _native.Planes(*x4.shape, *r4.shape[2:])
+
+
+def _max_pool_native(relevance: Tensor, indices: Tensor, input_size: Sequence[int]) -> Tensor:
+    r4 = _as_planes(relevance)
+    i4 = _as_planes(indices.to(torch.int64))
+    in_h, in_w = (1, *input_size) if len(input_size) == 1 else input_size
+    out = torch.empty(
+        (r4.shape[0], r4.shape[1], in_h, in_w), dtype=relevance.dtype, device=relevance.device
+    )
+    args = {
+        "shape": _planes(out, r4),
+        "relevance": _native.pointer(r4),
+        "relevance_strides": _native.strides4(r4),
+        "indices": _native.pointer(i4),
+        "indices_strides": _native.strides4(i4),
+        "out": _native.pointer(out),
+    }
+    module = _native.native()
+    if relevance.device.type == "cuda":
+        # Four int32: the range of the winners' offsets from their windows (see pool.cu).
+        workspace = torch.empty(4, dtype=torch.int32, device=relevance.device)
+        module.max_pool_relevance_cuda(
+            dtype=_native.dtype_code(relevance, _native.CUDA_DTYPES),
+            workspace=_native.pointer(workspace),
+            **_native.cuda_launch_args(relevance),
+            **args,
+        )
+    else:
+        module.max_pool_relevance_cpu(
+            dtype=_native.dtype_code(relevance, _native.CPU_DTYPES), **args
+        )
+    return out.view(relevance.shape[0], relevance.shape[1], *input_size)
+
+
+def _avg_native(x: Tensor, relevance: Tensor, stabilizer: float, cpu_entry, cuda_entry, **geometry):
+    x4, r4 = _as_planes(x), _as_planes(relevance)
+    out = torch.empty(x4.shape, dtype=x.dtype, device=x.device)
+    args = dict(
+        shape=_planes(x4, r4),
+        x=_native.pointer(x4),
+        x_strides=_native.strides4(x4),
+        relevance=_native.pointer(r4),
+        relevance_strides=_native.strides4(r4),
+        stabilizer=float(stabilizer),
+        out=_native.pointer(out),
+        **geometry,
+    )
+    if x.device.type == "cuda":
+        # One share R / stab(z) / divisor per output, in the kernels' accumulation type.
+        share_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        workspace = torch.empty(r4.numel(), dtype=share_dtype, device=x.device)
+        cuda_entry(
+            dtype=_native.dtype_code(x, _native.CUDA_DTYPES),
+            workspace=_native.pointer(workspace),
+            **_native.cuda_launch_args(x),
+            **args,
+        )
+    else:
+        cpu_entry(dtype=_native.dtype_code(x, _native.CPU_DTYPES), **args)
+    return out.view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops. The decorated function is the `default` kernel (any device); the `cpu` and
+# `cuda` kernels take the native path when they can.
+
+
+@torch.library.custom_op(
+    "relprop::max_pool_relevance",
+    mutates_args=(),
+    schema="(Tensor relevance, Tensor indices, SymInt[] input_size) -> Tensor",
+)
+def max_pool_relevance_op(relevance, indices, input_size):
+    return max_pool_relevance_reference(relevance, indices, input_size)
+
+
+@max_pool_relevance_op.register_fake
+def _(relevance, indices, input_size):
+    return relevance.new_empty((relevance.shape[0], relevance.shape[1], *input_size))
+
+
+@max_pool_relevance_op.register_kernel(("cpu", "cuda"))
+def _(relevance, indices, input_size):
+    if not _native_path(relevance) or len(input_size) not in (1, 2):
+        return max_pool_relevance_reference(relevance, indices, input_size)
+    return _max_pool_native(relevance, indices, input_size)
+
+
+@torch.library.custom_op(
+    "relprop::avg_pool2d_relevance",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor relevance, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "bool ceil_mode, bool count_include_pad, int? divisor_override, float stabilizer) -> Tensor"
+    ),
+)
+def avg_pool2d_relevance_op(
+    x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
+    stabilizer,
+):  # fmt: skip
+    return avg_pool2d_relevance_reference(
+        x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad,
+        divisor_override, stabilizer,
+    )  # fmt: skip
+
+
+@avg_pool2d_relevance_op.register_fake
+def _(x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
+      stabilizer):  # fmt: skip
+    return torch.empty_like(x)
+
+
+@avg_pool2d_relevance_op.register_kernel(("cpu", "cuda"))
+def _(x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
+      stabilizer):  # fmt: skip
+    if not _native_path(x) or relevance.dtype != x.dtype:
+        return avg_pool2d_relevance_reference(
+            x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad,
+            divisor_override, stabilizer,
+        )  # fmt: skip
+    module = _native.native()
+    # ceil_mode only decides the output size, which the kernels read off the relevance.
+    return _avg_native(
+        x,
+        relevance,
+        stabilizer,
+        module.avg_pool2d_relevance_cpu,
+        getattr(module, "avg_pool2d_relevance_cuda", None),
+        kernel_size=tuple(kernel_size),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        count_include_pad=bool(count_include_pad),
+        divisor_override=int(divisor_override or 0),
+    )
+
+
+@torch.library.custom_op(
+    "relprop::adaptive_avg_pool2d_relevance",
+    mutates_args=(),
+    schema="(Tensor x, Tensor relevance, int[2] output_size, float stabilizer) -> Tensor",
+)
+def adaptive_avg_pool2d_relevance_op(x, relevance, output_size, stabilizer):
+    return adaptive_avg_pool2d_relevance_reference(x, relevance, output_size, stabilizer)
+
+
+@adaptive_avg_pool2d_relevance_op.register_fake
+def _(x, relevance, output_size, stabilizer):
+    return torch.empty_like(x)
+
+
+@adaptive_avg_pool2d_relevance_op.register_kernel(("cpu", "cuda"))
+def _(x, relevance, output_size, stabilizer):
+    if not _native_path(x) or relevance.dtype != x.dtype:
+        return adaptive_avg_pool2d_relevance_reference(x, relevance, output_size, stabilizer)
+    module = _native.native()
+    return _avg_native(
+        x,
+        relevance,
+        stabilizer,
+        module.adaptive_avg_pool2d_relevance_cpu,
+        getattr(module, "adaptive_avg_pool2d_relevance_cuda", None),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrappers: what the engine calls.
+
+
+def _pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
+    # The output length of torch's pooling (dilation 1), ceil_mode's last-window rule included.
+    numerator = size + 2 * pad - kernel + (stride - 1 if ceil_mode else 0)
+    out = numerator // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _check_relevance_shape(relevance: Tensor, expected: Sequence[int], op: str) -> None:
+    if tuple(relevance.shape) != tuple(expected):
+        raise ValueError(
+            f"{op}: relevance has shape {tuple(relevance.shape)}, but the pooling produces "
+            f"{tuple(expected)}"
+        )
+
+
+def max_pool_relevance(relevance: Tensor, indices: Tensor, input_shape: Sequence[int]) -> Tensor:
+    """Winner-takes-all relevance of a max pool's input.
+
+    Parameters
+    ----------
+    relevance : Tensor
+        ``(N, C, *out)``, the relevance of the pool's output (1-D or 2-D).
+    indices : Tensor
+        The forward's indices, same shape: ``max_pool{1,2}d(..., return_indices=True)`` or
+        ``adaptive_max_pool{1,2}d(..., return_indices=True)`` (flat positions in each plane).
+    input_shape : sequence of int
+        ``(N, C, *in)``, the shape of the pool's input.
+
+    Returns
+    -------
+    Tensor
+        ``R_in`` of shape ``input_shape``: ``R_in[n, c, i] = Σ_{o : idx[n, c, o] = i} R[n, c, o]``.
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    if relevance.dim() not in (3, 4) or len(input_shape) != relevance.dim():
+        raise ValueError(
+            f"max_pool_relevance: expected (N, C, L) or (N, C, H, W) relevance matching the input "
+            f"rank, got relevance {tuple(relevance.shape)} for input {input_shape}"
+        )
+    if indices.shape != relevance.shape:
+        raise ValueError(
+            f"max_pool_relevance: indices {tuple(indices.shape)} and relevance "
+            f"{tuple(relevance.shape)} differ in shape"
+        )
+    return max_pool_relevance_op(relevance, indices, list(input_shape[2:]))
+
+
+def avg_pool_relevance(
+    x: Tensor,
+    relevance: Tensor,
+    kernel_size: IntOrPair,
+    stride: IntOrPair | None = None,
+    padding: IntOrPair = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+    stabilizer: float = 1e-6,
+) -> Tensor:
+    """z-rule relevance of an ``avg_pool1d`` / ``avg_pool2d`` input.
+
+    ``R_in = x · Pᵀ(R / stab(P x, e))``, ``P`` the pooling with these arguments (those of
+    ``torch.nn.functional.avg_pool{1,2}d``; ``stride=None`` means ``kernel_size``) and
+    ``e = stabilizer``. ``x`` is ``(N, C, L)`` or ``(N, C, H, W)``, ``relevance`` the pool's output
+    shape. Returns a tensor shaped like ``x``.
+    """
+    one_d = x.dim() == 3
+    if x.dim() not in (3, 4):
+        raise ValueError(f"avg_pool_relevance: expected a 3-D or 4-D input, got {tuple(x.shape)}")
+    kernel = _pair(kernel_size)
+    strides = (
+        kernel if stride is None or (not isinstance(stride, int) and not stride) else _pair(stride)
+    )
+    pads = _pair(padding)
+    if one_d:
+        kernel, strides, pads = [1, kernel[-1]], [1, strides[-1]], [0, pads[-1]]
+        x, relevance = x.unsqueeze(2), relevance.unsqueeze(2)
+    expected = (
+        *x.shape[:2],
+        *(
+            _pool_output_size(x.shape[2 + d], kernel[d], strides[d], pads[d], ceil_mode)
+            for d in range(2)
+        ),
+    )
+    _check_relevance_shape(relevance, expected, "avg_pool_relevance")
+    out = avg_pool2d_relevance_op(
+        x, relevance, kernel, strides, pads, bool(ceil_mode), bool(count_include_pad),
+        divisor_override, float(stabilizer),
+    )  # fmt: skip
+    return out.squeeze(2) if one_d else out
+
+
+def adaptive_avg_pool_relevance(
+    x: Tensor,
+    relevance: Tensor,
+    output_size: int | Sequence[int | None] | None,
+    stabilizer: float = 1e-6,
+) -> Tensor:
+    """z-rule relevance of an ``adaptive_avg_pool1d`` / ``adaptive_avg_pool2d`` input.
+
+    ``R_in = x · Pᵀ(R / stab(P x, e))``, ``P`` the adaptive average pooling to ``output_size``
+    (``None`` entries keep the input size, as in torch). ``x`` is ``(N, C, L)`` or
+    ``(N, C, H, W)``. Returns a tensor shaped like ``x``.
+    """
+    one_d = x.dim() == 3
+    if x.dim() not in (3, 4):
+        raise ValueError(
+            f"adaptive_avg_pool_relevance: expected a 3-D or 4-D input, got {tuple(x.shape)}"
+        )
+    spatial = x.shape[2:]
+    if output_size is None or isinstance(output_size, int):
+        sizes = [output_size] * len(spatial)
+    else:
+        sizes = list(output_size)
+        if len(sizes) == 1 and len(spatial) == 2:
+            sizes = sizes * 2
+    resolved = [int(s if s is not None else full) for s, full in zip(sizes, spatial)]
+    if one_d:
+        resolved = [1, resolved[0]]
+        x, relevance = x.unsqueeze(2), relevance.unsqueeze(2)
+    _check_relevance_shape(relevance, (*x.shape[:2], *resolved), "adaptive_avg_pool_relevance")
+    out = adaptive_avg_pool2d_relevance_op(x, relevance, resolved, float(stabilizer))
+    return out.squeeze(2) if one_d else out

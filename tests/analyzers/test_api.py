@@ -1,0 +1,210 @@
+"""The public API: every analyzer name exists and runs, neuron selection modes of the gradient
+family against plain autograd, the plan names every layer with its rule, analyzers are reusable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.oracles.nets import SmallCNN, seeded_normal, seeded_uniform
+from torch import Tensor
+
+import relprop
+
+EXACT = 1e-12
+
+# Every name the issue lists, with the arguments the name needs.
+ANALYZER_NAMES = {
+    "input": {},
+    "random": {},
+    "gradient": {},
+    "gradient.baseline": {},
+    "input_t_gradient": {},
+    "smoothgrad": {"augment_by_n": 3, "noise_scale": 0.1, "seed": 0},
+    "integrated_gradients": {"steps": 5},
+    "deconvnet": {},
+    "guided_backprop": {},
+    "lrp": {"composite": "EpsilonPlusFlat"},
+    "lrp.z": {},
+    "lrp.z_IB": {},
+    "lrp.epsilon": {"epsilon": 0.1},
+    "lrp.epsilon_IB": {"epsilon": 0.1},
+    "lrp.w_square": {},
+    "lrp.flat": {},
+    "lrp.alpha_beta": {"alpha": 3.0, "beta": 2.0},
+    "lrp.alpha_2_beta_1": {},
+    "lrp.alpha_2_beta_1_IB": {},
+    "lrp.alpha_1_beta_0": {},
+    "lrp.alpha_1_beta_0_IB": {},
+    "lrp.z_plus": {},
+    "lrp.z_plus_fast": {},
+    "lrp.gamma": {"gamma": 0.25},
+    "lrp.bounded": {"low": -3.0, "high": 3.0},
+    "lrp.sequential_preset_a": {},
+    "lrp.sequential_preset_b": {},
+    "lrp.sequential_preset_a_flat": {},
+    "lrp.sequential_preset_b_flat": {},
+    "lrp.sequential_preset_b_flat_until_idx": {},
+    "lrp.epsilon_plus": {},
+    "lrp.epsilon_plus_flat": {},
+    "lrp.epsilon_gamma_box": {"low": -3.0, "high": 3.0},
+    "lrp.epsilon_alpha2_beta1": {},
+    "lrp.epsilon_alpha2_beta1_flat": {},
+    "deep_taylor": {},
+    "deep_taylor.bounded": {"low": -3.0, "high": 3.0},
+}
+
+
+def test_analyzer_names_are_exactly_the_issue_list():
+    names = relprop.analyzer_names()
+    assert isinstance(names, tuple)
+    assert set(names) == set(ANALYZER_NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(ANALYZER_NAMES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_analyzer_runs(name, dtype):
+    model = SmallCNN(bias=True).to(dtype).eval()
+    x = seeded_uniform((2, 3, 8, 8), seed=61, low=-2.0, high=2.0, dtype=dtype)
+    kwargs = dict(ANALYZER_NAMES[name])
+    if "composite" in kwargs:
+        kwargs["composite"] = getattr(relprop.composites, kwargs["composite"])()
+    analyzer = relprop.create_analyzer(name, model, **kwargs)
+    relevance = analyzer.analyze(x)
+    assert isinstance(relevance, Tensor)
+    assert relevance.shape == x.shape
+    assert relevance.dtype == x.dtype and relevance.device == x.device
+    assert bool(torch.isfinite(relevance).all())
+    if name != "input":
+        assert not relevance.requires_grad
+    assert relevance.abs().max() > 0
+
+
+def test_input_analyzer_returns_the_input():
+    model = SmallCNN().eval()
+    x = seeded_normal((2, 3, 8, 8), seed=62, dtype=torch.float32)
+    assert torch.equal(relprop.create_analyzer("input", model).analyze(x), x)
+
+
+def _autograd(model, x: Tensor, start: Tensor) -> Tensor:
+    x = x.detach().clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(model(x), x, grad_outputs=start)
+    return gradient
+
+
+def _start(output: Tensor, index) -> Tensor:
+    one_hot = torch.zeros_like(output)
+    one_hot[torch.arange(output.shape[0]), torch.as_tensor(index)] = 1
+    return one_hot
+
+
+@pytest.mark.parametrize(
+    ("mode", "selection"),
+    [
+        ("max_activation", None),
+        ("index", 2),
+        ("index", [4, 0, 1]),
+        ("index", torch.tensor([1, 1, 3])),
+        ("all", None),
+    ],
+    ids=["max", "index_int", "index_list", "index_tensor", "all"],
+)
+def test_gradient_neuron_selection(mode, selection):
+    model = SmallCNN(bias=True).double().eval()
+    x = seeded_normal((3, 3, 8, 8), seed=63)
+    with torch.no_grad():
+        output = model(x)
+    if mode == "all":
+        start = torch.ones_like(output)
+    elif selection is None:
+        start = _start(output, output.argmax(dim=1))
+    elif isinstance(selection, int):
+        start = _start(output, [selection] * 3)
+    else:
+        start = _start(output, selection)
+    expected = _autograd(model, x, start)
+    analyzer = relprop.create_analyzer("gradient", model, neuron_selection_mode=mode)
+    actual = analyzer.analyze(x) if selection is None else analyzer.analyze(x, selection)
+    assert (actual - expected).abs().max() <= EXACT * expected.abs().max()
+
+
+def test_lrp_index_selection_start_value():
+    """LRP starts from the selected output's value: with LRP-0 on a ReLU net the relevance is
+    gradient × input for that output, whichever index is chosen."""
+    model = SmallCNN(bias=True, avg_pool=False).double().eval()
+    x = seeded_normal((3, 3, 8, 8), seed=64)
+    selection = [4, 0, 2]
+    with torch.no_grad():
+        output = model(x)
+    expected = x * _autograd(model, x, _start(output, selection))
+    analyzer = relprop.create_analyzer("lrp.z", model, neuron_selection_mode="index")
+    actual = analyzer.analyze(x, neuron_selection=selection)
+    assert (actual - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+def test_analyzer_is_reusable_across_batches():
+    """One analyzer, several batches and batch sizes: each result equals a fresh analyzer's."""
+    model = SmallCNN(bias=True).double().eval()
+    analyzer = relprop.create_analyzer("lrp.epsilon_plus_flat", model)
+    for batch, seed in ((2, 65), (5, 66), (1, 67), (2, 68)):
+        x = seeded_normal((batch, 3, 8, 8), seed=seed)
+        fresh = relprop.create_analyzer("lrp.epsilon_plus_flat", model).analyze(x)
+        assert torch.equal(analyzer.analyze(x), fresh)
+
+
+def test_analyzer_sees_weight_updates():
+    """The model may be trained between analyses; the analysis uses the current weights."""
+    model = SmallCNN(bias=True).double().eval()
+    x = seeded_normal((2, 3, 8, 8), seed=69)
+    analyzer = relprop.create_analyzer("lrp.epsilon", model, epsilon=0.1)
+    first = analyzer.analyze(x)
+    with torch.no_grad():
+        model.fc2.weight.mul_(-1.0)
+    fresh = relprop.create_analyzer("lrp.epsilon", model, epsilon=0.1).analyze(x)
+    second = analyzer.analyze(x)
+    assert not torch.equal(first, second)
+    assert torch.equal(second, fresh)
+
+
+def _plan_line(plan: str, layer: str) -> str:
+    lines = [line for line in plan.splitlines() if layer in line.split()]
+    lines = lines or [line for line in plan.splitlines() if layer in line]
+    assert lines, f"{layer} is not in the plan:\n{plan}"
+    return lines[0].lower()
+
+
+def test_plan_names_every_layer_with_its_rule():
+    model = SmallCNN(bias=True).eval()
+    analyzer = relprop.create_analyzer("lrp", model, composite=relprop.composites.EpsilonPlusFlat())
+    analyzer.analyze(seeded_normal((1, 3, 8, 8), seed=70, dtype=torch.float32))
+    plan = str(analyzer.plan)
+    assert "flat" in _plan_line(plan, "conv1")
+    assert "zplus" in _plan_line(plan, "conv2").replace("_", "").replace("+", "plus")
+    assert "epsilon" in _plan_line(plan, "fc1")
+    assert "epsilon" in _plan_line(plan, "fc2")
+    for layer in ("pool1", "pool2", "relu1", "relu2", "relu3"):
+        _plan_line(plan, layer)
+
+
+def test_plan_shows_custom_name_map():
+    model = SmallCNN(bias=True).eval()
+    composite = relprop.composites.Composite(
+        layer_map=[
+            (torch.nn.Conv2d, relprop.rules.ZPlus()),
+            (torch.nn.Linear, relprop.rules.Epsilon(epsilon=0.5)),
+        ],
+        name_map={"conv2": relprop.rules.Gamma(gamma=0.25)},
+    )
+    analyzer = relprop.create_analyzer("lrp", model, composite=composite)
+    analyzer.analyze(seeded_normal((1, 3, 8, 8), seed=71, dtype=torch.float32))
+    plan = str(analyzer.plan)
+    assert "gamma" in _plan_line(plan, "conv2")
+    assert "gamma" not in _plan_line(plan, "conv1")
+    assert "epsilon" in _plan_line(plan, "fc1")
+
+
+def test_random_analyzer_is_random_noise_of_the_input_shape():
+    model = SmallCNN().eval()
+    x = seeded_normal((2, 3, 8, 8), seed=72, dtype=torch.float32)
+    relevance = relprop.create_analyzer("random", model).analyze(x)
+    assert relevance.shape == x.shape
+    assert relevance.std() > 0 and not torch.equal(relevance, x)

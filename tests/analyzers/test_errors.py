@@ -1,0 +1,231 @@
+"""Bad input and unsupported models: each case raises its own error type, and the message names
+the problem (and, where there is one, the way out)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from tests.oracles.nets import SmallCNN, seeded_normal
+from torch import Tensor, nn
+
+import relprop
+
+
+@pytest.fixture
+def model():
+    return SmallCNN(bias=True).eval()
+
+
+@pytest.fixture
+def x():
+    return seeded_normal((2, 3, 8, 8), seed=31, dtype=torch.float32)
+
+
+ANALYZERS = ["lrp.epsilon", "gradient", "lrp.epsilon_plus_flat", "deep_taylor"]
+
+
+def test_error_hierarchy():
+    for error in (
+        relprop.UnsupportedLayerError,
+        relprop.SoftmaxOutputError,
+        relprop.AnalyzerInputError,
+        relprop.UnknownAnalyzerError,
+    ):
+        assert issubclass(error, relprop.RelpropError)
+    assert issubclass(relprop.RelpropError, Exception)
+
+
+@pytest.mark.parametrize("name", ANALYZERS)
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        ((3, 8, 8), r"shape|batch|dimension"),
+        ((2, 3, 8), r"shape|rank|dimension"),
+        ((2, 4, 8, 8), r"shape|channel"),
+        ((8,), r"shape|batch|dimension"),
+    ],
+    ids=["no_batch_dim", "rank_3", "wrong_channels", "rank_1"],
+)
+def test_wrong_rank_or_shape(model, name, shape, words):
+    analyzer = relprop.create_analyzer(name, model)
+    with pytest.raises(relprop.AnalyzerInputError, match=re.compile(words, re.IGNORECASE)):
+        analyzer.analyze(seeded_normal(shape, seed=32, dtype=torch.float32))
+
+
+def test_wrong_shape_after_a_good_call(model, x):
+    """A cached plan must not hide a shape change."""
+    analyzer = relprop.create_analyzer("lrp.epsilon", model)
+    analyzer.analyze(x)
+    with pytest.raises(
+        relprop.AnalyzerInputError, match=re.compile(r"shape|channel", re.IGNORECASE)
+    ):
+        analyzer.analyze(seeded_normal((2, 4, 8, 8), seed=32, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("name", ANALYZERS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.bool])
+def test_wrong_dtype(model, x, name, dtype):
+    analyzer = relprop.create_analyzer(name, model)
+    with pytest.raises(
+        relprop.AnalyzerInputError, match=re.compile(r"dtype", re.IGNORECASE)
+    ) as info:
+        analyzer.analyze(x.to(dtype))
+    assert str(dtype) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ANALYZERS)
+def test_device_mismatch(model, x, name):
+    """The meta device stands in for a second device on a machine without a GPU."""
+    analyzer = relprop.create_analyzer(name, model)
+    with pytest.raises(relprop.AnalyzerInputError) as info:
+        analyzer.analyze(x.to("meta"))
+    # Names both devices.
+    assert "meta" in str(info.value) and "cpu" in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_mismatch_cuda(model, x):
+    analyzer = relprop.create_analyzer("lrp.epsilon", model)
+    with pytest.raises(relprop.AnalyzerInputError, match="cuda"):
+        analyzer.analyze(x.cuda())
+
+
+@pytest.mark.parametrize("name", ANALYZERS)
+@pytest.mark.parametrize(
+    ("bad", "word"), [(float("nan"), "nan"), (float("inf"), "inf"), (-float("inf"), "inf")]
+)
+def test_non_finite_input(model, x, name, bad, word):
+    x = x.clone()
+    x[1, 2, 3, 4] = bad
+    analyzer = relprop.create_analyzer(name, model)
+    with pytest.raises(relprop.AnalyzerInputError, match=re.compile(word, re.IGNORECASE)):
+        analyzer.analyze(x)
+
+
+@pytest.mark.parametrize("name", ANALYZERS)
+@pytest.mark.parametrize(
+    "selection", [5, 100, [0, 5], torch.tensor([1, 7])], ids=["int_5", "int_100", "list", "tensor"]
+)
+def test_index_out_of_range(model, x, name, selection):
+    """SmallCNN has 5 outputs: index 5 is one past the end."""
+    analyzer = relprop.create_analyzer(name, model, neuron_selection_mode="index")
+    with pytest.raises(
+        relprop.AnalyzerInputError, match=re.compile(r"range|out of|outputs", re.IGNORECASE)
+    ) as info:
+        analyzer.analyze(x, neuron_selection=selection)
+    assert "5" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ANALYZERS)
+@pytest.mark.parametrize(
+    "selection", [[0, 1, 2], [1], torch.tensor([0, 1, 2])], ids=["three", "one", "tensor_three"]
+)
+def test_per_sample_selection_of_wrong_length(model, x, name, selection):
+    analyzer = relprop.create_analyzer(name, model, neuron_selection_mode="index")
+    with pytest.raises(relprop.AnalyzerInputError) as info:
+        analyzer.analyze(x, neuron_selection=selection)
+    message = str(info.value)
+    assert str(len(selection)) in message and "2" in message
+
+
+def test_index_mode_without_selection(model, x):
+    analyzer = relprop.create_analyzer("lrp.epsilon", model, neuron_selection_mode="index")
+    with pytest.raises(relprop.AnalyzerInputError, match="neuron_selection"):
+        analyzer.analyze(x)
+
+
+def test_unknown_selection_mode(model):
+    with pytest.raises(relprop.RelpropError, match="max_activation"):
+        relprop.create_analyzer("lrp.epsilon", model, neuron_selection_mode="largest")
+
+
+def test_unknown_analyzer_lists_the_valid_names(model):
+    with pytest.raises(relprop.UnknownAnalyzerError) as info:
+        relprop.create_analyzer("lrp.epsilom", model)
+    message = str(info.value)
+    assert "lrp.epsilom" in message
+    for valid in ("lrp.epsilon", "gradient", "deep_taylor", "integrated_gradients"):
+        assert valid in message
+
+
+class SoftmaxModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = SmallCNN(bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.softmax(self.body(x), dim=1)
+
+
+SOFTMAX_MODELS = [
+    ("nn_softmax", lambda: nn.Sequential(SmallCNN(bias=True), nn.Softmax(dim=1))),
+    ("functional_softmax", SoftmaxModule),
+]
+
+
+@pytest.mark.parametrize(("model_id", "build"), SOFTMAX_MODELS, ids=[c[0] for c in SOFTMAX_MODELS])
+@pytest.mark.parametrize("name", ANALYZERS)
+def test_softmax_output_points_to_model_wo_softmax(x, model_id, build, name):
+    model = build().eval()
+    with pytest.raises(relprop.SoftmaxOutputError, match="model_wo_softmax"):
+        relprop.create_analyzer(name, model).analyze(x)
+
+
+def test_model_wo_softmax_explains_the_logits(x):
+    body = SmallCNN(bias=True).eval()
+    stripped = relprop.model_wo_softmax(nn.Sequential(body, nn.Softmax(dim=1)))
+    with torch.no_grad():
+        assert torch.equal(stripped(x), body(x))
+    expected = relprop.create_analyzer("lrp.epsilon", body).analyze(x)
+    actual = relprop.create_analyzer("lrp.epsilon", stripped).analyze(x)
+    assert torch.equal(actual, expected)
+
+
+class Sorter(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sort(x, dim=1).values
+
+
+class WithSorter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), Sorter())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.block(x))
+
+
+class WithLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.LSTM(6, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.encoder(x)
+        return self.head(out[:, -1])
+
+
+UNSUPPORTED = [
+    ("sort", WithSorter, (2, 6), "block.2", "Sorter"),
+    ("lstm", WithLSTM, (2, 5, 6), "encoder", "LSTM"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "build", "shape", "path", "type_name"), UNSUPPORTED, ids=[c[0] for c in UNSUPPORTED]
+)
+@pytest.mark.parametrize("name", ["lrp.epsilon", "lrp.epsilon_plus_flat", "deep_taylor"])
+def test_unsupported_layer_names_path_and_type(case, build, shape, path, type_name, name):
+    torch.manual_seed(0)
+    model = build().eval()
+    x = seeded_normal(shape, seed=33, dtype=torch.float32)
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer(name, model).analyze(x)
+    message = str(info.value)
+    assert path in message and type_name in message
+    # The way out: a rule in a composite, or the gradient fallback.
+    assert re.search(r"composite|rule|gradient", message, re.IGNORECASE)

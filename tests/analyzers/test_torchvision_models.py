@@ -1,0 +1,52 @@
+"""relprop runs unmodified on torchvision architectures (random weights, eval mode, no download)
+and gives finite relevance of the input's shape.
+
+Small 64×64 images keep this fast; the exact numbers are checked against Zennit in test_zennit.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from tests.oracles.nets import randomize_batchnorm, seeded_uniform
+from torch import nn
+
+import relprop
+
+ARCHITECTURES = ["vgg16", "resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0"]
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    randomize_batchnorm(model, seed=0)
+    return model.eval()
+
+
+def _analyzers():
+    return [
+        ("lrp.epsilon", lambda model: relprop.create_analyzer("lrp.epsilon", model, epsilon=0.1)),
+        (
+            "EpsilonPlusFlat",
+            lambda model: relprop.create_analyzer(
+                "lrp", model, composite=relprop.composites.EpsilonPlusFlat()
+            ),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_torchvision_model_runs(arch):
+    model = _build(arch)
+    x = seeded_uniform((1, 3, 64, 64), seed=51, low=-2.0, high=2.0, dtype=torch.float32)
+    for label, make in _analyzers():
+        analyzer = make(model)
+        relevance = analyzer.analyze(x)
+        assert relevance.shape == x.shape and relevance.dtype == x.dtype, label
+        assert bool(torch.isfinite(relevance).all()), label
+        assert relevance.abs().max() > 0, label
+        plan = str(analyzer.plan)
+        for module_name, module in model.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                assert module_name in plan, f"{module_name} missing from the plan"

@@ -1,0 +1,40 @@
+"""Test-suite set-up: markers, and Triton's interpreter on machines without a GPU.
+
+``TRITON_INTERPRET=1`` must be set before anything imports triton, so it happens here, at the
+top of the root conftest, whenever no CUDA device is visible.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def _cuda_visible() -> bool:
+    # Ask a subprocess: importing torch here first would not hurt, but keeping this process free
+    # of CUDA initialisation until the tests decide is cheaper to reason about.
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+if "TRITON_INTERPRET" not in os.environ and not _cuda_visible():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "interpret: Triton kernels run by the CPU interpreter")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

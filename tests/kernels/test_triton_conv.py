@@ -1,0 +1,260 @@
+"""The fused Triton conv2d kernels against a float64 re-implementation of docs/ops.md.
+
+The reference uses ``torch.nn.functional.conv2d`` for every product and
+``torch.nn.grad.conv2d_input`` for every transposed product. Criterion (flash-attention's): the
+kernel's largest error against float64 is at most twice that of the same formula computed by
+plain torch in float32, plus a few float32 ulps of the scale.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CAN_RUN = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+if CAN_RUN:
+    from relprop._kernels.triton import conv
+
+needs_triton = pytest.mark.skipif(not CAN_RUN, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """On a GPU, fp32 products in IEEE precision for kernels and torch alike (the kernels follow
+    torch's TF32 flags), so the criterion compares like with like."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+RULES = [
+    ("epsilon", [0.25]),
+    ("wsquare", [1e-6]),
+    ("flat", [1e-6]),
+    ("zplus", [1e-6, 1.0]),
+    ("zplus", [1e-6, 0.0]),
+    ("alphabeta", [2.0, 1.0, 1e-6, 1.0]),
+    ("alphabeta", [1.0, 0.0, 1e-6, 0.0]),
+    ("gamma", [0.25, 1e-6]),
+    ("zbox", [-4.0, 4.0, 1e-6]),
+]
+RULE_IDS = [f"{rule}{params}" for rule, params in RULES]
+
+# (kernel size, stride, padding, dilation, groups) on a 2×5×7×9 input (odd on purpose; 6 channels
+# when grouped) with 6 outputs. The first two run every rule × bias × input sign; the others,
+# which only change index arithmetic, every rule on mixed-sign inputs with bias.
+FULL_GEOMETRIES = {"k3s2p1d2g1": (3, 2, 1, 2, 1), "k3s2p1d2g2": (3, 2, 1, 2, 2)}
+MORE_GEOMETRIES = {
+    "k3s1p1d1g1": (3, 1, 1, 1, 1),
+    "k1s2p0d1g2": (1, 2, 0, 1, 2),
+    "k2x3mixed": ((2, 3), (2, 3), (0, 2), (3, 1), 1),
+}
+
+
+def _div(r: torch.Tensor, d: torch.Tensor, e: float) -> torch.Tensor:
+    """``r / stab(d, e)``, ``stab(d, e) = d + e·(sign(d) + [d == 0])``; 0 where that is 0."""
+    den = d + e * (torch.sign(d) + (d == 0).to(d.dtype))
+    return torch.where(den == 0, torch.zeros_like(r), r / den)
+
+
+def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+def reference(x, w, b, relevance, geometry, rule, params):
+    """docs/ops.md, line by line: returns (saved, input relevance)."""
+    stride, padding, dilation, groups = geometry
+
+    def product(inp, weight, bias=None):
+        return F.conv2d(inp, weight, bias, stride, padding, dilation, groups)
+
+    def transposed(weight, s):
+        return conv2d_input(x.shape, weight, s, stride, padding, dilation, groups)
+
+    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
+    z = product(x, w, b)
+    if rule == "epsilon":
+        return [z], x * transposed(w, _div(relevance, z, params[0]))
+    if rule == "wsquare":
+        den = product(torch.ones_like(x), w * w, None if b is None else b * b)
+        return [z], transposed(w * w, _div(relevance, den, params[0]))
+    if rule == "flat":
+        den = product(torch.ones_like(x), torch.ones_like(w))
+        return [z], transposed(torch.ones_like(w), _div(relevance, den, params[0]))
+    if rule == "zplus":
+        e, use_bias = params
+        zp = product(xp, wp, None if b is None else use_bias * _pos(b)) + product(xn, wn)
+        s = _div(relevance, zp, e)
+        return [z, zp], xp * transposed(wp, s) + xn * transposed(wn, s)
+    if rule == "alphabeta":
+        alpha, beta, e, use_bias = params
+        zp = product(xp, wp, None if b is None else use_bias * _pos(b)) + product(xn, wn)
+        zn = product(xp, wn, None if b is None else use_bias * _neg(b)) + product(xn, wp)
+        sp, sn = _div(relevance, zp, e), _div(relevance, zn, e)
+        r_in = alpha * (xp * transposed(wp, sp) + xn * transposed(wn, sp)) - beta * (
+            xp * transposed(wn, sn) + xn * transposed(wp, sn)
+        )
+        return [z, zp, zn], r_in
+    if rule == "gamma":
+        gamma, e = params
+        w_up, w_down = w + gamma * wp, w + gamma * wn
+        zpos = product(xp, w_up) + product(xn, w_down)
+        zneg = product(xp, w_down) + product(xn, w_up)
+        if b is not None:
+            zpos = zpos + (b + gamma * _pos(b))[:, None, None]
+            zneg = zneg + (b + gamma * _neg(b))[:, None, None]
+        sp = (z > 0) * _div(relevance, zpos, e)
+        sn = (z < 0) * _div(relevance, zneg, e)
+        r_in = xp * (transposed(w_up, sp) + transposed(w_down, sn)) + xn * (
+            transposed(w_down, sp) + transposed(w_up, sn)
+        )
+        return [z, zpos, zneg], r_in
+    assert rule == "zbox"
+    low, high, e = params
+    lo, hi = torch.full_like(x, low), torch.full_like(x, high)
+    zb = product(x, w) - product(lo, wp) - product(hi, wn)
+    s = _div(relevance, zb, e)
+    return [z, zb], x * transposed(w, s) - lo * transposed(wp, s) - hi * transposed(wn, s)
+
+
+def assert_flash_close(kernel, torch_low, truth, ulps: float = 4.0) -> None:
+    """|kernel − truth| ≤ 2·|torch_low − truth| + a few ulps of the scale (max norms)."""
+    kernel_error = (kernel.double() - truth).abs().max().item()
+    torch_error = (torch_low.double() - truth).abs().max().item()
+    scale = max(truth.abs().max().item(), 1.0)
+    atol = ulps * torch.finfo(torch_low.dtype).eps * scale
+    assert kernel_error <= 2 * torch_error + atol, (kernel_error, torch_error, atol)
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else value
+
+
+def make_case(x_shape, n_out, geometry, nonneg, with_bias, seed):
+    """Inputs in float64: x (mixed or non-negative), W, b and a relevance R.
+
+    For non-negative inputs R is zero where z < 0, as after a ReLU; for mixed inputs it is
+    random everywhere, so γ's z < 0 stream is exercised too.
+    """
+    kernel, stride, padding, dilation, groups = geometry
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*x_shape, generator=gen, dtype=torch.float64)
+    if nonneg:
+        x = x.clamp(min=0)
+    fan_in = x_shape[1] // groups * _pair(kernel)[0] * _pair(kernel)[1]
+    w_shape = (n_out, x_shape[1] // groups, *_pair(kernel))
+    w = torch.randn(*w_shape, generator=gen, dtype=torch.float64) / fan_in**0.5
+    b = torch.randn(n_out, generator=gen, dtype=torch.float64) if with_bias else None
+    z = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    relevance = torch.randn(z.shape, generator=gen, dtype=torch.float64)
+    if nonneg:
+        relevance = relevance * (z > 0)
+    tensors = [None if t is None else t.to(DEVICE) for t in (x, w, b, relevance)]
+    return tensors, (_pair(stride), _pair(padding), _pair(dilation), groups)
+
+
+def _as(tensors, dtype):
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def run_kernels(tensors, geometry, rule, params):
+    x, w, b, relevance = tensors
+    saved = conv.conv2d_forward(x, w, b, *geometry, rule, params)
+    return saved, conv.conv2d_relevance(x, w, b, saved, relevance, *geometry, rule, params)
+
+
+def check_against_reference(tensors, geometry, rule, params, dtype=torch.float32, ulps=4.0):
+    saved_truth, r_truth = reference(*tensors, geometry, rule, params)
+    saved_low, r_low = reference(*_as(tensors, dtype), geometry, rule, params)
+    saved, r_kernel = run_kernels(_as(tensors, dtype), geometry, rule, params)
+    assert len(saved) == len(saved_truth)
+    for name, kernel, low, truth in zip(["z", "aux0", "aux1"], saved, saved_low, saved_truth):
+        assert kernel.dtype == dtype and kernel.shape == truth.shape, name
+        assert_flash_close(kernel, low, truth, ulps)
+    assert r_kernel.dtype == dtype and r_kernel.shape == tensors[0].shape
+    assert_flash_close(r_kernel, r_low, r_truth, ulps)
+
+
+def _check_geometry(geometry, nonneg, with_bias, rule, params):
+    channels = 5 if geometry[4] == 1 else 6
+    tensors, geometry = make_case((2, channels, 7, 9), 6, geometry, nonneg, with_bias, seed=1)
+    check_against_reference(tensors, geometry, rule, params)
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize(("rule", "params"), RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("nonneg", [False, True], ids=["mixed", "nonneg"])
+@pytest.mark.parametrize("geometry", FULL_GEOMETRIES.values(), ids=FULL_GEOMETRIES.keys())
+def test_matches_float64_reference(geometry, nonneg, with_bias, rule, params):
+    _check_geometry(geometry, nonneg, with_bias, rule, params)
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize(("rule", "params"), RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("geometry", MORE_GEOMETRIES.values(), ids=MORE_GEOMETRIES.keys())
+def test_more_geometries_match_float64_reference(geometry, rule, params):
+    _check_geometry(geometry, False, True, rule, params)
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize("rule", ["epsilon", "gamma", "alphabeta"])
+def test_several_tiles_per_dimension(rule):
+    """More pixels, channels and outputs than one 16-wide tile, so every loop runs repeatedly."""
+    params = dict(RULES)[rule]
+    tensors, geometry = make_case((8, 34, 5, 6), 34, (2, 2, 1, 1, 2), False, True, seed=2)
+    check_against_reference(tensors, geometry, rule, params)
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize("rule", ["gamma", "alphabeta", "zbox"])
+def test_two_runs_are_bitwise_equal(rule):
+    params = dict(RULES)[rule]
+    tensors, geometry = make_case((2, 5, 7, 9), 6, (3, 2, 1, 2, 1), False, True, seed=3)
+    tensors = _as(tensors, torch.float32)
+    first, second = (run_kernels(tensors, geometry, rule, params) for _ in range(2))
+    for a, b in zip([*first[0], first[1]], [*second[0], second[1]]):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.interpret
+def test_lrp0_gives_zero_not_nan_where_nothing_arrives():
+    """ε = 0 (LRP-0) and an all-zero sample: z = 0 and R = 0 there, so 0/stab(0, 0)."""
+    tensors, geometry = make_case((2, 5, 7, 9), 6, (3, 1, 1, 1, 1), True, False, seed=13)
+    tensors[0][1] = 0.0
+    check_against_reference(tensors, geometry, "epsilon", [0.0])
+
+
+@needs_triton
+@pytest.mark.interpret
+def test_rejects_mismatched_groups():
+    x = torch.zeros(1, 5, 4, 4, device=DEVICE)
+    w = torch.zeros(6, 5, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="groups=2"):
+        conv.conv2d_forward(x, w, None, [1, 1], [0, 0], [1, 1], 2, "epsilon", [0.1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(("rule", "params"), RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("nonneg", [False, True], ids=["mixed", "nonneg"])
+def test_half_precision_on_gpu(nonneg, rule, params, dtype):
+    tensors, geometry = make_case((4, 64, 29, 31), 96, (3, 2, 1, 1, 1), nonneg, True, seed=5)
+    check_against_reference(tensors, geometry, rule, params, dtype=dtype, ulps=2.0)

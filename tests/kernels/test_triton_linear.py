@@ -1,0 +1,234 @@
+"""The fused Triton linear kernels against a float64 re-implementation of docs/ops.md.
+
+Criterion (flash-attention's): the kernel's largest error against float64 is at most twice that
+of the same formula computed by plain torch in float32, plus a few float32 ulps of the scale.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CAN_RUN = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+if CAN_RUN:
+    from relprop._kernels.triton import linear
+
+needs_triton = pytest.mark.skipif(not CAN_RUN, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """On a GPU, fp32 products in IEEE precision for kernels and torch alike (the kernels follow
+    torch's TF32 flags), so the criterion compares like with like."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+RULES = [
+    ("epsilon", [0.25]),
+    ("wsquare", [1e-6]),
+    ("flat", [1e-6]),
+    ("zplus", [1e-6, 1.0]),
+    ("zplus", [1e-6, 0.0]),
+    ("alphabeta", [2.0, 1.0, 1e-6, 1.0]),
+    ("alphabeta", [1.0, 0.0, 1e-6, 0.0]),
+    ("gamma", [0.25, 1e-6]),
+    ("zbox", [-4.0, 4.0, 1e-6]),
+]
+RULE_IDS = [f"{rule}{params}" for rule, params in RULES]
+
+
+def _div(r: torch.Tensor, d: torch.Tensor, e: float) -> torch.Tensor:
+    """``r / stab(d, e)``, ``stab(d, e) = d + e·(sign(d) + [d == 0])``; 0 where that is 0."""
+    den = d + e * (torch.sign(d) + (d == 0).to(d.dtype))
+    return torch.where(den == 0, torch.zeros_like(r), r / den)
+
+
+def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + b`` written as an explicit sum over the inputs, independent of any GEMM."""
+    z = (x[..., None, :] * w).sum(-1)
+    return z if b is None else z + b
+
+
+def _transposed(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``Wᵀs`` per sample, as an explicit sum over the outputs."""
+    return (s[..., :, None] * w).sum(-2)
+
+
+def reference(x, w, b, relevance, rule, params):
+    """docs/ops.md, line by line: returns (saved, input relevance)."""
+    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
+    z = _product(x, w, b)
+    if rule == "epsilon":
+        return [z], x * _transposed(w, _div(relevance, z, params[0]))
+    if rule == "wsquare":
+        den = _product(torch.ones_like(x), w * w, None if b is None else b * b)
+        return [z], _transposed(w * w, _div(relevance, den, params[0]))
+    if rule == "flat":
+        den = _product(torch.ones_like(x), torch.ones_like(w))
+        return [z], _transposed(torch.ones_like(w), _div(relevance, den, params[0]))
+    if rule == "zplus":
+        e, use_bias = params
+        bias = None if b is None else use_bias * _pos(b)
+        zp = _product(xp, wp, bias) + _product(xn, wn)
+        s = _div(relevance, zp, e)
+        return [z, zp], xp * _transposed(wp, s) + xn * _transposed(wn, s)
+    if rule == "alphabeta":
+        alpha, beta, e, use_bias = params
+        zp = _product(xp, wp, None if b is None else use_bias * _pos(b)) + _product(xn, wn)
+        zn = _product(xp, wn, None if b is None else use_bias * _neg(b)) + _product(xn, wp)
+        sp, sn = _div(relevance, zp, e), _div(relevance, zn, e)
+        r_in = alpha * (xp * _transposed(wp, sp) + xn * _transposed(wn, sp)) - beta * (
+            xp * _transposed(wn, sn) + xn * _transposed(wp, sn)
+        )
+        return [z, zp, zn], r_in
+    if rule == "gamma":
+        gamma, e = params
+        w_up, w_down = w + gamma * wp, w + gamma * wn
+        zpos = _product(xp, w_up) + _product(xn, w_down)
+        zneg = _product(xp, w_down) + _product(xn, w_up)
+        if b is not None:
+            zpos, zneg = zpos + b + gamma * _pos(b), zneg + b + gamma * _neg(b)
+        sp = (z > 0) * _div(relevance, zpos, e)
+        sn = (z < 0) * _div(relevance, zneg, e)
+        r_in = xp * (_transposed(w_up, sp) + _transposed(w_down, sn)) + xn * (
+            _transposed(w_down, sp) + _transposed(w_up, sn)
+        )
+        return [z, zpos, zneg], r_in
+    assert rule == "zbox"
+    low, high, e = params
+    lo, hi = torch.full_like(x, low), torch.full_like(x, high)
+    zb = _product(x, w) - _product(lo, wp) - _product(hi, wn)
+    s = _div(relevance, zb, e)
+    return [z, zb], x * _transposed(w, s) - lo * _transposed(wp, s) - hi * _transposed(wn, s)
+
+
+def assert_flash_close(kernel, torch_low, truth, ulps: float = 4.0) -> None:
+    """|kernel − truth| ≤ 2·|torch_low − truth| + a few ulps of the scale (max norms)."""
+    kernel_error = (kernel.double() - truth).abs().max().item()
+    torch_error = (torch_low.double() - truth).abs().max().item()
+    scale = max(truth.abs().max().item(), 1.0)
+    atol = ulps * torch.finfo(torch_low.dtype).eps * scale
+    assert kernel_error <= 2 * torch_error + atol, (kernel_error, torch_error, atol)
+
+
+def make_case(batch_shape, n_in, n_out, nonneg, with_bias, rule, seed, dtype=torch.float32):
+    """Inputs in float64: x (mixed or non-negative), W, b and a relevance R.
+
+    For non-negative inputs R is zero where z < 0, as after a ReLU; for mixed inputs it is
+    random everywhere, so γ's z < 0 stream is exercised too.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch_shape, n_in, generator=gen, dtype=torch.float64)
+    if nonneg:
+        x = x.clamp(min=0)
+    w = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / n_in**0.5
+    b = torch.randn(n_out, generator=gen, dtype=torch.float64) if with_bias else None
+    relevance = torch.randn(*batch_shape, n_out, generator=gen, dtype=torch.float64)
+    if nonneg:
+        relevance = relevance * (_product(x, w, b) > 0)
+    return [None if t is None else t.to(DEVICE) for t in (x, w, b, relevance)]
+
+
+def _as(tensors, dtype):
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def check_against_reference(case, rule, params, dtype=torch.float32, ulps=4.0):
+    x, w, b, relevance = case
+    saved_truth, r_truth = reference(x, w, b, relevance, rule, params)
+    saved_low, r_low = reference(*_as(case, dtype), rule, params)
+    xk, wk, bk, rk = _as(case, dtype)
+    saved = linear.linear_forward(xk, wk, bk, rule, params)
+    r_kernel = linear.linear_relevance(xk, wk, bk, saved, rk, rule, params)
+    assert len(saved) == len(saved_truth)
+    for name, kernel, low, truth in zip(["z", "aux0", "aux1"], saved, saved_low, saved_truth):
+        assert kernel.dtype == dtype and kernel.shape == truth.shape, name
+        assert_flash_close(kernel, low, truth, ulps)
+    assert r_kernel.dtype == dtype and r_kernel.shape == x.shape
+    assert_flash_close(r_kernel, r_low, r_truth, ulps)
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize(("rule", "params"), RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("nonneg", [False, True], ids=["mixed", "nonneg"])
+@pytest.mark.parametrize(
+    ("batch_shape", "n_in", "n_out"), [((3,), 5, 7), ((17,), 33, 19), ((2, 3), 5, 7)]
+)
+def test_matches_float64_reference(batch_shape, n_in, n_out, nonneg, with_bias, rule, params):
+    case = make_case(batch_shape, n_in, n_out, nonneg, with_bias, rule, seed=n_in + 7 * n_out)
+    check_against_reference(case, rule, params)
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize("rule", ["gamma", "alphabeta", "epsilon"])
+def test_two_runs_are_bitwise_equal(rule):
+    params = dict(RULES)[rule]
+    x, w, b, relevance = _as(make_case((19,), 37, 21, False, True, rule, seed=3), torch.float32)
+    runs = []
+    for _ in range(2):
+        saved = linear.linear_forward(x, w, b, rule, params)
+        runs.append([*saved, linear.linear_relevance(x, w, b, saved, relevance, rule, params)])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@needs_triton
+@pytest.mark.interpret
+def test_lrp0_gives_zero_not_nan_where_nothing_arrives():
+    """ε = 0 (LRP-0) and a sample with no input: z = 0 and R = 0 there, so 0/stab(0, 0)."""
+    case = make_case((4,), 6, 5, True, False, "epsilon", seed=13)
+    case[0][1] = 0.0
+    check_against_reference(case, "epsilon", [0.0])
+
+
+@needs_triton
+@pytest.mark.interpret
+def test_relevance_accepts_the_reference_saved_tensors():
+    """The contract fixes ``saved``: the reference's tensors work as well as the kernel's."""
+    rule, params = "alphabeta", [2.0, 1.0, 1e-6, 1.0]
+    case = make_case((5,), 9, 11, False, True, rule, seed=11)
+    r_truth = reference(*case, rule, params)[1]
+    saved_low, r_low = reference(*_as(case, torch.float32), rule, params)
+    x, w, b, relevance = _as(case, torch.float32)
+    r_kernel = linear.linear_relevance(x, w, b, saved_low, relevance, rule, params)
+    assert_flash_close(r_kernel, r_low, r_truth)
+
+
+@needs_triton
+@pytest.mark.interpret
+def test_rejects_wrong_params_and_dtypes():
+    x, w, b, _ = _as(make_case((2,), 3, 4, False, True, "epsilon", seed=0), torch.float32)
+    with pytest.raises(ValueError, match="takes 1 params"):
+        linear.linear_forward(x, w, b, "epsilon", [0.1, 0.2])
+    with pytest.raises(ValueError, match="unknown rule"):
+        linear.linear_forward(x, w, b, "zminus", [0.1])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        linear.linear_forward(x.double(), w.double(), b.double(), "epsilon", [0.1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(("rule", "params"), RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("nonneg", [False, True], ids=["mixed", "nonneg"])
+def test_half_precision_on_gpu(nonneg, rule, params, dtype):
+    case = make_case((67,), 300, 130, nonneg, True, rule, seed=5)
+    check_against_reference(case, rule, params, dtype=dtype, ulps=2.0)

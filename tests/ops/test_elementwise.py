@@ -1,0 +1,284 @@
+"""The fused stabilised division against an independent float64 oracle.
+
+The oracle writes the formula of docs/ops.md literally, in float64:
+``stab(d, e) = d + e·(sign(d) + [d = 0])`` (``torch.sign(-0.0)`` is ``-0.0`` and ``-0.0 == 0``, so
+negative zero gets ``+e``), ``out = scale · n / stab(d, e)``, 0 where ``stab = 0`` and, with a sign
+reference, 0 where ``sign · reference > 0`` fails.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from relprop import _native
+from relprop.ops import elementwise
+
+NATIVE = _native.native_available()
+CUDA = torch.cuda.is_available()
+needs_native = pytest.mark.skipif(
+    not NATIVE, reason=f"relprop._C did not load ({_native.native_error()})"
+)
+BACKENDS = [pytest.param("native", marks=needs_native), "reference"]
+
+# Largest relative error of one element: stab, scale·n and the division each round once (plus
+# float32(ε)), so a few units of roundoff; float16 and bfloat16 are computed in float32 and
+# rounded once, at most one unit of roundoff (2^-11, 2^-8) on top.
+RTOL = {
+    torch.float64: 2.0**-50,
+    torch.float32: 2.0**-21,
+    torch.float16: 2.0**-10,
+    torch.bfloat16: 2.0**-7,
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("RELPROP_BACKEND", request.param)
+    return request.param
+
+
+def generator(seed: int = 1234) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def oracle(n, d, epsilon, scale=1.0, reference=None, sign=1):
+    n64, d64 = n.double(), d.double()
+    stabilized = d64 + epsilon * (torch.sign(d64) + (d64 == 0).double())
+    out = torch.where(stabilized == 0, torch.zeros_like(n64), scale * n64 / stabilized)
+    if reference is not None:
+        out = torch.where(sign * reference.double() > 0, out, torch.zeros_like(out))
+    return out
+
+
+def assert_matches_oracle(actual: torch.Tensor, expected: torch.Tensor, dtype) -> None:
+    assert actual.shape == expected.shape and actual.dtype == dtype
+    assert actual.is_contiguous()
+    actual = actual.double()
+    # Entries the formula sets to 0 are exactly +0.0, whatever the numerator held.
+    zero = expected == 0
+    assert torch.equal(actual[zero], torch.zeros_like(actual[zero]))
+    assert not torch.signbit(actual[zero]).any()
+    tiny = 2.0**-24 if dtype == torch.float16 else 0.0  # float16 subnormal spacing
+    error = (actual - expected).abs()
+    bound = RTOL[dtype] * expected.abs() + tiny
+    assert (error <= bound).all(), f"max relative error {(error / expected.abs()).max():.3e}"
+
+
+def sample(shape, dtype=torch.float64, seed=1234, zeros=True):
+    """Numerator, denominator and sign reference with exact ±0 entries spread through them."""
+    g = generator(seed)
+    n = torch.randn(shape, generator=g, dtype=torch.float64)
+    d = torch.randn(shape, generator=g, dtype=torch.float64)
+    reference = torch.randn(shape, generator=g, dtype=torch.float64)
+    if zeros and n.numel() > 0:
+        flat_d, flat_r = d.view(-1), reference.view(-1)
+        flat_d[::5] = 0.0
+        flat_d[2::7] = -0.0
+        flat_r[1::6] = 0.0
+        flat_r[3::11] = -0.0
+    return n.to(dtype), d.to(dtype), reference.to(dtype)
+
+
+SHAPES = [(), (1,), (7,), (3, 5, 7), (2, 3, 17, 19), (0, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("epsilon", [0.0, 1e-6, 0.25])
+def test_matches_the_oracle(backend, dtype, shape, epsilon):
+    n, d, _ = sample(shape, dtype)
+    out = elementwise.stabilized_divide(n, d, epsilon)
+    assert_matches_oracle(out, oracle(n, d, epsilon), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize(("epsilon", "scale"), [(0.0, 1.0), (1e-6, 2.0), (0.25, -0.75)])
+def test_sign_mask_and_scale(backend, dtype, sign, epsilon, scale):
+    n, d, reference = sample((3, 7, 11), dtype)
+    out = elementwise.stabilized_divide(n, d, epsilon, scale, reference, sign)
+    expected = oracle(n, d, epsilon, scale, reference, sign)
+    assert_matches_oracle(out, expected, dtype)
+    # The mask removes exactly the entries of the other sign and the zeros (±0) of the reference.
+    kept = reference > 0 if sign > 0 else reference < 0
+    assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))
+
+
+def test_gamma_and_alpha_beta_terms(backend):
+    # The rule terms the op serves, each against its literal torch composition in float64.
+    n, zpos, z = sample((2, 4, 9, 9), torch.float64, zeros=False)
+    zneg = -zpos.abs()
+    e = 0.25
+    positive = elementwise.stabilized_divide(n, zpos, e, sign_reference=z, sign=1)
+    negative = elementwise.stabilized_divide(n, zneg, e, sign_reference=z, sign=-1)
+    alpha = elementwise.stabilized_divide(n, zpos.abs(), e, scale=2.0)
+    beta = elementwise.stabilized_divide(n, zneg, e, scale=-1.0)
+    torch.testing.assert_close(positive, (z > 0) * n / (zpos + e * torch.sign(zpos)))
+    torch.testing.assert_close(negative, (z < 0) * n / (zneg - e))
+    torch.testing.assert_close(alpha, 2.0 * n / (zpos.abs() + e))
+    torch.testing.assert_close(beta, -1.0 * n / (zneg - e))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_epsilon_zero_gives_zero_for_zero_denominators(backend, dtype):
+    n = torch.tensor([3.0, -2.0, 5.0, 0.0, 1.5, -4.0], dtype=dtype)
+    d = torch.tensor([0.0, -0.0, 2.0, 0.0, -0.5, 0.0], dtype=dtype)
+    out = elementwise.stabilized_divide(n, d, 0.0)
+    expected = torch.tensor([0.0, 0.0, 2.5, 0.0, -3.0, 0.0], dtype=dtype)
+    assert torch.equal(out, expected)
+    assert not torch.signbit(out[[0, 1, 3, 5]]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negative_zero_counts_as_positive(backend, dtype):
+    # stab(-0.0, e) = +e, so 1 / stab = 1/e: 2.0 for e = 0.5, not -2.0.
+    n = torch.tensor([1.0, 1.0, 1.0], dtype=dtype)
+    d = torch.tensor([-0.0, 0.0, -0.25], dtype=dtype)
+    out = elementwise.stabilized_divide(n, d, 0.5)
+    assert torch.equal(out, torch.tensor([2.0, 2.0, -4.0 / 3.0], dtype=dtype))
+
+
+def test_masked_entries_are_zero_even_for_non_finite_values(backend):
+    n = torch.tensor([float("inf"), float("nan"), 1.0, float("nan"), 2.0])
+    d = torch.tensor([1.0, 2.0, float("nan"), 0.0, 4.0])
+    reference = torch.tensor([-1.0, 0.0, -2.0, -0.0, 3.0])
+    out = elementwise.stabilized_divide(n, d, 0.0, 1.0, reference, 1)
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5]))
+
+
+@pytest.mark.parametrize("sign", [0, 1, -1])
+def test_multithreaded_chunks_match_the_oracle(backend, sign):
+    # More than the native loop's parallel threshold (4 chunks of 16384) with a ragged tail, so
+    # several OpenMP threads and a partial last chunk take part.
+    n, d, reference = sample((5 * 16384 + 13,), torch.float32, seed=7)
+    if sign == 0:
+        out = elementwise.stabilized_divide(n, d, 1e-3)
+        expected = oracle(n, d, 1e-3)
+    else:
+        out = elementwise.stabilized_divide(n, d, 1e-3, 0.5, reference, sign)
+        expected = oracle(n, d, 1e-3, 0.5, reference, sign)
+    assert_matches_oracle(out, expected, torch.float32)
+
+
+def test_results_do_not_depend_on_the_split(backend):
+    # Deterministic and element-wise: repeated runs agree bitwise, and so do runs on pieces
+    # (which the native loop handles single-threaded and with other chunk boundaries).
+    n, d, reference = sample((6 * 16384 + 5,), torch.float32, seed=11)
+    whole = elementwise.stabilized_divide(n, d, 1e-6, 1.0, reference, -1)
+    assert torch.equal(whole, elementwise.stabilized_divide(n, d, 1e-6, 1.0, reference, -1))
+    bounds = [0, 1, 9999, 50001, n.numel()]
+    pieces = [
+        elementwise.stabilized_divide(n[a:b], d[a:b], 1e-6, 1.0, reference[a:b], -1)
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    assert torch.equal(whole, torch.cat(pieces))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_equals_the_reference_bitwise(monkeypatch, dtype, masked):
+    # Same operations in the same order, IEEE rounding on both sides.
+    n, d, reference = sample((4, 9, 31), dtype, seed=3)
+    reference = reference if masked else None
+    monkeypatch.setenv("RELPROP_BACKEND", "native")
+    native = elementwise.stabilized_divide(n, d, 1e-6, -0.5, reference, 1)
+    monkeypatch.setenv("RELPROP_BACKEND", "reference")
+    assert torch.equal(native, elementwise.stabilized_divide(n, d, 1e-6, -0.5, reference, 1))
+
+
+def test_strided_inputs(backend):
+    n, d, reference = sample((9, 13), torch.float64)
+    out = elementwise.stabilized_divide(n.T, d.T, 1e-3, 1.0, reference.T, 1)
+    assert_matches_oracle(out, oracle(n.T, d.T, 1e-3, 1.0, reference.T, 1), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(backend, dtype):
+    # On the CPU both backends take the reference, which computes in float32 and rounds once.
+    n, d, reference = sample((5, 23), dtype)
+    out = elementwise.stabilized_divide(n, d, 0.25, 1.5, reference, -1)
+    assert_matches_oracle(out, oracle(n, d, 0.25, 1.5, reference, -1), dtype)
+
+
+def test_invalid_arguments_are_refused():
+    n = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="shape"):
+        elementwise.stabilized_divide(n, torch.randn(4, 3), 0.1)
+    with pytest.raises(ValueError, match="float64"):
+        elementwise.stabilized_divide(n, torch.randn(3, 4, dtype=torch.float64), 0.1)
+    with pytest.raises(ValueError, match="sign_reference has shape"):
+        elementwise.stabilized_divide(n, n, 0.1, 1.0, torch.randn(3), 1)
+    with pytest.raises(ValueError, match="sign must be"):
+        elementwise.stabilized_divide(n, n, 0.1, 1.0, n, 0)
+    with pytest.raises(ValueError, match="floating-point"):
+        ones = torch.ones(3, dtype=torch.int64)
+        elementwise.stabilized_divide(ones, ones, 0.1)
+
+
+def test_missing_native_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.delenv("RELPROP_BACKEND", raising=False)
+    monkeypatch.delenv("RELPROP_ALLOW_NO_NATIVE", raising=False)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_error", "ImportError: simulated")
+    monkeypatch.setattr(_native, "_warned", False)
+    n, d, _ = sample((4, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = elementwise.stabilized_divide(n, d, 0.0)
+        elementwise.stabilized_divide(n, d, 0.1)
+    assert len([w for w in caught if "relprop._C" in str(w.message)]) == 1
+    assert_matches_oracle(first, oracle(n, d, 0.0), torch.float64)
+    monkeypatch.setenv("RELPROP_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="relprop._C is not available"):
+        elementwise.stabilized_divide(n, d, 0.1)
+
+
+def _opcheck_samples():
+    n, d, reference = sample((3, 5, 7), torch.float32)
+    n64, d64, reference64 = sample((2, 9), torch.float64, seed=5)
+    return [
+        (n, d, 1e-6, 1.0, None, 1),
+        (n, d, 0.0, 2.0, reference, -1),
+        (n64, d64, 0.25, -1.0, reference64, 1),
+    ]
+
+
+@pytest.mark.parametrize("backend_name", ["native", "reference"])
+@pytest.mark.parametrize("case", range(3))
+def test_opcheck(monkeypatch, backend_name, case):
+    if backend_name == "native" and not NATIVE:
+        pytest.skip(f"relprop._C did not load ({_native.native_error()})")
+    monkeypatch.setenv("RELPROP_BACKEND", backend_name)
+    torch.library.opcheck(elementwise.stabilized_divide_op, _opcheck_samples()[case])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sign", [0, 1, -1])
+def test_cuda_kernel_matches_the_oracle(monkeypatch, dtype, sign):
+    if not _native.cuda_compiled():
+        pytest.fail("relprop._C was built without its CUDA kernels")
+    monkeypatch.setenv("RELPROP_BACKEND", "native")
+    n, d, reference = (t.cuda() for t in sample((3, 16384 * 5 + 7), dtype, seed=21))
+    reference_arg = None if sign == 0 else reference
+    for epsilon in (0.0, 0.25):
+        out = elementwise.stabilized_divide(n, d, epsilon, -1.5, reference_arg, sign or 1)
+        expected = oracle(n.cpu(), d.cpu(), epsilon, -1.5, None if sign == 0 else reference.cpu(),
+                          sign or 1)  # fmt: skip
+        assert_matches_oracle(out.cpu(), expected, dtype)
+        again = elementwise.stabilized_divide(n, d, epsilon, -1.5, reference_arg, sign or 1)
+        assert torch.equal(out, again), "not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("case", range(3))
+def test_opcheck_cuda(monkeypatch, case):
+    monkeypatch.setenv("RELPROP_BACKEND", "native")
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_samples()[case])
+    torch.library.opcheck(elementwise.stabilized_divide_op, args)

@@ -1,0 +1,154 @@
+"""Small seeded networks for the analyzer tests.
+
+Every builder seeds its own generator, so a test's numbers depend on nothing but its arguments.
+Submodules have names (``conv1``, ``fc2``, ...) so that plans, name maps and error messages can be
+checked by name, and each module is used once (Captum's LRP requires it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+
+def seeded_normal(shape: tuple[int, ...], seed: int, dtype=torch.float64) -> Tensor:
+    """Standard normal values from a private generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def seeded_uniform(
+    shape: tuple[int, ...], seed: int, low: float, high: float, dtype=torch.float64
+) -> Tensor:
+    """Uniform values in ``[low, high)`` from a private generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return (low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)).to(
+        dtype
+    )
+
+
+class SmallCNN(nn.Module):
+    """conv → ReLU → max-pool → conv → ReLU → (avg-pool) → flatten → linear → ReLU → linear.
+
+    Input ``(N, 3, 8, 8)``, 5 classes.
+    """
+
+    def __init__(self, bias: bool = True, avg_pool: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=bias)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1, bias=bias)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.AvgPool2d(2) if avg_pool else nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(12 * 2 * 2, 16, bias=bias)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(16, 5, bias=bias)
+        if bias:
+            # Default init gives tiny biases; larger ones make "bias on" really matter.
+            with torch.no_grad():
+                for layer in (self.conv1, self.conv2, self.fc1, self.fc2):
+                    layer.bias.normal_(0.0, 0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc2(self.relu3(self.fc1(x)))
+
+
+class SmallCNN1d(nn.Module):
+    """Conv1d net with stride, padding, dilation and groups; input ``(N, 5, 123)``, 4 classes."""
+
+    def __init__(self, bias: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv1d(5, 6, 5, stride=2, padding=1, dilation=2, bias=bias)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool1d(3, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(6, 8, 3, groups=2, bias=bias)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.AvgPool1d(2)
+        self.fc = nn.Linear(8 * 14, 4, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def bn_sequential(seed: int = 0) -> nn.Sequential:
+    """VGG-style ``Sequential`` with BatchNorm after each conv/linear (random statistics);
+    input ``(N, 3, 8, 8)``, 5 classes."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d((2, 2)),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    )
+    randomize_batchnorm(model, seed)
+    return model.eval()
+
+
+def small_resnet(seed: int = 0) -> nn.Module:
+    """torchvision's ResNet with one BasicBlock per stage (random BatchNorm statistics), so that
+    Zennit's ``ResNetCanonizer`` applies; input ``(N, 3, 32, 32)``, 5 classes."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet.ResNet(
+        torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5
+    )
+    randomize_batchnorm(model, seed)
+    return model.eval()
+
+
+def randomize_batchnorm(model: nn.Module, seed: int) -> None:
+    """Give every BatchNorm non-trivial statistics and affine parameters, so folding is tested
+    (torchvision initialises them to the identity map).
+
+    ``eps`` is set to 0 (the variances stay ≥ 0.5): Zennit's canonizer folds a BatchNorm and
+    leaves it in place as "identity" with variance 1, which still divides by ``√(1 + eps)`` — a
+    Zennit artefact of 5e-6 per BatchNorm that would otherwise swamp the comparison.
+    """
+    generator = torch.Generator().manual_seed(seed + 1000)
+
+    def draw(n: int, low: float, high: float) -> Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.eps = 0.0
+                module.running_mean.copy_(draw(n, -0.3, 0.3))
+                module.running_var.copy_(draw(n, 0.5, 2.0))
+                module.weight.copy_(draw(n, 0.5, 1.5))
+                module.bias.copy_(draw(n, -0.2, 0.2))
+
+
+class DenseReLU(nn.Module):
+    """Three dense layers with ReLUs and wide fan-in, so every neuron of the bias-free variant has
+    positive and negative contributions (α-β and z⁺ conserve exactly); input ``(N, 24)``."""
+
+    def __init__(self, bias: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(24, 32, bias=bias)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(32, 16, bias=bias)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(16, 6, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
