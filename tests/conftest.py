@@ -15,14 +15,17 @@ def _cuda_visible() -> bool:
     # Ask a subprocess: importing torch here first would not hurt, but keeping this process free
     # of CUDA initialisation until the tests decide is cheaper to reason about.
     probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+    return (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False).returncode
+        == 0
+    )
 
 
 if "TRITON_INTERPRET" not in os.environ and not _cuda_visible():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -120,8 +120,7 @@ class EpsilonPlusFlat(Composite):
             (Dense, Epsilon(epsilon=epsilon)),
         ]
         first_map = list(kwargs.pop("first_map", [])) + [(WeightLayer, Flat(stabilizer))]
-        super().__init__(layer_map=layer_map, first_map=first_map, stabilizer=stabilizer,
-                         **kwargs)
+        super().__init__(layer_map=layer_map, first_map=first_map, stabilizer=stabilizer, **kwargs)
 
 
 class EpsilonGammaBox(Composite):
@@ -144,8 +143,7 @@ class EpsilonGammaBox(Composite):
         first_map = list(kwargs.pop("first_map", [])) + [
             (Convolution, ZBox(low=low, high=high, stabilizer=stabilizer))
         ]
-        super().__init__(layer_map=layer_map, first_map=first_map, stabilizer=stabilizer,
-                         **kwargs)
+        super().__init__(layer_map=layer_map, first_map=first_map, stabilizer=stabilizer, **kwargs)
 
 
 class EpsilonAlpha2Beta1(Composite):
@@ -169,8 +167,7 @@ class EpsilonAlpha2Beta1Flat(Composite):
             (Dense, Epsilon(epsilon=epsilon)),
         ]
         first_map = list(kwargs.pop("first_map", [])) + [(WeightLayer, Flat(stabilizer))]
-        super().__init__(layer_map=layer_map, first_map=first_map, stabilizer=stabilizer,
-                         **kwargs)
+        super().__init__(layer_map=layer_map, first_map=first_map, stabilizer=stabilizer, **kwargs)
 
 
 def uniform(rule: Rule, first: Rule | None = None, stabilizer: float = 1e-6) -> Composite:
@@ -179,9 +176,11 @@ def uniform(rule: Rule, first: Rule | None = None, stabilizer: float = 1e-6) -> 
     return Composite(layer_map=[(WeightLayer, rule)], first_map=first_map, stabilizer=stabilizer)
 
 
-def by_kind(conv: Rule, dense: Rule, first: Rule | None = None,
-            stabilizer: float = 1e-6) -> Composite:
+def by_kind(
+    conv: Rule, dense: Rule, first: Rule | None = None, stabilizer: float = 1e-6
+) -> Composite:
     """``conv`` on convolutions, ``dense`` on dense layers (iNNvestigate's sequential presets)."""
     first_map = [(WeightLayer, first)] if first is not None else []
-    return Composite(layer_map=[(Convolution, conv), (Dense, dense)], first_map=first_map,
-                     stabilizer=stabilizer)
+    return Composite(
+        layer_map=[(Convolution, conv), (Dense, dense)], first_map=first_map, stabilizer=stabilizer
+    )

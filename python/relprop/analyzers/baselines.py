@@ -24,8 +24,12 @@ class Random(Analyzer):
         Seeds the noise.
     """
 
-    def __init__(self, model: nn.Module, seed: int | None = None,
-                 neuron_selection_mode: str = "max_activation") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        seed: int | None = None,
+        neuron_selection_mode: str = "max_activation",
+    ) -> None:
         super().__init__(model, neuron_selection_mode)
         self.seed = seed
 

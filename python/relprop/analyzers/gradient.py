@@ -6,9 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from relprop.analyzers.base import Analyzer, NeuronSelection
 from relprop.errors import TraceError
@@ -16,7 +15,11 @@ from relprop.graph.trace import check_no_softmax_output, trace
 
 POSTPROCESS = (None, "abs", "square")
 INTEGRATION_RULES = (
-    "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre"
+    "riemann_trapezoid",
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+    "gausslegendre",
 )
 
 
@@ -29,8 +32,12 @@ class Gradient(Analyzer):
         Applied to the gradient.
     """
 
-    def __init__(self, model: nn.Module, postprocess: str | None = None,
-                 neuron_selection_mode: str = "max_activation") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        postprocess: str | None = None,
+        neuron_selection_mode: str = "max_activation",
+    ) -> None:
         super().__init__(model, neuron_selection_mode)
         if postprocess not in POSTPROCESS:
             raise ValueError(f"postprocess={postprocess!r} is not one of {POSTPROCESS}")
@@ -52,8 +59,9 @@ class Gradient(Analyzer):
             check_no_softmax_output(gm)
         self._checked = True
 
-    def _gradient(self, x: Tensor, neuron_selection: NeuronSelection,
-                  mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _gradient(
+        self, x: Tensor, neuron_selection: NeuronSelection, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Gradient of the selected outputs at ``x``; returns (gradient, selection mask)."""
         self._check_model()
         forward = self._forward_fn()
@@ -113,9 +121,15 @@ class SmoothGrad(Gradient):
         Applied to each gradient before averaging.
     """
 
-    def __init__(self, model: nn.Module, augment_by_n: int = 64, noise_scale: float = 1.0,
-                 seed: int | None = None, postprocess: str | None = None,
-                 neuron_selection_mode: str = "max_activation") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        augment_by_n: int = 64,
+        noise_scale: float = 1.0,
+        seed: int | None = None,
+        postprocess: str | None = None,
+        neuron_selection_mode: str = "max_activation",
+    ) -> None:
         super().__init__(model, postprocess, neuron_selection_mode)
         if int(augment_by_n) < 1:
             raise ValueError(f"augment_by_n must be at least 1, got {augment_by_n}")
@@ -182,9 +196,14 @@ class IntegratedGradients(Gradient):
         ``riemann_left``, ``riemann_right``, ``riemann_middle`` or ``gausslegendre``.
     """
 
-    def __init__(self, model: nn.Module, steps: int = 64, reference_inputs: float | Tensor = 0.0,
-                 integration: str = "riemann_trapezoid",
-                 neuron_selection_mode: str = "max_activation") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        steps: int = 64,
+        reference_inputs: float | Tensor = 0.0,
+        integration: str = "riemann_trapezoid",
+        neuron_selection_mode: str = "max_activation",
+    ) -> None:
         super().__init__(model, None, neuron_selection_mode)
         self.points, self.weights = integration_points(steps, integration)
         self.steps = int(steps)
@@ -206,7 +225,7 @@ class IntegratedGradients(Gradient):
 class _ReLUReplaced(fx.Interpreter):
     """Runs the traced model with every ReLU's backward replaced (deconvnet, guided backprop)."""
 
-    RELU_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_}
+    RELU_FUNCTIONS = frozenset({F.relu, torch.relu, F.relu_, torch.relu_})
 
     def __init__(self, gm: fx.GraphModule, relu: Callable[[Tensor], Tensor]) -> None:
         super().__init__(gm)

@@ -49,13 +49,20 @@ def _uniform(rule_factory: Callable[..., Rule]):
     return _lrp(lambda **kw: C.uniform(rule_factory(**kw)))
 
 
-def _generic_lrp(model: nn.Module, composite: C.Composite | None = None, rule: Rule | None = None,
-                 neuron_selection_mode: str = "max_activation") -> LRP:
+def _generic_lrp(
+    model: nn.Module,
+    composite: C.Composite | None = None,
+    rule: Rule | None = None,
+    neuron_selection_mode: str = "max_activation",
+) -> LRP:
     if (composite is None) == (rule is None):
-        raise TypeError("'lrp' takes exactly one of composite= (a relprop.composites.Composite) "
-                        "or rule= (a relprop.rules rule for every layer with weights)")
-    return LRP(model, composite if composite is not None else C.uniform(rule),
-               neuron_selection_mode)
+        raise TypeError(
+            "'lrp' takes exactly one of composite= (a relprop.composites.Composite) "
+            "or rule= (a relprop.rules rule for every layer with weights)"
+        )
+    return LRP(
+        model, composite if composite is not None else C.uniform(rule), neuron_selection_mode
+    )
 
 
 def _preset(conv_rule: Rule, flat_first: bool):
@@ -65,11 +72,13 @@ def _preset(conv_rule: Rule, flat_first: bool):
     return factory
 
 
-def _preset_b_flat_until_idx(until_layer_idx: int = 0,
-                             epsilon: float = PRESET_EPSILON_DEFAULT) -> C.Composite:
+def _preset_b_flat_until_idx(
+    until_layer_idx: int = 0, epsilon: float = PRESET_EPSILON_DEFAULT
+) -> C.Composite:
     """Preset B, with Flat on the layers with weights numbered 0..until_layer_idx."""
-    return _IndexedComposite(until_layer_idx, Flat(), C.by_kind(AlphaBeta(2.0, 1.0),
-                                                               Epsilon(epsilon)))
+    return _IndexedComposite(
+        until_layer_idx, Flat(), C.by_kind(AlphaBeta(2.0, 1.0), Epsilon(epsilon))
+    )
 
 
 class _IndexedComposite(C.Composite):
@@ -92,10 +101,12 @@ def _deep_taylor(model: nn.Module, neuron_selection_mode: str = "max_activation"
     return DeepTaylor(model, C.uniform(ZPlus(use_bias=False)), neuron_selection_mode)
 
 
-def _deep_taylor_bounded(model: nn.Module, low: float, high: float,
-                         neuron_selection_mode: str = "max_activation") -> DeepTaylor:
-    return DeepTaylor(model, C.uniform(ZPlus(use_bias=False), first=ZBox(low, high)),
-                      neuron_selection_mode)
+def _deep_taylor_bounded(
+    model: nn.Module, low: float, high: float, neuron_selection_mode: str = "max_activation"
+) -> DeepTaylor:
+    return DeepTaylor(
+        model, C.uniform(ZPlus(use_bias=False), first=ZBox(low, high)), neuron_selection_mode
+    )
 
 
 def _bounded(low: float, high: float, epsilon: float = EPSILON_DEFAULT) -> C.Composite:

@@ -29,8 +29,9 @@ class FoldedParameters:
     def _sources(self) -> list[Tensor]:
         tensors = [self.layer.weight] + ([self.layer.bias] if self.layer.bias is not None else [])
         for bn in self.batch_norms:
-            tensors += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-                        if t is not None]
+            tensors += [
+                t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None
+            ]
         return tensors
 
     def get(self) -> tuple[Tensor, Tensor | None]:

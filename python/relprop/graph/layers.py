@@ -77,8 +77,15 @@ class WeightLayer(Layer):
             lead = None
             x_op, w_op = (x.unsqueeze(2), weight.unsqueeze(2)) if self.dims == 1 else (x, weight)
             saved = conv_ops.conv2d_forward(
-                x_op, w_op, op_bias, g["stride"], g["padding"], g["dilation"], g["groups"],
-                fwd_name, fwd_params,
+                x_op,
+                w_op,
+                op_bias,
+                g["stride"],
+                g["padding"],
+                g["dilation"],
+                g["groups"],
+                fwd_name,
+                fwd_params,
             )
         z = saved[0]
         if lean and name not in READS_Z:
@@ -96,15 +103,29 @@ class WeightLayer(Layer):
         name, rule_params = self.rule.op()
         if self.geometry is None:
             r = linear_ops.linear_relevance(
-                x_op, w_op, op_bias, fwd, relevance.reshape(-1, relevance.shape[-1]), name,
+                x_op,
+                w_op,
+                op_bias,
+                fwd,
+                relevance.reshape(-1, relevance.shape[-1]),
+                name,
                 rule_params,
             )
             return [r.reshape(*lead, r.shape[-1])]
         g = self.geometry
         r_op = relevance.unsqueeze(2) if self.dims == 1 else relevance
         r = conv_ops.conv2d_relevance(
-            x_op, w_op, op_bias, fwd, r_op, g["stride"], g["padding"], g["dilation"], g["groups"],
-            name, rule_params,
+            x_op,
+            w_op,
+            op_bias,
+            fwd,
+            r_op,
+            g["stride"],
+            g["padding"],
+            g["dilation"],
+            g["groups"],
+            name,
+            rule_params,
         )
         return [r.squeeze(2) if self.dims == 1 else r]
 
@@ -212,16 +233,30 @@ class AvgPoolLayer(Layer):
         o = self.options
         pool = F.avg_pool1d if self.dims == 1 else F.avg_pool2d
         extra = {} if self.dims == 1 else {"divisor_override": o["divisor_override"]}
-        out = pool(x, o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"],
-                   o["count_include_pad"], **extra)
+        out = pool(
+            x,
+            o["kernel_size"],
+            o["stride"],
+            o["padding"],
+            o["ceil_mode"],
+            o["count_include_pad"],
+            **extra,
+        )
         return out, x
 
     def relevance(self, saved, relevance):
         o = self.options
         return [
             pool_ops.avg_pool_relevance(
-                saved, relevance, o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"],
-                o["count_include_pad"], o["divisor_override"], self.stabilizer,
+                saved,
+                relevance,
+                o["kernel_size"],
+                o["stride"],
+                o["padding"],
+                o["ceil_mode"],
+                o["count_include_pad"],
+                o["divisor_override"],
+                self.stabilizer,
             )
         ]
 
@@ -269,9 +304,7 @@ def _vjp(fn: Callable[..., Any], args: tuple, kwargs: dict, cotangent: Tensor) -
     """Vector-Jacobian product of ``fn`` at ``(args, kwargs)`` for every tensor leaf."""
     leaves = _flat_tensors(args, kwargs)
     inputs = [
-        v.detach().requires_grad_(True)
-        if isinstance(v, Tensor) and v.is_floating_point()
-        else None
+        v.detach().requires_grad_(True) if isinstance(v, Tensor) and v.is_floating_point() else None
         for v in leaves
     ]
     iterator = iter(inputs)

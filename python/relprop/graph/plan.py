@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from relprop._native import native_available
 from relprop.errors import UnsupportedLayerError
@@ -25,14 +24,44 @@ from relprop.ops._backend import forced_backend, layer_backend
 from relprop.rules.base import Norm, Pass, Rule, WinnerTakesAll
 
 ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.PReLU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.PReLU,
 )
 IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 ACTIVATION_FUNCTIONS = {
-    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu,
-    F.silu, F.mish, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.softplus,
+    F.relu,
+    torch.relu,
+    F.relu_,
+    torch.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    torch.tanh,
+    F.tanh,
+    torch.sigmoid,
+    F.sigmoid,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.softplus,
 }
 ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 GATE_PRODUCERS_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
@@ -42,11 +71,26 @@ IDENTITY_METHODS = {"contiguous", "clone", "detach", "float", "to", "type_as"}
 RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 RESHAPE_METHODS = {"view", "reshape", "flatten", "view_as", "reshape_as"}
 MOVEMENT_FUNCTIONS = {
-    torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.cat, torch.concat,
-    torch.stack, operator.getitem, torch.movedim,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.cat,
+    torch.concat,
+    torch.stack,
+    operator.getitem,
+    torch.movedim,
 }
-MOVEMENT_METHODS = {"permute", "transpose", "squeeze", "unsqueeze", "expand", "expand_as",
-                    "movedim", "repeat"}
+MOVEMENT_METHODS = {
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "movedim",
+    "repeat",
+}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
 MEAN_FUNCTIONS = {torch.mean, torch.sum}
@@ -130,7 +174,9 @@ def _unsupported(node: fx.Node, gm: fx.GraphModule, what: str) -> UnsupportedLay
     if stack:
         path, module_type = list(stack.values())[-1]
         type_name = getattr(module_type, "__qualname__", str(module_type))
-        where = f" inside module {path!r} of type {getattr(module_type, '__module__', '')}.{type_name}"
+        where = (
+            f" inside module {path!r} of type {getattr(module_type, '__module__', '')}.{type_name}"
+        )
     return UnsupportedLayerError(
         f"{node.op} {getattr(node.target, '__name__', node.target)!r}{where} "
         f"has no relevance mapping in relprop ({what}). Rewrite it with supported layers, wrap "
@@ -173,8 +219,16 @@ class PlanBuilder:
         steps: list[Step] = []
         first_layer = None
         for node in gm.graph.nodes:
-            step = Step(node.name, node.op, node.target, node.args, node.kwargs,
-                        _node_leaves(node.args, node.kwargs), _module_path(node), "")
+            step = Step(
+                node.name,
+                node.op,
+                node.target,
+                node.args,
+                node.kwargs,
+                _node_leaves(node.args, node.kwargs),
+                _module_path(node),
+                "",
+            )
             if node.op == "placeholder":
                 step.kind = "input"
             elif node.op == "output":
@@ -238,8 +292,15 @@ class PlanBuilder:
                 m = module
                 step.kind, step.rule, step.impl = "max_pool", WinnerTakesAll(), _pool_impl()
                 step.layer = L.MaxPoolLayer(
-                    lambda x: pool(x, m.kernel_size, m.stride, m.padding, m.dilation,
-                                   ceil_mode=m.ceil_mode, return_indices=True)
+                    lambda x: pool(
+                        x,
+                        m.kernel_size,
+                        m.stride,
+                        m.padding,
+                        m.dilation,
+                        ceil_mode=m.ceil_mode,
+                        return_indices=True,
+                    )
                 )
             elif isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
                 dims = 1 if isinstance(module, nn.AdaptiveMaxPool1d) else 2
@@ -250,8 +311,10 @@ class PlanBuilder:
             elif isinstance(module, (nn.AvgPool1d, nn.AvgPool2d)):
                 dims = 1 if isinstance(module, nn.AvgPool1d) else 2
                 options = {
-                    "kernel_size": module.kernel_size, "stride": module.stride,
-                    "padding": module.padding, "ceil_mode": module.ceil_mode,
+                    "kernel_size": module.kernel_size,
+                    "stride": module.stride,
+                    "padding": module.padding,
+                    "ceil_mode": module.ceil_mode,
                     "count_include_pad": module.count_include_pad,
                     "divisor_override": getattr(module, "divisor_override", None),
                 }
@@ -291,10 +354,13 @@ class PlanBuilder:
         ):
             step.kind, step.rule = "activation", Pass()
             step.layer = L.PassLayer(self._callable(node))
-        elif (not is_method and (target in IDENTITY_FUNCTIONS
-                                 or getattr(target, "__name__", "") == "stochastic_depth")) or (
-            is_method and target in IDENTITY_METHODS
-        ):
+        elif (
+            not is_method
+            and (
+                target in IDENTITY_FUNCTIONS
+                or getattr(target, "__name__", "") == "stochastic_depth"
+            )
+        ) or (is_method and target in IDENTITY_METHODS):
             step.kind, step.rule = "identity", Pass()
             step.layer = L.PassLayer(self._callable(node))
         elif (not is_method and target in RESHAPE_FUNCTIONS) or (
@@ -328,28 +394,58 @@ class PlanBuilder:
             step.layer = L.AdaptiveAvgPoolLayer(dims, size, stabilizer)
         elif not is_method and target in (F.avg_pool2d, F.avg_pool1d):
             dims = 2 if target is F.avg_pool2d else 1
-            names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                     "divisor_override"]
-            o = _bind(node, names, {"stride": None, "padding": 0, "ceil_mode": False,
-                                    "count_include_pad": True, "divisor_override": None})
+            names = [
+                "kernel_size",
+                "stride",
+                "padding",
+                "ceil_mode",
+                "count_include_pad",
+                "divisor_override",
+            ]
+            o = _bind(
+                node,
+                names,
+                {
+                    "stride": None,
+                    "padding": 0,
+                    "ceil_mode": False,
+                    "count_include_pad": True,
+                    "divisor_override": None,
+                },
+            )
             if o["stride"] is None:
                 o["stride"] = o["kernel_size"]
             step.kind, step.rule, step.impl = "avg_pool", Norm(stabilizer), _pool_impl()
             step.layer = L.AvgPoolLayer(dims, o, stabilizer)
-        elif not is_method and target in (F.max_pool2d, F.max_pool1d, torch.max_pool2d,
-                                          torch.max_pool1d):
+        elif not is_method and target in (
+            F.max_pool2d,
+            F.max_pool1d,
+            torch.max_pool2d,
+            torch.max_pool1d,
+        ):
             pool = F.max_pool2d if target in (F.max_pool2d, torch.max_pool2d) else F.max_pool1d
             names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
-            o = _bind(node, names, {"stride": None, "padding": 0, "dilation": 1,
-                                    "ceil_mode": False})
+            o = _bind(
+                node, names, {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+            )
             step.kind, step.rule, step.impl = "max_pool", WinnerTakesAll(), _pool_impl()
             step.layer = L.MaxPoolLayer(
-                lambda x: pool(x, o["kernel_size"], o["stride"], o["padding"], o["dilation"],
-                               ceil_mode=o["ceil_mode"], return_indices=True)
+                lambda x: pool(
+                    x,
+                    o["kernel_size"],
+                    o["stride"],
+                    o["padding"],
+                    o["dilation"],
+                    ceil_mode=o["ceil_mode"],
+                    return_indices=True,
+                )
             )
         elif not is_method and target in (F.adaptive_max_pool2d, F.adaptive_max_pool1d):
-            pool = F.adaptive_max_pool2d if target is F.adaptive_max_pool2d else (
-                F.adaptive_max_pool1d)
+            pool = (
+                F.adaptive_max_pool2d
+                if target is F.adaptive_max_pool2d
+                else (F.adaptive_max_pool1d)
+            )
             size = _bind(node, ["output_size"], {"output_size": None})["output_size"]
             step.kind, step.rule, step.impl = "max_pool", WinnerTakesAll(), _pool_impl()
             step.layer = L.MaxPoolLayer(lambda x: pool(x, size, return_indices=True))
@@ -365,7 +461,7 @@ class PlanBuilder:
         # In-place variants would overwrite tensors an earlier step saved for the relevance
         # pass (a ReLU(inplace=True) rewrites the conv output the ε-rule divides by).
         if node.op == "call_method":
-            name = node.target[:-1] if node.target.endswith("_") else node.target
+            name = node.target.removesuffix("_")
             return lambda self_, *a, **k: getattr(self_, name)(*a, **k)
         target = IN_PLACE_FUNCTIONS.get(node.target, node.target)
         if node.kwargs.get("inplace"):
@@ -386,7 +482,8 @@ class PlanBuilder:
                     pad = (0,) * dims
                 else:
                     raise _unsupported(
-                        node, self.gm,
+                        node,
+                        self.gm,
                         f"padding={module.padding!r}, padding_mode={module.padding_mode!r}; "
                         "relprop supports explicit zero padding",
                     )
@@ -437,7 +534,8 @@ class PlanBuilder:
         gates = [self._is_gate(a) for a in operands]
         if gates.count(True) != 1:
             raise _unsupported(
-                node, self.gm,
+                node,
+                self.gm,
                 "a product of two tensors where neither (or both) is a sigmoid gate; relprop "
                 "gives all relevance of 'signal * gate' to the signal",
             )
@@ -479,8 +577,9 @@ def _identity(x, *args, **kwargs):
 
 def _batch_norm_eval(bn: nn.Module):
     def run(x):
-        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
-                            bn.eps)
+        return F.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
 
     return run
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.fx as fx
-from torch import Tensor
+from torch import Tensor, fx
 
 from relprop.errors import AnalyzerInputError
 from relprop.graph.plan import Plan

@@ -5,9 +5,8 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from relprop.errors import SoftmaxOutputError, TraceError
 
@@ -115,7 +114,7 @@ def model_wo_softmax(model: nn.Module) -> nn.Module:
     last = output_node(gm.graph)
     if not is_softmax(last, gm):
         return model
-    logits = last.args[0] if last.op != "call_method" else last.args[0]
+    logits = last.args[0]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     out.args = (logits,)
     gm.graph.erase_node(last)

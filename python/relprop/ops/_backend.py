@@ -30,7 +30,7 @@ def triton_available() -> bool:
     """True when Triton imports and can run here (a CUDA device, or the interpreter)."""
     try:
         import triton  # noqa: F401
-    except Exception:
+    except ImportError:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 

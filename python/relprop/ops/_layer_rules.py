@@ -35,6 +35,9 @@ RULE_PARAM_COUNT = {
     "gamma": 2,
     "zbox": 3,
 }
+# The Triton kernels take these; float64 runs the torch path (tests compare in float64).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 # How many tensors each rule's forward saves after z.
 AUX_COUNT = {"zplus": 1, "alphabeta": 2, "gamma": 2, "zbox": 1}
 
@@ -124,7 +127,12 @@ def _gamma_weights(
 
 
 def forward_reference(
-    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, rule: str, params: Sequence[float]
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    rule: str,
+    params: Sequence[float],
 ) -> list[Tensor]:
     """``[z, *aux]`` of ``rule`` for the layer ``(weight, bias)`` at input ``x``."""
     check_rule(rule, params)
@@ -211,7 +219,12 @@ def _is_nonnegative(x: Tensor) -> bool:
 
 
 def forward_fast(
-    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, rule: str, params: Sequence[float]
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    rule: str,
+    params: Sequence[float],
 ) -> list[Tensor]:
     """Same as :func:`forward_reference`, with the ``x⁻`` products skipped when ``x ≥ 0``."""
     check_rule(rule, params)
@@ -224,7 +237,12 @@ def forward_fast(
 
 
 def _aux_nonnegative(
-    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor | None, rule: str,
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    z: Tensor | None,
+    rule: str,
     params: Sequence[float],
 ) -> list[Tensor]:
     """The aux pre-activations of z⁺, αβ and γ for ``x ≥ 0`` from ``z`` and one product W⁺x
@@ -246,8 +264,14 @@ def _aux_nonnegative(
 
 
 def complete_saved(
-    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, saved: Sequence[Tensor],
-    rule: str, params: Sequence[float], forward=None,
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    saved: Sequence[Tensor],
+    rule: str,
+    params: Sequence[float],
+    forward=None,
 ) -> list[Tensor]:
     """``saved`` with its missing entries recomputed from ``x`` (docs/ops.md: ``saved`` may be
     ``[]`` or ``[z]``, trading one more product in the relevance pass for memory)."""
@@ -288,14 +312,14 @@ def relevance_fast(
             cp = tr(s, weight.clamp(min=0), x)
             return c.mul_(x - params[1]).add_(cp.mul_(params[1] - params[0]))
         return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params)
+    # z⁺ never reads z; αβ and γ do (a lean saved then holds it, or it is recomputed).
+    if saved:
+        z = saved[0]
+    else:
+        z = None if rule == "zplus" else lin.forward(x, weight, bias)
     if len(saved) > 1:
         aux = list(saved[1:])
     else:
-        # z⁺ never reads z; αβ and γ do (a lean saved then holds it).
-        if saved:
-            z = saved[0]
-        else:
-            z = None if rule == "zplus" else lin.forward(x, weight, bias)
         aux = _aux_nonnegative(lin, x, weight, bias, z, rule, params)
     wp = weight.clamp(min=0)
     if rule == "zplus":
@@ -307,7 +331,6 @@ def relevance_fast(
             c.add_(tr(divide_fast(relevance, aux[1], eps, -beta), weight.clamp(max=0), x))
         return c.mul_(x)
     gamma, eps = params[0], params[1]
-    z = saved[0]
     c = tr(divide_fast(relevance, aux[0], eps, sign_reference=z, sign=1), weight + gamma * wp, x)
     # After a ReLU the next layer hands no relevance to neurons with z < 0: skip that product.
     sn = divide_fast(relevance, aux[1], eps, sign_reference=z, sign=-1)
@@ -333,7 +356,7 @@ def forward_by_backend(
     params: Sequence[float],
 ) -> list[Tensor]:
     """Run the forward of ``rule`` on ``backend`` (``triton_forward()`` binds the kernel)."""
-    if backend == "triton":
+    if backend == "triton" and x.dtype in TRITON_DTYPES:
         return triton_forward()(x, weight, bias, rule, list(params))
     if backend == "reference":
         return forward_reference(lin, x, weight, bias, rule, params)
@@ -353,7 +376,7 @@ def relevance_by_backend(
     params: Sequence[float],
 ) -> Tensor:
     """Run the relevance of ``rule`` on ``backend`` (``triton_relevance()`` binds the kernel)."""
-    if backend == "triton":
+    if backend == "triton" and x.dtype in TRITON_DTYPES:
         return triton_relevance()(x, weight, bias, list(saved), relevance, rule, list(params))
     if backend == "reference":
         return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params)

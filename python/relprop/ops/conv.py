@@ -60,13 +60,26 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
         n, c, h, w = x.shape
         out_channels, in_per_group, kh, kw = weight.shape
         ones_x = x.new_ones((1, in_per_group, h, w))
-        count = F.conv2d(ones_x, x.new_ones((1, in_per_group, kh, kw)), None, stride, padding,
-                         dilation)
+        count = F.conv2d(
+            ones_x, x.new_ones((1, in_per_group, kh, kw)), None, stride, padding, dilation
+        )
         share = rules.divide(relevance, count, eps)
         share = share.view(n, groups, out_channels // groups, *share.shape[2:]).sum(dim=2)
-        spread = _conv_input_grad((n, groups, h, w), x.new_ones((groups, 1, kh, kw)), share,
-                                  stride, padding, dilation, groups)
-        return spread.unsqueeze(2).expand(n, groups, c // groups, h, w).reshape(n, c, h, w)
+        spread = _conv_input_grad(
+            (n, groups, h, w),
+            x.new_ones((groups, 1, kh, kw)),
+            share,
+            stride,
+            padding,
+            dilation,
+            groups,
+        )
+        return (
+            spread.unsqueeze(2)
+            .expand(n, groups, c // groups, h, w)
+            .reshape(n, c, h, w)
+            .contiguous()
+        )
 
     return rules.LinearMap(forward, transpose, flat_relevance)
 
@@ -76,8 +89,15 @@ def _map(stride, padding, dilation, groups) -> rules.LinearMap:
 
 
 def conv2d_forward_reference(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
-    rule: str, params: Sequence[float],
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    rule: str,
+    params: Sequence[float],
 ) -> list[Tensor]:
     """Reference ``[z, *aux]`` of a convolution under ``rule`` (docs/ops.md)."""
     lin = _map(stride, padding, dilation, groups)
@@ -85,8 +105,17 @@ def conv2d_forward_reference(
 
 
 def conv2d_relevance_reference(
-    x: Tensor, weight: Tensor, bias: Tensor | None, saved: Sequence[Tensor], relevance: Tensor,
-    stride, padding, dilation, groups: int, rule: str, params: Sequence[float],
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    saved: Sequence[Tensor],
+    relevance: Tensor,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    rule: str,
+    params: Sequence[float],
 ) -> Tensor:
     """Reference relevance of a convolution's input under ``rule`` (docs/ops.md)."""
     lin = _map(stride, padding, dilation, groups)
@@ -121,8 +150,9 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, rule, par
         "int[2] padding, int[2] dilation, int groups, str rule, float[] params) -> Tensor"
     ),
 )
-def conv2d_relevance(x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule,
-                     params):
+def conv2d_relevance(
+    x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params
+):
     return conv2d_relevance_reference(
         x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params
     )
@@ -138,8 +168,14 @@ def _forward_on(default_backend: str):
             return lambda x, w, b, rule, params: launch(x, w, b, *geometry, rule, params)
 
         return rules.forward_by_backend(
-            _map(stride, padding, dilation, groups), triton_forward, backend, x, weight, bias,
-            rule, params,
+            _map(stride, padding, dilation, groups),
+            triton_forward,
+            backend,
+            x,
+            weight,
+            bias,
+            rule,
+            params,
         )
 
     return kernel
@@ -157,8 +193,16 @@ def _relevance_on(default_backend: str):
             )
 
         return rules.relevance_by_backend(
-            _map(stride, padding, dilation, groups), triton_relevance, backend, x, weight, bias,
-            saved, relevance, rule, params,
+            _map(stride, padding, dilation, groups),
+            triton_relevance,
+            backend,
+            x,
+            weight,
+            bias,
+            saved,
+            relevance,
+            rule,
+            params,
         )
 
     return kernel
@@ -173,8 +217,7 @@ conv2d_relevance.register_kernel("cuda")(_relevance_on("triton"))
 @conv2d_forward.register_fake
 def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, rule, params):
     size = [
-        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1)
-        // stride[i]
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i]
         + 1
         for i in range(2)
     ]
@@ -183,6 +226,7 @@ def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, rul
 
 
 @conv2d_relevance.register_fake
-def _conv2d_relevance_fake(x, weight, bias, saved, relevance, stride, padding, dilation, groups,
-                           rule, params):
+def _conv2d_relevance_fake(
+    x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params
+):
     return torch.empty_like(x)

@@ -24,8 +24,9 @@ class Rule:
 
     def describe(self) -> str:
         """Short text for the plan table."""
-        fields = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in self.__dict__.items())
+        fields = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.__dict__.items()
+        )
         return f"{type(self).__name__}({fields})"
 
 

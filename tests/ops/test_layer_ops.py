@@ -1,0 +1,127 @@
+"""relprop::linear_* and relprop::conv2d_*: the fast CPU path against the float64 reference,
+lean ``saved`` against full, and ``torch.library.opcheck`` on every op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from relprop.ops import _layer_rules, conv, linear
+
+RULES = [
+    ("epsilon", [0.1]),
+    ("epsilon", [0.0]),
+    ("wsquare", [1e-6]),
+    ("flat", [1e-6]),
+    ("zplus", [1e-6, 1.0]),
+    ("zplus", [1e-6, 0.0]),
+    ("alphabeta", [2.0, 1.0, 1e-6, 1.0]),
+    ("alphabeta", [1.0, 0.0, 1e-6, 0.0]),
+    ("gamma", [0.25, 1e-6]),
+    ("zbox", [-1.5, 2.0, 1e-6]),
+]
+CONV_GEOMETRY = [
+    ([1, 1], [1, 1], [1, 1], 1),
+    ([2, 2], [1, 1], [2, 2], 1),
+    ([2, 1], [0, 2], [1, 2], 2),
+]
+
+
+def _inputs(nonnegative: bool, shape, dtype=torch.float64):
+    x = torch.randn(shape, dtype=dtype)
+    return x.relu() if nonnegative else x
+
+
+@pytest.mark.parametrize("rule,params", RULES)
+@pytest.mark.parametrize("geometry", CONV_GEOMETRY)
+@pytest.mark.parametrize("nonnegative", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_fast_matches_reference(rule, params, geometry, nonnegative, with_bias):
+    torch.manual_seed(0)
+    stride, padding, dilation, groups = geometry
+    x = _inputs(nonnegative, (3, 4, 7, 9))
+    w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64) if with_bias else None
+    ref = conv.conv2d_forward_reference(x, w, b, stride, padding, dilation, groups, rule, params)
+    got = conv.conv2d_forward(x, w, b, stride, padding, dilation, groups, rule, params)
+    assert len(got) == len(ref) == 1 + _layer_rules.AUX_COUNT.get(rule, 0)
+    for a, c in zip(ref, got):
+        torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
+    relevance = torch.randn_like(ref[0])
+    expected = conv.conv2d_relevance_reference(
+        x, w, b, ref, relevance, stride, padding, dilation, groups, rule, params
+    )
+    full = conv.conv2d_relevance(
+        x, w, b, got, relevance, stride, padding, dilation, groups, rule, params
+    )
+    lean = conv.conv2d_relevance(
+        x, w, b, got[:1], relevance, stride, padding, dilation, groups, rule, params
+    )
+    empty = conv.conv2d_relevance(
+        x, w, b, [], relevance, stride, padding, dilation, groups, rule, params
+    )
+    for r in (full, lean, empty):
+        torch.testing.assert_close(r, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule,params", RULES)
+@pytest.mark.parametrize("nonnegative", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_fast_matches_reference(rule, params, nonnegative, with_bias):
+    torch.manual_seed(1)
+    x = _inputs(nonnegative, (5, 23))
+    w = torch.randn(7, 23, dtype=torch.float64)
+    b = torch.randn(7, dtype=torch.float64) if with_bias else None
+    ref = linear.linear_forward_reference(x, w, b, rule, params)
+    got = linear.linear_forward(x, w, b, rule, params)
+    for a, c in zip(ref, got):
+        torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
+    relevance = torch.randn_like(ref[0])
+    expected = linear.linear_relevance_reference(x, w, b, ref, relevance, rule, params)
+    for saved in (got, got[:1], []):
+        r = linear.linear_relevance(x, w, b, saved, relevance, rule, params)
+        torch.testing.assert_close(r, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_epsilon_rule_is_gradient_times_input_with_zero_epsilon():
+    # An independent oracle for the transposed product: autograd.
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    z = torch.nn.functional.conv2d(x, w, None, 2, 1)
+    relevance = z.detach() * torch.rand_like(z)
+    (grad,) = torch.autograd.grad(z, x, relevance / z.detach())
+    saved = conv.conv2d_forward(x.detach(), w, None, [2, 2], [1, 1], [1, 1], 1, "epsilon", [0.0])
+    got = conv.conv2d_relevance(
+        x.detach(), w, None, saved, relevance, [2, 2], [1, 1], [1, 1], 1, "epsilon", [0.0]
+    )
+    torch.testing.assert_close(got, x.detach() * grad, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_rule_and_params_raise():
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+        linear.linear_forward(x, w, None, "nope", [])
+    with pytest.raises(ValueError, match="takes 2 parameters"):
+        linear.linear_forward(x, w, None, "zplus", [1e-6])
+
+
+@pytest.mark.parametrize("rule,params", [RULES[0], RULES[3], RULES[4], RULES[8]])
+def test_opcheck_layer_ops(rule, params):
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 6, 5).relu()
+    w = torch.randn(4, 3, 3, 3)
+    b = torch.randn(4)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    saved = conv.conv2d_forward(x, w, b, *geometry, rule, params)
+    relevance = torch.randn_like(saved[0])
+    torch.library.opcheck(conv.conv2d_forward, (x, w, b, *geometry, rule, params))
+    torch.library.opcheck(
+        conv.conv2d_relevance, (x, w, b, saved, relevance, *geometry, rule, params)
+    )
+    xl, wl, bl = torch.randn(3, 5).relu(), torch.randn(4, 5), torch.randn(4)
+    saved_l = linear.linear_forward(xl, wl, bl, rule, params)
+    torch.library.opcheck(linear.linear_forward, (xl, wl, bl, rule, params))
+    torch.library.opcheck(
+        linear.linear_relevance, (xl, wl, bl, saved_l, torch.randn_like(saved_l[0]), rule, params)
+    )
