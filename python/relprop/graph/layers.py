@@ -60,6 +60,8 @@ class WeightLayer(Layer):
         self.rule = rule
         self.geometry = geometry  # None for dense layers
         self.dims = dims
+        # Set by the plan when the ReLU after this layer may run here, in place (plan.py).
+        self.fused_relu = False
 
     def forward(self, args, kwargs):
         x = args[0]
@@ -92,6 +94,10 @@ class WeightLayer(Layer):
             saved = []
         if op_bias is None and bias is not None:
             z = z + (bias if self.geometry is None else bias.view(1, -1, 1, 1))
+        if self.fused_relu:
+            # In place, so relu(z) also replaces z in saved: equal wherever relevance will
+            # arrive (plan.py), and it is the next layer's input, held anyway.
+            z.relu_()
         if self.geometry is None:
             out = z.reshape(*lead, z.shape[-1])
         else:

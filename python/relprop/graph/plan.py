@@ -246,8 +246,71 @@ class PlanBuilder:
                     is_first = True
                 self._classify(node, step, folded, is_first)
             steps.append(step)
-        plan = Plan(steps, placeholders[0].name, out.name, first_layer)
-        return plan
+        self._fuse_relus({s.name: s for s in steps})
+        return Plan(steps, placeholders[0].name, out.name, first_layer)
+
+    # -- ReLU fusion ----------------------------------------------------------------------
+
+    def _fuse_relus(self, steps: dict[str, Step]) -> None:
+        """Let a dense/conv layer apply the ReLU after it, in place, and keep ``relu(z)``.
+
+        The rules that read ``z`` (ε, αβ, γ) only need it where relevance arrives. When every
+        path from the ReLU's output hands relevance only to non-zero activations, ``relu(z)``
+        equals ``z`` wherever it is read — and ``relu(z)`` is the next layer's input, held
+        anyway. So the layer keeps no tensor of its own, as autograd keeps none with an
+        in-place ReLU.
+        """
+        for node in self.gm.graph.nodes:
+            step = steps.get(node.name)
+            if step is None or not isinstance(step.layer, L.WeightLayer) or step.rule.ignore_bias:
+                continue  # ignore-bias rules divide by z without bias, not the layer's output
+            relu = self._single_user_through_folded_bn(node, steps)
+            if relu is None or steps[relu.name].kind != "activation" or not self._is_relu(relu):
+                continue
+            if not self._zero_preserving(relu, steps, depth=0):
+                continue
+            step.layer.fused_relu = True
+            step.kind += " + relu"
+            relu_step = steps[relu.name]
+            relu_step.kind = "relu (fused)"
+            relu_step.layer = L.PassLayer(_identity)
+
+    def _single_user_through_folded_bn(self, node: fx.Node, steps) -> fx.Node | None:
+        while len(node.users) == 1:
+            (user,) = node.users
+            if steps[user.name].kind != "batchnorm (folded)":
+                return user
+            node = user
+        return None
+
+    def _is_relu(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return type(self.gm.get_submodule(node.target)) is nn.ReLU
+        if node.op == "call_function":
+            return node.target in (F.relu, torch.relu, F.relu_, torch.relu_)
+        return node.op == "call_method" and node.target in ("relu", "relu_")
+
+    def _zero_preserving(self, node: fx.Node, steps, depth: int) -> bool:
+        """True when the relevance reaching ``node`` is zero wherever its value is zero."""
+        if depth > 64:
+            return False
+        for user in node.users:
+            step = steps[user.name]
+            if step.op == "output":
+                continue  # the start relevance is the output value times a mask
+            if isinstance(step.layer, L.WeightLayer):
+                if step.rule.op()[0] not in INPUT_PROPORTIONAL_RULES:
+                    return False
+            elif step.kind in ("avg_pool", "sum", "mean"):
+                continue  # z-rule: R_i = x_i · (...)
+            elif step.kind in PASS_THROUGH_KINDS or (
+                step.kind == "activation" and self._is_relu(user)
+            ):
+                if not self._zero_preserving(user, steps, depth + 1):
+                    return False
+            else:
+                return False
+        return True
 
     # -- BatchNorm folding ------------------------------------------------------------------
 
@@ -569,6 +632,21 @@ def _out_of_place(module: nn.Module) -> nn.Module:
     clone = copy.copy(module)
     clone.inplace = False
     return clone
+
+
+# Rules whose input relevance is x ⊙ (...): zero wherever the input is zero.
+INPUT_PROPORTIONAL_RULES = {"epsilon", "zplus", "alphabeta", "gamma"}
+# Steps that move relevance along with values, so zeros stay where they were.
+PASS_THROUGH_KINDS = {
+    "max_pool",
+    "reshape",
+    "movement",
+    "identity",
+    "batchnorm (folded)",
+    "relu (fused)",
+    "gate",
+    "scale",
+}
 
 
 def _identity(x, *args, **kwargs):
