@@ -611,11 +611,11 @@ def main(argv: list[str] | None = None) -> int:
                     "model": model_name, "batch": args.batch, "dtype": dtype_name,
                 }  # fmt: skip
                 append_csv(args.csv, rows, common)
+            if args.markdown is not None:  # after each model: a run cut short keeps its tables
+                args.markdown.parent.mkdir(parents=True, exist_ok=True)
+                args.markdown.write_text("\n\n".join(output) + "\n")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text("\n\n".join(output) + "\n")
     return 0
 
 

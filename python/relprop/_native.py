@@ -123,3 +123,27 @@ def cuda_launch_args(tensor: Tensor) -> dict[str, int]:
         )
     device = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     return {"stream": torch.cuda.current_stream(device).cuda_stream, "device": device}
+
+
+def runs_native(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s op runs the native kernel; warns once when it should but cannot."""
+    from relprop.ops._backend import forced_backend
+
+    backend = forced_backend()
+    if backend == "reference":
+        return False
+    cuda = tensor.device.type == "cuda"
+    if tensor.dtype not in (CUDA_DTYPES if cuda else CPU_DTYPES):
+        return False
+    if backend == "native":
+        native()  # raises with the import error: a forced path must not degrade
+        if cuda:
+            cuda_launch_args(tensor)
+        return True
+    if not native_available():
+        warn_fallback(f"relprop._C did not load ({native_error()})")
+        return False
+    if cuda and not cuda_compiled():
+        warn_fallback("relprop._C was built without its CUDA kernels")
+        return False
+    return True

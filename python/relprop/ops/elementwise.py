@@ -34,7 +34,6 @@ import torch
 from torch import Tensor
 
 from relprop import _native
-from relprop.ops._backend import forced_backend
 
 # float16 and bfloat16 are computed in float32, as the CUDA kernel does.
 _COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -72,29 +71,7 @@ def stabilized_divide_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# Native path (relprop._C): the OpenMP CPU loop and the CUDA kernel.
-
-
-def _native_path(tensor: Tensor) -> bool:
-    """Whether ``tensor``'s op runs the native kernel; warns once when it should but cannot."""
-    backend = forced_backend()
-    if backend == "reference":
-        return False
-    cuda = tensor.device.type == "cuda"
-    if tensor.dtype not in (_native.CUDA_DTYPES if cuda else _native.CPU_DTYPES):
-        return False
-    if backend == "native":
-        _native.native()  # raises with the import error: a forced path must not degrade
-        if cuda:
-            _native.cuda_launch_args(tensor)
-        return True
-    if not _native.native_available():
-        _native.warn_fallback(f"relprop._C did not load ({_native.native_error()})")
-        return False
-    if cuda and not _native.cuda_compiled():
-        _native.warn_fallback("relprop._C was built without its CUDA kernels")
-        return False
-    return True
+# Native path (relprop._C): the CPU twins and the CUDA kernels, chosen by _native.runs_native.
 
 
 def _stabilized_divide_native(
@@ -165,7 +142,7 @@ def _(numerator, denominator, epsilon, scale, sign_reference, sign):
     same_dtype = denominator.dtype == numerator.dtype and (
         sign_reference is None or sign_reference.dtype == numerator.dtype
     )
-    if not same_dtype or not _native_path(numerator):
+    if not same_dtype or not _native.runs_native(numerator):
         return stabilized_divide_reference(
             numerator, denominator, epsilon, scale, sign_reference, sign
         )

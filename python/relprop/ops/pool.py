@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from relprop import _native
-from relprop.ops._backend import forced_backend
 from relprop.ops._layer_rules import divide
 
 IntOrPair = Union[int, Sequence[int]]
@@ -101,29 +100,7 @@ def adaptive_avg_pool2d_relevance_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# Native paths (relprop._C): CPU twins and CUDA kernels.
-
-
-def _native_path(tensor: Tensor) -> bool:
-    """Whether ``tensor``'s op runs the native kernel; warns once when it should but cannot."""
-    backend = forced_backend()
-    if backend == "reference":
-        return False
-    cuda = tensor.device.type == "cuda"
-    if tensor.dtype not in (_native.CUDA_DTYPES if cuda else _native.CPU_DTYPES):
-        return False
-    if backend == "native":
-        _native.native()  # raises with the import error: a forced path must not degrade
-        if cuda:
-            _native.cuda_launch_args(tensor)
-        return True
-    if not _native.native_available():
-        _native.warn_fallback(f"relprop._C did not load ({_native.native_error()})")
-        return False
-    if cuda and not _native.cuda_compiled():
-        _native.warn_fallback("relprop._C was built without its CUDA kernels")
-        return False
-    return True
+# Native path (relprop._C): the CPU twins and the CUDA kernels, chosen by _native.runs_native.
 
 
 def _as_planes(t: Tensor) -> Tensor:
@@ -216,7 +193,7 @@ def _(relevance, indices, input_size):
 
 @max_pool_relevance_op.register_kernel(("cpu", "cuda"))
 def _(relevance, indices, input_size):
-    if not _native_path(relevance) or len(input_size) not in (1, 2):
+    if not _native.runs_native(relevance) or len(input_size) not in (1, 2):
         return max_pool_relevance_reference(relevance, indices, input_size)
     return _max_pool_native(relevance, indices, input_size)
 
@@ -248,7 +225,7 @@ def _(x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad, 
 @avg_pool2d_relevance_op.register_kernel(("cpu", "cuda"))
 def _(x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
       stabilizer):  # fmt: skip
-    if not _native_path(x) or relevance.dtype != x.dtype:
+    if not _native.runs_native(x) or relevance.dtype != x.dtype:
         return avg_pool2d_relevance_reference(
             x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad,
             divisor_override, stabilizer,
@@ -285,7 +262,7 @@ def _(x, relevance, output_size, stabilizer):
 
 @adaptive_avg_pool2d_relevance_op.register_kernel(("cpu", "cuda"))
 def _(x, relevance, output_size, stabilizer):
-    if not _native_path(x) or relevance.dtype != x.dtype:
+    if not _native.runs_native(x) or relevance.dtype != x.dtype:
         return adaptive_avg_pool2d_relevance_reference(x, relevance, output_size, stabilizer)
     module = _native.native()
     return _avg_native(
