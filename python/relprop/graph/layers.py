@@ -20,7 +20,7 @@ from relprop.ops import conv as conv_ops
 from relprop.ops import linear as linear_ops
 from relprop.ops import pool as pool_ops
 from relprop.ops._backend import layer_backend
-from relprop.ops._layer_rules import divide
+from relprop.ops._layer_rules import divide, divide_fast, mark_nonnegative
 from relprop.rules.base import Rule
 
 
@@ -97,7 +97,7 @@ class WeightLayer(Layer):
         if self.fused_relu:
             # In place, so relu(z) also replaces z in saved: equal wherever relevance will
             # arrive (plan.py), and it is the next layer's input, held anyway.
-            z.relu_()
+            mark_nonnegative(z.relu_())
         if self.geometry is None:
             out = z.reshape(*lead, z.shape[-1])
         else:
@@ -179,9 +179,10 @@ class NormLayer(Layer):
     ``R_k = (x_k ⊙ ∂y/∂x_k)ᵀ (R / stab(y))``: each operand gets the share it contributed.
     """
 
-    def __init__(self, fn: Callable[..., Any], stabilizer: float) -> None:
+    def __init__(self, fn: Callable[..., Any], stabilizer: float, is_sum: bool = False) -> None:
         self.fn = fn
         self.stabilizer = stabilizer
+        self.is_sum = is_sum  # a plain a + b: its Jacobian is known, no autograd needed
 
     def forward(self, args, kwargs):
         out = self.fn(*args, **kwargs)
@@ -189,6 +190,15 @@ class NormLayer(Layer):
 
     def relevance(self, saved, relevance):
         args, kwargs, out = saved
+        if (
+            self.is_sum
+            and not kwargs
+            and len(args) == 2
+            and all(isinstance(a, Tensor) and a.shape == out.shape for a in args)
+        ):
+            # The residual addition of every ResNet block: R_k = x_k · R / stab(a + b).
+            share = divide_fast(relevance, out, self.stabilizer)
+            return [args[0] * share, share.mul_(args[1])]
         share = divide(relevance, out, self.stabilizer)
         grads = _vjp(self.fn, args, kwargs, share)
         tensors = _flat_tensors(args, kwargs)

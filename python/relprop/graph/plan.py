@@ -580,7 +580,8 @@ class PlanBuilder:
             step.layer = L.PassLayer(fn, index)
             return
         step.kind, step.rule = "sum", Norm(stabilizer)
-        step.layer = L.NormLayer(fn, stabilizer)
+        is_sum = node.target in (operator.add, operator.iadd, torch.add, "add", "add_")
+        step.layer = L.NormLayer(fn, stabilizer, is_sum=is_sum)
 
     def _mul_step(self, node, step) -> None:
         operands = node.args[:2]

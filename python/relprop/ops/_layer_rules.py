@@ -213,9 +213,28 @@ def relevance_reference(
 # ---------------------------------------------------------------------------------------------
 
 
+# Attribute under which a tensor remembers (its version, whether it is ≥ 0): the forward and the
+# relevance op of one layer see the same input object, and a fused ReLU marks its output.
+NONNEGATIVE_MARK = "_relprop_nonnegative"
+
+
+def mark_nonnegative(t: Tensor) -> None:
+    """Record that ``t`` (as it is now) has no negative entry, sparing a reduction later."""
+    setattr(t, NONNEGATIVE_MARK, (t._version, True))
+
+
 def _is_nonnegative(x: Tensor) -> bool:
-    # One reduction decides whether the x⁻ terms (half the modified products) can be skipped.
-    return x.numel() == 0 or bool(x.amin() >= 0)
+    # One reduction decides whether the x⁻ terms (half the modified products) can be skipped;
+    # its answer is kept on the tensor until the tensor changes.
+    mark = getattr(x, NONNEGATIVE_MARK, None)
+    if mark is not None and mark[0] == x._version:
+        return mark[1]
+    result = x.numel() == 0 or bool(x.amin() >= 0)
+    try:
+        setattr(x, NONNEGATIVE_MARK, (x._version, result))
+    except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
+        pass
+    return result
 
 
 def forward_fast(
@@ -259,8 +278,9 @@ def _aux_nonnegative(
         return [zp, lin.forward(x, weight.clamp(max=0), None)]
     # γ with x ≥ 0: zpos = z + γ(W⁺x + b⁺) and zneg = z + γ(W⁻x + b⁻) = (1 + γ)z − γ(W⁺x + b⁺).
     gamma = params[0]
-    zp = lin.forward(x, wp, _positive(bias))
-    return [z + gamma * zp, (1 + gamma) * z - gamma * zp]
+    zpos = lin.forward(x, wp, _positive(bias)).mul_(gamma).add_(z)
+    # zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos
+    return [zpos, torch.add(-zpos, z, alpha=2 + gamma)]
 
 
 def complete_saved(
@@ -332,10 +352,12 @@ def relevance_fast(
         return c.mul_(x)
     gamma, eps = params[0], params[1]
     c = tr(divide_fast(relevance, aux[0], eps, sign_reference=z, sign=1), weight + gamma * wp, x)
-    # After a ReLU the next layer hands no relevance to neurons with z < 0: skip that product.
-    sn = divide_fast(relevance, aux[1], eps, sign_reference=z, sign=-1)
-    if bool(sn.any()):
-        c.add_(tr(sn, weight + gamma * weight.clamp(max=0), x))
+    # The z < 0 branch only exists where z has negative entries (never after a fused ReLU),
+    # and after a ReLU the next layer hands those neurons no relevance: skip the product then.
+    if not _is_nonnegative(z):
+        sn = divide_fast(relevance, aux[1], eps, sign_reference=z, sign=-1)
+        if bool(sn.any()):
+            c.add_(tr(sn, weight + gamma * weight.clamp(max=0), x))
     return c.mul_(x)
 
 
