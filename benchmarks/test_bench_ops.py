@@ -52,6 +52,7 @@ class Layer:
     padding: int = 0
     batch: int = 1
     first: bool = False
+    output: bool = False  # the model's last layer: relevance is the max logit's one-hot value
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -69,7 +70,7 @@ LAYERS = [
     Layer("resnet50.layer1.conv2", "conv", 64, 64, 56, 3, 1, 1),
     Layer("resnet50.layer2.0.conv2", "conv", 128, 128, 56, 3, 2, 1),
     Layer("resnet50.layer3.conv1", "conv", 1024, 256, 14, 1),
-    Layer("resnet50.fc", "linear", 2048, 1000, batch=4),
+    Layer("resnet50.fc", "linear", 2048, 1000, batch=4, output=True),
 ]
 PROVIDERS = ("gradient", "relprop", "reference")
 
@@ -119,7 +120,14 @@ def _step(layer: Layer, rule: str, provider: str, x, weight, bias):
         )
         plain = lambda x: F.linear(x, weight, bias)
     with torch.no_grad():
-        relevance = torch.rand_like(plain(x))
+        z = plain(x)
+    if layer.output:
+        index = z.argmax(dim=1, keepdim=True)
+        relevance = torch.zeros_like(z).scatter_(1, index, z.gather(1, index))
+    else:
+        # Every other layer here feeds a ReLU (after BN): relevance arrives only where z > 0,
+        # which lets rules such as gamma skip their negative-part terms, as in a real network.
+        relevance = torch.rand(z.shape, generator=torch.Generator().manual_seed(2)) * (z > 0)
 
     if provider == "gradient":
 

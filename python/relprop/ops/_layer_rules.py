@@ -337,27 +337,50 @@ def relevance_fast(
         z = saved[0]
     else:
         z = None if rule == "zplus" else lin.forward(x, weight, bias)
-    if len(saved) > 1:
-        aux = list(saved[1:])
-    else:
-        aux = _aux_nonnegative(lin, x, weight, bias, z, rule, params)
+    # A full saved is the caller's: read it. A lean one means W⁺x is computed here, into
+    # buffers this function owns and reuses in place, each freed as soon as it is spent — the
+    # peak of a layer's relevance step is what decides the peak memory of the whole analysis.
+    full = len(saved) > 1
     wp = weight.clamp(min=0)
     if rule == "zplus":
-        return tr(divide_fast(relevance, aux[0], params[0]), wp, x).mul_(x)
+        zp = saved[1] if full else lin.forward(x, wp, _positive(bias) if params[1] != 0 else None)
+        share = divide_fast(relevance, zp, params[0])
+        del zp
+        return tr(share, wp, x).mul_(x)
     if rule == "alphabeta":
-        alpha, beta, eps = params[0], params[1], params[2]
-        c = tr(divide_fast(relevance, aux[0], eps, alpha), wp, x)
+        alpha, beta, eps, use_bias = params[0], params[1], params[2], params[3] != 0
+        zp = saved[1] if full else lin.forward(x, wp, _positive(bias) if use_bias else None)
+        c = tr(divide_fast(relevance, zp, eps, alpha), wp, x)
         if beta != 0:
-            c.add_(tr(divide_fast(relevance, aux[1], eps, -beta), weight.clamp(max=0), x))
+            if full:
+                zn = saved[2]
+            elif use_bias or bias is None:
+                # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), in zp's buffer.
+                zn = zp.neg_().add_(z)
+            else:
+                zn = lin.forward(x, weight.clamp(max=0), None)
+            del zp
+            share = divide_fast(relevance, zn, eps, -beta)
+            del zn
+            c.add_(tr(share, weight.clamp(max=0), x))
         return c.mul_(x)
     gamma, eps = params[0], params[1]
-    c = tr(divide_fast(relevance, aux[0], eps, sign_reference=z, sign=1), weight + gamma * wp, x)
+    # zpos = z + γ(W⁺x + b⁺), zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos
+    zpos = saved[1] if full else lin.forward(x, wp, _positive(bias)).mul_(gamma).add_(z)
+    share = divide_fast(relevance, zpos, eps, sign_reference=z, sign=1)
+    if _is_nonnegative(z):
+        del zpos
+    c = tr(share, weight + gamma * wp, x)
+    del share
     # The z < 0 branch only exists where z has negative entries (never after a fused ReLU),
     # and after a ReLU the next layer hands those neurons no relevance: skip the product then.
     if not _is_nonnegative(z):
-        sn = divide_fast(relevance, aux[1], eps, sign_reference=z, sign=-1)
-        if bool(sn.any()):
-            c.add_(tr(sn, weight + gamma * weight.clamp(max=0), x))
+        zneg = saved[2] if full else zpos.neg_().add_(z, alpha=2 + gamma)
+        zpos = None
+        share = divide_fast(relevance, zneg, eps, sign_reference=z, sign=-1)
+        del zneg
+        if bool(share.any()):
+            c.add_(tr(share, weight + gamma * weight.clamp(max=0), x))
     return c.mul_(x)
 
 
