@@ -8,44 +8,14 @@ plain torch in float32, plus a few float32 ulps of the scale.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.kernels._common import CAN_RUN, DEVICE, RULE_IDS, RULES, _div, needs_triton
 from torch.nn.grad import conv2d_input
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CAN_RUN = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 if CAN_RUN:
     from relprop._kernels.triton import conv
-
-needs_triton = pytest.mark.skipif(not CAN_RUN, reason="needs CUDA or TRITON_INTERPRET=1")
-
-
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    """On a GPU, fp32 products in IEEE precision for kernels and torch alike (the kernels follow
-    torch's TF32 flags), so the criterion compares like with like."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-RULES = [
-    ("epsilon", [0.25]),
-    ("wsquare", [1e-6]),
-    ("flat", [1e-6]),
-    ("zplus", [1e-6, 1.0]),
-    ("zplus", [1e-6, 0.0]),
-    ("alphabeta", [2.0, 1.0, 1e-6, 1.0]),
-    ("alphabeta", [1.0, 0.0, 1e-6, 0.0]),
-    ("gamma", [0.25, 1e-6]),
-    ("zbox", [-4.0, 4.0, 1e-6]),
-]
-RULE_IDS = [f"{rule}{params}" for rule, params in RULES]
 
 # (kernel size, stride, padding, dilation, groups) on a 2×5×7×9 input (odd on purpose; 6 channels
 # when grouped) with 6 outputs. The first two run every rule × bias × input sign; the others,
@@ -56,12 +26,6 @@ MORE_GEOMETRIES = {
     "k1s2p0d1g2": (1, 2, 0, 1, 2),
     "k2x3mixed": ((2, 3), (2, 3), (0, 2), (3, 1), 1),
 }
-
-
-def _div(r: torch.Tensor, d: torch.Tensor, e: float) -> torch.Tensor:
-    """``r / stab(d, e)``, ``stab(d, e) = d + e·(sign(d) + [d == 0])``; 0 where that is 0."""
-    den = d + e * (torch.sign(d) + (d == 0).to(d.dtype))
-    return torch.where(den == 0, torch.zeros_like(r), r / den)
 
 
 def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
