@@ -10,10 +10,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "relprop/cuda_common.cuh"
 #include "relprop/elementwise.h"
 
 namespace relprop {
 namespace {
+
+using cuda_detail::check;
+using cuda_detail::DeviceGuard;
 
 constexpr int kThreads = 256;
 // Enough resident blocks to saturate the memory system of any current GPU (a grid-stride loop
@@ -60,33 +64,6 @@ __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ nu
   }
 }
 
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("relprop._C (CUDA): ") + what + ": " +
-                             cudaGetErrorString(status));
-  }
-}
-
-// Selects the caller's device for the launch and restores the previous one afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      cudaGetLastError();  // clear the sticky "no device" status
-      throw std::runtime_error(
-          "relprop._C: no CUDA device is available to the native kernels (no GPU or no driver)");
-    }
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 template <typename T, SignMask kMask>
 void launch(int64_t numel, uintptr_t numerator, uintptr_t denominator, double epsilon,

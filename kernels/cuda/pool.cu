@@ -11,11 +11,15 @@
 #include <stdexcept>
 #include <string>
 
+#include "relprop/cuda_common.cuh"
 #include "relprop/pool.h"
 #include "relprop/pool_geometry.h"
 
 namespace relprop {
 namespace {
+
+using cuda_detail::check;
+using cuda_detail::DeviceGuard;
 
 constexpr int kThreads = 256;
 
@@ -46,33 +50,6 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16(v);
 }
 
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("relprop._C (CUDA): ") + what + ": " +
-                             cudaGetErrorString(status));
-  }
-}
-
-// Selects the caller's device for the launches and restores the previous one afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      cudaGetLastError();  // clear the sticky "no device" status
-      throw std::runtime_error(
-          "relprop._C: no CUDA device is available to the native kernels (no GPU or no driver)");
-    }
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 unsigned int blocks_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
