@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from relprop.ops.elementwise import stabilized_divide
+from relprop.ops.elementwise import stabilized_divide, stabilized_divide_reference
 
 RULES = ("epsilon", "wsquare", "flat", "zplus", "alphabeta", "gamma", "zbox")
 # How many parameters each rule takes (docs/ops.md).
@@ -96,10 +96,7 @@ def divide_fast(
     (``relprop::stabilized_divide``) for large tensors, the torch composition for small ones."""
     if numerator.numel() >= _FUSED_DIVIDE_MIN_NUMEL:
         return stabilized_divide(numerator, denominator, epsilon, scale, sign_reference, sign)
-    if sign_reference is not None:
-        numerator = numerator * (sign_reference > 0 if sign > 0 else sign_reference < 0)
-    out = divide(numerator, denominator, epsilon)
-    return out if scale == 1.0 else out.mul_(scale)
+    return stabilized_divide_reference(numerator, denominator, epsilon, scale, sign_reference, sign)
 
 
 def _positive(t: Tensor | None) -> Tensor | None:
