@@ -6,7 +6,12 @@ For layer shapes of VGG16 and ResNet50 (batch 64 by default), each rule and dtyp
 - ``gradient``: the layer's forward plus the gradient with respect to its input — the cost an
   LRP step is measured against (a plain gradient does exactly this much work per layer);
 - ``triton``: ``relprop._kernels.triton`` forward + relevance (the fused kernels);
+- ``native``: relprop's composition on cuBLAS/cuDNN with the fused CUDA division and the lean
+  saved tensors (the relprop ops with ``RELPROP_BACKEND=native``);
 - ``reference``: ``relprop.ops`` reference forward + relevance (plain torch, cuBLAS/cuDNN).
+
+``layer_backend`` (``relprop/ops/_backend.py``) picks between ``triton`` and ``native`` by
+these numbers.
 
 It also records peak extra GPU memory per step and the largest relative deviation of the Triton
 relevance from the reference, prints a table and writes long-format CSV rows (one per op,
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,12 +111,14 @@ def providers(layer: Layer, rule: str):
     """``{name: step}``, each step mapping (x, W, b, R) to the input relevance (or gradient)."""
     from relprop._kernels.triton import conv as triton_conv
     from relprop._kernels.triton import linear as triton_linear
+    from relprop.ops import conv as conv_ops
+    from relprop.ops import linear as linear_ops
     from relprop.ops.conv import conv2d_forward_reference, conv2d_relevance_reference
     from relprop.ops.linear import linear_forward_reference, linear_relevance_reference
 
     params = RULE_PARAMS[rule]
+    geometry = ([layer.stride] * 2, [layer.padding] * 2, [1, 1], 1)
     if layer.kind == "conv":
-        geometry = ([layer.stride] * 2, [layer.padding] * 2, [1, 1], 1)
 
         def gradient(x, w, b, r):
             x = x.detach().requires_grad_()
@@ -140,7 +148,28 @@ def providers(layer: Layer, rule: str):
             saved = linear_forward_reference(x, w, b, rule, params)
             return linear_relevance_reference(x, w, b, saved, r, rule, params)
 
-    return {"gradient": gradient, "triton": triton_step, "reference": reference_step}
+    def native_step(x, w, b, r):
+        # The custom ops read RELPROP_BACKEND at each call.
+        previous = os.environ.get("RELPROP_BACKEND")
+        os.environ["RELPROP_BACKEND"] = "native"
+        try:
+            if layer.kind == "conv":
+                saved = conv_ops.conv2d_forward(x, w, b, *geometry, rule, params)
+                return conv_ops.conv2d_relevance(x, w, b, saved, r, *geometry, rule, params)
+            saved = linear_ops.linear_forward(x, w, b, rule, params)
+            return linear_ops.linear_relevance(x, w, b, saved, r, rule, params)
+        finally:
+            if previous is None:
+                del os.environ["RELPROP_BACKEND"]
+            else:
+                os.environ["RELPROP_BACKEND"] = previous
+
+    return {
+        "gradient": gradient,
+        "triton": triton_step,
+        "native": native_step,
+        "reference": reference_step,
+    }
 
 
 def peak_extra_memory(step: Callable[[], torch.Tensor]) -> int:
@@ -185,6 +214,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 scale = relevance["reference"].float().abs().max().clamp(min=1e-30)
                 deviation = ((relevance["triton"].float() - relevance["reference"].float()).abs()
                              .max() / scale).item()  # fmt: skip
+                torch.cuda.synchronize()  # a faulting kernel is named here, not in a timing
                 del relevance
                 times = {}
                 for name, step in steps.items():
@@ -202,10 +232,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                                  "p20": "", "p80": ""})  # fmt: skip
                 print(
                     f"{layer.name:28s} {dtype_name:4s} {rule:9s} "
-                    f"grad {times['gradient']:8.3f} ms  triton {times['triton']:8.3f} ms "
-                    f"({times['triton'] / times['gradient']:5.2f}x grad)  "
-                    f"reference {times['reference']:8.3f} ms "
-                    f"({times['reference'] / times['triton']:5.2f}x triton)  "
+                    f"grad {times['gradient']:7.3f} ms  triton {times['triton']:7.3f} "
+                    f"({times['triton'] / times['gradient']:5.2f}x)  native {times['native']:7.3f} "
+                    f"({times['native'] / times['gradient']:5.2f}x)  reference "
+                    f"{times['reference']:7.3f} ({times['reference'] / times['gradient']:5.2f}x)  "
                     f"max rel dev {deviation:.1e}",
                     flush=True,
                 )

@@ -34,6 +34,28 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """End a pytest-xdist worker whose CUDA context a test broke.
+
+    A device-side fault (an illegal address, say) is sticky: every later CUDA call in the
+    process fails with it, so one broken kernel would fail every test the worker runs next.
+    Ending the worker makes xdist report this test as the one that crashed it and start a fresh
+    worker for the rest. Without xdist the error is reported as usual.
+    """
+    outcome = yield
+    error = outcome.excinfo[1] if outcome.excinfo else None
+    if (
+        error is not None
+        and os.environ.get("PYTEST_XDIST_WORKER")
+        and "illegal" in str(error)
+        and "CUDA" in str(error)
+    ):
+        sys.stderr.write(f"{item.nodeid}: {str(error).splitlines()[0]}\n")
+        sys.stderr.flush()
+        os._exit(70)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

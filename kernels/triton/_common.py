@@ -135,7 +135,17 @@ def _divide(r, d, e):
 
 @triton.jit
 def _forward_accumulate(
-    acc0, acc1, acc2, x, w, valid, p0, p1, RULE: tl.constexpr, PRECISION: tl.constexpr
+    acc0,
+    acc1,
+    acc2,
+    x,
+    w,
+    valid,
+    p0,
+    p1,
+    RULE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     """Add one K-tile of ``x (M×K) @ w (K×O)`` to the rule's accumulators.
 
@@ -145,9 +155,15 @@ def _forward_accumulate(
     unlike ``Wx − W⁺l − W⁻h``). Modified weights live in registers only. The x⁻ products are
     skipped for tiles without negative inputs (after a ReLU: all of them); skipping adds nothing,
     so results do not depend on it. ``valid`` marks real (not padded, in-range) entries of x.
+
+    With ``HALF`` (16-bit x and W) α-β's second product is not accumulated: the epilogue forms
+    ``W⁻x⁺ + W⁺x⁻ = Wx − (W⁺x⁺ + W⁻x⁻)`` from the fp32 accumulators. That saves a product, the
+    cancellation costs far less than rounding the output to 16 bits, and the four-product form
+    made Triton 3.6 emit a kernel that faulted (illegal address) on an H100. fp32 keeps the
+    direct sum, whose error the float64 tests bound at twice torch's.
     """
     acc0 = tl.dot(x, w, acc0, input_precision=PRECISION)
-    if RULE == ZPLUS:
+    if RULE == ZPLUS or (RULE == ALPHABETA and HALF):
         acc1 = tl.dot(_positive(x), _positive(w), acc1, input_precision=PRECISION)
         if tl.min(x) < 0:
             acc1 = tl.dot(_negative(x), _negative(w), acc1, input_precision=PRECISION)
@@ -206,8 +222,12 @@ def _forward_epilogue(
     RULE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DENOMINATOR: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     """Add the bias terms of the contract to the accumulators: z, zp/zn, zpos/zneg, zb, W²·1+b²."""
+    if RULE == ALPHABETA and HALF and not DENOMINATOR:
+        # Before any bias: acc0 = Wx and acc1 = W⁺x⁺ + W⁻x⁻, so this is W⁻x⁺ + W⁺x⁻.
+        acc2 = acc0 - acc1
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
         if DENOMINATOR:

@@ -43,7 +43,7 @@ def _conv2d_forward_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     p0, p1, use_bias,
     RULE: tl.constexpr, N_OUTPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr,
+    DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels × BLOCK_O output channels) tile of z and the rule's
@@ -91,10 +91,21 @@ def _conv2d_forward_kernel(
                         x_ptr + x_pixel[:, None] + offs_c[None, :] * (H * W), mask=valid, other=0.0
                     )
                     acc0, acc1, acc2 = _forward_accumulate(
-                        acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION
+                        acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF
                     )
     acc0, acc1, acc2 = _forward_epilogue(
-        acc0, acc1, acc2, b_ptr, channels_out, mask_o, p0, use_bias, RULE, HAS_BIAS, DENOMINATOR
+        acc0,
+        acc1,
+        acc2,
+        b_ptr,
+        channels_out,
+        mask_o,
+        p0,
+        use_bias,
+        RULE,
+        HAS_BIAS,
+        DENOMINATOR,
+        HALF,
     )
     offs_out = (n.to(tl.int64) * O * OH * OW + pixel)[:, None] + channels_out[None, :] * (OH * OW)
     mask_out = mask_m[:, None] & mask_o[None, :]
@@ -238,7 +249,7 @@ def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         spec.p0, spec.p1, spec.use_bias,
         RULE=spec.code, N_OUTPUTS=n_outputs, HAS_BIAS=bias is not None,
-        DENOMINATOR=denominator, PRECISION=_precision(x),
+        DENOMINATOR=denominator, PRECISION=_precision(x), HALF=x.dtype != torch.float32,
         BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return outputs

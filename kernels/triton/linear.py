@@ -36,7 +36,7 @@ def _linear_forward_kernel(
     N, IN, OUT,
     p0, p1, use_bias,
     RULE: tl.constexpr, N_OUTPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr,
+    DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M × BLOCK_O) tile of z and of the rule's modified pre-activations.
@@ -68,10 +68,10 @@ def _linear_forward_kernel(
         else:
             x = tl.load(x_ptr + rows[:, None] * IN + offs_k[None, :], mask=valid, other=0.0)
             acc0, acc1, acc2 = _forward_accumulate(
-                acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION
+                acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF
             )
     acc0, acc1, acc2 = _forward_epilogue(
-        acc0, acc1, acc2, b_ptr, offs_o, mask_o, p0, use_bias, RULE, HAS_BIAS, DENOMINATOR
+        acc0, acc1, acc2, b_ptr, offs_o, mask_o, p0, use_bias, RULE, HAS_BIAS, DENOMINATOR, HALF
     )
     offs_out = rows[:, None] * OUT + offs_o[None, :]
     mask_out = mask_m[:, None] & mask_o[None, :]
@@ -162,7 +162,7 @@ def _launch_forward(x2d, weight, bias, spec, n_outputs, denominator):
         n_rows, n_in, n_out,
         spec.p0, spec.p1, spec.use_bias,
         RULE=spec.code, N_OUTPUTS=n_outputs, HAS_BIAS=bias is not None,
-        DENOMINATOR=denominator, PRECISION=_precision(x2d),
+        DENOMINATOR=denominator, PRECISION=_precision(x2d), HALF=x2d.dtype != torch.float32,
         BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return outputs

@@ -43,33 +43,36 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
 @pytest.mark.parametrize("composite", list(COMPOSITES))
-def test_fp32_kernels_match_reference(name, composite, monkeypatch):
+def test_fp32_kernels_match_reference(name, composite, backend, monkeypatch):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)).cuda()
     truth = _relevance(name, composite, torch.float64, "reference", monkeypatch, x)
     reference32 = _relevance(name, composite, torch.float32, "reference", monkeypatch, x)
-    fused = _relevance(name, composite, torch.float32, "triton", monkeypatch, x)
+    fused = _relevance(name, composite, torch.float32, backend, monkeypatch, x)
     scale = truth.abs().max()
     reference_error = (reference32 - truth).abs().max() / scale
     fused_error = (fused - truth).abs().max() / scale
     assert fused_error <= 2 * reference_error + 1e-6
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("composite", list(COMPOSITES))
-def test_half_precision_close_to_fp32(dtype, composite, monkeypatch):
+def test_half_precision_close_to_fp32(dtype, composite, backend, monkeypatch):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2)).cuda()
     fp32 = _relevance("vgg16", composite, torch.float32, "reference", monkeypatch, x)
-    half = _relevance("vgg16", composite, dtype, "triton", monkeypatch, x)
+    half = _relevance("vgg16", composite, dtype, backend, monkeypatch, x)
     assert torch.isfinite(half).all()
     cosine = torch.nn.functional.cosine_similarity(half.flatten(), fp32.flatten(), dim=0)
     assert cosine > 0.95
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("composite", list(COMPOSITES))
-def test_cuda_runs_are_bitwise_equal(composite, monkeypatch):
+def test_cuda_runs_are_bitwise_equal(composite, backend, monkeypatch):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3)).cuda()
-    first = _relevance("resnet50", composite, torch.float32, "triton", monkeypatch, x)
-    second = _relevance("resnet50", composite, torch.float32, "triton", monkeypatch, x)
+    first = _relevance("resnet50", composite, torch.float32, backend, monkeypatch, x)
+    second = _relevance("resnet50", composite, torch.float32, backend, monkeypatch, x)
     assert torch.equal(first, second)

@@ -188,6 +188,17 @@ def test_rejects_wrong_params_and_dtypes():
         linear.linear_forward(x.double(), w.double(), b.double(), "epsilon", [0.1])
 
 
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize("rule", ["zplus", "alphabeta", "gamma"])
+@pytest.mark.parametrize("nonneg", [False, True], ids=["mixed", "nonneg"])
+def test_float16_matches_float64_reference(nonneg, rule):
+    """16-bit inputs take their own forward for α-β (z⁻ = z − z⁺ from fp32 accumulators)."""
+    params = dict(RULES)[rule]
+    case = make_case((3,), 37, 21, nonneg, True, rule, seed=8)
+    check_against_reference(case, rule, params, dtype=torch.float16, ulps=2.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -563,7 +563,9 @@ class PlanBuilder:
         step.kind = kind
         step.rule = rule
         op = "linear" if geometry is None else "conv2d"
-        step.impl = f"relprop::{op} [{layer_backend(self.device)}]"
+        weight = module.weight
+        backend = layer_backend(weight.device, weight.dtype, weight.shape[1])
+        step.impl = f"relprop::{op} [{backend}]"
         if bns:
             step.kind += " + batchnorm"
         step.layer = L.WeightLayer(FoldedParameters(module, bns), rule, geometry, dims)

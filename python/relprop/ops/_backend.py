@@ -35,11 +35,43 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def layer_backend(device: torch.device) -> str:
-    """Backend for the linear and convolution relevance ops on ``device``."""
+# Input channels per group up to which the fused Triton kernels beat cuDNN's composition on
+# 16-bit data (measured on an H100, benchmarks/results/gpu.md): a first layer's 3 channels fill
+# a tensor-core tile poorly in cuDNN's implicit GEMM too, and the fused kernel saves the passes
+# over the large first-layer activations. Wider layers go to cuDNN, which wins there by 2-7x.
+TRITON_MAX_CHANNELS_PER_GROUP = 4
+
+
+def layer_backend(
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_per_group: int | None = None,
+) -> str:
+    """Backend for the linear and convolution relevance ops.
+
+    ``RELPROP_BACKEND`` wins. On CPU it is the native path. On CUDA it is the native path too
+    (cuDNN/cuBLAS for the products, the fused CUDA division, the lean saved tensors) except
+    where the fused Triton kernels measured faster: 16-bit inputs with at most
+    ``TRITON_MAX_CHANNELS_PER_GROUP`` input channels per group (a network's first layer).
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the layer's tensors live.
+    dtype : torch.dtype, optional
+        Their dtype; unknown means not 16-bit.
+    channels_per_group : int, optional
+        Input features (linear) or input channels per group (convolution); unknown means many.
+    """
     forced = forced_backend()
     if forced is not None:
         return forced
-    if device.type == "cuda" and triton_available():
+    if (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and channels_per_group is not None
+        and channels_per_group <= TRITON_MAX_CHANNELS_PER_GROUP
+        and triton_available()
+    ):
         return "triton"
     return "native"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from relprop.ops import _layer_rules as rules
-from relprop.ops._backend import forced_backend
+from relprop.ops._backend import layer_backend
 
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
 
@@ -158,9 +158,9 @@ def conv2d_relevance(
     )
 
 
-def _forward_on(default_backend: str):
+def _forward_on():
     def kernel(x, weight, bias, stride, padding, dilation, groups, rule, params):
-        backend = forced_backend() or default_backend
+        backend = layer_backend(x.device, x.dtype, weight.shape[1])
         geometry = (list(stride), list(padding), list(dilation), groups)
 
         def triton_forward():
@@ -181,9 +181,9 @@ def _forward_on(default_backend: str):
     return kernel
 
 
-def _relevance_on(default_backend: str):
+def _relevance_on():
     def kernel(x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params):
-        backend = forced_backend() or default_backend
+        backend = layer_backend(x.device, x.dtype, weight.shape[1])
         geometry = (list(stride), list(padding), list(dilation), groups)
 
         def triton_relevance():
@@ -208,10 +208,10 @@ def _relevance_on(default_backend: str):
     return kernel
 
 
-conv2d_forward.register_kernel("cpu")(_forward_on("native"))
-conv2d_forward.register_kernel("cuda")(_forward_on("triton"))
-conv2d_relevance.register_kernel("cpu")(_relevance_on("native"))
-conv2d_relevance.register_kernel("cuda")(_relevance_on("triton"))
+conv2d_forward.register_kernel("cpu")(_forward_on())
+conv2d_forward.register_kernel("cuda")(_forward_on())
+conv2d_relevance.register_kernel("cpu")(_relevance_on())
+conv2d_relevance.register_kernel("cuda")(_relevance_on())
 
 
 @conv2d_forward.register_fake

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from relprop.ops import _layer_rules as rules
-from relprop.ops._backend import forced_backend
+from relprop.ops._backend import layer_backend
 
 
 def _transpose(s: Tensor, weight: Tensor, x: Tensor) -> Tensor:
@@ -88,9 +88,9 @@ def linear_relevance(x, weight, bias, saved, relevance, rule, params):
     return linear_relevance_reference(x, weight, bias, saved, relevance, rule, params)
 
 
-def _forward_on(default_backend: str):
+def _forward_on():
     def kernel(x, weight, bias, rule, params):
-        backend = forced_backend() or default_backend
+        backend = layer_backend(x.device, x.dtype, weight.shape[1])
         return rules.forward_by_backend(
             DENSE_MAP, _triton_forward, backend, x, weight, bias, rule, params
         )
@@ -98,9 +98,9 @@ def _forward_on(default_backend: str):
     return kernel
 
 
-def _relevance_on(default_backend: str):
+def _relevance_on():
     def kernel(x, weight, bias, saved, relevance, rule, params):
-        backend = forced_backend() or default_backend
+        backend = layer_backend(x.device, x.dtype, weight.shape[1])
         return rules.relevance_by_backend(
             DENSE_MAP, _triton_relevance, backend, x, weight, bias, saved, relevance, rule, params
         )
@@ -108,10 +108,10 @@ def _relevance_on(default_backend: str):
     return kernel
 
 
-linear_forward.register_kernel("cpu")(_forward_on("native"))
-linear_forward.register_kernel("cuda")(_forward_on("triton"))
-linear_relevance.register_kernel("cpu")(_relevance_on("native"))
-linear_relevance.register_kernel("cuda")(_relevance_on("triton"))
+linear_forward.register_kernel("cpu")(_forward_on())
+linear_forward.register_kernel("cuda")(_forward_on())
+linear_relevance.register_kernel("cpu")(_relevance_on())
+linear_relevance.register_kernel("cuda")(_relevance_on())
 
 
 @linear_forward.register_fake

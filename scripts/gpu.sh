@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one unattended command for a CUDA machine (the device tool's
+# H100/H200): build relprop there, run the tests that a CPU cannot run, and the GPU benchmarks.
+#
+#   bash scripts/gpu.sh [STEP ...]      STEP: tests | suite | bench-ops | bench | all (default)
+#
+#   tests      tests marked gpu, and the op and kernel tests (compiled Triton, CUDA kernels)
+#   suite      the rest of the test suite, on a machine where CUDA is visible
+#   bench-ops  benchmarks/bench_ops_triton.py: fused kernels vs torch per layer shape
+#   bench      benchmarks/run.py --device cuda: issue 3's table (vgg16, resnet50, batch 64)
+#
+# Logs, CSV and markdown go to $OUT (the device tool sets it; default out/gpu). The machine has
+# torch, Triton, nvcc, CMake, pybind11 and scikit-build-core but no network: Zennit and Captum
+# come as wheels in .whl/ (benchmarks/README.md says how to fetch them). The build is skipped
+# when the installed relprop was built from the same sources (a warm machine, a second call).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+WORKERS=${WORKERS:-8}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/relprop-site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/relprop-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+sources=$(find python kernels csrc CMakeLists.txt pyproject.toml -type f -not -name '*.pyc' \
+    | sort | xargs sha1sum | sha1sum | cut -c1-16)
+stamp=/tmp/relprop-build-$sources
+if [[ ! -e $stamp ]]; then
+    # Hopper only: the machine is an H100/H200 and one architecture halves nvcc's time.
+    start=$SECONDS
+    CUDAARCHS=${CUDAARCHS:-90} "$PY" -m pip install -q --no-build-isolation --no-deps . \
+        >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+    touch "$stamp"
+    echo "built relprop in $((SECONDS - start)) s"
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
+"$PY" -c "import torch, triton, relprop; print('torch', torch.__version__, 'triton',
+triton.__version__, 'native', relprop.native_available(), torch.cuda.get_device_name())"
+
+status=0
+run_step() {
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local start=$SECONDS
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    [[ $rc -eq 0 ]] || status=1
+}
+
+pytest_args=(-q -p no:cacheprovider -rfE --durations=15)
+if "$PY" -c "import xdist" 2>/dev/null; then pytest_args+=(-n "$WORKERS"); fi
+
+steps=("$@")
+[[ ${#steps[@]} -eq 0 || ${steps[0]} == all ]] && steps=(tests suite bench-ops bench)
+for step in "${steps[@]}"; do
+    case $step in
+    tests)
+        run_step tests "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/tests.xml" \
+            tests/analyzers/test_gpu.py tests/ops tests/kernels
+        ;;
+    suite)
+        run_step suite "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/suite.xml" tests \
+            --ignore tests/analyzers/test_gpu.py --ignore tests/ops --ignore tests/kernels
+        ;;
+    bench-ops)
+        run_step bench_ops "$PY" benchmarks/bench_ops_triton.py --out "$OUT/bench_ops_triton.csv"
+        ;;
+    bench)
+        run_step bench "$PY" benchmarks/run.py --device cuda --csv "$OUT/results_gpu.csv" \
+            --markdown "$OUT/gpu.md" ${BENCH_ARGS:-}
+        ;;
+    *)
+        echo "unknown step $step (tests, suite, bench-ops, bench, all)" >&2
+        exit 2
+        ;;
+    esac
+done
+exit $status
