@@ -9,6 +9,10 @@
 #   bench-ops  benchmarks/bench_ops_triton.py: fused kernels vs torch per layer shape
 #   bench      benchmarks/run.py --device cuda: issue 3's table (vgg16, resnet50, batch 64)
 #
+# Narrow a run with TESTS_K (pytest -k expression for `tests`), BENCH_ARGS (more run.py options,
+# e.g. "--dtype bfloat16"), BENCH_NAME (its output files' stem, default gpu) and BENCH_OPS_ARGS
+# (e.g. "--filter conv1 --dtypes bf16").
+#
 # Logs, CSV and markdown go to $OUT (the device tool sets it; default out/gpu). The machine has
 # torch, Triton, nvcc, CMake, pybind11 and scikit-build-core but no network: Zennit and Captum
 # come as wheels in .whl/ (benchmarks/README.md says how to fetch them). The build is skipped
@@ -63,18 +67,22 @@ for step in "${steps[@]}"; do
     case $step in
     tests)
         run_step tests "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/tests.xml" \
-            tests/analyzers/test_gpu.py tests/ops tests/kernels
+            ${TESTS_K:+-k "$TESTS_K"} tests/analyzers/test_gpu.py tests/ops tests/kernels
         ;;
     suite)
         run_step suite "$PY" -m pytest "${pytest_args[@]}" --junitxml="$OUT/suite.xml" tests \
             --ignore tests/analyzers/test_gpu.py --ignore tests/ops --ignore tests/kernels
         ;;
     bench-ops)
-        run_step bench_ops "$PY" benchmarks/bench_ops_triton.py --out "$OUT/bench_ops_triton.csv"
+        # shellcheck disable=SC2086  # BENCH_OPS_ARGS holds several words
+        run_step bench_ops "$PY" benchmarks/bench_ops_triton.py --out "$OUT/bench_ops_triton.csv" \
+            ${BENCH_OPS_ARGS:-}
         ;;
     bench)
-        run_step bench "$PY" benchmarks/run.py --device cuda --csv "$OUT/results_gpu.csv" \
-            --markdown "$OUT/gpu.md" ${BENCH_ARGS:-}
+        name=${BENCH_NAME:-gpu}
+        # shellcheck disable=SC2086  # BENCH_ARGS holds several words
+        run_step "$name" "$PY" benchmarks/run.py --device cuda --csv "$OUT/results_$name.csv" \
+            --markdown "$OUT/$name.md" ${BENCH_ARGS:-}
         ;;
     *)
         echo "unknown step $step (tests, suite, bench-ops, bench, all)" >&2

@@ -102,6 +102,15 @@ def dot_precision(x: torch.Tensor, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 and x.is_cuda and x.dtype == torch.float32 else "ieee"
 
 
+def has_negative(x: torch.Tensor) -> bool:
+    """Whether ``x`` has a negative entry; without one the kernels skip every x⁻ product.
+
+    One reduction and a host sync per launch, instead of a branch on device data around
+    ``tl.dot``, which Triton 3.6 compiled into faulting or wrong Hopper code.
+    """
+    return x.numel() > 0 and bool(x.amin() < 0)
+
+
 def is_interpreted(device: torch.device) -> bool:
     """CPU tensors only reach a Triton kernel under ``TRITON_INTERPRET=1``: use tiny blocks there."""
     return device.type != "cuda"
@@ -146,6 +155,7 @@ def _forward_accumulate(
     RULE: tl.constexpr,
     PRECISION: tl.constexpr,
     HALF: tl.constexpr,
+    X_MIXED: tl.constexpr,
 ):
     """Add one K-tile of ``x (M×K) @ w (K×O)`` to the rule's accumulators.
 
@@ -153,8 +163,9 @@ def _forward_accumulate(
     ``W⁺x⁺ + W⁻x⁻``; α-β the same and ``W⁻x⁺ + W⁺x⁻``; γ ``(W+γW⁺)x⁺ + (W+γW⁻)x⁻`` and
     ``(W+γW⁻)x⁺ + (W+γW⁺)x⁻``; zB ``W⁺(x−l) + W⁻(x−h)`` (every term ≥ 0, so no cancellation,
     unlike ``Wx − W⁺l − W⁻h``). Modified weights live in registers only. The x⁻ products are
-    skipped for tiles without negative inputs (after a ReLU: all of them); skipping adds nothing,
-    so results do not depend on it. ``valid`` marks real (not padded, in-range) entries of x.
+    skipped when x has no negative entry (``X_MIXED`` false: after a ReLU); skipping adds
+    nothing, so results do not depend on it. The host decides it: a data-dependent branch around
+    ``tl.dot`` made Triton 3.6 emit wrong or faulting Hopper code. ``valid`` marks real (not padded, in-range) entries of x.
 
     With ``HALF`` (16-bit x and W) α-β's second product is not accumulated: the epilogue forms
     ``W⁻x⁺ + W⁺x⁻ = Wx − (W⁺x⁺ + W⁻x⁻)`` from the fp32 accumulators. That saves a product, the
@@ -165,7 +176,7 @@ def _forward_accumulate(
     acc0 = tl.dot(x, w, acc0, input_precision=PRECISION)
     if RULE == ZPLUS or (RULE == ALPHABETA and HALF):
         acc1 = tl.dot(_positive(x), _positive(w), acc1, input_precision=PRECISION)
-        if tl.min(x) < 0:
+        if X_MIXED:
             acc1 = tl.dot(_negative(x), _negative(w), acc1, input_precision=PRECISION)
     elif RULE == ALPHABETA:
         x_pos = _positive(x)
@@ -173,7 +184,7 @@ def _forward_accumulate(
         w_neg = _negative(w)
         acc1 = tl.dot(x_pos, w_pos, acc1, input_precision=PRECISION)
         acc2 = tl.dot(x_pos, w_neg, acc2, input_precision=PRECISION)
-        if tl.min(x) < 0:
+        if X_MIXED:
             x_neg = _negative(x)
             acc1 = tl.dot(x_neg, w_neg, acc1, input_precision=PRECISION)
             acc2 = tl.dot(x_neg, w_pos, acc2, input_precision=PRECISION)
@@ -183,7 +194,7 @@ def _forward_accumulate(
         w_down = (w + p0 * _negative(w)).to(w.dtype)
         acc1 = tl.dot(x_pos, w_up, acc1, input_precision=PRECISION)
         acc2 = tl.dot(x_pos, w_down, acc2, input_precision=PRECISION)
-        if tl.min(x) < 0:
+        if X_MIXED:
             x_neg = _negative(x)
             acc1 = tl.dot(x_neg, w_down, acc1, input_precision=PRECISION)
             acc2 = tl.dot(x_neg, w_up, acc2, input_precision=PRECISION)
@@ -305,11 +316,11 @@ def _relevance_accumulate(
     s_up,
     s_down,
     w,
-    x_has_neg,
     p0,
     RULE: tl.constexpr,
     DOWN_STREAM: tl.constexpr,
     PRECISION: tl.constexpr,
+    X_MIXED: tl.constexpr,
 ):
     """Add one reduction tile of the transposed product ``s (M×O) @ w (O×C)`` to ``acc_a``/``acc_b``.
 
@@ -317,8 +328,10 @@ def _relevance_accumulate(
     (z⁺, α-β, γ) or ``(x−l)·acc_a + (x−h)·acc_b`` (zB). With the weight pair ``(w_a, w_b)`` =
     ``(W⁺, W⁻)`` or, for γ, ``(W+γW⁺, W+γW⁻)``: ``acc_a += s_up·w_a + s_down·w_b`` and
     ``acc_b += s_up·w_b + s_down·w_a``. ``acc_b`` is only needed where x has negative entries
-    (``x_has_neg``, for the whole tile) and the ``s_down`` products only where ``s_down`` is
-    nonzero (γ after a ReLU: nowhere); the skips add nothing, so results do not depend on them.
+    (``X_MIXED``, decided by the host for the whole tensor; the skip adds nothing, so results do
+    not depend on it). The ``s_down`` products run whenever the rule has a down stream: skipping
+    them where ``s_down`` is zero needed a data-dependent branch around ``tl.dot``, which Triton
+    3.6 compiled into wrong results for 16-bit γ on an H100.
     """
     if RULE == EPSILON:
         acc_a = tl.dot(s_up.to(w.dtype), w, acc_a, input_precision=PRECISION)
@@ -338,13 +351,13 @@ def _relevance_accumulate(
         if RULE == ZBOX:
             acc_b = tl.dot(s_up_w, w_b, acc_b, input_precision=PRECISION)
         else:
-            if x_has_neg:
+            if X_MIXED:
                 acc_b = tl.dot(s_up_w, w_b, acc_b, input_precision=PRECISION)
         if DOWN_STREAM:  # noqa: SIM102 - compile-time test around a run-time one
             if tl.max(tl.abs(s_down)) > 0:
                 s_down_w = s_down.to(w.dtype)
                 acc_a = tl.dot(s_down_w, w_b, acc_a, input_precision=PRECISION)
-                if x_has_neg:
+                if X_MIXED:
                     acc_b = tl.dot(s_down_w, w_a, acc_b, input_precision=PRECISION)
     return acc_a, acc_b
 

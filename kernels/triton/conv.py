@@ -31,6 +31,7 @@ from ._common import (
     _relevance_scales,
     check_tensors,
     dot_precision,
+    has_negative,
     is_interpreted,
     parse_rule,
 )
@@ -44,6 +45,7 @@ def _conv2d_forward_kernel(
     p0, p1, use_bias,
     RULE: tl.constexpr, N_OUTPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
     DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr,
+    X_MIXED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels × BLOCK_O output channels) tile of z and the rule's
@@ -91,7 +93,7 @@ def _conv2d_forward_kernel(
                         x_ptr + x_pixel[:, None] + offs_c[None, :] * (H * W), mask=valid, other=0.0
                     )
                     acc0, acc1, acc2 = _forward_accumulate(
-                        acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF
+                        acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
                     )
     acc0, acc1, acc2 = _forward_epilogue(
         acc0,
@@ -123,6 +125,7 @@ def _conv2d_relevance_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     p0, p1, stabilizer,
     RULE: tl.constexpr, DOWN_STREAM: tl.constexpr, PRECISION: tl.constexpr,
+    X_MIXED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M input pixels of one stride phase × BLOCK_C input channels) tile of the
@@ -148,7 +151,6 @@ def _conv2d_relevance_kernel(
     offs_x = (n.to(tl.int64) * C * H * W + ih * W + iw)[:, None] + channels_in[None, :] * (H * W)
     mask_x = mask_m[:, None] & mask_c[None, :]
     x = tl.load(x_ptr + offs_x, mask=mask_x, other=0.0)
-    x_has_neg = tl.min(x) < 0
     r_image = n.to(tl.int64) * O * OH * OW
     acc_a = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -187,7 +189,7 @@ def _conv2d_relevance_kernel(
                         other=0.0,
                     )
                     acc_a, acc_b = _relevance_accumulate(
-                        acc_a, acc_b, s_up, s_down, w, x_has_neg, p0, RULE, DOWN_STREAM, PRECISION
+                        acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
                     )
     relevance = _relevance_epilogue(x, acc_a, acc_b, p0, p1, RULE)
     tl.store(out_ptr + offs_x, relevance.to(out_ptr.dtype.element_ty), mask=mask_x)
@@ -250,6 +252,7 @@ def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
         spec.p0, spec.p1, spec.use_bias,
         RULE=spec.code, N_OUTPUTS=n_outputs, HAS_BIAS=bias is not None,
         DENOMINATOR=denominator, PRECISION=_precision(x), HALF=x.dtype != torch.float32,
+        X_MIXED=not denominator and has_negative(x),
         BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return outputs
@@ -374,7 +377,7 @@ def conv2d_relevance(
         n, c, h, w, o, oh, ow, c_group, o_group, kh, kw,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         spec.p0, spec.p1, spec.stabilizer,
-        RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma",
+        RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma", X_MIXED=has_negative(x),
         PRECISION=_precision(x),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o, num_warps=num_warps,
     )  # fmt: skip

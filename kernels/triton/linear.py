@@ -25,6 +25,7 @@ from ._common import (
     _relevance_scales,
     check_tensors,
     dot_precision,
+    has_negative,
     is_interpreted,
     parse_rule,
 )
@@ -37,6 +38,7 @@ def _linear_forward_kernel(
     p0, p1, use_bias,
     RULE: tl.constexpr, N_OUTPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
     DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr,
+    X_MIXED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M × BLOCK_O) tile of z and of the rule's modified pre-activations.
@@ -68,7 +70,7 @@ def _linear_forward_kernel(
         else:
             x = tl.load(x_ptr + rows[:, None] * IN + offs_k[None, :], mask=valid, other=0.0)
             acc0, acc1, acc2 = _forward_accumulate(
-                acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF
+                acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
             )
     acc0, acc1, acc2 = _forward_epilogue(
         acc0, acc1, acc2, b_ptr, offs_o, mask_o, p0, use_bias, RULE, HAS_BIAS, DENOMINATOR, HALF
@@ -88,6 +90,7 @@ def _linear_relevance_kernel(
     N, IN, OUT,
     p0, p1, stabilizer,
     RULE: tl.constexpr, DOWN_STREAM: tl.constexpr, PRECISION: tl.constexpr,
+    X_MIXED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M × BLOCK_K) tile of the input relevance: a GEMM over the outputs of
@@ -102,7 +105,6 @@ def _linear_relevance_kernel(
     mask_x = mask_m[:, None] & mask_k[None, :]
     offs_x = rows[:, None] * IN + offs_k[None, :]
     x = tl.load(x_ptr + offs_x, mask=mask_x, other=0.0)
-    x_has_neg = tl.min(x) < 0
     acc_a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for o0 in range(0, OUT, BLOCK_O):
@@ -120,7 +122,7 @@ def _linear_relevance_kernel(
             other=0.0,
         )
         acc_a, acc_b = _relevance_accumulate(
-            acc_a, acc_b, s_up, s_down, w, x_has_neg, p0, RULE, DOWN_STREAM, PRECISION
+            acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
         )
     relevance = _relevance_epilogue(x, acc_a, acc_b, p0, p1, RULE)
     tl.store(out_ptr + offs_x, relevance.to(out_ptr.dtype.element_ty), mask=mask_x)
@@ -163,6 +165,7 @@ def _launch_forward(x2d, weight, bias, spec, n_outputs, denominator):
         spec.p0, spec.p1, spec.use_bias,
         RULE=spec.code, N_OUTPUTS=n_outputs, HAS_BIAS=bias is not None,
         DENOMINATOR=denominator, PRECISION=_precision(x2d), HALF=x2d.dtype != torch.float32,
+        X_MIXED=not denominator and has_negative(x2d),
         BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return outputs
@@ -254,7 +257,7 @@ def linear_relevance(
         x2d, weight, relevance.reshape(n_rows, n_out).contiguous(), *flat_saved, denominator, out,
         n_rows, n_in, n_out,
         spec.p0, spec.p1, spec.stabilizer,
-        RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma",
+        RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma", X_MIXED=has_negative(x),
         PRECISION=_precision(x2d),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, num_warps=num_warps,
     )  # fmt: skip

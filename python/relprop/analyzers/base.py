@@ -68,7 +68,7 @@ class Analyzer:
                 "neuron_selection_mode='all' explains all outputs; drop neuron_selection or "
                 "create the analyzer with neuron_selection_mode='index'"
             )
-        with preserved_state(self.model):
+        with preserved_state(self.model), deterministic_cudnn(x.is_cuda):
             return self._analyze(x, neuron_selection)
 
     def _analyze(self, x: Tensor, neuron_selection: NeuronSelection) -> Tensor:
@@ -166,6 +166,25 @@ def _selection_index(selection: NeuronSelection, n: int, k: int, device) -> Tens
             f"(valid 0..{k - 1})"
         )
     return torch.tensor([v % k for v in values], device=device)
+
+
+@contextmanager
+def deterministic_cudnn(active: bool):
+    """Let cuDNN choose only deterministic algorithms for the duration, then restore the flag.
+
+    Two analyses of the same input must give bitwise-equal relevance; some of cuDNN's
+    backward-data algorithms (taken for the transposed products of the native CUDA path, e.g.
+    for ResNet's 3-channel 7×7 stem) accumulate with atomics in varying order.
+    """
+    if not active:
+        yield
+        return
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = saved
 
 
 @contextmanager
