@@ -30,6 +30,7 @@ import contextlib
 import copy
 import csv
 import datetime
+import gc
 import json
 import os
 import platform
@@ -614,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.markdown is not None:  # after each model: a run cut short keeps its tables
                 args.markdown.parent.mkdir(parents=True, exist_ok=True)
                 args.markdown.write_text("\n\n".join(output) + "\n")
+            # Free this model's cases (models, Zennit's hooked copies, inputs) before the next
+            # is built: on an H100 the float32 leftovers left bfloat16 out of memory.
+            del cases, rows
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return 0

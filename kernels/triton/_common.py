@@ -167,14 +167,16 @@ def _forward_accumulate(
     nothing, so results do not depend on it. The host decides it: a data-dependent branch around
     ``tl.dot`` made Triton 3.6 emit wrong or faulting Hopper code. ``valid`` marks real (not padded, in-range) entries of x.
 
-    With ``HALF`` (16-bit x and W) α-β's second product is not accumulated: the epilogue forms
-    ``W⁻x⁺ + W⁺x⁻ = Wx − (W⁺x⁺ + W⁻x⁻)`` from the fp32 accumulators. That saves a product, the
-    cancellation costs far less than rounding the output to 16 bits, and the four-product form
-    made Triton 3.6 emit a kernel that faulted (illegal address) on an H100. fp32 keeps the
-    direct sum, whose error the float64 tests bound at twice torch's.
+    With ``HALF`` (16-bit x and W) α-β and γ accumulate only ``W⁺x⁺ + W⁻x⁻`` beside ``Wx``; the
+    epilogue forms α-β's ``W⁻x⁺ + W⁺x⁻ = Wx − (W⁺x⁺ + W⁻x⁻)`` and γ's
+    ``Wx + γ(W⁺x⁺ + W⁻x⁻)`` and ``Wx + γ(W⁻x⁺ + W⁺x⁻)`` from the fp32 accumulators. That saves
+    products, the cancellation costs far less than rounding the output to 16 bits, and the
+    direct forms (two accumulators fed from one x⁺ operand) made Triton 3.6 emit kernels that
+    faulted (α-β) or computed wrong values (γ, convolution) on an H100. fp32 keeps the direct
+    sums, whose error the float64 tests bound at twice torch's.
     """
     acc0 = tl.dot(x, w, acc0, input_precision=PRECISION)
-    if RULE == ZPLUS or (RULE == ALPHABETA and HALF):
+    if RULE == ZPLUS or ((RULE == ALPHABETA or RULE == GAMMA) and HALF):
         acc1 = tl.dot(_positive(x), _positive(w), acc1, input_precision=PRECISION)
         if X_MIXED:
             acc1 = tl.dot(_negative(x), _negative(w), acc1, input_precision=PRECISION)
@@ -239,6 +241,10 @@ def _forward_epilogue(
     if RULE == ALPHABETA and HALF and not DENOMINATOR:
         # Before any bias: acc0 = Wx and acc1 = W⁺x⁺ + W⁻x⁻, so this is W⁻x⁺ + W⁺x⁻.
         acc2 = acc0 - acc1
+    if RULE == GAMMA and HALF and not DENOMINATOR:
+        # (W+γW⁺)x⁺ + (W+γW⁻)x⁻ = Wx + γ(W⁺x⁺ + W⁻x⁻), and its mirror with W⁻x⁺ + W⁺x⁻.
+        acc2 = acc0 + p0 * (acc0 - acc1)
+        acc1 = acc0 + p0 * acc1
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
         if DENOMINATOR:

@@ -563,9 +563,7 @@ class PlanBuilder:
         step.kind = kind
         step.rule = rule
         op = "linear" if geometry is None else "conv2d"
-        weight = module.weight
-        backend = layer_backend(weight.device, weight.dtype, weight.shape[1])
-        step.impl = f"relprop::{op} [{backend}]"
+        step.impl = f"relprop::{op} [{layer_backend(self.device)}]"
         if bns:
             step.kind += " + batchnorm"
         step.layer = L.WeightLayer(FoldedParameters(module, bns), rule, geometry, dims)

@@ -1,7 +1,8 @@
-"""Which implementation of an op runs: the reference, the native CPU path, or Triton.
+"""Which implementation of an op runs: the reference, the native path, or Triton.
 
 ``RELPROP_BACKEND=reference|native|triton`` forces one path (tests and benchmarks use it);
-unset, the fastest path available for the tensor's device is taken.
+unset, the path measured fastest is taken: native on CPU (MKL-DNN products, the C++ division)
+and on CUDA (cuDNN/cuBLAS products, the CUDA division).
 """
 
 from __future__ import annotations
@@ -26,52 +27,16 @@ def forced_backend() -> str | None:
     return value
 
 
-def triton_available() -> bool:
-    """True when Triton imports and can run here (a CUDA device, or the interpreter)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+def layer_backend(device: torch.device) -> str:
+    """Backend for the linear and convolution relevance ops on ``device``.
 
-
-# Input channels per group up to which the fused Triton kernels beat cuDNN's composition on
-# 16-bit data (measured on an H100, benchmarks/results/gpu.md): a first layer's 3 channels fill
-# a tensor-core tile poorly in cuDNN's implicit GEMM too, and the fused kernel saves the passes
-# over the large first-layer activations. Wider layers go to cuDNN, which wins there by 2-7x.
-TRITON_MAX_CHANNELS_PER_GROUP = 4
-
-
-def layer_backend(
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    channels_per_group: int | None = None,
-) -> str:
-    """Backend for the linear and convolution relevance ops.
-
-    ``RELPROP_BACKEND`` wins. On CPU it is the native path. On CUDA it is the native path too
-    (cuDNN/cuBLAS for the products, the fused CUDA division, the lean saved tensors) except
-    where the fused Triton kernels measured faster: 16-bit inputs with at most
-    ``TRITON_MAX_CHANNELS_PER_GROUP`` input channels per group (a network's first layer).
-
-    Parameters
-    ----------
-    device : torch.device
-        Where the layer's tensors live.
-    dtype : torch.dtype, optional
-        Their dtype; unknown means not 16-bit.
-    channels_per_group : int, optional
-        Input features (linear) or input channels per group (convolution); unknown means many.
+    ``RELPROP_BACKEND`` wins. Otherwise the native path, on CPU and on CUDA alike: there it is
+    cuDNN/cuBLAS for the products, the fused CUDA division and the lean saved tensors. The fused
+    Triton kernels stay available as ``RELPROP_BACKEND=triton``; on an H100 they lost to that
+    composition at every whole-model setting measured and at all but a few layer shapes
+    (``benchmarks/results/gpu_h100.md``), so nothing picks them by default.
     """
     forced = forced_backend()
     if forced is not None:
         return forced
-    if (
-        device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and channels_per_group is not None
-        and channels_per_group <= TRITON_MAX_CHANNELS_PER_GROUP
-        and triton_available()
-    ):
-        return "triton"
     return "native"

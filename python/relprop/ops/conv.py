@@ -160,7 +160,7 @@ def conv2d_relevance(
 
 def _forward_on():
     def kernel(x, weight, bias, stride, padding, dilation, groups, rule, params):
-        backend = layer_backend(x.device, x.dtype, weight.shape[1])
+        backend = layer_backend(x.device)
         geometry = (list(stride), list(padding), list(dilation), groups)
 
         def triton_forward():
@@ -183,7 +183,7 @@ def _forward_on():
 
 def _relevance_on():
     def kernel(x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params):
-        backend = layer_backend(x.device, x.dtype, weight.shape[1])
+        backend = layer_backend(x.device)
         geometry = (list(stride), list(padding), list(dilation), groups)
 
         def triton_relevance():

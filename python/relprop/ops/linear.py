@@ -90,7 +90,7 @@ def linear_relevance(x, weight, bias, saved, relevance, rule, params):
 
 def _forward_on():
     def kernel(x, weight, bias, rule, params):
-        backend = layer_backend(x.device, x.dtype, weight.shape[1])
+        backend = layer_backend(x.device)
         return rules.forward_by_backend(
             DENSE_MAP, _triton_forward, backend, x, weight, bias, rule, params
         )
@@ -100,7 +100,7 @@ def _forward_on():
 
 def _relevance_on():
     def kernel(x, weight, bias, saved, relevance, rule, params):
-        backend = layer_backend(x.device, x.dtype, weight.shape[1])
+        backend = layer_backend(x.device)
         return rules.relevance_by_backend(
             DENSE_MAP, _triton_relevance, backend, x, weight, bias, saved, relevance, rule, params
         )
