@@ -125,3 +125,47 @@ def test_opcheck_layer_ops(rule, params):
     torch.library.opcheck(
         linear.linear_relevance, (xl, wl, bl, saved_l, torch.randn_like(saved_l[0]), rule, params)
     )
+
+
+CHUNKED_RULES = [
+    ("alphabeta", [2.0, 1.0, 1e-6, 1.0]),
+    ("alphabeta", [2.0, 1.0, 1e-6, 0.0]),
+    ("zplus", [1e-6, 1.0]),
+    ("gamma", [0.25, 1e-6]),
+]
+
+
+@pytest.mark.parametrize(("rule", "params"), CHUNKED_RULES, ids=str)
+@pytest.mark.parametrize("sign", ["nonneg", "mixed"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_batch_chunks_match_float64(monkeypatch, kind, sign, rule, params):
+    """Large steps of these rules run chunk by chunk (to bound peak memory); uneven chunks of a
+    batch of 11 (six chunks: five of 2, one of 1) must give the float64 reference's numbers and
+    the unchunked step's."""
+    monkeypatch.setattr(_layer_rules, "_CHUNK_MIN_BYTES", 0)
+    assert len(_layer_rules._batch_chunks(torch.zeros(11, 3), torch.zeros(11, 2))) == 6
+    torch.manual_seed(3)
+    if kind == "conv":
+        x = torch.rand(11, 4, 7, 9, dtype=torch.float64)
+        w, b = torch.randn(5, 4, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+        lin = conv._map([2, 1], [1, 1], [1, 1], 1)
+    else:
+        x = torch.rand(11, 6, dtype=torch.float64)
+        w, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+        lin = linear.DENSE_MAP
+    if sign == "mixed":
+        x = x - 0.5
+    full = _layer_rules.forward_reference(lin, x, w, b, rule, params)
+    r = torch.randn_like(full[0])
+    truth = _layer_rules.relevance_reference(lin, x, w, b, full, r, rule, params)
+
+    def fast():
+        lean = [full[0].float()]
+        return _layer_rules.relevance_fast(
+            lin, x.float(), w.float(), b.float(), lean, r.float(), rule, params
+        )
+
+    chunked = fast()
+    torch.testing.assert_close(chunked.double(), truth, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(_layer_rules, "_CHUNK_MIN_BYTES", 1 << 62)
+    torch.testing.assert_close(chunked, fast(), rtol=1e-5, atol=1e-6)
