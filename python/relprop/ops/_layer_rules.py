@@ -400,7 +400,8 @@ def relevance_fast(
     share = divide_fast(relevance, zpos, eps, sign_reference=z, sign=1)
     if _is_nonnegative(z):
         del zpos
-    c = tr(share, weight + gamma * wp, x)
+    # torch.add with alpha: one pass over the weights instead of two (ResNet50: 25M of them).
+    c = tr(share, torch.add(weight, wp, alpha=gamma), x)
     del share
     # The z < 0 branch only exists where z has negative entries (never after a fused ReLU),
     # and after a ReLU the next layer hands those neurons no relevance: skip the product then.
@@ -410,7 +411,7 @@ def relevance_fast(
         share = divide_fast(relevance, zneg, eps, sign_reference=z, sign=-1)
         del zneg
         if bool(share.any()):
-            c.add_(tr(share, weight + gamma * weight.clamp(max=0), x))
+            c.add_(tr(share, torch.add(weight, weight.clamp(max=0), alpha=gamma), x))
     return c.mul_(x)
 
 
