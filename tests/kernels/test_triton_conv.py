@@ -11,7 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.kernels._common import CAN_RUN, DEVICE, RULE_IDS, RULES, _div, needs_triton
+from tests.kernels._common import (
+    CAN_RUN,
+    DEVICE,
+    RULE_IDS,
+    RULES,
+    assert_flash_close,
+    needs_triton,
+    rule_reference,
+)
 from torch.nn.grad import conv2d_input
 
 if CAN_RUN:
@@ -28,16 +36,8 @@ MORE_GEOMETRIES = {
 }
 
 
-def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clamp(min=0)
-
-
-def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clamp(max=0)
-
-
 def reference(x, w, b, relevance, geometry, rule, params):
-    """docs/ops.md, line by line: returns (saved, input relevance)."""
+    """docs/ops.md with torch's convolution and its input gradient: (saved, input relevance)."""
     stride, padding, dilation, groups = geometry
 
     def product(inp, weight, bias=None):
@@ -46,59 +46,7 @@ def reference(x, w, b, relevance, geometry, rule, params):
     def transposed(weight, s):
         return conv2d_input(x.shape, weight, s, stride, padding, dilation, groups)
 
-    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
-    z = product(x, w, b)
-    if rule == "epsilon":
-        return [z], x * transposed(w, _div(relevance, z, params[0]))
-    if rule == "wsquare":
-        den = product(torch.ones_like(x), w * w, None if b is None else b * b)
-        return [z], transposed(w * w, _div(relevance, den, params[0]))
-    if rule == "flat":
-        den = product(torch.ones_like(x), torch.ones_like(w))
-        return [z], transposed(torch.ones_like(w), _div(relevance, den, params[0]))
-    if rule == "zplus":
-        e, use_bias = params
-        zp = product(xp, wp, None if b is None else use_bias * _pos(b)) + product(xn, wn)
-        s = _div(relevance, zp, e)
-        return [z, zp], xp * transposed(wp, s) + xn * transposed(wn, s)
-    if rule == "alphabeta":
-        alpha, beta, e, use_bias = params
-        zp = product(xp, wp, None if b is None else use_bias * _pos(b)) + product(xn, wn)
-        zn = product(xp, wn, None if b is None else use_bias * _neg(b)) + product(xn, wp)
-        sp, sn = _div(relevance, zp, e), _div(relevance, zn, e)
-        r_in = alpha * (xp * transposed(wp, sp) + xn * transposed(wn, sp)) - beta * (
-            xp * transposed(wn, sn) + xn * transposed(wp, sn)
-        )
-        return [z, zp, zn], r_in
-    if rule == "gamma":
-        gamma, e = params
-        w_up, w_down = w + gamma * wp, w + gamma * wn
-        zpos = product(xp, w_up) + product(xn, w_down)
-        zneg = product(xp, w_down) + product(xn, w_up)
-        if b is not None:
-            zpos = zpos + (b + gamma * _pos(b))[:, None, None]
-            zneg = zneg + (b + gamma * _neg(b))[:, None, None]
-        sp = (z > 0) * _div(relevance, zpos, e)
-        sn = (z < 0) * _div(relevance, zneg, e)
-        r_in = xp * (transposed(w_up, sp) + transposed(w_down, sn)) + xn * (
-            transposed(w_down, sp) + transposed(w_up, sn)
-        )
-        return [z, zpos, zneg], r_in
-    assert rule == "zbox"
-    low, high, e = params
-    lo, hi = torch.full_like(x, low), torch.full_like(x, high)
-    zb = product(x, w) - product(lo, wp) - product(hi, wn)
-    s = _div(relevance, zb, e)
-    return [z, zb], x * transposed(w, s) - lo * transposed(wp, s) - hi * transposed(wn, s)
-
-
-def assert_flash_close(kernel, torch_low, truth, ulps: float = 4.0) -> None:
-    """|kernel − truth| ≤ 2·|torch_low − truth| + a few ulps of the scale (max norms)."""
-    kernel_error = (kernel.double() - truth).abs().max().item()
-    torch_error = (torch_low.double() - truth).abs().max().item()
-    scale = max(truth.abs().max().item(), 1.0)
-    atol = ulps * torch.finfo(torch_low.dtype).eps * scale
-    assert kernel_error <= 2 * torch_error + atol, (kernel_error, torch_error, atol)
+    return rule_reference(x, w, b, relevance, rule, params, product, transposed)
 
 
 def _pair(value):

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.kernels._common import CAN_RUN, DEVICE, RULE_IDS, RULES, _div, needs_triton
+from tests.kernels._common import (
+    CAN_RUN,
+    DEVICE,
+    RULE_IDS,
+    RULES,
+    assert_flash_close,
+    needs_triton,
+    rule_reference,
+)
 
 if CAN_RUN:
     from relprop._kernels.triton import linear
-
-
-def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clamp(min=0)
-
-
-def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clamp(max=0)
 
 
 def _product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,60 +34,8 @@ def _transposed(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def reference(x, w, b, relevance, rule, params):
-    """docs/ops.md, line by line: returns (saved, input relevance)."""
-    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
-    z = _product(x, w, b)
-    if rule == "epsilon":
-        return [z], x * _transposed(w, _div(relevance, z, params[0]))
-    if rule == "wsquare":
-        den = _product(torch.ones_like(x), w * w, None if b is None else b * b)
-        return [z], _transposed(w * w, _div(relevance, den, params[0]))
-    if rule == "flat":
-        den = _product(torch.ones_like(x), torch.ones_like(w))
-        return [z], _transposed(torch.ones_like(w), _div(relevance, den, params[0]))
-    if rule == "zplus":
-        e, use_bias = params
-        bias = None if b is None else use_bias * _pos(b)
-        zp = _product(xp, wp, bias) + _product(xn, wn)
-        s = _div(relevance, zp, e)
-        return [z, zp], xp * _transposed(wp, s) + xn * _transposed(wn, s)
-    if rule == "alphabeta":
-        alpha, beta, e, use_bias = params
-        zp = _product(xp, wp, None if b is None else use_bias * _pos(b)) + _product(xn, wn)
-        zn = _product(xp, wn, None if b is None else use_bias * _neg(b)) + _product(xn, wp)
-        sp, sn = _div(relevance, zp, e), _div(relevance, zn, e)
-        r_in = alpha * (xp * _transposed(wp, sp) + xn * _transposed(wn, sp)) - beta * (
-            xp * _transposed(wn, sn) + xn * _transposed(wp, sn)
-        )
-        return [z, zp, zn], r_in
-    if rule == "gamma":
-        gamma, e = params
-        w_up, w_down = w + gamma * wp, w + gamma * wn
-        zpos = _product(xp, w_up) + _product(xn, w_down)
-        zneg = _product(xp, w_down) + _product(xn, w_up)
-        if b is not None:
-            zpos, zneg = zpos + b + gamma * _pos(b), zneg + b + gamma * _neg(b)
-        sp = (z > 0) * _div(relevance, zpos, e)
-        sn = (z < 0) * _div(relevance, zneg, e)
-        r_in = xp * (_transposed(w_up, sp) + _transposed(w_down, sn)) + xn * (
-            _transposed(w_down, sp) + _transposed(w_up, sn)
-        )
-        return [z, zpos, zneg], r_in
-    assert rule == "zbox"
-    low, high, e = params
-    lo, hi = torch.full_like(x, low), torch.full_like(x, high)
-    zb = _product(x, w) - _product(lo, wp) - _product(hi, wn)
-    s = _div(relevance, zb, e)
-    return [z, zb], x * _transposed(w, s) - lo * _transposed(wp, s) - hi * _transposed(wn, s)
-
-
-def assert_flash_close(kernel, torch_low, truth, ulps: float = 4.0) -> None:
-    """|kernel − truth| ≤ 2·|torch_low − truth| + a few ulps of the scale (max norms)."""
-    kernel_error = (kernel.double() - truth).abs().max().item()
-    torch_error = (torch_low.double() - truth).abs().max().item()
-    scale = max(truth.abs().max().item(), 1.0)
-    atol = ulps * torch.finfo(torch_low.dtype).eps * scale
-    assert kernel_error <= 2 * torch_error + atol, (kernel_error, torch_error, atol)
+    """docs/ops.md with explicit sums for the products: returns (saved, input relevance)."""
+    return rule_reference(x, w, b, relevance, rule, params, _product, _transposed)
 
 
 def make_case(batch_shape, n_in, n_out, nonneg, with_bias, rule, seed, dtype=torch.float32):
