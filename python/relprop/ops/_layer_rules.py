@@ -403,15 +403,16 @@ def relevance_fast(
     # torch.add with alpha: one pass over the weights instead of two (ResNet50: 25M of them).
     c = tr(share, torch.add(weight, wp, alpha=gamma), x)
     del share
-    # The z < 0 branch only exists where z has negative entries (never after a fused ReLU),
-    # and after a ReLU the next layer hands those neurons no relevance: skip the product then.
+    # The z < 0 branch only exists where z has negative entries: never after a fused ReLU. Where
+    # z has them (a layer feeding a residual sum, a concatenation, a BatchNorm) relevance does
+    # reach them, so the product runs without first testing the share for zeros: that test
+    # cost a pass and a host sync per layer and almost never saved the product.
     if not _is_nonnegative(z):
         zneg = saved[2] if full else zpos.neg_().add_(z, alpha=2 + gamma)
         zpos = None
         share = divide_fast(relevance, zneg, eps, sign_reference=z, sign=-1)
         del zneg
-        if bool(share.any()):
-            c.add_(tr(share, torch.add(weight, weight.clamp(max=0), alpha=gamma), x))
+        c.add_(tr(share, torch.add(weight, weight.clamp(max=0), alpha=gamma), x))
     return c.mul_(x)
 
 

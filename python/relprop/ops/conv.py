@@ -22,10 +22,14 @@ from relprop.ops._backend import layer_backend
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
 
 
-def _conv_input_grad(x_shape, weight, s, stride, padding, dilation, groups) -> Tensor:
+def _conv_input_grad(x_shape, weight, s, stride, padding, dilation, groups, x=None) -> Tensor:
+    # The layer input itself, where it is at hand and contiguous, tells convolution_backward the
+    # shape for free; some of its paths (thnn's, taken for 1×1 kernels on one thread) make the
+    # input contiguous and would otherwise materialise the zero-stride carrier.
+    like_input = x if x is not None and x.is_contiguous() else _shape_carrier(x_shape, s)
     return torch.ops.aten.convolution_backward(
         s,
-        _shape_carrier(x_shape, s),
+        like_input,
         weight,
         None,
         stride,
@@ -52,7 +56,7 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     def transpose(s: Tensor, weight: Tensor, x: Tensor) -> Tensor:
-        return _conv_input_grad(x.shape, weight, s, stride, padding, dilation, groups)
+        return _conv_input_grad(x.shape, weight, s, stride, padding, dilation, groups, x)
 
     def flat_relevance(x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
         # All-ones weights: every output channel has the same denominator (the receptive field's
