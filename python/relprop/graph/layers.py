@@ -67,7 +67,7 @@ class WeightLayer(Layer):
         x = args[0]
         weight, bias = self.params.get()
         name, rule_params = self.rule.op()
-        lean = layer_backend(x.device) == "native"
+        lean = layer_backend() == "native"
         fwd_name, fwd_params = PLAIN_FORWARD if lean else (name, rule_params)
         op_bias = None if self.rule.ignore_bias else bias
         if self.geometry is None:

@@ -201,8 +201,6 @@ class PlanBuilder:
     def __init__(self, gm: fx.GraphModule, composite) -> None:
         self.gm = gm
         self.composite = composite
-        param = next(iter(gm.parameters()), None)
-        self.device = param.device if param is not None else torch.device("cpu")
 
     def build(self) -> Plan:
         gm = self.gm
@@ -563,7 +561,7 @@ class PlanBuilder:
         step.kind = kind
         step.rule = rule
         op = "linear" if geometry is None else "conv2d"
-        step.impl = f"relprop::{op} [{layer_backend(self.device)}]"
+        step.impl = f"relprop::{op} [{layer_backend()}]"
         if bns:
             step.kind += " + batchnorm"
         step.layer = L.WeightLayer(FoldedParameters(module, bns), rule, geometry, dims)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 BACKENDS = ("reference", "native", "triton")
 
 
@@ -27,8 +25,8 @@ def forced_backend() -> str | None:
     return value
 
 
-def layer_backend(device: torch.device) -> str:
-    """Backend for the linear and convolution relevance ops on ``device``.
+def layer_backend() -> str:
+    """Backend for the linear and convolution relevance ops, on every device.
 
     ``RELPROP_BACKEND`` wins. Otherwise the native path, on CPU and on CUDA alike: there it is
     cuDNN/cuBLAS for the products, the fused CUDA division and the lean saved tensors. The fused
@@ -36,7 +34,4 @@ def layer_backend(device: torch.device) -> str:
     composition at every whole-model setting measured and at all but a few layer shapes
     (``benchmarks/results/gpu_h100.md``), so nothing picks them by default.
     """
-    forced = forced_backend()
-    if forced is not None:
-        return forced
-    return "native"
+    return forced_backend() or "native"

@@ -162,60 +162,50 @@ def conv2d_relevance(
     )
 
 
-def _forward_on():
-    def kernel(x, weight, bias, stride, padding, dilation, groups, rule, params):
-        backend = layer_backend(x.device)
-        geometry = (list(stride), list(padding), list(dilation), groups)
+@conv2d_forward.register_kernel(("cpu", "cuda"))
+def _forward_kernel(x, weight, bias, stride, padding, dilation, groups, rule, params):
+    geometry = (list(stride), list(padding), list(dilation), groups)
 
-        def triton_forward():
-            launch = _triton_kernels().conv2d_forward
-            return lambda x, w, b, rule, params: launch(x, w, b, *geometry, rule, params)
+    def triton_forward():
+        launch = _triton_kernels().conv2d_forward
+        return lambda x, w, b, rule, params: launch(x, w, b, *geometry, rule, params)
 
-        return rules.forward_by_backend(
-            _map(stride, padding, dilation, groups),
-            triton_forward,
-            backend,
-            x,
-            weight,
-            bias,
-            rule,
-            params,
+    return rules.forward_by_backend(
+        _map(stride, padding, dilation, groups),
+        triton_forward,
+        layer_backend(),
+        x,
+        weight,
+        bias,
+        rule,
+        params,
+    )
+
+
+@conv2d_relevance.register_kernel(("cpu", "cuda"))
+def _relevance_kernel(
+    x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params
+):
+    geometry = (list(stride), list(padding), list(dilation), groups)
+
+    def triton_relevance():
+        launch = _triton_kernels().conv2d_relevance
+        return lambda x, w, b, saved, r, rule, params: launch(
+            x, w, b, saved, r, *geometry, rule, params
         )
 
-    return kernel
-
-
-def _relevance_on():
-    def kernel(x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params):
-        backend = layer_backend(x.device)
-        geometry = (list(stride), list(padding), list(dilation), groups)
-
-        def triton_relevance():
-            launch = _triton_kernels().conv2d_relevance
-            return lambda x, w, b, saved, r, rule, params: launch(
-                x, w, b, saved, r, *geometry, rule, params
-            )
-
-        return rules.relevance_by_backend(
-            _map(stride, padding, dilation, groups),
-            triton_relevance,
-            backend,
-            x,
-            weight,
-            bias,
-            saved,
-            relevance,
-            rule,
-            params,
-        )
-
-    return kernel
-
-
-conv2d_forward.register_kernel("cpu")(_forward_on())
-conv2d_forward.register_kernel("cuda")(_forward_on())
-conv2d_relevance.register_kernel("cpu")(_relevance_on())
-conv2d_relevance.register_kernel("cuda")(_relevance_on())
+    return rules.relevance_by_backend(
+        _map(stride, padding, dilation, groups),
+        triton_relevance,
+        layer_backend(),
+        x,
+        weight,
+        bias,
+        saved,
+        relevance,
+        rule,
+        params,
+    )
 
 
 @conv2d_forward.register_fake

@@ -88,30 +88,19 @@ def linear_relevance(x, weight, bias, saved, relevance, rule, params):
     return linear_relevance_reference(x, weight, bias, saved, relevance, rule, params)
 
 
-def _forward_on():
-    def kernel(x, weight, bias, rule, params):
-        backend = layer_backend(x.device)
-        return rules.forward_by_backend(
-            DENSE_MAP, _triton_forward, backend, x, weight, bias, rule, params
-        )
-
-    return kernel
+@linear_forward.register_kernel(("cpu", "cuda"))
+def _forward_kernel(x, weight, bias, rule, params):
+    return rules.forward_by_backend(
+        DENSE_MAP, _triton_forward, layer_backend(), x, weight, bias, rule, params
+    )
 
 
-def _relevance_on():
-    def kernel(x, weight, bias, saved, relevance, rule, params):
-        backend = layer_backend(x.device)
-        return rules.relevance_by_backend(
-            DENSE_MAP, _triton_relevance, backend, x, weight, bias, saved, relevance, rule, params
-        )
-
-    return kernel
-
-
-linear_forward.register_kernel("cpu")(_forward_on())
-linear_forward.register_kernel("cuda")(_forward_on())
-linear_relevance.register_kernel("cpu")(_relevance_on())
-linear_relevance.register_kernel("cuda")(_relevance_on())
+@linear_relevance.register_kernel(("cpu", "cuda"))
+def _relevance_kernel(x, weight, bias, saved, relevance, rule, params):
+    return rules.relevance_by_backend(
+        DENSE_MAP, _triton_relevance, layer_backend(), x, weight, bias, saved, relevance, rule,
+        params,
+    )  # fmt: skip
 
 
 @linear_forward.register_fake
