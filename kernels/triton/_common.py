@@ -105,10 +105,14 @@ def dot_precision(x: torch.Tensor, allow_tf32: bool) -> str:
 def has_negative(x: torch.Tensor) -> bool:
     """Whether ``x`` has a negative entry; without one the kernels skip every x⁻ product.
 
-    One reduction and a host sync per launch, instead of a branch on device data around
-    ``tl.dot``, which Triton 3.6 compiled into faulting or wrong Hopper code.
+    Decided on the host instead of by a branch on device data around ``tl.dot``, which Triton 3.6
+    compiled into faulting or wrong Hopper code. It is relprop's own test, with the answer kept on
+    the tensor, so a layer's forward and relevance launches reduce x once between them and a
+    fused ReLU's output needs no reduction at all.
     """
-    return x.numel() > 0 and bool(x.amin() < 0)
+    from relprop.ops._layer_rules import _is_nonnegative
+
+    return not _is_nonnegative(x)
 
 
 def is_interpreted(device: torch.device) -> bool:
