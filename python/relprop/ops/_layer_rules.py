@@ -314,6 +314,14 @@ def _batch_chunks(x: Tensor, relevance: Tensor) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def _in_chunks(x: Tensor, chunks: list[slice], step: Callable[[slice], Tensor]) -> Tensor:
+    """The input relevance assembled from ``step(part)`` for each batch slice in turn."""
+    out = torch.empty_like(x)
+    for part in chunks:
+        out[part] = step(part)
+    return out
+
+
 def relevance_fast(
     lin: LinearMap,
     x: Tensor,
@@ -345,16 +353,16 @@ def relevance_fast(
                 # shares at the output's size; chunk by chunk only a chunk's worth of them
                 # lives at once (this step was α-β's peak on VGG16: the 3-channel image in,
                 # 64 channels at 224×224 out).
-                out = torch.empty_like(x)
-                for part in chunks:
+                def mixed_part(part: slice) -> Tensor:
                     part_saved = complete_saved(
                         lin, x[part], weight, bias, [t[part] for t in saved], rule, params,
                         forward_fast,
                     )  # fmt: skip
-                    out[part] = relevance_reference(
+                    return relevance_reference(
                         lin, x[part], weight, bias, part_saved, relevance[part], rule, params
                     )
-                return out
+
+                return _in_chunks(x, chunks, mixed_part)
         saved = complete_saved(lin, x, weight, bias, saved, rule, params, forward_fast)
         if rule == "zbox":
             # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs = (x − h)·Wᵀs + (h − l)·W⁺ᵀs, since W⁻ = W − W⁺.
@@ -387,13 +395,13 @@ def relevance_fast(
         # Chunk by chunk the step holds its output and one chunk's transients instead of three
         # whole-batch ones (W⁺x, a share, the second transposed product): this step was the
         # peak of a whole α-β analysis (1.55× a gradient's memory on VGG16).
-        out = torch.empty_like(x)
-        for part in chunks:
-            out[part] = _alphabeta_nonnegative(
+        return _in_chunks(
+            x, chunks,
+            lambda part: _alphabeta_nonnegative(
                 lin, x[part], weight, bias, None if z is None else z[part], None,
                 relevance[part], params,
-            )  # fmt: skip
-        return out
+            ),
+        )  # fmt: skip
     gamma, eps = params[0], params[1]
     # zpos = z + γ(W⁺x + b⁺), zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos
     zpos = saved[1] if full else lin.forward(x, wp, _positive(bias)).mul_(gamma).add_(z)
