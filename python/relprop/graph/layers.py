@@ -20,7 +20,12 @@ from relprop.ops import conv as conv_ops
 from relprop.ops import linear as linear_ops
 from relprop.ops import pool as pool_ops
 from relprop.ops._backend import layer_backend
-from relprop.ops._layer_rules import divide, divide_fast, mark_nonnegative
+from relprop.ops._layer_rules import (
+    divide,
+    divide_fast,
+    is_marked_nonnegative,
+    mark_nonnegative,
+)
 from relprop.rules.base import Rule
 
 
@@ -140,12 +145,20 @@ class PassLayer(Layer):
     """Element-wise layers (activations, dropout, identities, unfoldable BatchNorm, scaling by a
     constant): relevance goes through unchanged to the one tensor argument."""
 
-    def __init__(self, fn: Callable[..., Any], live_index: int = 0) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], live_index: int = 0, nonnegative_output: bool = False
+    ) -> None:
         self.fn = fn
         self.live_index = live_index
+        # A ReLU: its output is marked ≥ 0, so the next layer's rule skips its x⁻ terms without
+        # a reduction and a host sync to find out (relprop.ops._layer_rules).
+        self.nonnegative_output = nonnegative_output
 
     def forward(self, args, kwargs):
-        return self.fn(*args, **kwargs), None
+        out = self.fn(*args, **kwargs)
+        if self.nonnegative_output and isinstance(out, Tensor):
+            mark_nonnegative(out)
+        return out, None
 
     def relevance(self, saved, relevance):
         out: list[Tensor | None] = [None] * (self.live_index + 1)
@@ -164,6 +177,7 @@ class MovementLayer(Layer):
     def forward(self, args, kwargs):
         out = self.fn(*args, **kwargs)
         if self.reshape_only:
+            _keep_nonnegative_mark(args[0], out)
             return out, args[0].shape
         return out, (args, kwargs)
 
@@ -229,6 +243,7 @@ class MaxPoolLayer(Layer):
     def forward(self, args, kwargs):
         x = args[0]
         out, indices = self.pool(x)
+        _keep_nonnegative_mark(x, out)
         return out, (indices, x.shape)
 
     def relevance(self, saved, relevance):
@@ -258,6 +273,7 @@ class AvgPoolLayer(Layer):
             o["count_include_pad"],
             **extra,
         )
+        _keep_nonnegative_mark(x, out)
         return out, x
 
     def relevance(self, saved, relevance):
@@ -288,7 +304,9 @@ class AdaptiveAvgPoolLayer(Layer):
     def forward(self, args, kwargs):
         x = args[0]
         pool = F.adaptive_avg_pool1d if self.dims == 1 else F.adaptive_avg_pool2d
-        return pool(x, self.output_size), x
+        out = pool(x, self.output_size)
+        _keep_nonnegative_mark(x, out)
+        return out, x
 
     def relevance(self, saved, relevance):
         size = self.output_size
@@ -296,6 +314,12 @@ class AdaptiveAvgPoolLayer(Layer):
             size = _pair(size)
             size = tuple(saved.shape[2 + i] if s is None else s for i, s in enumerate(size))
         return [pool_ops.adaptive_avg_pool_relevance(saved, relevance, size, self.stabilizer)]
+
+
+def _keep_nonnegative_mark(x: Any, out: Any) -> None:
+    # Pooling and reshaping a tensor known to be ≥ 0 give one that is ≥ 0.
+    if isinstance(x, Tensor) and isinstance(out, Tensor) and is_marked_nonnegative(x):
+        mark_nonnegative(out)
 
 
 def _flat_tensors(args: tuple, kwargs: dict) -> list[Any]:

@@ -387,7 +387,9 @@ class PlanBuilder:
                 step.layer = L.AdaptiveAvgPoolLayer(dims, module.output_size, stabilizer)
             elif isinstance(module, ACTIVATION_MODULES):
                 step.kind, step.rule = "activation", Pass()
-                step.layer = L.PassLayer(_out_of_place(module))
+                step.layer = L.PassLayer(
+                    _out_of_place(module), nonnegative_output=type(module) is nn.ReLU
+                )
             elif isinstance(module, IDENTITY_MODULES) or type(module).__name__ == "StochasticDepth":
                 step.kind, step.rule = "identity", Pass()
                 step.layer = L.PassLayer(_identity)
@@ -414,7 +416,7 @@ class PlanBuilder:
             is_method and target in ACTIVATION_METHODS
         ):
             step.kind, step.rule = "activation", Pass()
-            step.layer = L.PassLayer(self._callable(node))
+            step.layer = L.PassLayer(self._callable(node), nonnegative_output=self._is_relu(node))
         elif (
             not is_method
             and (

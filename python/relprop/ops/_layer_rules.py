@@ -54,6 +54,10 @@ class LinearMap:
     transpose: Callable[[Tensor, Tensor, Tensor], Tensor]
     # The flat rule's relevance without forming the all-ones weights, where the map knows how.
     flat_relevance: Callable[[Tensor, Tensor, Tensor, float], Tensor] | None = None
+    # Whether weights concatenated along dim 1 act on inputs concatenated along dim 1 as the sum
+    # of the two maps (dense layers; convolutions with one group), so that ``A x⁺ + B x⁻`` is one
+    # product of ``[x⁺, x⁻]`` with ``[A, B]``.
+    stacks_inputs: bool = False
 
 
 def check_rule(rule: str, params: Sequence[float]) -> None:
@@ -220,6 +224,16 @@ def mark_nonnegative(t: Tensor) -> None:
     setattr(t, NONNEGATIVE_MARK, (t._version, True))
 
 
+def is_marked_nonnegative(t: Tensor) -> bool:
+    """Whether ``t`` carries a mark (from a fused ReLU or a earlier test) that it is ≥ 0.
+
+    No reduction and no host sync: where the answer only decides whether a term that would be
+    zero is skipped, an unmarked tensor simply gets the term computed.
+    """
+    mark = getattr(t, NONNEGATIVE_MARK, None)
+    return mark is not None and mark[0] == t._version and mark[1]
+
+
 def _is_nonnegative(x: Tensor) -> bool:
     # One reduction decides whether the x⁻ terms (half the modified products) can be skipped;
     # its answer is kept on the tensor until the tensor changes.
@@ -273,11 +287,18 @@ def _aux_nonnegative(
             # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), no third product needed.
             return [zp, z - zp]
         return [zp, lin.forward(x, weight.clamp(max=0), None)]
-    # γ with x ≥ 0: zpos = z + γ(W⁺x + b⁺) and zneg = z + γ(W⁻x + b⁻) = (1 + γ)z − γ(W⁺x + b⁺).
+    # γ with x ≥ 0: zpos = (W + γW⁺)x + b + γb⁺, one product, and
+    # zneg = z + γ(W⁻x + b⁻) = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos.
     gamma = params[0]
-    zpos = lin.forward(x, wp, _positive(bias)).mul_(gamma).add_(z)
-    # zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos
+    zpos = lin.forward(x, *_gamma_up(weight, bias, gamma))
     return [zpos, torch.add(-zpos, z, alpha=2 + gamma)]
+
+
+def _gamma_up(weight: Tensor, bias: Tensor | None, gamma: float) -> tuple[Tensor, Tensor | None]:
+    """``W + γW⁺`` and ``b + γb⁺``; torch.add with alpha is one pass over the weights instead of
+    two (ResNet50 has 25M of them)."""
+    w_up = torch.add(weight, weight.clamp(min=0), alpha=gamma)
+    return w_up, None if bias is None else torch.add(bias, bias.clamp(min=0), alpha=gamma)
 
 
 def complete_saved(
@@ -345,7 +366,36 @@ def relevance_fast(
         z = saved[0] if saved else lin.forward(x, weight, bias)
         # The transposed product is a fresh tensor: scale it by x in place, no extra buffer.
         return tr(divide_fast(relevance, z, params[0]), weight, x).mul_(x)
-    if rule in ("wsquare", "zbox") or not _is_nonnegative(x):
+    if rule == "zbox":
+        # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs = (x − h)·Wᵀs + (h − l)·W⁺ᵀs, since W⁻ = W − W⁺.
+        low, high, eps = params
+        zb = saved[1] if len(saved) == 2 else _zbox_denominator(lin, x, weight, low, high)
+        s = divide_fast(relevance, zb, eps)
+        del zb
+        c = tr(s, weight, x)
+        cp = tr(s, weight.clamp(min=0), x)
+        return c.mul_(x - high).add_(cp.mul_(high - low))
+    if rule in ("zplus", "alphabeta", "gamma") and lin.stacks_inputs and not _is_nonnegative(x):
+        # Mixed-sign input (a first layer): x⁺ and x⁻ side by side, each product one call.
+        chunks = _batch_chunks(x, relevance) if len(saved) <= 1 else [slice(None)]
+        z = saved[0] if saved else None
+        if z is None and rule == "gamma":
+            z = lin.forward(x, weight, bias)  # γ keeps each share where z has its sign
+
+        def stacked_part(part: slice) -> Tensor:
+            part_saved = [t[part] for t in saved] if len(saved) > 1 else None
+            return _mixed_input_relevance(
+                lin, x[part], weight, bias, None if z is None else z[part], part_saved,
+                relevance[part], rule, params,
+            )  # fmt: skip
+
+        if len(chunks) == 1:
+            return stacked_part(slice(None))
+        # Chunk by chunk only a chunk's worth of the output-sized transients (two modified
+        # pre-activations and their shares) lives at once: a first layer's output is the
+        # largest tensor of a VGG (64 channels at 224×224).
+        return _in_chunks(x, chunks, stacked_part)
+    if rule == "wsquare" or not _is_nonnegative(x):
         if rule in ("zplus", "alphabeta", "gamma") and len(saved) <= 1:
             chunks = _batch_chunks(x, relevance)
             if len(chunks) > 1:
@@ -364,12 +414,6 @@ def relevance_fast(
 
                 return _in_chunks(x, chunks, mixed_part)
         saved = complete_saved(lin, x, weight, bias, saved, rule, params, forward_fast)
-        if rule == "zbox":
-            # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs = (x − h)·Wᵀs + (h − l)·W⁺ᵀs, since W⁻ = W − W⁺.
-            s = divide_fast(relevance, saved[1], params[2])
-            c = tr(s, weight, x)
-            cp = tr(s, weight.clamp(min=0), x)
-            return c.mul_(x - params[1]).add_(cp.mul_(params[1] - params[0]))
         return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params)
     # z⁺ never reads z; αβ and γ do (a lean saved then holds it, or it is recomputed).
     if saved:
@@ -380,8 +424,8 @@ def relevance_fast(
     # buffers this function owns and reuses in place, each freed as soon as it is spent — the
     # peak of a layer's relevance step is what decides the peak memory of the whole analysis.
     full = len(saved) > 1
-    wp = weight.clamp(min=0)
     if rule == "zplus":
+        wp = weight.clamp(min=0)
         zp = saved[1] if full else lin.forward(x, wp, _positive(bias) if params[1] != 0 else None)
         share = divide_fast(relevance, zp, params[0])
         del zp
@@ -403,25 +447,99 @@ def relevance_fast(
             ),
         )  # fmt: skip
     gamma, eps = params[0], params[1]
-    # zpos = z + γ(W⁺x + b⁺), zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos
-    zpos = saved[1] if full else lin.forward(x, wp, _positive(bias)).mul_(gamma).add_(z)
+    # zpos = (W + γW⁺)x + b + γb⁺ straight from the product with the γ weights, which the
+    # transposed product needs anyway (no W⁺x scaled and added to z: two passes fewer);
+    # zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos.
+    w_up, b_up = _gamma_up(weight, bias, gamma)
+    zpos = saved[1] if full else lin.forward(x, w_up, b_up)
     share = divide_fast(relevance, zpos, eps, sign_reference=z, sign=1)
-    if _is_nonnegative(z):
+    # The z < 0 branch only exists where z has negative entries: never after a fused ReLU, which
+    # marks its output. Where z is not marked (a layer feeding a residual sum, a concatenation,
+    # a BatchNorm) relevance does reach negative entries, so the branch runs without testing z
+    # or the share for them: a test costs a pass and a host sync per layer and almost never
+    # saves the product; where there are none the branch adds zeros.
+    z_nonnegative = is_marked_nonnegative(z)
+    if z_nonnegative:
         del zpos
-    # torch.add with alpha: one pass over the weights instead of two (ResNet50: 25M of them).
-    c = tr(share, torch.add(weight, wp, alpha=gamma), x)
-    del share
-    # The z < 0 branch only exists where z has negative entries: never after a fused ReLU. Where
-    # z has them (a layer feeding a residual sum, a concatenation, a BatchNorm) relevance does
-    # reach them, so the product runs without first testing the share for zeros: that test
-    # cost a pass and a host sync per layer and almost never saved the product.
-    if not _is_nonnegative(z):
+    c = tr(share, w_up, x)
+    del share, w_up
+    if not z_nonnegative:
         zneg = saved[2] if full else zpos.neg_().add_(z, alpha=2 + gamma)
         zpos = None
         share = divide_fast(relevance, zneg, eps, sign_reference=z, sign=-1)
         del zneg
         c.add_(tr(share, torch.add(weight, weight.clamp(max=0), alpha=gamma), x))
     return c.mul_(x)
+
+
+def _zbox_denominator(lin: LinearMap, x: Tensor, weight: Tensor, low: float, high: float):
+    """``Wx − W⁺l − W⁻h`` (no bias): the bounds' products are the same for every sample, so
+    they are computed for one and broadcast instead of convolving two constant batches."""
+    bounds = torch.full_like(x[:1], low), torch.full_like(x[:1], high)
+    offset = lin.forward(bounds[0], weight.clamp(min=0), None).add_(
+        lin.forward(bounds[1], weight.clamp(max=0), None)
+    )
+    return lin.forward(x, weight, None).sub_(offset)
+
+
+def _mixed_input_relevance(
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    z: Tensor | None,
+    saved: Sequence[Tensor] | None,
+    relevance: Tensor,
+    rule: str,
+    params: Sequence[float],
+) -> Tensor:
+    """z⁺, α-β and γ for input of both signs, with ``[x⁺, x⁻]`` stacked along dim 1.
+
+    Every term of :func:`relevance_reference` pairs ``x⁺`` with one weight set and ``x⁻`` with
+    its mirror (``W⁺``/``W⁻``, ``W + γW⁺``/``W + γW⁻``), so each modified pre-activation is one
+    product of the stacked input with ``[A, B]`` and each pair of transposed products is one
+    product with it too: a first layer's output-sized tensors are written once per rule term
+    instead of once per product, sum and division step of the reference.
+    """
+    tr = lin.transpose
+    channels = x.shape[1]
+    both = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1)
+    if rule == "gamma":
+        up = torch.add(weight, weight.clamp(min=0), alpha=params[0])
+        down = torch.add(weight, weight.clamp(max=0), alpha=params[0])
+        up_bias = down_bias = None
+        if bias is not None:
+            up_bias = torch.add(bias, bias.clamp(min=0), alpha=params[0])
+            down_bias = torch.add(bias, bias.clamp(max=0), alpha=params[0])
+        eps = params[1]
+        # (weights on x⁺, on x⁻, bias, scale, sign of z that keeps the share)
+        terms = [(up, down, up_bias, 1.0, 1), (down, up, down_bias, 1.0, -1)]
+    else:
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        use_bias = params[-1] != 0 and bias is not None
+        bp = bias.clamp(min=0) if use_bias else None
+        if rule == "zplus":
+            eps = params[0]
+            terms = [(wp, wn, bp, 1.0, 0)]
+        else:
+            eps = params[2]
+            bn = bias.clamp(max=0) if use_bias else None
+            terms = [(wp, wn, bp, params[0], 0)]
+            if params[1] != 0:
+                terms.append((wn, wp, bn, -params[1], 0))
+    c = None
+    for index, (on_positive, on_negative, term_bias, scale, sign) in enumerate(terms):
+        stacked = torch.cat([on_positive, on_negative], dim=1)
+        denominator = saved[1 + index] if saved else lin.forward(both, stacked, term_bias)
+        share = divide_fast(
+            relevance, denominator, eps, scale, sign_reference=z if sign else None, sign=sign or 1
+        )
+        del denominator
+        term = tr(share, stacked, both)
+        del share
+        c = term if c is None else c.add_(term)
+    both.mul_(c)
+    return torch.add(both[:, :channels], both[:, channels:])
 
 
 def _alphabeta_nonnegative(
@@ -445,8 +563,8 @@ def _alphabeta_nonnegative(
         if saved:
             zn = saved[2]
         elif use_bias or bias is None:
-            # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), in zp's buffer.
-            zn = zp.neg_().add_(z)
+            # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), into zp's buffer in one pass.
+            zn = torch.sub(z, zp, out=zp)
         else:
             zn = lin.forward(x, weight.clamp(max=0), None)
         del zp

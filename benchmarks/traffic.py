@@ -1,0 +1,244 @@
+"""Counted work of each method: FLOPs, bytes moved and kernels launched, as multiples of a gradient.
+
+Timing needs the machine the numbers are for; counting does not. This runner executes every
+method of ``run.py`` once on the CPU under a ``TorchDispatchMode`` that sees each kernel-level
+operator (aten ops, and relprop's leaf ops, whose native kernels torch cannot look into) and
+records:
+
+- **FLOPs** of the products (convolutions and matrix products, by ``torch.utils.flop_counter``'s
+  formulas; composite ops such as ``conv2d`` are decomposed so their convolution is seen);
+- **bytes** each op reads and writes: every distinct element of its tensor arguments and results
+  (zero-stride dimensions count once; views, ``empty`` and metadata ops move nothing). This is the
+  traffic of a machine without caches between kernels, which is what a GPU's HBM sees for
+  tensors of these sizes;
+- **launches**: ops that move bytes or do FLOPs (one kernel each, roughly; cuDNN may run two).
+
+Counts grow linearly with the batch except for the weights, which each product reads once:
+every op class is counted at two batches and extrapolated to ``--batch`` (both counted batches
+are large enough that every chunked step runs in the same number of chunks).
+
+The **roofline** column turns the counts into a lower bound of time on a machine with the given
+peak product rate and memory bandwidth (defaults: an H100 SXM in TF32 and HBM3, derated to what
+cuDNN and a streaming kernel reach): for each op class ``max(FLOPs / peak, bytes / bandwidth)``.
+It is a model, not a measurement; its ratios show where a method's extra time must come from.
+
+Usage::
+
+    python benchmarks/traffic.py                            # vgg16, resnet50; batch 64 by count
+    python benchmarks/traffic.py --models vgg16 --by-op     # and where each method's bytes go
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # the benchmark's models, inputs and methods
+
+# relprop ops whose CPU kernels are native code (relprop._C): counted as one kernel each, since
+# the mode cannot see inside them. The layer ops (conv2d_*, linear_*) are compositions of aten
+# ops and are descended into.
+LEAF_OPS = {
+    "stabilized_divide",
+    "max_pool_relevance",
+    "avg_pool2d_relevance",
+    "adaptive_avg_pool2d_relevance",
+}
+# Ops that allocate or relabel without touching memory.
+NO_TRAFFIC = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "detach",
+              "lift_fresh", "_to_copy_meta", "set_", "resize_", "_local_scalar_dense"}  # fmt: skip
+
+
+def distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor addresses (a zero stride repeats one element)."""
+    count = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            count *= size
+    return count * t.element_size() if t.numel() else 0
+
+
+@dataclass
+class OpCount:
+    calls: int = 0
+    flops: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Counts:
+    """Per op name: calls, FLOPs and bytes."""
+
+    ops: dict[str, OpCount] = field(default_factory=lambda: defaultdict(OpCount))
+
+    def total(self, attr: str) -> float:
+        return float(sum(getattr(c, attr) for c in self.ops.values()))
+
+
+class CountingMode(TorchDispatchMode):
+    """Records :class:`Counts` of every kernel-level op run under it (see the module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = Counts()
+
+    def _record(self, name: str, args, kwargs, out, flops: int = 0) -> None:
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        moved = sum(distinct_bytes(t) for t in tensors)
+        if moved or flops:
+            entry = self.counts.ops[name]
+            entry.calls += 1
+            entry.bytes += moved
+            entry.flops += flops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if func.namespace == "relprop":
+            if name in LEAF_OPS:
+                out = func(*args, **kwargs)
+                self._record(f"relprop::{name}", args, kwargs, out)
+                return out
+            # Run the CPU kernel with this mode active, so its aten ops are seen.
+            with self:
+                return func.redispatch(
+                    torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs
+                )
+        if func.is_view or name in NO_TRAFFIC:
+            return func(*args, **kwargs)
+        if func.overloadpacket not in flop_registry:
+            # conv2d, linear, matmul...: decompose so the product underneath is counted.
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        flops = 0
+        if func.overloadpacket in flop_registry:
+            flops = int(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
+        self._record(name, args, kwargs, out, flops)
+        return out
+
+
+def count(call: Callable[[], object]) -> Counts:
+    """Counts of one ``call()``."""
+    mode = CountingMode()
+    with mode:
+        call()
+    return mode.counts
+
+
+def extrapolate(small: Counts, large: Counts, n_small: int, n_large: int, n: int) -> Counts:
+    """Counts at batch ``n`` from counts at two batches, linear in the batch per op name."""
+    out = Counts()
+    for name in set(small.ops) | set(large.ops):
+        a, b = small.ops.get(name, OpCount()), large.ops.get(name, OpCount())
+
+        def line(u: float, v: float) -> int:
+            slope = (v - u) / (n_large - n_small)
+            return max(round(v + slope * (n - n_large)), 0)
+
+        out.ops[name] = OpCount(b.calls, line(a.flops, b.flops), line(a.bytes, b.bytes))
+    return out
+
+
+def roofline_seconds(counts: Counts, peak_flops: float, bandwidth: float) -> float:
+    """Σ over op classes of max(FLOPs / peak, bytes / bandwidth)."""
+    return sum(max(c.flops / peak_flops, c.bytes / bandwidth) for c in counts.ops.values())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="vgg16,resnet50")
+    parser.add_argument("--methods", default=",".join(run.METHODS))
+    parser.add_argument("--providers", default="relprop", help="relprop,zennit")
+    parser.add_argument("--batch", type=int, default=64, help="batch the counts are scaled to")
+    parser.add_argument(
+        "--count-batches", default="8,16", help="two batches actually run, ≥ 8 (chunk counts)"
+    )
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument(
+        "--peak-tflops", type=float, default=400.0, help="product rate of the roofline (TF32)"
+    )
+    parser.add_argument(
+        "--bandwidth-tbs", type=float, default=3.0, help="memory bandwidth of the roofline"
+    )
+    parser.add_argument("--by-op", action="store_true", help="also list each method's top ops")
+    parser.add_argument("--threads", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_small, n_large = (int(v) for v in args.count_batches.split(","))
+    methods = [m for m in args.methods.split(",") if m]
+    providers = [p for p in args.providers.split(",") if p]
+    peak, bandwidth = args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12
+    device, dtype = torch.device("cpu"), torch.float32
+    print(
+        f"# Counted work, batch {args.batch} (counted at {n_small} and {n_large}), "
+        f"3×{args.size}×{args.size}, float32; roofline at {args.peak_tflops:g} TFLOP/s and "
+        f"{args.bandwidth_tbs:g} TB/s\n"
+    )
+    for model_name in args.models.split(","):
+        model = run.make_model(model_name, device, dtype)
+        results: list[tuple[str, Counts]] = []
+        for case in run.plan_cases(methods, providers, ["default"]):
+            try:
+                per_batch = []
+                for n in (n_small, n_large):
+                    x = run.make_input(n, args.size, device, dtype)
+                    call = run.build_call(case, model_name, model, x)
+                    call()  # warm-up: tracing and caches are not the method's steady work
+                    per_batch.append(count(call))
+                    del call, x
+            except run.NotApplicable as err:
+                print(f"{case.key}: n/a ({err})")
+                continue
+            results.append((case.key, extrapolate(*per_batch, n_small, n_large, args.batch)))
+        base = results[0][1]
+        base_time = roofline_seconds(base, peak, bandwidth)
+        print(f"## {model_name}\n")
+        print(
+            "| method | GFLOP | × gradient | floor × | FLOP-floor fraction | GB moved | × gradient "
+            "| launches | roofline ms | × gradient |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for key, counts in results:
+            flops, moved = counts.total("flops"), counts.total("bytes")
+            floor = run.FLOOR[key.split(" / ")[0]]
+            flop_ratio = flops / base.total("flops")
+            seconds = roofline_seconds(counts, peak, bandwidth)
+            print(
+                f"| {key} | {flops / 1e9:.0f} | {flop_ratio:.2f} | {floor:.1f} | "
+                f"{floor / flop_ratio:.2f} | {moved / 1e9:.1f} | "
+                f"{moved / base.total('bytes'):.2f} | {counts.total('calls'):.0f} | "
+                f"{seconds * 1e3:.1f} | {seconds / base_time:.2f} |"
+            )
+        if args.by_op:
+            for key, counts in results:
+                print(f"\n{model_name}, {key}: bytes by op")
+                ranked = sorted(counts.ops.items(), key=lambda item: -item[1].bytes)
+                for name, c in ranked[:12]:
+                    print(
+                        f"  {name:40s} {c.calls:5d} calls {c.bytes / 1e9:8.2f} GB "
+                        f"{c.flops / 1e9:8.0f} GFLOP"
+                    )
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
