@@ -94,6 +94,8 @@ class WeightLayer(Layer):
                 fwd_name,
                 fwd_params,
             )
+        # x_op is a view of x (flattened or unsqueezed): it is as non-negative as x.
+        _keep_nonnegative_mark(x, x_op)
         z = saved[0]
         if lean and name not in READS_Z:
             saved = []
@@ -107,6 +109,7 @@ class WeightLayer(Layer):
             out = z.reshape(*lead, z.shape[-1])
         else:
             out = z.squeeze(2) if self.dims == 1 else z
+        _keep_nonnegative_mark(z, out)  # out is a view of z
         return out, (x_op, w_op, op_bias, saved, lead)
 
     def relevance(self, saved, relevance):
