@@ -8,7 +8,8 @@ records:
 - **FLOPs** of the products (convolutions and matrix products, by ``torch.utils.flop_counter``'s
   formulas; composite ops such as ``conv2d`` are decomposed so their convolution is seen);
 - **bytes** each op reads and writes: every distinct element of its tensor arguments and results
-  (zero-stride dimensions count once; views, ``empty`` and metadata ops move nothing). This is the
+  (zero-stride dimensions count once, a tensor passed twice counts once — an in-place result is
+  read and written in one pass; views, ``empty`` and metadata ops move nothing). This is the
   traffic of a machine without caches between kernels, which is what a GPU's HBM sees for
   tensors of these sizes;
 - **launches**: ops that move bytes or do FLOPs (one kernel each, roughly; cuDNN may run two).
@@ -94,7 +95,10 @@ class CountingMode(TorchDispatchMode):
 
     def _record(self, name: str, args, kwargs, out, flops: int = 0) -> None:
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-        moved = sum(distinct_bytes(t) for t in tensors)
+        # A tensor passed twice (a division by the factor it multiplies, an in-place result) is
+        # read once.
+        unique = {(t.data_ptr(), tuple(t.shape), t.stride(), t.dtype): t for t in tensors}
+        moved = sum(distinct_bytes(t) for t in unique.values())
         if moved or flops:
             entry = self.counts.ops[name]
             entry.calls += 1

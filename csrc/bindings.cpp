@@ -42,8 +42,9 @@ SignMask sign_mask(int sign) {
 }
 
 constexpr const char* kStabilizedDivideDoc =
-    "out = scale * numerator / stab(denominator, epsilon), stab(d, e) = d + e*(sign(d) + [d == 0]), "
-    "0 where stab is 0; sign = +1 / -1 keeps only entries with sign_reference > 0 / < 0 (0 "
+    "out = scale * (numerator * factor) / stab(denominator, epsilon), stab(d, e) = d + "
+    "e*(sign(d) + [d == 0]), 0 where stab is 0; factor = 0 (no address) takes the numerator as it "
+    "is; sign = +1 / -1 keeps only entries with sign_reference > 0 / < 0 (0 "
     "elsewhere), sign = 0 ignores sign_reference. All buffers contiguous, numel elements; dtype: "
     "0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
 
@@ -122,27 +123,29 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "stabilized_divide_cpu",
-      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator, double epsilon,
-         double scale, uintptr_t sign_reference, int sign, uintptr_t out) {
-        stabilized_divide_cpu(static_cast<DType>(dtype), numel, numerator, denominator, epsilon,
-                              scale, sign_reference, sign_mask(sign), out);
+      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t factor, uintptr_t denominator,
+         double epsilon, double scale, uintptr_t sign_reference, int sign, uintptr_t out) {
+        stabilized_divide_cpu(static_cast<DType>(dtype), numel, numerator, factor, denominator,
+                              epsilon, scale, sign_reference, sign_mask(sign), out);
       },
-      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("denominator"),
-      py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"), py::arg("sign"),
-      py::arg("out"), release_gil, kStabilizedDivideDoc);
+      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("factor"),
+      py::arg("denominator"), py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"),
+      py::arg("sign"), py::arg("out"), release_gil, kStabilizedDivideDoc);
 
 #ifdef RELPROP_WITH_CUDA
   m.def(
       "stabilized_divide_cuda",
-      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator, double epsilon,
-         double scale, uintptr_t sign_reference, int sign, uintptr_t out, uintptr_t stream,
-         int device) {
-        stabilized_divide_cuda(static_cast<DType>(dtype), numel, numerator, denominator, epsilon,
-                               scale, sign_reference, sign_mask(sign), out, stream, device);
+      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t factor, uintptr_t denominator,
+         double epsilon, double scale, uintptr_t sign_reference, int sign, uintptr_t out,
+         uintptr_t stream, int device) {
+        stabilized_divide_cuda(static_cast<DType>(dtype), numel, numerator, factor, denominator,
+                               epsilon, scale, sign_reference, sign_mask(sign), out, stream,
+                               device);
       },
-      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("denominator"),
-      py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"), py::arg("sign"),
-      py::arg("out"), py::arg("stream"), py::arg("device"), release_gil, kStabilizedDivideDoc);
+      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("factor"),
+      py::arg("denominator"), py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"),
+      py::arg("sign"), py::arg("out"), py::arg("stream"), py::arg("device"), release_gil,
+      kStabilizedDivideDoc);
 
   m.def(
       "max_pool_relevance_cuda",

@@ -1,7 +1,7 @@
 // CPU twin of the fused element-wise kernels (kernels/cuda/elementwise.cu).
 //
-// The work is memory-bound: one pass reads the numerator, the denominator and (optionally) the sign
-// reference and writes the result, where the torch composition makes five to eight passes. OpenMP
+// The work is memory-bound: one pass reads the numerator, the denominator and (optionally) a factor
+// of the numerator and the sign reference and writes the result, where the torch composition makes five to eight passes. OpenMP
 // threads take contiguous runs of chunks; inside a chunk the loop is branch-free (selects only), so
 // -O3 vectorises it. Every element is computed on its own: results do not depend on the thread
 // count.
@@ -22,14 +22,17 @@ constexpr int64_t kParallelThreshold = 4 * kChunk;
 // Vectorises only without GCC's default -ftrapping-math (CMakeLists.txt compiles this file with
 // -fno-trapping-math, which changes no result, only whether FP exception flags are preserved):
 // with it GCC sinks the division into a branch on `keep` and will not if-convert it back.
-template <typename T, SignMask kMask>
-void divide_range(const T* __restrict numerator, const T* __restrict denominator,
-                  const T* __restrict reference, T epsilon, T scale, T* __restrict out,
-                  int64_t begin, int64_t end) {
+template <typename T, SignMask kMask, bool kFactor>
+void divide_range(const T* __restrict numerator, const T* __restrict factor,
+                  const T* __restrict denominator, const T* __restrict reference, T epsilon,
+                  T scale, T* __restrict out, int64_t begin, int64_t end) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const T stabilized = stabilize_denominator(denominator[i], epsilon);
-    const T quotient = (scale * numerator[i]) / stabilized;
+    // Parenthesised as in the reference (python/relprop/ops/elementwise.py): equal bitwise.
+    const T quotient =
+        kFactor ? (scale * (numerator[i] * factor[i])) / stabilized
+                : (scale * numerator[i]) / stabilized;
     // `&`, not `&&`: a short-circuit would make the reference load conditional.
     bool keep = stabilized != T(0);
     if constexpr (kMask == SignMask::Positive) keep = keep & (reference[i] > T(0));
@@ -38,50 +41,60 @@ void divide_range(const T* __restrict numerator, const T* __restrict denominator
   }
 }
 
-template <typename T, SignMask kMask>
-void divide_all(int64_t numel, const T* numerator, const T* denominator, const T* reference,
-                T epsilon, T scale, T* out) {
+template <typename T, SignMask kMask, bool kFactor>
+void divide_all(int64_t numel, const T* numerator, const T* factor, const T* denominator,
+                const T* reference, T epsilon, T scale, T* out) {
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) if (numel >= kParallelThreshold)
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const int64_t begin = chunk * kChunk;
     const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
-    divide_range<T, kMask>(numerator, denominator, reference, epsilon, scale, out, begin, end);
+    divide_range<T, kMask, kFactor>(numerator, factor, denominator, reference, epsilon, scale,
+                                    out, begin, end);
   }
 }
 
-template <typename T>
-void divide_typed(int64_t numel, uintptr_t numerator, uintptr_t denominator, double epsilon,
-                  double scale, uintptr_t sign_reference, SignMask mask, uintptr_t out) {
-  const auto* n = reinterpret_cast<const T*>(numerator);
-  const auto* d = reinterpret_cast<const T*>(denominator);
-  const auto* ref = reinterpret_cast<const T*>(sign_reference);
-  auto* o = reinterpret_cast<T*>(out);
-  const T e = static_cast<T>(epsilon), s = static_cast<T>(scale);
+template <typename T, bool kFactor>
+void divide_masked(int64_t numel, const T* n, const T* f, const T* d, const T* ref, T e, T s,
+                   SignMask mask, T* o) {
   switch (mask) {
     case SignMask::None:
-      return divide_all<T, SignMask::None>(numel, n, d, ref, e, s, o);
+      return divide_all<T, SignMask::None, kFactor>(numel, n, f, d, ref, e, s, o);
     case SignMask::Positive:
-      return divide_all<T, SignMask::Positive>(numel, n, d, ref, e, s, o);
+      return divide_all<T, SignMask::Positive, kFactor>(numel, n, f, d, ref, e, s, o);
     case SignMask::Negative:
-      return divide_all<T, SignMask::Negative>(numel, n, d, ref, e, s, o);
+      return divide_all<T, SignMask::Negative, kFactor>(numel, n, f, d, ref, e, s, o);
   }
   throw std::invalid_argument("stabilized_divide: sign must be -1, 0 or +1, got " +
                               std::to_string(static_cast<int>(mask)));
 }
 
+template <typename T>
+void divide_typed(int64_t numel, uintptr_t numerator, uintptr_t factor, uintptr_t denominator,
+                  double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
+                  uintptr_t out) {
+  const auto* n = reinterpret_cast<const T*>(numerator);
+  const auto* f = reinterpret_cast<const T*>(factor);
+  const auto* d = reinterpret_cast<const T*>(denominator);
+  const auto* ref = reinterpret_cast<const T*>(sign_reference);
+  auto* o = reinterpret_cast<T*>(out);
+  const T e = static_cast<T>(epsilon), s = static_cast<T>(scale);
+  if (factor != 0) return divide_masked<T, true>(numel, n, f, d, ref, e, s, mask, o);
+  return divide_masked<T, false>(numel, n, f, d, ref, e, s, mask, o);
+}
+
 }  // namespace
 
-void stabilized_divide_cpu(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator,
-                           double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
-                           uintptr_t out) {
+void stabilized_divide_cpu(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t factor,
+                           uintptr_t denominator, double epsilon, double scale,
+                           uintptr_t sign_reference, SignMask mask, uintptr_t out) {
   switch (dtype) {
     case DType::Float32:
-      return divide_typed<float>(numel, numerator, denominator, epsilon, scale, sign_reference,
-                                 mask, out);
+      return divide_typed<float>(numel, numerator, factor, denominator, epsilon, scale,
+                                 sign_reference, mask, out);
     case DType::Float64:
-      return divide_typed<double>(numel, numerator, denominator, epsilon, scale, sign_reference,
-                                  mask, out);
+      return divide_typed<double>(numel, numerator, factor, denominator, epsilon, scale,
+                                  sign_reference, mask, out);
     default:
       throw std::invalid_argument(
           "stabilized_divide: the CPU kernel takes float32 or float64, got dtype code " +

@@ -47,8 +47,11 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
   p[i] = __float2bfloat16(v);
 }
 
-template <typename T, SignMask kMask>
+// The relevance's factor (x of the layer above, when the relevance arrives as c · x) is read only
+// when kFactor: the product is formed here instead of in a pass of its own before the division.
+template <typename T, SignMask kMask, bool kFactor>
 __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ numerator,
+                                         const T* __restrict__ factor,
                                          const T* __restrict__ denominator,
                                          const T* __restrict__ reference,
                                          typename Compute<T>::type epsilon,
@@ -60,64 +63,69 @@ __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ nu
     bool keep = stabilized != C(0);
     if (kMask == SignMask::Positive) keep = keep && load(reference, i) > C(0);
     if (kMask == SignMask::Negative) keep = keep && load(reference, i) < C(0);
-    store(out, i, keep ? (scale * load(numerator, i)) / stabilized : C(0));
+    const C value = kFactor ? load(numerator, i) * load(factor, i) : load(numerator, i);
+    store(out, i, keep ? (scale * value) / stabilized : C(0));
   }
 }
 
+struct Buffers {
+  uintptr_t numerator, factor, denominator, reference, out;
+};
 
-template <typename T, SignMask kMask>
-void launch(int64_t numel, uintptr_t numerator, uintptr_t denominator, double epsilon,
-            double scale, uintptr_t reference, uintptr_t out, cudaStream_t stream) {
+template <typename T, SignMask kMask, bool kFactor>
+void launch(int64_t numel, const Buffers& b, double epsilon, double scale, cudaStream_t stream) {
   using C = typename Compute<T>::type;
   int64_t blocks = (numel + kThreads - 1) / kThreads;
   blocks = blocks > kMaxBlocks ? kMaxBlocks : blocks;
-  stabilized_divide_kernel<T, kMask><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-      numel, reinterpret_cast<const T*>(numerator), reinterpret_cast<const T*>(denominator),
-      reinterpret_cast<const T*>(reference), static_cast<C>(epsilon), static_cast<C>(scale),
-      reinterpret_cast<T*>(out));
+  stabilized_divide_kernel<T, kMask, kFactor>
+      <<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+          numel, reinterpret_cast<const T*>(b.numerator), reinterpret_cast<const T*>(b.factor),
+          reinterpret_cast<const T*>(b.denominator), reinterpret_cast<const T*>(b.reference),
+          static_cast<C>(epsilon), static_cast<C>(scale), reinterpret_cast<T*>(b.out));
   check(cudaGetLastError(), "stabilized_divide launch");
 }
 
-template <typename T>
-void launch_masked(SignMask mask, int64_t numel, uintptr_t numerator, uintptr_t denominator,
-                   double epsilon, double scale, uintptr_t reference, uintptr_t out,
+template <typename T, bool kFactor>
+void launch_masked(SignMask mask, int64_t numel, const Buffers& b, double epsilon, double scale,
                    cudaStream_t stream) {
   switch (mask) {
     case SignMask::None:
-      return launch<T, SignMask::None>(numel, numerator, denominator, epsilon, scale, reference,
-                                       out, stream);
+      return launch<T, SignMask::None, kFactor>(numel, b, epsilon, scale, stream);
     case SignMask::Positive:
-      return launch<T, SignMask::Positive>(numel, numerator, denominator, epsilon, scale,
-                                           reference, out, stream);
+      return launch<T, SignMask::Positive, kFactor>(numel, b, epsilon, scale, stream);
     case SignMask::Negative:
-      return launch<T, SignMask::Negative>(numel, numerator, denominator, epsilon, scale,
-                                           reference, out, stream);
+      return launch<T, SignMask::Negative, kFactor>(numel, b, epsilon, scale, stream);
   }
   throw std::invalid_argument("stabilized_divide: sign must be -1, 0 or +1, got " +
                               std::to_string(static_cast<int>(mask)));
 }
 
+template <typename T>
+void launch_typed(SignMask mask, int64_t numel, const Buffers& b, double epsilon, double scale,
+                  cudaStream_t stream) {
+  if (b.factor != 0) return launch_masked<T, true>(mask, numel, b, epsilon, scale, stream);
+  return launch_masked<T, false>(mask, numel, b, epsilon, scale, stream);
+}
+
 }  // namespace
 
-void stabilized_divide_cuda(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator,
-                            double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
-                            uintptr_t out, uintptr_t stream, int device) {
+void stabilized_divide_cuda(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t factor,
+                            uintptr_t denominator, double epsilon, double scale,
+                            uintptr_t sign_reference, SignMask mask, uintptr_t out,
+                            uintptr_t stream, int device) {
   if (numel == 0) return;
   DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const Buffers b{numerator, factor, denominator, sign_reference, out};
   switch (dtype) {
     case DType::Float32:
-      return launch_masked<float>(mask, numel, numerator, denominator, epsilon, scale,
-                                  sign_reference, out, s);
+      return launch_typed<float>(mask, numel, b, epsilon, scale, s);
     case DType::Float64:
-      return launch_masked<double>(mask, numel, numerator, denominator, epsilon, scale,
-                                   sign_reference, out, s);
+      return launch_typed<double>(mask, numel, b, epsilon, scale, s);
     case DType::Float16:
-      return launch_masked<__half>(mask, numel, numerator, denominator, epsilon, scale,
-                                   sign_reference, out, s);
+      return launch_typed<__half>(mask, numel, b, epsilon, scale, s);
     case DType::BFloat16:
-      return launch_masked<__nv_bfloat16>(mask, numel, numerator, denominator, epsilon, scale,
-                                          sign_reference, out, s);
+      return launch_typed<__nv_bfloat16>(mask, numel, b, epsilon, scale, s);
   }
   throw std::invalid_argument("stabilized_divide: unknown dtype code " +
                               std::to_string(static_cast<int>(dtype)));

@@ -44,8 +44,10 @@ def generator(seed: int = 1234) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def oracle(n, d, epsilon, scale=1.0, reference=None, sign=1):
+def oracle(n, d, epsilon, scale=1.0, reference=None, sign=1, factor=None):
     n64, d64 = n.double(), d.double()
+    if factor is not None:
+        n64 = n64 * factor.double()
     stabilized = d64 + epsilon * (torch.sign(d64) + (d64 == 0).double())
     out = torch.where(stabilized == 0, torch.zeros_like(n64), scale * n64 / stabilized)
     if reference is not None:
@@ -185,14 +187,43 @@ def test_results_do_not_depend_on_the_split(backend):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("masked", [False, True])
-def test_native_equals_the_reference_bitwise(monkeypatch, dtype, masked):
+@pytest.mark.parametrize("with_factor", [False, True], ids=["plain", "factor"])
+def test_native_equals_the_reference_bitwise(monkeypatch, dtype, masked, with_factor):
     # Same operations in the same order, IEEE rounding on both sides.
     n, d, reference = sample((4, 9, 31), dtype, seed=3)
     reference = reference if masked else None
+    factor = sample((4, 9, 31), dtype, seed=4)[0] if with_factor else None
     monkeypatch.setenv("RELPROP_BACKEND", "native")
-    native = elementwise.stabilized_divide(n, d, 1e-6, -0.5, reference, 1)
+    native = elementwise.stabilized_divide(n, d, 1e-6, -0.5, reference, 1, factor)
     monkeypatch.setenv("RELPROP_BACKEND", "reference")
-    assert torch.equal(native, elementwise.stabilized_divide(n, d, 1e-6, -0.5, reference, 1))
+    expected = elementwise.stabilized_divide(n, d, 1e-6, -0.5, reference, 1, factor)
+    assert torch.equal(native, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sign", [0, 1, -1])
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 17, 19), (3, 16384 * 5 + 7)], ids=str)
+def test_factor_multiplies_the_numerator(backend, dtype, sign, shape):
+    """``factor`` gives ``scale · (n · f) / stab(d, ε)``: a relevance ``c · x`` divided without
+    being formed (the last shape runs the multithreaded chunks)."""
+    n, d, reference = sample(shape, dtype, seed=11)
+    factor = sample(shape, dtype, seed=12)[0].abs()  # an input after a ReLU: x ≥ 0
+    factor.view(-1)[::9] = 0.0
+    reference_arg = None if sign == 0 else reference
+    out = elementwise.stabilized_divide(n, d, 0.25, -1.5, reference_arg, sign or 1, factor)
+    expected = oracle(n, d, 0.25, -1.5, reference_arg, sign or 1, factor)
+    assert out.shape == expected.shape and out.dtype == dtype and out.is_contiguous()
+    # One more rounding (the product) than the plain division; where the factor is 0 the result
+    # is a zero of either sign, as n · 0 is.
+    torch.testing.assert_close(out.double(), expected, rtol=2 * RTOL[dtype], atol=0)
+    formed = elementwise.stabilized_divide(n * factor, d, 0.25, -1.5, reference_arg, sign or 1)
+    torch.testing.assert_close(out, formed, rtol=4 * RTOL[dtype], atol=0)
+
+
+def test_factor_of_another_shape_is_refused():
+    n, d, _ = sample((3, 4), torch.float32)
+    with pytest.raises(ValueError, match="factor has shape"):
+        elementwise.stabilized_divide(n, d, 0.1, factor=torch.ones(4, 3))
 
 
 def test_strided_inputs(backend):
@@ -249,11 +280,12 @@ def _opcheck_samples():
         (n, d, 1e-6, 1.0, None, 1),
         (n, d, 0.0, 2.0, reference, -1),
         (n64, d64, 0.25, -1.0, reference64, 1),
+        (n, d, 1e-6, 1.0, reference, 1, reference.abs()),
     ]
 
 
 @pytest.mark.parametrize("backend_name", ["native", "reference"])
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(4))
 def test_opcheck(monkeypatch, backend_name, case):
     if backend_name == "native" and not NATIVE:
         pytest.skip(f"relprop._C did not load ({_native.native_error()})")
@@ -271,18 +303,23 @@ def test_cuda_kernel_matches_the_oracle(monkeypatch, dtype, sign):
     monkeypatch.setenv("RELPROP_BACKEND", "native")
     n, d, reference = (t.cuda() for t in sample((3, 16384 * 5 + 7), dtype, seed=21))
     reference_arg = None if sign == 0 else reference
-    for epsilon in (0.0, 0.25):
-        out = elementwise.stabilized_divide(n, d, epsilon, -1.5, reference_arg, sign or 1)
+    factor = sample((3, 16384 * 5 + 7), dtype, seed=22)[0].abs().cuda()
+    for epsilon, factor_arg in ((0.0, None), (0.25, None), (0.25, factor)):
+        out = elementwise.stabilized_divide(
+            n, d, epsilon, -1.5, reference_arg, sign or 1, factor_arg
+        )
         expected = oracle(n.cpu(), d.cpu(), epsilon, -1.5, None if sign == 0 else reference.cpu(),
-                          sign or 1)  # fmt: skip
+                          sign or 1, None if factor_arg is None else factor.cpu())  # fmt: skip
         assert_matches_oracle(out.cpu(), expected, dtype)
-        again = elementwise.stabilized_divide(n, d, epsilon, -1.5, reference_arg, sign or 1)
+        again = elementwise.stabilized_divide(
+            n, d, epsilon, -1.5, reference_arg, sign or 1, factor_arg
+        )
         assert torch.equal(out, again), "not deterministic"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(4))
 def test_opcheck_cuda(monkeypatch, case):
     monkeypatch.setenv("RELPROP_BACKEND", "native")
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_samples()[case])

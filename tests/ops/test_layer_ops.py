@@ -83,6 +83,60 @@ def test_linear_fast_matches_reference(rule, params, nonnegative, with_bias):
         torch.testing.assert_close(r, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("rule,params", RULES)
+@pytest.mark.parametrize("nonnegative", [False, True])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_relevance_as_input_product(monkeypatch, kind, backend, nonnegative, rule, params):
+    """``relevance_factor`` gives the relevance of ``relevance · factor``; ``times_input=False``
+    returns ``c`` with ``R_in = x · c`` where the rule has that form, and refuses elsewhere.
+
+    Oracle: the float64 reference called with the product formed and with the product with x
+    done, on the same inputs."""
+    monkeypatch.setenv("RELPROP_BACKEND", backend)
+    torch.manual_seed(4)
+    if kind == "conv":
+        x = _inputs(nonnegative, (3, 4, 7, 9))
+        w, b = torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+        geometry = ([2, 1], [1, 1], [1, 2], 2)
+
+        def relevance_op(*args, **kwargs):
+            saved, relevance = args
+            return conv.conv2d_relevance(
+                x, w, b, saved, relevance, *geometry, rule, params, **kwargs
+            )
+
+        saved = conv.conv2d_forward(x, w, b, *geometry, rule, params)
+        reference = conv.conv2d_relevance_reference
+        truth_args = (x, w, b, saved)
+        truth_tail = (*geometry, rule, params)
+    else:
+        x = _inputs(nonnegative, (5, 23))
+        w, b = torch.randn(7, 23, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+
+        def relevance_op(*args, **kwargs):
+            saved, relevance = args
+            return linear.linear_relevance(x, w, b, saved, relevance, rule, params, **kwargs)
+
+        saved = linear.linear_forward(x, w, b, rule, params)
+        reference = linear.linear_relevance_reference
+        truth_args = (x, w, b, saved)
+        truth_tail = (rule, params)
+    coefficient = torch.randn_like(saved[0])
+    factor = torch.rand_like(saved[0])
+    truth = reference(*truth_args, coefficient * factor, *truth_tail)
+    for lean in (saved, saved[:1]):
+        got = relevance_op(lean, coefficient, relevance_factor=factor)
+        torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10)
+        has_form = rule == "epsilon" or (rule in ("zplus", "alphabeta", "gamma") and nonnegative)
+        if has_form:
+            c = relevance_op(lean, coefficient, relevance_factor=factor, times_input=False)
+            torch.testing.assert_close(x * c, truth, rtol=1e-10, atol=1e-10)
+        else:
+            with pytest.raises(ValueError, match="times_input=False"):
+                relevance_op(lean, coefficient, relevance_factor=factor, times_input=False)
+
+
 def test_epsilon_rule_is_gradient_times_input_with_zero_epsilon():
     # An independent oracle for the transposed product: autograd.
     torch.manual_seed(2)
@@ -118,6 +172,11 @@ def test_opcheck_layer_ops(rule, params):
     torch.library.opcheck(conv.conv2d_forward, (x, w, b, *geometry, rule, params))
     torch.library.opcheck(
         conv.conv2d_relevance, (x, w, b, saved, relevance, *geometry, rule, params)
+    )
+    factor = torch.rand_like(relevance)
+    torch.library.opcheck(
+        conv.conv2d_relevance,
+        (x, w, b, saved, relevance, *geometry, rule, params, factor, rule == "flat"),
     )
     xl, wl, bl = torch.randn(3, 5).relu(), torch.randn(4, 5), torch.randn(4)
     saved_l = linear.linear_forward(xl, wl, bl, rule, params)

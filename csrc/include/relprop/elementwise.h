@@ -24,19 +24,23 @@ RELPROP_HD T stabilize_denominator(T d, T e) {
   return d + std::copysign(e, d + T(0));
 }
 
-// out = keep ? (scale * numerator) / stab(denominator, e) : 0, and 0 wherever the stabilised
-// denominator is 0 (for e = 0: where the denominator is 0). `keep` follows `mask` applied to
-// `sign_reference` (ignored, and may be 0, when mask is SignMask::None). Deterministic: every
-// element is computed on its own. Throws std::invalid_argument for an unsupported dtype.
-void stabilized_divide_cpu(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator,
-                           double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
-                           uintptr_t out);
+// out = keep ? (scale * (numerator * factor)) / stab(denominator, e) : 0, and 0 wherever the
+// stabilised denominator is 0 (for e = 0: where the denominator is 0). Without a factor (address 0)
+// the numerator is taken as it is: (scale * numerator) / stab(...). The factor lets a relevance
+// that is a product c * x (x the layer input above) be divided without first being formed.
+// `keep` follows `mask` applied to `sign_reference` (ignored, and may be 0, when mask is
+// SignMask::None). Deterministic: every element is computed on its own. Throws
+// std::invalid_argument for an unsupported dtype.
+void stabilized_divide_cpu(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t factor,
+                           uintptr_t denominator, double epsilon, double scale,
+                           uintptr_t sign_reference, SignMask mask, uintptr_t out);
 
 #ifdef RELPROP_WITH_CUDA
 // CUDA launcher; float16 and bfloat16 compute in float32. `stream` is a cudaStream_t handle.
-void stabilized_divide_cuda(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t denominator,
-                            double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
-                            uintptr_t out, uintptr_t stream, int device);
+void stabilized_divide_cuda(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t factor,
+                            uintptr_t denominator, double epsilon, double scale,
+                            uintptr_t sign_reference, SignMask mask, uintptr_t out,
+                            uintptr_t stream, int device);
 #endif
 
 }  // namespace relprop

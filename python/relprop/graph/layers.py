@@ -9,6 +9,7 @@ the rest are small enough to stay in plain PyTorch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from relprop.ops import linear as linear_ops
 from relprop.ops import pool as pool_ops
 from relprop.ops._backend import layer_backend
 from relprop.ops._layer_rules import (
+    INPUT_PRODUCT_RULES,
+    _is_nonnegative,
     divide,
     divide_fast,
     is_marked_nonnegative,
@@ -35,8 +38,51 @@ def _pair(value: int | Sequence[int], dims: int = 2) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+@dataclass(frozen=True)
+class InputProduct:
+    """A relevance ``coefficient · factor`` not yet formed.
+
+    ε, and z⁺, α-β and γ on non-negative input, give their input the relevance ``x · c``; the
+    layer that produced ``x`` divides it by its pre-activation next. Handing ``(c, x)`` down lets
+    that division form the product itself (``relprop::stabilized_divide``'s ``factor``) instead of
+    a pass that writes ``x · c`` and another that reads it back: on a ReLU network the relevance
+    pass then makes the gradient's passes. Relevance reaching one tensor along two paths with the
+    same ``factor`` (a residual block's input) adds coefficients. Layers that do not take this
+    form (:attr:`Layer.takes_input_product`) get :meth:`formed` relevance.
+    """
+
+    coefficient: Tensor
+    factor: Tensor
+
+    def formed(self) -> Tensor:
+        """``coefficient · factor`` as a new tensor (the coefficient may be shared)."""
+        return self.coefficient * self.factor
+
+
+Relevance = Tensor | InputProduct
+
+
+def formed(relevance: Relevance) -> Tensor:
+    """The relevance as a tensor."""
+    return relevance.formed() if isinstance(relevance, InputProduct) else relevance
+
+
+def join(first: Relevance, second: Relevance) -> Relevance:
+    """The sum of two relevances reaching one tensor."""
+    if (
+        isinstance(first, InputProduct)
+        and isinstance(second, InputProduct)
+        and first.factor is second.factor
+    ):
+        return InputProduct(first.coefficient + second.coefficient, first.factor)
+    return formed(first) + formed(second)
+
+
 class Layer:
     """Base: forward with the original semantics, relevance passed to the first argument."""
+
+    # Whether relevance() accepts an InputProduct (otherwise the program forms it first).
+    takes_input_product = False
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -112,36 +158,44 @@ class WeightLayer(Layer):
         _keep_nonnegative_mark(z, out)  # out is a view of z
         return out, (x_op, w_op, op_bias, saved, lead)
 
+    takes_input_product = True
+
     def relevance(self, saved, relevance):
         x_op, w_op, op_bias, fwd, lead = saved
         name, rule_params = self.rule.op()
-        if self.geometry is None:
-            r = linear_ops.linear_relevance(
-                x_op,
-                w_op,
-                op_bias,
-                fwd,
-                relevance.reshape(-1, relevance.shape[-1]),
-                name,
-                rule_params,
-            )
-            return [r.reshape(*lead, r.shape[-1])]
-        g = self.geometry
-        r_op = relevance.unsqueeze(2) if self.dims == 1 else relevance
-        r = conv_ops.conv2d_relevance(
-            x_op,
-            w_op,
-            op_bias,
-            fwd,
-            r_op,
-            g["stride"],
-            g["padding"],
-            g["dilation"],
-            g["groups"],
-            name,
-            rule_params,
+        factor = None
+        if isinstance(relevance, InputProduct):
+            relevance, factor = relevance.coefficient, relevance.factor
+        # Leave the product with x to the layer below where the rule's relevance is x · c (on
+        # the native path: the fused kernels end with the product).
+        times_input = not (
+            layer_backend() == "native"
+            and (name == "epsilon" or (name in INPUT_PRODUCT_RULES and _is_nonnegative(x_op)))
         )
-        return [r.squeeze(2) if self.dims == 1 else r]
+        if self.geometry is None:
+
+            def flat(t):
+                return None if t is None else t.reshape(-1, t.shape[-1])
+
+            r = linear_ops.linear_relevance(
+                x_op, w_op, op_bias, fwd, flat(relevance), name, rule_params, flat(factor),
+                times_input,
+            )  # fmt: skip
+            r = r.reshape(*lead, r.shape[-1])
+            x = x_op.reshape(*lead, x_op.shape[-1])
+        else:
+            g = self.geometry
+
+            def as_2d(t):
+                return t.unsqueeze(2) if t is not None and self.dims == 1 else t
+
+            r = conv_ops.conv2d_relevance(
+                x_op, w_op, op_bias, fwd, as_2d(relevance), g["stride"], g["padding"],
+                g["dilation"], g["groups"], name, rule_params, as_2d(factor), times_input,
+            )  # fmt: skip
+            r = r.squeeze(2) if self.dims == 1 else r
+            x = x_op.squeeze(2) if self.dims == 1 else x_op
+        return [r if times_input else InputProduct(r, x)]
 
 
 class PassLayer(Layer):
@@ -156,6 +210,9 @@ class PassLayer(Layer):
         # A ReLU: its output is marked ≥ 0, so the next layer's rule skips its x⁻ terms without
         # a reduction and a host sync to find out (relprop.ops._layer_rules).
         self.nonnegative_output = nonnegative_output
+
+    # Relevance passes through untouched, whatever its form.
+    takes_input_product = True
 
     def forward(self, args, kwargs):
         out = self.fn(*args, **kwargs)
@@ -205,6 +262,8 @@ class NormLayer(Layer):
         out = self.fn(*args, **kwargs)
         return out, (args, kwargs, out)
 
+    takes_input_product = True
+
     def relevance(self, saved, relevance):
         args, kwargs, out = saved
         if (
@@ -213,9 +272,14 @@ class NormLayer(Layer):
             and len(args) == 2
             and all(isinstance(a, Tensor) and a.shape == out.shape for a in args)
         ):
-            # The residual addition of every ResNet block: R_k = x_k · R / stab(a + b).
-            share = divide_fast(relevance, out, self.stabilizer)
-            return [args[0] * share, share.mul_(args[1])]
+            # The residual addition of every ResNet block: R_k = x_k · R / stab(a + b), handed
+            # down unformed; a relevance arriving unformed is formed by the division.
+            factor = None
+            if isinstance(relevance, InputProduct):
+                relevance, factor = relevance.coefficient, relevance.factor
+            share = divide_fast(relevance, out, self.stabilizer, factor=factor)
+            return [InputProduct(share, args[0]), InputProduct(share, args[1])]
+        relevance = formed(relevance)
         share = divide(relevance, out, self.stabilizer)
         grads = _vjp(self.fn, args, kwargs, share)
         tensors = _flat_tensors(args, kwargs)
@@ -224,6 +288,8 @@ class NormLayer(Layer):
 
 class GateLayer(Layer):
     """``signal * gate`` (squeeze-excitation): all relevance to the signal, none to the gate."""
+
+    takes_input_product = True  # relevance passes to the signal untouched
 
     def __init__(self, signal_index: int) -> None:
         self.signal_index = signal_index

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, fx
 
 from relprop.errors import AnalyzerInputError
+from relprop.graph.layers import formed, join
 from relprop.graph.plan import Plan
 
 
@@ -99,12 +100,15 @@ class Program:
             if step.layer is None or step.name not in pending:
                 continue
             incoming = pending.pop(step.name)
+            if not step.layer.takes_input_product:
+                incoming = formed(incoming)
             outgoing = step.layer.relevance(saved.pop(step.name), incoming)
             for name, r in zip(step.leaves, outgoing):
                 if name is None or r is None or name not in live:
                     continue
-                pending[name] = pending[name] + r if name in pending else r
-        return pending.get(self.plan.input_name)
+                pending[name] = join(pending[name], r) if name in pending else r
+        result = pending.get(self.plan.input_name)
+        return None if result is None else formed(result)
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):

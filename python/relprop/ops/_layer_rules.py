@@ -95,12 +95,14 @@ def divide_fast(
     scale: float = 1.0,
     sign_reference: Tensor | None = None,
     sign: int = 1,
+    factor: Tensor | None = None,
 ) -> Tensor:
-    """``scale · [sign·ref > 0] · numerator / stab(denominator, ε)`` in one fused pass
+    """``scale · [sign·ref > 0] · (numerator · factor) / stab(denominator, ε)`` in one fused pass
     (``relprop::stabilized_divide``) for large tensors, the torch composition for small ones."""
+    args = (numerator, denominator, epsilon, scale, sign_reference, sign, factor)
     if numerator.numel() >= _FUSED_DIVIDE_MIN_NUMEL:
-        return stabilized_divide(numerator, denominator, epsilon, scale, sign_reference, sign)
-    return stabilized_divide_reference(numerator, denominator, epsilon, scale, sign_reference, sign)
+        return stabilized_divide(*args)
+    return stabilized_divide_reference(*args)
 
 
 def _positive(t: Tensor | None) -> Tensor | None:
@@ -169,9 +171,20 @@ def relevance_reference(
     relevance: Tensor,
     rule: str,
     params: Sequence[float],
+    relevance_factor: Tensor | None = None,
+    times_input: bool = True,
 ) -> Tensor:
-    """Relevance of the input ``x`` from the ``relevance`` of the layer output."""
+    """Relevance of the input ``x`` from the ``relevance`` of the layer output.
+
+    ``relevance_factor``: the output's relevance is ``relevance · relevance_factor``.
+    ``times_input=False``: return ``c`` with ``R_in = x · c`` instead (ε always; z⁺, α-β and γ
+    for ``x ≥ 0``; :data:`INPUT_PRODUCT_RULES`).
+    """
     check_rule(rule, params)
+    if relevance_factor is not None:
+        relevance = relevance * relevance_factor
+    if not times_input:
+        return _input_coefficient_reference(lin, x, weight, bias, saved, relevance, rule, params)
     fwd, tr = lin.forward, lin.transpose
     saved = complete_saved(lin, x, weight, bias, saved, rule, params)
     z = saved[0]
@@ -207,6 +220,52 @@ def relevance_reference(
     low, high = torch.full_like(x, params[0]), torch.full_like(x, params[1])
     s = divide(relevance, saved[1], params[2])
     return x * tr(s, weight, x) - low * tr(s, wp, x) - high * tr(s, wn, x)
+
+
+# Rules whose input relevance is ``x · c`` (for z⁺, α-β and γ when ``x ≥ 0``, where the ``x⁻``
+# terms vanish): their relevance ops can return ``c`` and leave the product to the consumer.
+INPUT_PRODUCT_RULES = ("epsilon", "zplus", "alphabeta", "gamma")
+
+
+def _input_product_error(rule: str) -> ValueError:
+    return ValueError(
+        f"times_input=False returns c of R_in = x·c, which rule {rule!r} does not have here: "
+        "only epsilon, and zplus/alphabeta/gamma on non-negative input, take that form; call "
+        "with times_input=True"
+    )
+
+
+def _input_coefficient_reference(
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    saved: Sequence[Tensor],
+    relevance: Tensor,
+    rule: str,
+    params: Sequence[float],
+) -> Tensor:
+    """``c`` with ``relevance_reference(...) = x · c``: the reference's terms without the ``x⁻``
+    ones (which vanish for ``x ≥ 0``) and without the final product with ``x``."""
+    if rule not in INPUT_PRODUCT_RULES or (rule != "epsilon" and not bool((x >= 0).all())):
+        raise _input_product_error(rule)
+    tr = lin.transpose
+    saved = complete_saved(lin, x, weight, bias, saved, rule, params)
+    z = saved[0]
+    if rule == "epsilon":
+        return tr(divide(relevance, z, params[0]), weight, x)
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    if rule == "zplus":
+        return tr(divide(relevance, saved[1], params[0]), wp, x)
+    if rule == "alphabeta":
+        alpha, beta, eps = params[0], params[1], params[2]
+        activator = tr(divide(relevance, saved[1], eps), wp, x)
+        inhibitor = tr(divide(relevance, saved[2], eps), wn, x)
+        return alpha * activator - beta * inhibitor
+    w_up, w_down, _, _ = _gamma_weights(weight, bias, params[0])
+    sp = divide(relevance * (z > 0), saved[1], params[1])
+    sn = divide(relevance * (z < 0), saved[2], params[1])
+    return tr(sp, w_up, x) + tr(sn, w_down, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,20 +411,34 @@ def relevance_fast(
     relevance: Tensor,
     rule: str,
     params: Sequence[float],
+    relevance_factor: Tensor | None = None,
+    times_input: bool = True,
 ) -> Tensor:
     """Same as :func:`relevance_reference`, with the vanishing terms skipped.
 
     Takes a lean ``saved`` (``[]`` or ``[z]``) for z⁺, αβ and γ on non-negative input and
     computes their one extra product ``W⁺x`` here, so the forward pass keeps no aux tensors.
+    A ``relevance_factor`` is multiplied in by the divisions themselves where the rule's
+    relevance has the form ``x · c``, and ``times_input=False`` returns that ``c``.
     """
     check_rule(rule, params)
+    input_product = rule == "epsilon" or (rule in INPUT_PRODUCT_RULES and _is_nonnegative(x))
+    if not times_input and not input_product:
+        raise _input_product_error(rule)
+    if relevance_factor is not None and not input_product:
+        relevance, relevance_factor = relevance * relevance_factor, None
+    factor = relevance_factor
+
+    def finish(c: Tensor) -> Tensor:
+        # The transposed product is a fresh tensor: scale it by x in place, no extra buffer.
+        return c.mul_(x) if times_input else c
+
     tr = lin.transpose
     if rule == "flat":
         return _flat_fast(lin, x, weight, relevance, params[0])
     if rule == "epsilon":
         z = saved[0] if saved else lin.forward(x, weight, bias)
-        # The transposed product is a fresh tensor: scale it by x in place, no extra buffer.
-        return tr(divide_fast(relevance, z, params[0]), weight, x).mul_(x)
+        return finish(tr(divide_fast(relevance, z, params[0], factor=factor), weight, x))
     if rule == "zbox":
         # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs = (x − h)·Wᵀs + (h − l)·W⁺ᵀs, since W⁻ = W − W⁺.
         low, high, eps = params
@@ -427,15 +500,19 @@ def relevance_fast(
     if rule == "zplus":
         wp = weight.clamp(min=0)
         zp = saved[1] if full else lin.forward(x, wp, _positive(bias) if params[1] != 0 else None)
-        share = divide_fast(relevance, zp, params[0])
+        share = divide_fast(relevance, zp, params[0], factor=factor)
         del zp
-        return tr(share, wp, x).mul_(x)
+        return finish(tr(share, wp, x))
     if rule == "alphabeta":
         if full:
-            return _alphabeta_nonnegative(lin, x, weight, bias, z, saved, relevance, params)
+            return _alphabeta_nonnegative(
+                lin, x, weight, bias, z, saved, relevance, params, factor, times_input
+            )
         chunks = _batch_chunks(x, relevance) if params[1] != 0 else [slice(None)]
         if len(chunks) == 1:
-            return _alphabeta_nonnegative(lin, x, weight, bias, z, None, relevance, params)
+            return _alphabeta_nonnegative(
+                lin, x, weight, bias, z, None, relevance, params, factor, times_input
+            )
         # Chunk by chunk the step holds its output and one chunk's transients instead of three
         # whole-batch ones (W⁺x, a share, the second transposed product): this step was the
         # peak of a whole α-β analysis (1.55× a gradient's memory on VGG16).
@@ -443,7 +520,7 @@ def relevance_fast(
             x, chunks,
             lambda part: _alphabeta_nonnegative(
                 lin, x[part], weight, bias, None if z is None else z[part], None,
-                relevance[part], params,
+                relevance[part], params, None if factor is None else factor[part], times_input,
             ),
         )  # fmt: skip
     gamma, eps = params[0], params[1]
@@ -452,7 +529,7 @@ def relevance_fast(
     # zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos.
     w_up, b_up = _gamma_up(weight, bias, gamma)
     zpos = saved[1] if full else lin.forward(x, w_up, b_up)
-    share = divide_fast(relevance, zpos, eps, sign_reference=z, sign=1)
+    share = divide_fast(relevance, zpos, eps, sign_reference=z, sign=1, factor=factor)
     # The z < 0 branch only exists where z has negative entries: never after a fused ReLU, which
     # marks its output. Where z is not marked (a layer feeding a residual sum, a concatenation,
     # a BatchNorm) relevance does reach negative entries, so the branch runs without testing z
@@ -466,10 +543,10 @@ def relevance_fast(
     if not z_nonnegative:
         zneg = saved[2] if full else zpos.neg_().add_(z, alpha=2 + gamma)
         zpos = None
-        share = divide_fast(relevance, zneg, eps, sign_reference=z, sign=-1)
+        share = divide_fast(relevance, zneg, eps, sign_reference=z, sign=-1, factor=factor)
         del zneg
         c.add_(tr(share, torch.add(weight, weight.clamp(max=0), alpha=gamma), x))
-    return c.mul_(x)
+    return finish(c)
 
 
 def _zbox_denominator(lin: LinearMap, x: Tensor, weight: Tensor, low: float, high: float):
@@ -551,14 +628,17 @@ def _alphabeta_nonnegative(
     saved: Sequence[Tensor] | None,
     relevance: Tensor,
     params: Sequence[float],
+    factor: Tensor | None = None,
+    times_input: bool = True,
 ) -> Tensor:
     """α-β relevance for ``x ≥ 0``: ``x·(α·W⁺ᵀ(R/zp) − β·W⁻ᵀ(R/zn))``, reading a full ``saved``
-    or computing W⁺x into buffers it owns and reuses in place."""
+    or computing W⁺x into buffers it owns and reuses in place (``R = relevance · factor``;
+    without ``times_input`` the bracket alone)."""
     tr = lin.transpose
     alpha, beta, eps, use_bias = params[0], params[1], params[2], params[3] != 0
     wp = weight.clamp(min=0)
     zp = saved[1] if saved else lin.forward(x, wp, _positive(bias) if use_bias else None)
-    c = tr(divide_fast(relevance, zp, eps, alpha), wp, x)
+    c = tr(divide_fast(relevance, zp, eps, alpha, factor=factor), wp, x)
     if beta != 0:
         if saved:
             zn = saved[2]
@@ -568,10 +648,10 @@ def _alphabeta_nonnegative(
         else:
             zn = lin.forward(x, weight.clamp(max=0), None)
         del zp
-        share = divide_fast(relevance, zn, eps, -beta)
+        share = divide_fast(relevance, zn, eps, -beta, factor=factor)
         del zn
         c.add_(tr(share, weight.clamp(max=0), x))
-    return c.mul_(x)
+    return c.mul_(x) if times_input else c
 
 
 def _flat_fast(lin: LinearMap, x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
@@ -609,13 +689,21 @@ def relevance_by_backend(
     relevance: Tensor,
     rule: str,
     params: Sequence[float],
+    relevance_factor: Tensor | None = None,
+    times_input: bool = True,
 ) -> Tensor:
     """Run the relevance of ``rule`` on ``backend`` (``triton_relevance()`` binds the kernel)."""
+    extra = (relevance_factor, times_input)
     if backend == "triton" and x.dtype in TRITON_DTYPES:
+        if not times_input:
+            # The fused kernel ends with the product with x; c alone is the native path's.
+            return relevance_fast(lin, x, weight, bias, saved, relevance, rule, params, *extra)
+        if relevance_factor is not None:
+            relevance = relevance * relevance_factor
         return triton_relevance()(x, weight, bias, list(saved), relevance, rule, list(params))
     if backend == "reference":
-        return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params)
-    return relevance_fast(lin, x, weight, bias, saved, relevance, rule, params)
+        return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params, *extra)
+    return relevance_fast(lin, x, weight, bias, saved, relevance, rule, params, *extra)
 
 
 def fake_forward(z: Tensor, rule: str, params: Sequence[float]) -> list[Tensor]:

@@ -120,10 +120,14 @@ def conv2d_relevance_reference(
     groups: int,
     rule: str,
     params: Sequence[float],
+    relevance_factor: Tensor | None = None,
+    times_input: bool = True,
 ) -> Tensor:
     """Reference relevance of a convolution's input under ``rule`` (docs/ops.md)."""
     lin = _map(stride, padding, dilation, groups)
-    return rules.relevance_reference(lin, x, weight, bias, saved, relevance, rule, params)
+    return rules.relevance_reference(
+        lin, x, weight, bias, saved, relevance, rule, params, relevance_factor, times_input
+    )
 
 
 def _triton_kernels():
@@ -151,15 +155,18 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups, rule, par
     mutates_args=(),
     schema=(
         "(Tensor x, Tensor weight, Tensor? bias, Tensor[] saved, Tensor relevance, int[2] stride, "
-        "int[2] padding, int[2] dilation, int groups, str rule, float[] params) -> Tensor"
+        "int[2] padding, int[2] dilation, int groups, str rule, float[] params, "
+        "Tensor? relevance_factor=None, bool times_input=True) -> Tensor"
     ),
 )
 def conv2d_relevance(
-    x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params
-):
+    x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params,
+    relevance_factor=None, times_input=True,
+):  # fmt: skip
     return conv2d_relevance_reference(
-        x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params
-    )
+        x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params,
+        relevance_factor, times_input,
+    )  # fmt: skip
 
 
 @conv2d_forward.register_kernel(("cpu", "cuda"))
@@ -184,8 +191,9 @@ def _forward_kernel(x, weight, bias, stride, padding, dilation, groups, rule, pa
 
 @conv2d_relevance.register_kernel(("cpu", "cuda"))
 def _relevance_kernel(
-    x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params
-):
+    x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params,
+    relevance_factor=None, times_input=True,
+):  # fmt: skip
     geometry = (list(stride), list(padding), list(dilation), groups)
 
     def triton_relevance():
@@ -205,6 +213,8 @@ def _relevance_kernel(
         relevance,
         rule,
         params,
+        relevance_factor,
+        times_input,
     )
 
 
@@ -221,6 +231,7 @@ def _conv2d_forward_fake(x, weight, bias, stride, padding, dilation, groups, rul
 
 @conv2d_relevance.register_fake
 def _conv2d_relevance_fake(
-    x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params
-):
+    x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params,
+    relevance_factor=None, times_input=True,
+):  # fmt: skip
     return torch.empty_like(x)

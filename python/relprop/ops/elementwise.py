@@ -10,10 +10,13 @@ Relevance Propagation: An Overview", 2019) and α-β add a sign mask and a facto
 that are often tens of megabytes; here it is one:
 
 ``relprop::stabilized_divide(Tensor numerator, Tensor denominator, float epsilon, float scale,
-Tensor? sign_reference, int sign) -> Tensor``
+Tensor? sign_reference, int sign, Tensor? factor=None) -> Tensor``
     ``scale · numerator / stab(denominator, ε)``, exactly 0 where ``stab(denominator, ε) = 0``
     (for ε = 0: where the denominator is 0) and, when ``sign_reference`` is given, exactly 0
-    wherever ``sign · sign_reference > 0`` fails (``sign`` is +1 or −1).
+    wherever ``sign · sign_reference > 0`` fails (``sign`` is +1 or −1). With ``factor`` the
+    numerator is ``numerator · factor``, formed inside the same pass: a relevance that arrives as
+    ``c · x`` (the input relevance of the layer above, before its product with that layer's
+    input) is divided without being formed first.
 
 ``-0.0`` is a zero like ``+0.0`` and is stabilised to ``+ε`` (``copysign(ε, d)`` would give
 ``−ε``). float16 and bfloat16 are computed in float32 and rounded once.
@@ -55,11 +58,15 @@ def stabilized_divide_reference(
     scale: float = 1.0,
     sign_reference: Tensor | None = None,
     sign: int = 1,
+    factor: Tensor | None = None,
 ) -> Tensor:
-    """``scale · numerator / stab(denominator, ε)`` as a torch composition (see the module)."""
+    """``scale · (numerator · factor) / stab(denominator, ε)`` as a torch composition (see the
+    module)."""
     _check_sign(sign_reference, sign)
     compute = _COMPUTE_DTYPES.get(numerator.dtype, numerator.dtype)
     n, d = numerator.to(compute), denominator.to(compute)
+    if factor is not None:
+        n = n * factor.to(compute)
     # d < 0 is false for -0.0, so negative zero gets +ε like +0.0.
     shift = torch.where(d < 0, d.new_tensor(-epsilon), d.new_tensor(epsilon))
     stabilized = d + shift
@@ -81,17 +88,22 @@ def _stabilized_divide_native(
     scale: float,
     sign_reference: Tensor | None,
     sign: int,
+    factor: Tensor | None = None,
 ) -> Tensor:
     numerator = numerator.contiguous()
     denominator = denominator.contiguous()
     if sign_reference is not None:
         sign_reference = sign_reference.contiguous()
+    if factor is not None:
+        factor = factor.contiguous()
     out = torch.empty_like(numerator)
     if out.numel() == 0:
         return out
     args = {
         "numel": out.numel(),
         "numerator": _native.pointer(numerator),
+        # Address 0: no factor, the numerator is taken as it is.
+        "factor": 0 if factor is None else _native.pointer(factor),
         "denominator": _native.pointer(denominator),
         "epsilon": float(epsilon),
         "scale": float(scale),
@@ -124,29 +136,33 @@ def _stabilized_divide_native(
     mutates_args=(),
     schema=(
         "(Tensor numerator, Tensor denominator, float epsilon, float scale, "
-        "Tensor? sign_reference, int sign) -> Tensor"
+        "Tensor? sign_reference, int sign, Tensor? factor=None) -> Tensor"
     ),
 )
-def stabilized_divide_op(numerator, denominator, epsilon, scale, sign_reference, sign):
-    return stabilized_divide_reference(numerator, denominator, epsilon, scale, sign_reference, sign)
+def stabilized_divide_op(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None):
+    return stabilized_divide_reference(
+        numerator, denominator, epsilon, scale, sign_reference, sign, factor
+    )
 
 
 @stabilized_divide_op.register_fake
-def _(numerator, denominator, epsilon, scale, sign_reference, sign):
+def _(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None):
     return torch.empty_like(numerator, memory_format=torch.contiguous_format)
 
 
 @stabilized_divide_op.register_kernel(("cpu", "cuda"))
-def _(numerator, denominator, epsilon, scale, sign_reference, sign):
+def _(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None):
     _check_sign(sign_reference, sign)
-    same_dtype = denominator.dtype == numerator.dtype and (
-        sign_reference is None or sign_reference.dtype == numerator.dtype
+    same_dtype = all(
+        t is None or t.dtype == numerator.dtype for t in (denominator, sign_reference, factor)
     )
     if not same_dtype or not _native.runs_native(numerator):
         return stabilized_divide_reference(
-            numerator, denominator, epsilon, scale, sign_reference, sign
+            numerator, denominator, epsilon, scale, sign_reference, sign, factor
         )
-    return _stabilized_divide_native(numerator, denominator, epsilon, scale, sign_reference, sign)
+    return _stabilized_divide_native(
+        numerator, denominator, epsilon, scale, sign_reference, sign, factor
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +176,7 @@ def stabilized_divide(
     scale: float = 1.0,
     sign_reference: Tensor | None = None,
     sign: int = 1,
+    factor: Tensor | None = None,
 ) -> Tensor:
     """Stabilised, optionally sign-masked and scaled division in one pass.
 
@@ -186,6 +203,9 @@ def stabilized_divide(
     sign : int, optional
         +1 keeps entries where ``sign_reference > 0``, −1 where ``sign_reference < 0``; ignored
         without a reference.
+    factor : Tensor or None, optional
+        Multiplies the numerator inside the same pass (same shape, dtype and device):
+        ``scale · (numerator · factor) / stab(denominator, ε)``.
 
     Returns
     -------
@@ -201,6 +221,8 @@ def stabilized_divide(
     tensors = {"denominator": denominator}
     if sign_reference is not None:
         tensors["sign_reference"] = sign_reference
+    if factor is not None:
+        tensors["factor"] = factor
     for name, tensor in tensors.items():
         if tensor.shape != numerator.shape:
             raise ValueError(
@@ -218,5 +240,5 @@ def stabilized_divide(
         )
     _check_sign(sign_reference, sign)
     return stabilized_divide_op(
-        numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign)
+        numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign), factor
     )

@@ -51,9 +51,13 @@ def linear_relevance_reference(
     relevance: Tensor,
     rule: str,
     params: Sequence[float],
+    relevance_factor: Tensor | None = None,
+    times_input: bool = True,
 ) -> Tensor:
     """Reference relevance of a dense layer's input under ``rule`` (docs/ops.md)."""
-    return rules.relevance_reference(DENSE_MAP, x, weight, bias, saved, relevance, rule, params)
+    return rules.relevance_reference(
+        DENSE_MAP, x, weight, bias, saved, relevance, rule, params, relevance_factor, times_input
+    )
 
 
 def _triton_forward():
@@ -82,11 +86,15 @@ def linear_forward(x, weight, bias, rule, params):
     mutates_args=(),
     schema=(
         "(Tensor x, Tensor weight, Tensor? bias, Tensor[] saved, Tensor relevance, str rule, "
-        "float[] params) -> Tensor"
+        "float[] params, Tensor? relevance_factor=None, bool times_input=True) -> Tensor"
     ),
 )
-def linear_relevance(x, weight, bias, saved, relevance, rule, params):
-    return linear_relevance_reference(x, weight, bias, saved, relevance, rule, params)
+def linear_relevance(
+    x, weight, bias, saved, relevance, rule, params, relevance_factor=None, times_input=True
+):
+    return linear_relevance_reference(
+        x, weight, bias, saved, relevance, rule, params, relevance_factor, times_input
+    )
 
 
 @linear_forward.register_kernel(("cpu", "cuda"))
@@ -97,10 +105,12 @@ def _forward_kernel(x, weight, bias, rule, params):
 
 
 @linear_relevance.register_kernel(("cpu", "cuda"))
-def _relevance_kernel(x, weight, bias, saved, relevance, rule, params):
+def _relevance_kernel(
+    x, weight, bias, saved, relevance, rule, params, relevance_factor=None, times_input=True
+):
     return rules.relevance_by_backend(
         DENSE_MAP, _triton_relevance, layer_backend(), x, weight, bias, saved, relevance, rule,
-        params,
+        params, relevance_factor, times_input,
     )  # fmt: skip
 
 
@@ -110,5 +120,7 @@ def _linear_forward_fake(x, weight, bias, rule, params):
 
 
 @linear_relevance.register_fake
-def _linear_relevance_fake(x, weight, bias, saved, relevance, rule, params):
+def _linear_relevance_fake(
+    x, weight, bias, saved, relevance, rule, params, relevance_factor=None, times_input=True
+):
     return torch.empty_like(x)
