@@ -37,3 +37,63 @@ def test_plan_names_the_backend_of_each_layer(monkeypatch):
             monkeypatch.setenv("RELPROP_BACKEND", forced)
         plan = str(relprop.create_analyzer("lrp.epsilon", model).plan)
         assert plan.count(f"relprop::linear [{shown}]") == 2, plan
+
+
+def _recorders():
+    calls = []
+
+    def op(*args):
+        calls.append("op")
+        return args[0] * 2
+
+    def kernel(*args):
+        calls.append("kernel")
+        return args[0] * 2
+
+    return calls, op, kernel
+
+
+def test_eager_calls_skip_the_dispatcher():
+    """In eager mode without autograd the registered kernel is called as a function."""
+    calls, op, kernel = _recorders()
+    with torch.no_grad():
+        _backend.call_op(op, kernel, torch.ones(3), [torch.ones(2)], "epsilon")
+    assert calls == ["kernel"]
+
+
+def test_tracing_and_autograd_go_through_the_op():
+    """A dispatch mode (fake tensors, FLOP counters), autograd or a tensor subclass needs the op;
+    torch.compile is covered by tests/analyzers/test_backends.py."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls, op, kernel = _recorders()
+    _backend.call_op(op, kernel, torch.ones(3))  # grad mode is on here
+    with torch.no_grad(), Passthrough():
+        _backend.call_op(op, kernel, torch.ones(3))
+    with torch.no_grad():
+        _backend.call_op(op, kernel, torch.ones(3).as_subclass(_Marked))
+    assert calls == ["op", "op", "op"]
+
+
+class _Marked(torch.Tensor):
+    pass
+
+
+def test_direct_kernel_call_equals_the_op():
+    from relprop.ops import conv
+
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 9, 7).relu()
+    w, b = torch.randn(4, 3, 3, 3), torch.randn(4)
+    geometry = ([1, 2], [1, 1], [1, 1], 1)
+    with torch.no_grad():
+        saved = conv.conv2d_forward(x, w, b, *geometry, "gamma", [0.25, 1e-6])
+        relevance = torch.randn_like(saved[0])
+        args = (x, w, b, saved, relevance, *geometry, "gamma", [0.25, 1e-6], None, True)
+        direct = _backend.call_op(conv.conv2d_relevance, conv.relevance_kernel, *args)
+        through_op = conv.conv2d_relevance(*args)
+    assert torch.equal(direct, through_op)

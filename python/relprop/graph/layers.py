@@ -20,7 +20,7 @@ from relprop.graph.canonize import FoldedParameters
 from relprop.ops import conv as conv_ops
 from relprop.ops import linear as linear_ops
 from relprop.ops import pool as pool_ops
-from relprop.ops._backend import layer_backend
+from relprop.ops._backend import call_op, layer_backend
 from relprop.ops._layer_rules import (
     INPUT_PRODUCT_RULES,
     _is_nonnegative,
@@ -124,12 +124,17 @@ class WeightLayer(Layer):
         if self.geometry is None:
             lead = x.shape[:-1]
             x_op, w_op = x.reshape(-1, x.shape[-1]), weight
-            saved = linear_ops.linear_forward(x_op, w_op, op_bias, fwd_name, fwd_params)
+            saved = call_op(
+                linear_ops.linear_forward, linear_ops.forward_kernel,
+                x_op, w_op, op_bias, fwd_name, fwd_params,
+            )  # fmt: skip
         else:
             g = self.geometry
             lead = None
             x_op, w_op = (x.unsqueeze(2), weight.unsqueeze(2)) if self.dims == 1 else (x, weight)
-            saved = conv_ops.conv2d_forward(
+            saved = call_op(
+                conv_ops.conv2d_forward,
+                conv_ops.forward_kernel,
                 x_op,
                 w_op,
                 op_bias,
@@ -177,7 +182,8 @@ class WeightLayer(Layer):
             def flat(t):
                 return None if t is None else t.reshape(-1, t.shape[-1])
 
-            r = linear_ops.linear_relevance(
+            r = call_op(
+                linear_ops.linear_relevance, linear_ops.relevance_kernel,
                 x_op, w_op, op_bias, fwd, flat(relevance), name, rule_params, flat(factor),
                 times_input,
             )  # fmt: skip
@@ -189,7 +195,8 @@ class WeightLayer(Layer):
             def as_2d(t):
                 return t.unsqueeze(2) if t is not None and self.dims == 1 else t
 
-            r = conv_ops.conv2d_relevance(
+            r = call_op(
+                conv_ops.conv2d_relevance, conv_ops.relevance_kernel,
                 x_op, w_op, op_bias, fwd, as_2d(relevance), g["stride"], g["padding"],
                 g["dilation"], g["groups"], name, rule_params, as_2d(factor), times_input,
             )  # fmt: skip

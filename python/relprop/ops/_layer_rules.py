@@ -22,7 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from relprop.ops.elementwise import stabilized_divide, stabilized_divide_reference
+from relprop.ops._backend import call_op
+from relprop.ops.elementwise import (
+    stabilized_divide_kernel,
+    stabilized_divide_op,
+    stabilized_divide_reference,
+)
 
 RULES = ("epsilon", "wsquare", "flat", "zplus", "alphabeta", "gamma", "zbox")
 # How many parameters each rule takes (docs/ops.md).
@@ -99,9 +104,11 @@ def divide_fast(
 ) -> Tensor:
     """``scale · [sign·ref > 0] · (numerator · factor) / stab(denominator, ε)`` in one fused pass
     (``relprop::stabilized_divide``) for large tensors, the torch composition for small ones."""
-    args = (numerator, denominator, epsilon, scale, sign_reference, sign, factor)
+    args = (numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign), factor)
     if numerator.numel() >= _FUSED_DIVIDE_MIN_NUMEL:
-        return stabilized_divide(*args)
+        # The engine's own tensors: same shapes and dtypes by construction, so the op's kernel
+        # is called without the public wrapper's checks (and without the dispatcher in eager).
+        return call_op(stabilized_divide_op, stabilized_divide_kernel, *args)
     return stabilized_divide_reference(*args)
 
 

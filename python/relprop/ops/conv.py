@@ -170,7 +170,7 @@ def conv2d_relevance(
 
 
 @conv2d_forward.register_kernel(("cpu", "cuda"))
-def _forward_kernel(x, weight, bias, stride, padding, dilation, groups, rule, params):
+def forward_kernel(x, weight, bias, stride, padding, dilation, groups, rule, params):
     geometry = (list(stride), list(padding), list(dilation), groups)
 
     def triton_forward():
@@ -190,7 +190,7 @@ def _forward_kernel(x, weight, bias, stride, padding, dilation, groups, rule, pa
 
 
 @conv2d_relevance.register_kernel(("cpu", "cuda"))
-def _relevance_kernel(
+def relevance_kernel(
     x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params,
     relevance_factor=None, times_input=True,
 ):  # fmt: skip

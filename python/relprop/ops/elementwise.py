@@ -151,7 +151,9 @@ def _(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None)
 
 
 @stabilized_divide_op.register_kernel(("cpu", "cuda"))
-def _(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None):
+def stabilized_divide_kernel(
+    numerator, denominator, epsilon, scale, sign_reference, sign, factor=None
+):
     _check_sign(sign_reference, sign)
     same_dtype = all(
         t is None or t.dtype == numerator.dtype for t in (denominator, sign_reference, factor)

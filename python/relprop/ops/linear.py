@@ -98,14 +98,14 @@ def linear_relevance(
 
 
 @linear_forward.register_kernel(("cpu", "cuda"))
-def _forward_kernel(x, weight, bias, rule, params):
+def forward_kernel(x, weight, bias, rule, params):
     return rules.forward_by_backend(
         DENSE_MAP, _triton_forward, layer_backend(), x, weight, bias, rule, params
     )
 
 
 @linear_relevance.register_kernel(("cpu", "cuda"))
-def _relevance_kernel(
+def relevance_kernel(
     x, weight, bias, saved, relevance, rule, params, relevance_factor=None, times_input=True
 ):
     return rules.relevance_by_backend(
