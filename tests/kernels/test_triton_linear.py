@@ -147,6 +147,19 @@ def test_float16_matches_float64_reference(nonneg, rule):
     check_against_reference(case, rule, params, dtype=torch.float16, ulps=2.0)
 
 
+@needs_triton
+@pytest.mark.interpret
+def test_float16_gamma_where_plain_torch_overflows():
+    """The GPU test's γ case: plain torch in float16 overflows to NaN here (its shares leave the
+    range), the kernel (float32 inside) stays finite and within a few ulps of the float64 truth."""
+    rule = "gamma"
+    params = dict(RULES)[rule]
+    case = make_case((67,), 300, 130, True, True, rule, seed=5)
+    _, torch_low = reference(*_as(case, torch.float16), rule, params)
+    assert not torch.isfinite(torch_low).all()
+    check_against_reference(case, rule, params, dtype=torch.float16, ulps=2.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

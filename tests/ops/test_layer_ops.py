@@ -226,5 +226,16 @@ def test_batch_chunks_match_float64(monkeypatch, kind, sign, rule, params):
 
     chunked = fast()
     torch.testing.assert_close(chunked.double(), truth, rtol=1e-4, atol=1e-5)
+    if sign == "nonneg":
+        # As the engine calls it: relevance unformed (r · f), c of R_in = x · c returned.
+        factor = torch.rand_like(r)
+        truth_of_product = _layer_rules.relevance_reference(
+            lin, x, w, b, full, r * factor, rule, params
+        )
+        coefficient = _layer_rules.relevance_fast(
+            lin, x.float(), w.float(), b.float(), [full[0].float()], r.float(), rule, params,
+            factor.float(), False,
+        )  # fmt: skip
+        torch.testing.assert_close(x * coefficient.double(), truth_of_product, rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(_layer_rules, "_CHUNK_MIN_BYTES", 1 << 62)
     torch.testing.assert_close(chunked, fast(), rtol=1e-5, atol=1e-6)

@@ -3,6 +3,9 @@
 No hooks and no autograd graph: each step's forward saves only what its rule needs, the
 relevance pass walks the steps in reverse and frees each step's saved tensors as soon as it is
 done with them. Relevance reaching one node along several paths (residual branches) adds up.
+Between layers relevance may travel unformed, as ``coefficient · factor``
+(:class:`~relprop.graph.layers.InputProduct`): the layer below forms it inside its division; a
+layer that cannot gets it formed first.
 """
 
 from __future__ import annotations

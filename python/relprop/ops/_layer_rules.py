@@ -401,11 +401,16 @@ def _batch_chunks(x: Tensor, relevance: Tensor) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _in_chunks(x: Tensor, chunks: list[slice], step: Callable[[slice], Tensor]) -> Tensor:
-    """The input relevance assembled from ``step(part)`` for each batch slice in turn."""
+def _in_chunks(x: Tensor, chunks: list[slice], step: Callable[[slice, Tensor], Tensor]) -> Tensor:
+    """The input relevance assembled from ``step(part, target)`` for each batch slice in turn:
+    a step may write its result into ``target`` (its slice of the output) with its last op;
+    otherwise the result is copied there."""
     out = torch.empty_like(x)
     for part in chunks:
-        out[part] = step(part)
+        target = out[part]
+        result = step(part, target)
+        if result.data_ptr() != target.data_ptr():
+            target.copy_(result)
     return out
 
 
@@ -462,7 +467,7 @@ def relevance_fast(
         if z is None and rule == "gamma":
             z = lin.forward(x, weight, bias)  # γ keeps each share where z has its sign
 
-        def stacked_part(part: slice) -> Tensor:
+        def stacked_part(part: slice, target: Tensor | None = None) -> Tensor:
             part_saved = [t[part] for t in saved] if len(saved) > 1 else None
             return _mixed_input_relevance(
                 lin, x[part], weight, bias, None if z is None else z[part], part_saved,
@@ -483,7 +488,7 @@ def relevance_fast(
                 # shares at the output's size; chunk by chunk only a chunk's worth of them
                 # lives at once (this step was α-β's peak on VGG16: the 3-channel image in,
                 # 64 channels at 224×224 out).
-                def mixed_part(part: slice) -> Tensor:
+                def mixed_part(part: slice, target: Tensor) -> Tensor:
                     part_saved = complete_saved(
                         lin, x[part], weight, bias, [t[part] for t in saved], rule, params,
                         forward_fast,
@@ -522,12 +527,15 @@ def relevance_fast(
             )
         # Chunk by chunk the step holds its output and one chunk's transients instead of three
         # whole-batch ones (W⁺x, a share, the second transposed product): this step was the
-        # peak of a whole α-β analysis (1.55× a gradient's memory on VGG16).
+        # peak of a whole α-β analysis (1.55× a gradient's memory on VGG16). The weights' signs
+        # are split once for all chunks, and each chunk's last op writes into its slice.
+        signed = weight.clamp(min=0), weight.clamp(max=0)
         return _in_chunks(
             x, chunks,
-            lambda part: _alphabeta_nonnegative(
+            lambda part, target: _alphabeta_nonnegative(
                 lin, x[part], weight, bias, None if z is None else z[part], None,
                 relevance[part], params, None if factor is None else factor[part], times_input,
+                signed, target,
             ),
         )  # fmt: skip
     gamma, eps = params[0], params[1]
@@ -637,13 +645,16 @@ def _alphabeta_nonnegative(
     params: Sequence[float],
     factor: Tensor | None = None,
     times_input: bool = True,
+    signed_weights: tuple[Tensor, Tensor] | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """α-β relevance for ``x ≥ 0``: ``x·(α·W⁺ᵀ(R/zp) − β·W⁻ᵀ(R/zn))``, reading a full ``saved``
     or computing W⁺x into buffers it owns and reuses in place (``R = relevance · factor``;
-    without ``times_input`` the bracket alone)."""
+    without ``times_input`` the bracket alone). ``signed_weights``: ``(W⁺, W⁻)`` already split;
+    ``out``: where the last op writes the result."""
     tr = lin.transpose
     alpha, beta, eps, use_bias = params[0], params[1], params[2], params[3] != 0
-    wp = weight.clamp(min=0)
+    wp, wn = signed_weights or (weight.clamp(min=0), None)
     zp = saved[1] if saved else lin.forward(x, wp, _positive(bias) if use_bias else None)
     c = tr(divide_fast(relevance, zp, eps, alpha, factor=factor), wp, x)
     if beta != 0:
@@ -653,12 +664,19 @@ def _alphabeta_nonnegative(
             # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), into zp's buffer in one pass.
             zn = torch.sub(z, zp, out=zp)
         else:
-            zn = lin.forward(x, weight.clamp(max=0), None)
+            wn = weight.clamp(max=0) if wn is None else wn
+            zn = lin.forward(x, wn, None)
         del zp
         share = divide_fast(relevance, zn, eps, -beta, factor=factor)
         del zn
-        c.add_(tr(share, weight.clamp(max=0), x))
-    return c.mul_(x) if times_input else c
+        inhibitor = tr(share, weight.clamp(max=0) if wn is None else wn, x)
+        del share
+        if not times_input:
+            return c.add_(inhibitor) if out is None else torch.add(c, inhibitor, out=out)
+        c.add_(inhibitor)
+    if not times_input:
+        return c
+    return c.mul_(x) if out is None else torch.mul(c, x, out=out)
 
 
 def _flat_fast(lin: LinearMap, x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
