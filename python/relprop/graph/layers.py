@@ -67,6 +67,13 @@ def formed(relevance: Relevance) -> Tensor:
     return relevance.formed() if isinstance(relevance, InputProduct) else relevance
 
 
+def unformed(relevance: Relevance) -> tuple[Tensor, Tensor | None]:
+    """``(coefficient, factor)`` of a relevance; ``factor`` is None for a formed one."""
+    if isinstance(relevance, InputProduct):
+        return relevance.coefficient, relevance.factor
+    return relevance, None
+
+
 def join(first: Relevance, second: Relevance) -> Relevance:
     """The sum of two relevances reaching one tensor."""
     if (
@@ -168,9 +175,7 @@ class WeightLayer(Layer):
     def relevance(self, saved, relevance):
         x_op, w_op, op_bias, fwd, lead = saved
         name, rule_params = self.rule.op()
-        factor = None
-        if isinstance(relevance, InputProduct):
-            relevance, factor = relevance.coefficient, relevance.factor
+        relevance, factor = unformed(relevance)
         # Leave the product with x to the layer below where the rule's relevance is x · c (on
         # the native path: the fused kernels end with the product).
         times_input = not (
@@ -281,9 +286,7 @@ class NormLayer(Layer):
         ):
             # The residual addition of every ResNet block: R_k = x_k · R / stab(a + b), handed
             # down unformed; a relevance arriving unformed is formed by the division.
-            factor = None
-            if isinstance(relevance, InputProduct):
-                relevance, factor = relevance.coefficient, relevance.factor
+            relevance, factor = unformed(relevance)
             share = divide_fast(relevance, out, self.stabilizer, factor=factor)
             return [InputProduct(share, args[0]), InputProduct(share, args[1])]
         relevance = formed(relevance)

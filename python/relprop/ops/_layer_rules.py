@@ -356,15 +356,20 @@ def _aux_nonnegative(
     # γ with x ≥ 0: zpos = (W + γW⁺)x + b + γb⁺, one product, and
     # zneg = z + γ(W⁻x + b⁻) = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos.
     gamma = params[0]
-    zpos = lin.forward(x, *_gamma_up(weight, bias, gamma))
+    zpos = lin.forward(x, *_gamma_shifted(weight, bias, gamma, up=True))
     return [zpos, torch.add(-zpos, z, alpha=2 + gamma)]
 
 
-def _gamma_up(weight: Tensor, bias: Tensor | None, gamma: float) -> tuple[Tensor, Tensor | None]:
-    """``W + γW⁺`` and ``b + γb⁺``; torch.add with alpha is one pass over the weights instead of
-    two (ResNet50 has 25M of them)."""
-    w_up = torch.add(weight, weight.clamp(min=0), alpha=gamma)
-    return w_up, None if bias is None else torch.add(bias, bias.clamp(min=0), alpha=gamma)
+def _gamma_shifted(
+    weight: Tensor, bias: Tensor | None, gamma: float, up: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``W + γW⁺`` and ``b + γb⁺`` (``up``), or ``W + γW⁻`` and ``b + γb⁻``; torch.add with
+    alpha is one pass over the weights instead of two (ResNet50 has 25M of them)."""
+
+    def shifted(t: Tensor) -> Tensor:
+        return torch.add(t, t.clamp(min=0) if up else t.clamp(max=0), alpha=gamma)
+
+    return shifted(weight), None if bias is None else shifted(bias)
 
 
 def complete_saved(
@@ -542,7 +547,7 @@ def relevance_fast(
     # zpos = (W + γW⁺)x + b + γb⁺ straight from the product with the γ weights, which the
     # transposed product needs anyway (no W⁺x scaled and added to z: two passes fewer);
     # zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos.
-    w_up, b_up = _gamma_up(weight, bias, gamma)
+    w_up, b_up = _gamma_shifted(weight, bias, gamma, up=True)
     zpos = saved[1] if full else lin.forward(x, w_up, b_up)
     share = divide_fast(relevance, zpos, eps, sign_reference=z, sign=1, factor=factor)
     # The z < 0 branch only exists where z has negative entries: never after a fused ReLU, which
@@ -560,7 +565,7 @@ def relevance_fast(
         zpos = None
         share = divide_fast(relevance, zneg, eps, sign_reference=z, sign=-1, factor=factor)
         del zneg
-        c.add_(tr(share, torch.add(weight, weight.clamp(max=0), alpha=gamma), x))
+        c.add_(tr(share, _gamma_shifted(weight, None, gamma, up=False)[0], x))
     return finish(c)
 
 
@@ -597,12 +602,8 @@ def _mixed_input_relevance(
     channels = x.shape[1]
     both = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1)
     if rule == "gamma":
-        up = torch.add(weight, weight.clamp(min=0), alpha=params[0])
-        down = torch.add(weight, weight.clamp(max=0), alpha=params[0])
-        up_bias = down_bias = None
-        if bias is not None:
-            up_bias = torch.add(bias, bias.clamp(min=0), alpha=params[0])
-            down_bias = torch.add(bias, bias.clamp(max=0), alpha=params[0])
+        up, up_bias = _gamma_shifted(weight, bias, params[0], up=True)
+        down, down_bias = _gamma_shifted(weight, bias, params[0], up=False)
         eps = params[1]
         # (weights on x⁺, on x⁻, bias, scale, sign of z that keeps the share)
         terms = [(up, down, up_bias, 1.0, 1), (down, up, down_bias, 1.0, -1)]
@@ -658,18 +659,19 @@ def _alphabeta_nonnegative(
     zp = saved[1] if saved else lin.forward(x, wp, _positive(bias) if use_bias else None)
     c = tr(divide_fast(relevance, zp, eps, alpha, factor=factor), wp, x)
     if beta != 0:
+        if wn is None:
+            wn = weight.clamp(max=0)
         if saved:
             zn = saved[2]
         elif use_bias or bias is None:
             # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), into zp's buffer in one pass.
             zn = torch.sub(z, zp, out=zp)
         else:
-            wn = weight.clamp(max=0) if wn is None else wn
             zn = lin.forward(x, wn, None)
         del zp
         share = divide_fast(relevance, zn, eps, -beta, factor=factor)
         del zn
-        inhibitor = tr(share, weight.clamp(max=0) if wn is None else wn, x)
+        inhibitor = tr(share, wn, x)
         del share
         if not times_input:
             return c.add_(inhibitor) if out is None else torch.add(c, inhibitor, out=out)
