@@ -201,10 +201,14 @@ def profile_summary(call: Callable[[], object], cuda: bool, rows: int = 12) -> s
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         call()
         if cuda:
             torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
     events = prof.key_averages()
 
     def self_us(event) -> float:
@@ -239,4 +243,30 @@ def profile_summary(call: Callable[[], object], cuda: bool, rows: int = 12) -> s
                 f"| {100 * total_us(event) / grand:.0f}% |"
             )
     lines.append(f"\nself time of all ops: {grand / 1e3:.1f} ms")
+    if cuda:
+        busy_us = device_busy_us(prof.events())
+        lines.append(
+            f"wall time of the profiled call: {wall_us / 1e3:.1f} ms; GPU busy {busy_us / 1e3:.1f}"
+            f" ms ({100 * busy_us / wall_us:.0f}%): the rest the GPU waited for the host "
+            "(launches, syncs; the profiler adds host time per launch)"
+        )
+    else:
+        lines.append(f"wall time of the profiled call: {wall_us / 1e3:.1f} ms")
     return "\n".join(lines)
+
+
+def device_busy_us(events) -> float:
+    """Microseconds in which at least one GPU kernel or copy ran: the union of the device
+    events' intervals (kernels on several streams may overlap, so their sum could exceed it)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop <= end:
+            continue
+        busy += stop - max(start, end)
+        end = stop
+    return busy

@@ -117,16 +117,21 @@ def max_logit_output(output: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def relprop_backend(backend: str | None) -> Iterator[None]:
-    """Set ``RELPROP_BACKEND`` (read by relprop at every op call) for the block."""
-    previous = os.environ.pop("RELPROP_BACKEND", None)
-    if backend is not None:
-        os.environ["RELPROP_BACKEND"] = backend
+    """Set relprop's switches for the block: ``RELPROP_BACKEND`` (read at every op call), or for
+    the ``nondeterministic`` row ``RELPROP_DETERMINISTIC=0`` (cuDNN's fastest algorithms)."""
+    if backend == "nondeterministic":
+        settings = {"RELPROP_BACKEND": None, "RELPROP_DETERMINISTIC": "0"}
+    else:
+        settings = {"RELPROP_BACKEND": backend, "RELPROP_DETERMINISTIC": None}
+    previous = {name: os.environ.pop(name, None) for name in settings}
+    os.environ.update({name: value for name, value in settings.items() if value is not None})
     try:
         yield
     finally:
-        os.environ.pop("RELPROP_BACKEND", None)
-        if previous is not None:
-            os.environ["RELPROP_BACKEND"] = previous
+        for name, value in previous.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 # -- the methods ------------------------------------------------------------------------------
@@ -496,8 +501,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--relprop-backends",
         default=None,
-        help="comma-separated of default, native, triton, reference: one relprop "
-        "row each (default: 'default' on CPU, 'default,triton,reference' on CUDA)",
+        help="comma-separated of default, native, triton, reference, nondeterministic "
+        "(relprop's choice with RELPROP_DETERMINISTIC=0): one relprop row each (default: "
+        "'default' on CPU, 'default,nondeterministic,triton,reference' on CUDA)",
     )
     parser.add_argument(
         "--threads",
@@ -546,7 +552,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.methods = [m for m in args.methods.split(",") if m]
     args.providers = [p for p in args.providers.split(",") if p]
     args.relprop_backends = (
-        args.relprop_backends or ("default,triton,reference" if cuda else "default")
+        args.relprop_backends
+        or ("default,nondeterministic,triton,reference" if cuda else "default")
     ).split(",")
     if args.csv is None and not args.quick:
         args.csv = RESULTS_CSV

@@ -2,16 +2,18 @@
 # Everything that needs a GPU, in one unattended command for a CUDA machine (the device tool's
 # H100/H200): build relprop there, run the tests that a CPU cannot run, and the GPU benchmarks.
 #
-#   bash scripts/gpu.sh [STEP ...]      STEP: tests | suite | bench-ops | bench | all (default)
+#   bash scripts/gpu.sh [STEP ...]      STEP: tests | suite | bench-ops | bench | profile | all
 #
 #   tests      tests marked gpu, and the op and kernel tests (compiled Triton, CUDA kernels)
 #   suite      the rest of the test suite, on a machine where CUDA is visible
 #   bench-ops  benchmarks/bench_ops_triton.py: fused kernels vs torch per layer shape
 #   bench      benchmarks/run.py --device cuda: issue 3's table (vgg16, resnet50, batch 64)
+#   profile    one profiled call of the gradient and of each relprop method (float32): the
+#              kernels with the most GPU time, and how much of the call the GPU was busy
 #
 # Narrow a run with TESTS_K (pytest -k expression for `tests`), BENCH_ARGS (more run.py options,
-# e.g. "--dtype bfloat16"), BENCH_NAME (its output files' stem, default gpu) and BENCH_OPS_ARGS
-# (e.g. "--filter conv1 --dtypes bf16").
+# e.g. "--dtype bfloat16"), BENCH_NAME (its output files' stem, default gpu), BENCH_OPS_ARGS
+# (e.g. "--filter conv1 --dtypes bf16") and PROFILE_ARGS (e.g. "--models resnet50").
 #
 # Logs, CSV and markdown go to $OUT (the device tool sets it; default out/gpu). The machine has
 # torch, Triton, nvcc, CMake, pybind11 and scikit-build-core but no network: Zennit and Captum
@@ -62,7 +64,7 @@ pytest_args=(-q -p no:cacheprovider -rfE --durations=15)
 if "$PY" -c "import xdist" 2>/dev/null; then pytest_args+=(-n "$WORKERS"); fi
 
 steps=("$@")
-[[ ${#steps[@]} -eq 0 || ${steps[0]} == all ]] && steps=(tests suite bench-ops bench)
+[[ ${#steps[@]} -eq 0 || ${steps[0]} == all ]] && steps=(tests suite bench-ops bench profile)
 for step in "${steps[@]}"; do
     case $step in
     tests)
@@ -84,8 +86,14 @@ for step in "${steps[@]}"; do
         run_step "$name" "$PY" benchmarks/run.py --device cuda --csv "$OUT/results_$name.csv" \
             --markdown "$OUT/$name.md" ${BENCH_ARGS:-}
         ;;
+    profile)
+        # shellcheck disable=SC2086  # PROFILE_ARGS holds several words
+        run_step profile "$PY" benchmarks/run.py --device cuda --dtype float32 --rounds 3 \
+            --no-memory --providers relprop --relprop-backends default --profile 20 \
+            --csv "$OUT/results_profile.csv" --markdown "$OUT/profile_times.md" ${PROFILE_ARGS:-}
+        ;;
     *)
-        echo "unknown step $step (tests, suite, bench-ops, bench, all)" >&2
+        echo "unknown step $step (tests, suite, bench-ops, bench, profile, all)" >&2
         exit 2
         ;;
     esac

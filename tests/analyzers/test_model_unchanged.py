@@ -236,3 +236,30 @@ def test_model_unchanged_when_a_layer_is_unsupported():
             seeded_normal((2, 5), 43, torch.float32)
         )
     assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("setting, inside", [(None, True), ("1", True), ("0", False), ("off", False)])
+def test_cudnn_determinism_is_switched_for_the_analysis_and_restored(monkeypatch, setting, inside):
+    """Analyses on CUDA run with cuDNN's deterministic algorithms (bitwise-equal runs) unless
+    RELPROP_DETERMINISTIC=0; either way the caller's flag is back afterwards."""
+    from relprop.analyzers.base import deterministic_cudnn
+
+    if setting is None:
+        monkeypatch.delenv("RELPROP_DETERMINISTIC", raising=False)
+    else:
+        monkeypatch.setenv("RELPROP_DETERMINISTIC", setting)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    with deterministic_cudnn(active=True):
+        assert torch.backends.cudnn.deterministic is inside
+    assert torch.backends.cudnn.deterministic is False
+    with deterministic_cudnn(active=False):  # CPU input: cuDNN is not involved
+        assert torch.backends.cudnn.deterministic is False
+
+
+def test_unknown_determinism_setting_is_refused(monkeypatch):
+    from relprop.analyzers.base import deterministic_cudnn
+
+    monkeypatch.setenv("RELPROP_DETERMINISTIC", "maybe")
+    with pytest.raises(ValueError, match="RELPROP_DETERMINISTIC='maybe' is not a switch"):
+        with deterministic_cudnn(active=True):
+            pass

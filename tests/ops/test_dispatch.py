@@ -97,3 +97,17 @@ def test_direct_kernel_call_equals_the_op():
         direct = _backend.call_op(conv.conv2d_relevance, conv.relevance_kernel, *args)
         through_op = conv.conv2d_relevance(*args)
     assert torch.equal(direct, through_op)
+
+
+def test_profiles_name_the_op_called_as_a_function():
+    """Skipping the dispatcher must not hide relprop's ops from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from relprop.ops import conv as conv_ops
+
+    x, weight = torch.rand(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    args = (x, weight, None, [1, 1], [1, 1], [1, 1], 1, "epsilon", [1e-6])
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        _backend.call_op(conv_ops.conv2d_forward, conv_ops.forward_kernel, *args)
+    keys = [event.key for event in prof.key_averages()]
+    assert "relprop::conv2d_forward" in keys, keys

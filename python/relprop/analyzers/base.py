@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Union
@@ -175,8 +176,10 @@ def deterministic_cudnn(active: bool):
     Two analyses of the same input must give bitwise-equal relevance; some of cuDNN's
     backward-data algorithms (taken for the transposed products of the native CUDA path, e.g.
     for ResNet's 3-channel 7×7 stem) accumulate with atomics in varying order.
+    ``RELPROP_DETERMINISTIC=0`` leaves cuDNN's flag as the caller set it: the fastest algorithms,
+    at the price of run-to-run differences in the last bits.
     """
-    if not active:
+    if not active or not deterministic_requested():
         yield
         return
     saved = torch.backends.cudnn.deterministic
@@ -185,6 +188,19 @@ def deterministic_cudnn(active: bool):
         yield
     finally:
         torch.backends.cudnn.deterministic = saved
+
+
+def deterministic_requested() -> bool:
+    """False when ``RELPROP_DETERMINISTIC`` is ``0``/``false``/``no``/``off``; True otherwise."""
+    value = os.environ.get("RELPROP_DETERMINISTIC", "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    raise ValueError(
+        f"RELPROP_DETERMINISTIC={value!r} is not a switch; set it to 0 (cuDNN's fastest "
+        "algorithms) or 1 (bitwise-reproducible analyses, the default), or unset it"
+    )
 
 
 @contextmanager
