@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "relprop/alpha_beta_shares.h"
 #include "relprop/elementwise.h"
 #include "relprop/pool.h"
 
@@ -47,6 +48,12 @@ constexpr const char* kStabilizedDivideDoc =
     "is; sign = +1 / -1 keeps only entries with sign_reference > 0 / < 0 (0 "
     "elsewhere), sign = 0 ignores sign_reference. All buffers contiguous, numel elements; dtype: "
     "0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
+
+constexpr const char* kAlphaBetaSharesDoc =
+    "out[n, 0, j] = alpha * R / stab(zp, epsilon), out[n, 1, j] = -beta * R / stab(z - zp, "
+    "epsilon) (0 where stab is 0), R = relevance * factor (factor = 0: relevance alone); "
+    "relevance, factor, z, zp are contiguous (samples, inner) buffers, out (samples, 2, inner); "
+    "dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
 
 constexpr const char* kShapeDoc =
     "shape = (N, C, H, W, OH, OW); strides are element strides of (N, C, H, W) views; "
@@ -132,7 +139,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("denominator"), py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"),
       py::arg("sign"), py::arg("out"), release_gil, kStabilizedDivideDoc);
 
+  m.def(
+      "alpha_beta_shares_cpu",
+      [](int dtype, int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor,
+         uintptr_t z, uintptr_t zp, double epsilon, double alpha, double beta, uintptr_t out) {
+        alpha_beta_shares_cpu(static_cast<DType>(dtype), samples, inner, relevance, factor, z, zp,
+                              epsilon, alpha, beta, out);
+      },
+      py::arg("dtype"), py::arg("samples"), py::arg("inner"), py::arg("relevance"),
+      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("epsilon"), py::arg("alpha"),
+      py::arg("beta"), py::arg("out"), release_gil, kAlphaBetaSharesDoc);
+
 #ifdef RELPROP_WITH_CUDA
+  m.def(
+      "alpha_beta_shares_cuda",
+      [](int dtype, int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor,
+         uintptr_t z, uintptr_t zp, double epsilon, double alpha, double beta, uintptr_t out,
+         uintptr_t stream, int device) {
+        alpha_beta_shares_cuda(static_cast<DType>(dtype), samples, inner, relevance, factor, z,
+                               zp, epsilon, alpha, beta, out, stream, device);
+      },
+      py::arg("dtype"), py::arg("samples"), py::arg("inner"), py::arg("relevance"),
+      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("epsilon"), py::arg("alpha"),
+      py::arg("beta"), py::arg("out"), py::arg("stream"), py::arg("device"), release_gil,
+      kAlphaBetaSharesDoc);
+
   m.def(
       "stabilized_divide_cuda",
       [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t factor, uintptr_t denominator,

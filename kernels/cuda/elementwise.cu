@@ -3,49 +3,25 @@
 //
 // Memory-bound: a grid-stride loop, one element per thread and step, float16 and bfloat16
 // computed in float32. Every element is computed on its own, so results are deterministic.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <stdexcept>
 #include <string>
 
 #include "relprop/cuda_common.cuh"
+#include "relprop/cuda_scalars.cuh"
 #include "relprop/elementwise.h"
 
 namespace relprop {
 namespace {
 
 using cuda_detail::check;
+using cuda_detail::Compute;
 using cuda_detail::DeviceGuard;
-
-constexpr int kThreads = 256;
-// Enough resident blocks to saturate the memory system of any current GPU (a grid-stride loop
-// covers the rest); a bounded grid avoids launching millions of short-lived blocks.
-constexpr int64_t kMaxBlocks = 65536;
-
-template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ double load(const double* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-
-__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(double* p, int64_t i, double v) { p[i] = v; }
-__device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
-  p[i] = __float2bfloat16(v);
-}
+using cuda_detail::elementwise_blocks;
+using cuda_detail::kElementwiseThreads;
+using cuda_detail::load;
+using cuda_detail::store;
 
 // The relevance's factor (x of the layer above, when the relevance arrives as c · x) is read only
 // when kFactor: the product is formed here instead of in a pass of its own before the division.
@@ -75,10 +51,8 @@ struct Buffers {
 template <typename T, SignMask kMask, bool kFactor>
 void launch(int64_t numel, const Buffers& b, double epsilon, double scale, cudaStream_t stream) {
   using C = typename Compute<T>::type;
-  int64_t blocks = (numel + kThreads - 1) / kThreads;
-  blocks = blocks > kMaxBlocks ? kMaxBlocks : blocks;
   stabilized_divide_kernel<T, kMask, kFactor>
-      <<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+      <<<elementwise_blocks(numel), kElementwiseThreads, 0, stream>>>(
           numel, reinterpret_cast<const T*>(b.numerator), reinterpret_cast<const T*>(b.factor),
           reinterpret_cast<const T*>(b.denominator), reinterpret_cast<const T*>(b.reference),
           static_cast<C>(epsilon), static_cast<C>(scale), reinterpret_cast<T*>(b.out));

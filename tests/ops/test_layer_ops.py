@@ -239,3 +239,40 @@ def test_batch_chunks_match_float64(monkeypatch, kind, sign, rule, params):
         torch.testing.assert_close(x * coefficient.double(), truth_of_product, rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(_layer_rules, "_CHUNK_MIN_BYTES", 1 << 62)
     torch.testing.assert_close(chunked, fast(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_factor", [False, True], ids=["plain", "factor"])
+@pytest.mark.parametrize(
+    "kind, paired", [("linear", True), ("conv", True), ("conv-groups", False)], ids=str
+)
+def test_alpha_beta_pairs_its_shares_where_weights_stack(monkeypatch, kind, paired, with_factor):
+    """On x ≥ 0 with z at hand, α-β's two shares come from one relprop::alpha_beta_shares pass
+    and one transposed product with [W⁺; W⁻] — for dense layers and one-group convolutions;
+    grouped convolutions keep two products. Either way: the float64 reference's numbers (the
+    native kernel of the pass runs here at any size)."""
+    monkeypatch.setattr(_layer_rules, "_FUSED_DIVIDE_MIN_NUMEL", 0)
+    calls = []
+    pass_through = _layer_rules.alpha_beta_shares_fast
+    monkeypatch.setattr(
+        _layer_rules, "alpha_beta_shares_fast", lambda *a: calls.append(1) or pass_through(*a)
+    )
+    torch.manual_seed(9)
+    if kind == "linear":
+        x, w = torch.rand(4, 13, dtype=torch.float64), torch.randn(6, 13, dtype=torch.float64)
+        lin = linear.DENSE_MAP
+    else:
+        groups = 2 if kind == "conv-groups" else 1
+        x = torch.rand(3, 4, 8, 7, dtype=torch.float64)
+        w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64)
+        lin = conv._map([2, 1], [1, 1], [1, 1], groups)
+    b = torch.randn(6, dtype=torch.float64)
+    params = [2.0, 1.0, 1e-6, 1.0]
+    full = _layer_rules.forward_reference(lin, x, w, b, "alphabeta", params)
+    r = torch.randn_like(full[0])
+    factor = torch.rand_like(r) if with_factor else None
+    truth = _layer_rules.relevance_reference(
+        lin, x, w, b, full, r if factor is None else r * factor, "alphabeta", params
+    )
+    got = _layer_rules.relevance_fast(lin, x, w, b, full[:1], r, "alphabeta", params, factor)
+    torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10)
+    assert len(calls) == (1 if paired else 0)

@@ -23,6 +23,11 @@ import torch
 from torch import Tensor
 
 from relprop.ops._backend import call_op
+from relprop.ops.alpha_beta_shares import (
+    alpha_beta_shares_kernel,
+    alpha_beta_shares_op,
+    alpha_beta_shares_reference,
+)
 from relprop.ops.elementwise import (
     stabilized_divide_kernel,
     stabilized_divide_op,
@@ -59,10 +64,12 @@ class LinearMap:
     transpose: Callable[[Tensor, Tensor, Tensor], Tensor]
     # The flat rule's relevance without forming the all-ones weights, where the map knows how.
     flat_relevance: Callable[[Tensor, Tensor, Tensor, float], Tensor] | None = None
-    # Whether weights concatenated along dim 1 act on inputs concatenated along dim 1 as the sum
-    # of the two maps (dense layers; convolutions with one group), so that ``A x⁺ + B x⁻`` is one
-    # product of ``[x⁺, x⁻]`` with ``[A, B]``.
-    stacks_inputs: bool = False
+    # Whether weights may be stacked (dense layers; convolutions with one group): along dim 1
+    # they act on inputs concatenated along dim 1 as the sum of the two maps, so ``A x⁺ + B x⁻``
+    # is one product of ``[x⁺, x⁻]`` with ``[A, B]``; along dim 0 their transpose takes shares
+    # concatenated along dim 1 and sums, so ``Aᵀs + Bᵀt`` is one product of ``[s, t]`` with
+    # ``[A; B]``. (Groups would pair each slice of channels with the wrong weights.)
+    stacks_weights: bool = False
 
 
 def check_rule(rule: str, params: Sequence[float]) -> None:
@@ -465,7 +472,7 @@ def relevance_fast(
         c = tr(s, weight, x)
         cp = tr(s, weight.clamp(min=0), x)
         return c.mul_(x - high).add_(cp.mul_(high - low))
-    if rule in ("zplus", "alphabeta", "gamma") and lin.stacks_inputs and not _is_nonnegative(x):
+    if rule in ("zplus", "alphabeta", "gamma") and lin.stacks_weights and not _is_nonnegative(x):
         # Mixed-sign input (a first layer): x⁺ and x⁻ side by side, each product one call.
         chunks = _batch_chunks(x, relevance) if len(saved) <= 1 else [slice(None)]
         z = saved[0] if saved else None
@@ -534,7 +541,7 @@ def relevance_fast(
         # whole-batch ones (W⁺x, a share, the second transposed product): this step was the
         # peak of a whole α-β analysis (1.55× a gradient's memory on VGG16). The weights' signs
         # are split once for all chunks, and each chunk's last op writes into its slice.
-        signed = weight.clamp(min=0), weight.clamp(max=0)
+        signed = _signed_weights(weight, lin.stacks_weights)
         return _in_chunks(
             x, chunks,
             lambda part, target: _alphabeta_nonnegative(
@@ -635,6 +642,36 @@ def _mixed_input_relevance(
     return torch.add(both[:, :channels], both[:, channels:])
 
 
+def _signed_weights(weight: Tensor, stacked: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(W⁺, W⁻, [W⁺; W⁻])``: with ``stacked`` both signs are written into one buffer, stacked
+    along the output dim, of which ``W⁺`` and ``W⁻`` are views (no copy to form the stack);
+    otherwise ``(W⁺, W⁻, None)``."""
+    if not stacked:
+        return weight.clamp(min=0), weight.clamp(max=0), None
+    outputs = weight.shape[0]
+    both = weight.new_empty((2 * outputs, *weight.shape[1:]))
+    torch.clamp(weight, min=0, out=both[:outputs])
+    torch.clamp(weight, max=0, out=both[outputs:])
+    return both[:outputs], both[outputs:], both
+
+
+def alpha_beta_shares_fast(
+    relevance: Tensor,
+    z: Tensor,
+    zp: Tensor,
+    epsilon: float,
+    alpha: float,
+    beta: float,
+    factor: Tensor | None = None,
+) -> Tensor:
+    """``[α·R/stab(zp), −β·R/stab(z − zp)]`` along dim 1 (``relprop::alpha_beta_shares``): the
+    native pass for large tensors, the torch composition for small ones (as :func:`divide_fast`)."""
+    args = (relevance, z, zp, float(epsilon), float(alpha), float(beta), factor)
+    if relevance.numel() >= _FUSED_DIVIDE_MIN_NUMEL:
+        return call_op(alpha_beta_shares_op, alpha_beta_shares_kernel, *args)
+    return alpha_beta_shares_reference(*args)
+
+
 def _alphabeta_nonnegative(
     lin: LinearMap,
     x: Tensor,
@@ -646,36 +683,47 @@ def _alphabeta_nonnegative(
     params: Sequence[float],
     factor: Tensor | None = None,
     times_input: bool = True,
-    signed_weights: tuple[Tensor, Tensor] | None = None,
+    signed_weights: tuple[Tensor, Tensor, Tensor | None] | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
     """α-β relevance for ``x ≥ 0``: ``x·(α·W⁺ᵀ(R/zp) − β·W⁻ᵀ(R/zn))``, reading a full ``saved``
     or computing W⁺x into buffers it owns and reuses in place (``R = relevance · factor``;
-    without ``times_input`` the bracket alone). ``signed_weights``: ``(W⁺, W⁻)`` already split;
-    ``out``: where the last op writes the result."""
+    without ``times_input`` the bracket alone). ``signed_weights``: :func:`_signed_weights`
+    already formed; ``out``: where the last op writes the result."""
     tr = lin.transpose
     alpha, beta, eps, use_bias = params[0], params[1], params[2], params[3] != 0
-    wp, wn = signed_weights or (weight.clamp(min=0), None)
+    # Both shares in one pass and one transposed product with [W⁺; W⁻], where zn = z − zp holds
+    # (x ≥ 0, and the rule's bias is the layer's) and the map can stack its weights: the
+    # subtraction, the second division's reads of R and the sum of two products are gone.
+    paired = (
+        beta != 0 and not saved and z is not None and (use_bias or bias is None)
+        and lin.stacks_weights
+    )  # fmt: skip
+    wp, wn, both = signed_weights or _signed_weights(weight, paired)
     zp = saved[1] if saved else lin.forward(x, wp, _positive(bias) if use_bias else None)
-    c = tr(divide_fast(relevance, zp, eps, alpha, factor=factor), wp, x)
-    if beta != 0:
-        if wn is None:
-            wn = weight.clamp(max=0)
-        if saved:
-            zn = saved[2]
-        elif use_bias or bias is None:
-            # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), into zp's buffer in one pass.
-            zn = torch.sub(z, zp, out=zp)
-        else:
-            zn = lin.forward(x, wn, None)
+    if paired and both is not None:
+        shares = alpha_beta_shares_fast(relevance, z, zp, eps, alpha, beta, factor)
         del zp
-        share = divide_fast(relevance, zn, eps, -beta, factor=factor)
-        del zn
-        inhibitor = tr(share, wn, x)
-        del share
-        if not times_input:
-            return c.add_(inhibitor) if out is None else torch.add(c, inhibitor, out=out)
-        c.add_(inhibitor)
+        c = tr(shares, both, x)
+        del shares
+    else:
+        c = tr(divide_fast(relevance, zp, eps, alpha, factor=factor), wp, x)
+        if beta != 0:
+            if saved:
+                zn = saved[2]
+            elif use_bias or bias is None:
+                # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), into zp's buffer in one pass.
+                zn = torch.sub(z, zp, out=zp)
+            else:
+                zn = lin.forward(x, wn, None)
+            del zp
+            share = divide_fast(relevance, zn, eps, -beta, factor=factor)
+            del zn
+            inhibitor = tr(share, wn, x)
+            del share
+            if not times_input:
+                return c.add_(inhibitor) if out is None else torch.add(c, inhibitor, out=out)
+            c.add_(inhibitor)
     if not times_input:
         return c
     return c.mul_(x) if out is None else torch.mul(c, x, out=out)

@@ -85,7 +85,7 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
             .contiguous()
         )
 
-    return rules.LinearMap(forward, transpose, flat_relevance, stacks_inputs=groups == 1)
+    return rules.LinearMap(forward, transpose, flat_relevance, stacks_weights=groups == 1)
 
 
 def _map(stride, padding, dilation, groups) -> rules.LinearMap:

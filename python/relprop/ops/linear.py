@@ -32,7 +32,7 @@ DENSE_MAP = rules.LinearMap(
     forward=F.linear,
     transpose=_transpose,
     flat_relevance=_flat_relevance,
-    stacks_inputs=True,
+    stacks_weights=True,
 )
 
 
