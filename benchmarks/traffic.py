@@ -51,7 +51,7 @@ import run  # the benchmark's models, inputs and methods
 # ops and are descended into.
 LEAF_OPS = {
     "stabilized_divide",
-    "alpha_beta_shares",
+    "paired_shares",
     "max_pool_relevance",
     "avg_pool2d_relevance",
     "adaptive_avg_pool2d_relevance",

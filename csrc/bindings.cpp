@@ -11,8 +11,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "relprop/alpha_beta_shares.h"
 #include "relprop/elementwise.h"
+#include "relprop/paired_shares.h"
 #include "relprop/pool.h"
 
 namespace py = pybind11;
@@ -49,9 +49,10 @@ constexpr const char* kStabilizedDivideDoc =
     "elsewhere), sign = 0 ignores sign_reference. All buffers contiguous, numel elements; dtype: "
     "0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
 
-constexpr const char* kAlphaBetaSharesDoc =
-    "out[n, 0, j] = alpha * R / stab(zp, epsilon), out[n, 1, j] = -beta * R / stab(z - zp, "
-    "epsilon) (0 where stab is 0), R = relevance * factor (factor = 0: relevance alone); "
+constexpr const char* kPairedSharesDoc =
+    "out[n, 0, j] = scale * R / stab(zp, epsilon), out[n, 1, j] = second_scale * R / "
+    "stab(z_weight * z - zp, epsilon), each 0 where its stab is 0 and, with sign_masks, where "
+    "z > 0 (first) / z < 0 (second) fails; R = relevance * factor (factor = 0: relevance alone); "
     "relevance, factor, z, zp are contiguous (samples, inner) buffers, out (samples, 2, inner); "
     "dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
 
@@ -140,29 +141,32 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sign"), py::arg("out"), release_gil, kStabilizedDivideDoc);
 
   m.def(
-      "alpha_beta_shares_cpu",
+      "paired_shares_cpu",
       [](int dtype, int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor,
-         uintptr_t z, uintptr_t zp, double epsilon, double alpha, double beta, uintptr_t out) {
-        alpha_beta_shares_cpu(static_cast<DType>(dtype), samples, inner, relevance, factor, z, zp,
-                              epsilon, alpha, beta, out);
+         uintptr_t z, uintptr_t zp, double epsilon, double scale, double second_scale,
+         double z_weight, bool sign_masks, uintptr_t out) {
+        paired_shares_cpu(static_cast<DType>(dtype), samples, inner, relevance, factor, z, zp,
+                          {epsilon, scale, second_scale, z_weight, sign_masks}, out);
       },
       py::arg("dtype"), py::arg("samples"), py::arg("inner"), py::arg("relevance"),
-      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("epsilon"), py::arg("alpha"),
-      py::arg("beta"), py::arg("out"), release_gil, kAlphaBetaSharesDoc);
+      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("epsilon"), py::arg("scale"),
+      py::arg("second_scale"), py::arg("z_weight"), py::arg("sign_masks"), py::arg("out"),
+      release_gil, kPairedSharesDoc);
 
 #ifdef RELPROP_WITH_CUDA
   m.def(
-      "alpha_beta_shares_cuda",
+      "paired_shares_cuda",
       [](int dtype, int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor,
-         uintptr_t z, uintptr_t zp, double epsilon, double alpha, double beta, uintptr_t out,
-         uintptr_t stream, int device) {
-        alpha_beta_shares_cuda(static_cast<DType>(dtype), samples, inner, relevance, factor, z,
-                               zp, epsilon, alpha, beta, out, stream, device);
+         uintptr_t z, uintptr_t zp, double epsilon, double scale, double second_scale,
+         double z_weight, bool sign_masks, uintptr_t out, uintptr_t stream, int device) {
+        paired_shares_cuda(static_cast<DType>(dtype), samples, inner, relevance, factor, z, zp,
+                           {epsilon, scale, second_scale, z_weight, sign_masks}, out, stream,
+                           device);
       },
       py::arg("dtype"), py::arg("samples"), py::arg("inner"), py::arg("relevance"),
-      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("epsilon"), py::arg("alpha"),
-      py::arg("beta"), py::arg("out"), py::arg("stream"), py::arg("device"), release_gil,
-      kAlphaBetaSharesDoc);
+      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("epsilon"), py::arg("scale"),
+      py::arg("second_scale"), py::arg("z_weight"), py::arg("sign_masks"), py::arg("out"),
+      py::arg("stream"), py::arg("device"), release_gil, kPairedSharesDoc);
 
   m.def(
       "stabilized_divide_cuda",

@@ -241,20 +241,27 @@ def test_batch_chunks_match_float64(monkeypatch, kind, sign, rule, params):
     torch.testing.assert_close(chunked, fast(), rtol=1e-5, atol=1e-6)
 
 
+PAIRED_RULES = [("alphabeta", [2.0, 1.0, 1e-6, 1.0]), ("gamma", [0.25, 1e-6])]
+
+
+@pytest.mark.parametrize(("rule", "params"), PAIRED_RULES, ids=str)
 @pytest.mark.parametrize("with_factor", [False, True], ids=["plain", "factor"])
 @pytest.mark.parametrize(
     "kind, paired", [("linear", True), ("conv", True), ("conv-groups", False)], ids=str
 )
-def test_alpha_beta_pairs_its_shares_where_weights_stack(monkeypatch, kind, paired, with_factor):
-    """On x ≥ 0 with z at hand, α-β's two shares come from one relprop::alpha_beta_shares pass
-    and one transposed product with [W⁺; W⁻] — for dense layers and one-group convolutions;
-    grouped convolutions keep two products. Either way: the float64 reference's numbers (the
-    native kernel of the pass runs here at any size)."""
+def test_two_shares_in_one_pass_where_weights_stack(
+    monkeypatch, kind, paired, with_factor, rule, params
+):
+    """On x ≥ 0 with z at hand (and, for γ, z unmarked: both branches live), the rule's two
+    shares come from one relprop::paired_shares pass and one transposed product with the two
+    weight sets stacked — for dense layers and one-group convolutions; grouped convolutions keep
+    two products. Either way: the float64 reference's numbers (the native kernel of the pass
+    runs here at any size)."""
     monkeypatch.setattr(_layer_rules, "_FUSED_DIVIDE_MIN_NUMEL", 0)
     calls = []
-    pass_through = _layer_rules.alpha_beta_shares_fast
+    pass_through = _layer_rules.paired_shares_fast
     monkeypatch.setattr(
-        _layer_rules, "alpha_beta_shares_fast", lambda *a: calls.append(1) or pass_through(*a)
+        _layer_rules, "paired_shares_fast", lambda *a: calls.append(1) or pass_through(*a)
     )
     torch.manual_seed(9)
     if kind == "linear":
@@ -266,13 +273,13 @@ def test_alpha_beta_pairs_its_shares_where_weights_stack(monkeypatch, kind, pair
         w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64)
         lin = conv._map([2, 1], [1, 1], [1, 1], groups)
     b = torch.randn(6, dtype=torch.float64)
-    params = [2.0, 1.0, 1e-6, 1.0]
-    full = _layer_rules.forward_reference(lin, x, w, b, "alphabeta", params)
+    full = _layer_rules.forward_reference(lin, x, w, b, rule, params)
+    assert (full[0] < 0).any() and (full[0] > 0).any()
     r = torch.randn_like(full[0])
     factor = torch.rand_like(r) if with_factor else None
     truth = _layer_rules.relevance_reference(
-        lin, x, w, b, full, r if factor is None else r * factor, "alphabeta", params
+        lin, x, w, b, full, r if factor is None else r * factor, rule, params
     )
-    got = _layer_rules.relevance_fast(lin, x, w, b, full[:1], r, "alphabeta", params, factor)
+    got = _layer_rules.relevance_fast(lin, x, w, b, full[:1], r, rule, params, factor)
     torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10)
     assert len(calls) == (1 if paired else 0)

@@ -4,4 +4,4 @@ Each op has a plain-PyTorch reference (the truth), a fast CPU path and a GPU ker
 docs/ops.md for the contract and ``_backend.py`` for how one is chosen.
 """
 
-from relprop.ops import alpha_beta_shares, conv, elementwise, linear, pool  # noqa: F401  (registers the ops)
+from relprop.ops import conv, elementwise, linear, paired_shares, pool  # noqa: F401  (registers the ops)

@@ -23,15 +23,15 @@ import torch
 from torch import Tensor
 
 from relprop.ops._backend import call_op
-from relprop.ops.alpha_beta_shares import (
-    alpha_beta_shares_kernel,
-    alpha_beta_shares_op,
-    alpha_beta_shares_reference,
-)
 from relprop.ops.elementwise import (
     stabilized_divide_kernel,
     stabilized_divide_op,
     stabilized_divide_reference,
+)
+from relprop.ops.paired_shares import (
+    paired_shares_kernel,
+    paired_shares_op,
+    paired_shares_reference,
 )
 
 RULES = ("epsilon", "wsquare", "flat", "zplus", "alphabeta", "gamma", "zbox")
@@ -551,18 +551,20 @@ def relevance_fast(
             ),
         )  # fmt: skip
     gamma, eps = params[0], params[1]
-    # zpos = (W + γW⁺)x + b + γb⁺ straight from the product with the γ weights, which the
-    # transposed product needs anyway (no W⁺x scaled and added to z: two passes fewer);
-    # zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos.
-    w_up, b_up = _gamma_shifted(weight, bias, gamma, up=True)
-    zpos = saved[1] if full else lin.forward(x, w_up, b_up)
-    share = divide_fast(relevance, zpos, eps, sign_reference=z, sign=1, factor=factor)
     # The z < 0 branch only exists where z has negative entries: never after a fused ReLU, which
     # marks its output. Where z is not marked (a layer feeding a residual sum, a concatenation,
     # a BatchNorm) relevance does reach negative entries, so the branch runs without testing z
     # or the share for them: a test costs a pass and a host sync per layer and almost never
     # saves the product; where there are none the branch adds zeros.
     z_nonnegative = is_marked_nonnegative(z)
+    if not z_nonnegative and not full and lin.stacks_weights:
+        return finish(_gamma_paired(lin, x, weight, bias, z, relevance, gamma, eps, factor))
+    # zpos = (W + γW⁺)x + b + γb⁺ straight from the product with the γ weights, which the
+    # transposed product needs anyway (no W⁺x scaled and added to z: two passes fewer);
+    # zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos.
+    w_up, b_up = _gamma_shifted(weight, bias, gamma, up=True)
+    zpos = saved[1] if full else lin.forward(x, w_up, b_up)
+    share = divide_fast(relevance, zpos, eps, sign_reference=z, sign=1, factor=factor)
     if z_nonnegative:
         del zpos
     c = tr(share, w_up, x)
@@ -574,6 +576,32 @@ def relevance_fast(
         del zneg
         c.add_(tr(share, _gamma_shifted(weight, None, gamma, up=False)[0], x))
     return finish(c)
+
+
+def _gamma_paired(
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    z: Tensor,
+    relevance: Tensor,
+    gamma: float,
+    eps: float,
+    factor: Tensor | None,
+) -> Tensor:
+    """γ's bracket for ``x ≥ 0`` where both branches are live (``z`` of either sign), as one
+    pass of ``relprop::paired_shares`` and one transposed product with ``[W + γW⁺; W + γW⁻]``
+    (stacked along the outputs in one buffer): ``zneg = (2 + γ)z − zpos`` is formed inside the
+    pass, and the two products' sum inside the product's reduction."""
+    outputs = weight.shape[0]
+    both = weight.new_empty((2 * outputs, *weight.shape[1:]))
+    torch.add(weight, weight.clamp(min=0), alpha=gamma, out=both[:outputs])
+    torch.add(weight, weight.clamp(max=0), alpha=gamma, out=both[outputs:])
+    b_up = None if bias is None else torch.add(bias, bias.clamp(min=0), alpha=gamma)
+    zpos = lin.forward(x, both[:outputs], b_up)
+    shares = paired_shares_fast(relevance, z, zpos, eps, 1.0, 1.0, 2 + gamma, True, factor)
+    del zpos
+    return lin.transpose(shares, both, x)
 
 
 def _zbox_denominator(lin: LinearMap, x: Tensor, weight: Tensor, low: float, high: float):
@@ -655,21 +683,27 @@ def _signed_weights(weight: Tensor, stacked: bool) -> tuple[Tensor, Tensor, Tens
     return both[:outputs], both[outputs:], both
 
 
-def alpha_beta_shares_fast(
+def paired_shares_fast(
     relevance: Tensor,
     z: Tensor,
     zp: Tensor,
     epsilon: float,
-    alpha: float,
-    beta: float,
+    scale: float,
+    second_scale: float,
+    z_weight: float,
+    sign_masks: bool,
     factor: Tensor | None = None,
 ) -> Tensor:
-    """``[α·R/stab(zp), −β·R/stab(z − zp)]`` along dim 1 (``relprop::alpha_beta_shares``): the
-    native pass for large tensors, the torch composition for small ones (as :func:`divide_fast`)."""
-    args = (relevance, z, zp, float(epsilon), float(alpha), float(beta), factor)
+    """``[scale·R/stab(zp), second_scale·R/stab(z_weight·z − zp)]`` along dim 1
+    (``relprop::paired_shares``): the native pass for large tensors, the torch composition for
+    small ones (as :func:`divide_fast`)."""
+    args = (
+        relevance, z, zp, float(epsilon), float(scale), float(second_scale), float(z_weight),
+        bool(sign_masks), factor,
+    )  # fmt: skip
     if relevance.numel() >= _FUSED_DIVIDE_MIN_NUMEL:
-        return call_op(alpha_beta_shares_op, alpha_beta_shares_kernel, *args)
-    return alpha_beta_shares_reference(*args)
+        return call_op(paired_shares_op, paired_shares_kernel, *args)
+    return paired_shares_reference(*args)
 
 
 def _alphabeta_nonnegative(
@@ -702,7 +736,7 @@ def _alphabeta_nonnegative(
     wp, wn, both = signed_weights or _signed_weights(weight, paired)
     zp = saved[1] if saved else lin.forward(x, wp, _positive(bias) if use_bias else None)
     if paired and both is not None:
-        shares = alpha_beta_shares_fast(relevance, z, zp, eps, alpha, beta, factor)
+        shares = paired_shares_fast(relevance, z, zp, eps, alpha, -beta, 1.0, False, factor)
         del zp
         c = tr(shares, both, x)
         del shares

@@ -1,8 +1,9 @@
-"""The α-β rule's paired shares against an independent float64 oracle.
+"""The paired shares of the α-β and γ rules against an independent float64 oracle.
 
-The oracle writes the formula of docs/ops.md literally, in float64: ``zn = z − zp``,
-``[α·R / stab(zp, ε), −β·R / stab(zn, ε)]`` side by side along dim 1, 0 where a stabilised
-denominator is 0 (the one-share oracle of test_elementwise.py, applied twice).
+The oracle writes the formula of docs/ops.md literally, in float64: the second denominator
+``z_weight·z − zp``, then ``[scale·R / stab(zp, ε), second_scale·R / stab(second, ε)]`` side by
+side along dim 1, 0 where a stabilised denominator is 0 and, with sign masks, where ``z > 0``
+(first) or ``z < 0`` (second) fails (the one-share oracle of test_elementwise.py, applied twice).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from tests.ops.test_elementwise import assert_matches_oracle, oracle
 
 from relprop import _native
-from relprop.ops import alpha_beta_shares as shares_ops
+from relprop.ops import paired_shares as shares_ops
 from relprop.ops.conv import conv_map
 
 NATIVE = _native.native_available()
@@ -33,11 +34,27 @@ def backend(request, monkeypatch):
     return request.param
 
 
-def pair_oracle(relevance, z, zp, epsilon, alpha, beta, factor=None):
-    zn = z.double() - zp.double()
-    positive = oracle(relevance, zp, epsilon, alpha, factor=factor)
-    negative = oracle(relevance, zn, epsilon, -beta, factor=factor)
-    return torch.cat([positive, negative], dim=1)
+def pair_oracle(relevance, z, zp, epsilon, scale, second_scale, z_weight=1.0, masks=False,
+                factor=None):  # fmt: skip
+    # The op's product z_weight·z is rounded to the compute dtype (float32 for 16-bit types)
+    # before zp is subtracted (docs/ops.md): a difference that cancels amplifies that rounding,
+    # whatever the implementation, so the oracle rounds it the same way and is exact after it.
+    compute = torch.float64 if z.dtype == torch.float64 else torch.float32
+    second = (z.to(compute) * z_weight).double() - zp.double()
+    reference = z if masks else None
+    first_share = oracle(relevance, zp, epsilon, scale, reference, 1, factor)
+    second_share = oracle(relevance, second, epsilon, second_scale, reference, -1, factor)
+    return torch.cat([first_share, second_share], dim=1)
+
+
+# (ε, scale, second_scale, z_weight, sign_masks): α-β's (α, −β, 1, off), γ's (1, 1, 2 + γ, on).
+RULE_CASES = [
+    (0.0, 2.0, -1.0, 1.0, False),
+    (1e-6, 3.0, -2.0, 1.0, False),
+    (0.25, 1.5, -0.5, 1.0, False),
+    (0.0, 1.0, 1.0, 2.25, True),
+    (0.25, 1.0, 1.0, 2.25, True),
+]
 
 
 def sample(shape, dtype=torch.float64, seed=7):
@@ -57,15 +74,14 @@ SHAPES = [(1, 1), (2, 3), (2, 3, 5, 7), (3, 4, 17, 19), (0, 4), (4, 2 * 16384 + 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize(("epsilon", "alpha", "beta"), [(0.0, 2.0, 1.0), (1e-6, 3.0, 2.0),
-                                                        (0.25, 1.5, 0.5)])  # fmt: skip
+@pytest.mark.parametrize("case", RULE_CASES, ids=str)
 @pytest.mark.parametrize("with_factor", [False, True], ids=["plain", "factor"])
-def test_matches_the_oracle(backend, dtype, shape, epsilon, alpha, beta, with_factor):
+def test_matches_the_oracle(backend, dtype, shape, case, with_factor):
     relevance, z, zp, factor = sample(shape, dtype)
     factor = factor if with_factor else None
-    out = shares_ops.alpha_beta_shares(relevance, z, zp, epsilon, alpha, beta, factor)
+    out = shares_ops.paired_shares(relevance, z, zp, *case, factor)
     assert out.shape == (shape[0], 2 * shape[1], *shape[2:])
-    assert_matches_oracle(out, pair_oracle(relevance, z, zp, epsilon, alpha, beta, factor), dtype)
+    assert_matches_oracle(out, pair_oracle(relevance, z, zp, *case, factor), dtype)
 
 
 @pytest.mark.skipif(not NATIVE, reason="needs relprop._C")
@@ -74,37 +90,39 @@ def test_matches_the_oracle(backend, dtype, shape, epsilon, alpha, beta, with_fa
 def test_native_equals_the_reference_bitwise(monkeypatch, dtype, with_factor):
     relevance, z, zp, factor = sample((3, 5, 33, 31), dtype, seed=3)
     factor = factor if with_factor else None
-    args = (relevance, z, zp, 1e-6, 2.0, 1.0, factor)
     monkeypatch.setenv("RELPROP_BACKEND", "native")
-    native = shares_ops.alpha_beta_shares(*args)
-    reference = shares_ops.alpha_beta_shares_reference(*args)
-    assert torch.equal(native, reference)
+    for case in RULE_CASES:
+        args = (relevance, z, zp, *case, factor)
+        native = shares_ops.paired_shares(*args)
+        assert torch.equal(native, shares_ops.paired_shares_reference(*args)), case
 
 
 @pytest.mark.skipif(not NATIVE, reason="needs relprop._C")
 def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     monkeypatch.setenv("RELPROP_BACKEND", "native")
-    args = (*sample((5, 3 * 16384 + 11), torch.float32)[:3], 1e-6, 2.0, 1.0)
+    args = (*sample((5, 3 * 16384 + 11), torch.float32)[:3], *RULE_CASES[-1])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = shares_ops.alpha_beta_shares(*args)
+        one = shares_ops.paired_shares(*args)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, shares_ops.alpha_beta_shares(*args))
+    assert torch.equal(one, shares_ops.paired_shares(*args))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_computed_in_float32(backend, dtype):
     relevance, z, zp, factor = sample((2, 3, 9, 11), dtype)
-    out = shares_ops.alpha_beta_shares(relevance, z, zp, 0.25, 2.0, 1.0, factor)
-    assert_matches_oracle(out, pair_oracle(relevance, z, zp, 0.25, 2.0, 1.0, factor), dtype)
+    for case in (RULE_CASES[2], RULE_CASES[4]):
+        out = shares_ops.paired_shares(relevance, z, zp, *case, factor)
+        assert_matches_oracle(out, pair_oracle(relevance, z, zp, *case, factor), dtype)
 
 
-def test_one_stacked_transposed_product_gives_the_alpha_beta_bracket(backend):
-    """The reason the op exists: with [W⁺; W⁻] stacked along the output channels, one transposed
-    convolution of the paired shares is α·W⁺ᵀ(R/z⁺) − β·W⁻ᵀ(R/z⁻), computed here in float64 as
-    two separate products."""
+def test_one_stacked_transposed_product_gives_the_rules_bracket(backend):
+    """The reason the op exists: with the two weight sets stacked along the output channels, one
+    transposed convolution of the paired shares is α·W⁺ᵀ(R/z⁺) − β·W⁻ᵀ(R/z⁻) (α-β) and
+    (W + γW⁺)ᵀ([z>0]R/z_pos) + (W + γW⁻)ᵀ([z<0]R/z_neg) (γ), computed here in float64 as two
+    separate products with each denominator from its own convolution."""
     g = torch.Generator().manual_seed(11)
     x = torch.rand(2, 3, 9, 8, generator=g, dtype=torch.float64)
     weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
@@ -115,46 +133,59 @@ def test_one_stacked_transposed_product_gives_the_alpha_beta_bracket(backend):
     z, zp = lin.forward(x, weight, bias), lin.forward(x, wp, bias.clamp(min=0))
     zn = lin.forward(x, wn, bias.clamp(max=0))
     eps, alpha, beta = 1e-3, 2.0, 1.0
-    shares = shares_ops.alpha_beta_shares(relevance, z, zp, eps, alpha, beta)
+    shares = shares_ops.paired_shares(relevance, z, zp, eps, alpha, -beta)
     stacked = lin.transpose(shares, torch.cat([wp, wn]), x)
     expected = lin.transpose(oracle(relevance, zp, eps, alpha), wp, x) + lin.transpose(
         oracle(relevance, zn, eps, -beta), wn, x
     )
     torch.testing.assert_close(stacked, expected, rtol=1e-12, atol=1e-12)
 
+    # γ: z_neg = (W + γW⁻)x + b + γb⁻ = (2 + γ)z − z_pos, shares kept by the sign of z.
+    gamma = 0.25
+    w_up, w_down = weight + gamma * wp, weight + gamma * wn
+    z_pos = lin.forward(x, w_up, bias + gamma * bias.clamp(min=0))
+    z_neg = lin.forward(x, w_down, bias + gamma * bias.clamp(max=0))
+    shares = shares_ops.paired_shares(relevance, z, z_pos, eps, 1.0, 1.0, 2 + gamma, True)
+    stacked = lin.transpose(shares, torch.cat([w_up, w_down]), x)
+    expected = lin.transpose(oracle(relevance, z_pos, eps, 1.0, z, 1), w_up, x) + lin.transpose(
+        oracle(relevance, z_neg, eps, 1.0, z, -1), w_down, x
+    )
+    torch.testing.assert_close(stacked, expected, rtol=1e-10, atol=1e-10)
+
 
 def test_invalid_arguments_are_refused():
     relevance, z, zp, _ = sample((2, 3))
     with pytest.raises(ValueError, match="needs a batch and a channel dimension"):
-        shares_ops.alpha_beta_shares(relevance[0], z[0], zp[0], 0.1, 2.0, 1.0)
+        shares_ops.paired_shares(relevance[0], z[0], zp[0], 0.1, 2.0, -1.0)
     with pytest.raises(ValueError, match=r"zp has shape \(2, 2\), relevance \(2, 3\)"):
-        shares_ops.alpha_beta_shares(relevance, z, zp[:, :2], 0.1, 2.0, 1.0)
+        shares_ops.paired_shares(relevance, z, zp[:, :2], 0.1, 2.0, -1.0)
     with pytest.raises(ValueError, match="z is torch.float32"):
-        shares_ops.alpha_beta_shares(relevance, z.float(), zp, 0.1, 2.0, 1.0)
+        shares_ops.paired_shares(relevance, z.float(), zp, 0.1, 2.0, -1.0)
     with pytest.raises(ValueError, match="factor has shape"):
-        shares_ops.alpha_beta_shares(relevance, z, zp, 0.1, 2.0, 1.0, relevance[:1])
+        shares_ops.paired_shares(relevance, z, zp, 0.1, 2.0, -1.0, factor=relevance[:1])
     with pytest.raises(ValueError, match="expected floating-point"):
         ints = torch.ones(2, 3, dtype=torch.int64)
-        shares_ops.alpha_beta_shares(ints, ints, ints, 0.1, 2.0, 1.0)
+        shares_ops.paired_shares(ints, ints, ints, 0.1, 2.0, -1.0)
 
 
 def _opcheck_samples():
     relevance, z, zp, factor = sample((3, 5, 7), torch.float32)
     r64, z64, zp64, _ = sample((2, 9), torch.float64, seed=5)
     return [
-        (relevance, z, zp, 1e-6, 2.0, 1.0),
-        (relevance, z, zp, 0.0, 3.0, 2.0, factor),
-        (r64, z64, zp64, 0.25, 1.5, 0.5),
+        (relevance, z, zp, 1e-6, 2.0, -1.0, 1.0, False),
+        (relevance, z, zp, 0.0, 3.0, -2.0, 1.0, False, factor),
+        (r64, z64, zp64, 0.25, 1.0, 1.0, 2.25, True),
+        (relevance, z, zp, 1e-6, 1.0, 1.0, 2.25, True, factor),
     ]
 
 
 @pytest.mark.parametrize("backend_name", ["native", "reference"])
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(4))
 def test_opcheck(monkeypatch, backend_name, case):
     if backend_name == "native" and not NATIVE:
         pytest.skip(f"relprop._C did not load ({_native.native_error()})")
     monkeypatch.setenv("RELPROP_BACKEND", backend_name)
-    torch.library.opcheck(shares_ops.alpha_beta_shares_op, _opcheck_samples()[case])
+    torch.library.opcheck(shares_ops.paired_shares_op, _opcheck_samples()[case])
 
 
 @pytest.mark.gpu
@@ -168,18 +199,18 @@ def test_cuda_kernel_matches_the_oracle(monkeypatch, dtype, with_factor):
     relevance, z, zp, factor = sample((3, 7, 16384 + 9), dtype, seed=21)
     factor = factor if with_factor else None
     cuda = [None if t is None else t.cuda() for t in (relevance, z, zp, factor)]
-    for epsilon in (0.0, 0.25):
-        out = shares_ops.alpha_beta_shares(*cuda[:3], epsilon, 2.0, 1.0, cuda[3])
-        expected = pair_oracle(relevance, z, zp, epsilon, 2.0, 1.0, factor)
+    for case in RULE_CASES:
+        out = shares_ops.paired_shares(*cuda[:3], *case, cuda[3])
+        expected = pair_oracle(relevance, z, zp, *case, factor)
         assert_matches_oracle(out.cpu(), expected, dtype)
-        again = shares_ops.alpha_beta_shares(*cuda[:3], epsilon, 2.0, 1.0, cuda[3])
+        again = shares_ops.paired_shares(*cuda[:3], *case, cuda[3])
         assert torch.equal(out, again), "not deterministic"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(4))
 def test_opcheck_cuda(monkeypatch, case):
     monkeypatch.setenv("RELPROP_BACKEND", "native")
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_samples()[case])
-    torch.library.opcheck(shares_ops.alpha_beta_shares_op, args)
+    torch.library.opcheck(shares_ops.paired_shares_op, args)

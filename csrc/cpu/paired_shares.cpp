@@ -1,0 +1,101 @@
+// CPU twin of kernels/cuda/paired_shares.cu: two shares of a relevance in one pass.
+//
+// Memory-bound, like the stabilised division (csrc/cpu/elementwise.cpp): one pass reads R, its
+// factor, z and zp and writes both shares, where the torch composition makes the second
+// denominator and two divisions, and the two transposed products after them an addition.
+// OpenMP threads take runs of one sample's elements; the inner loop is branch-free (selects
+// only), so -O3 vectorises it (compiled with -fno-trapping-math, see CMakeLists.txt). Every
+// element is computed on its own: results do not depend on the thread count.
+#include "relprop/paired_shares.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace relprop {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+constexpr int64_t kParallelThreshold = 4 * kChunk;
+
+template <typename T>
+struct Scalars {
+  T epsilon, scale, second_scale, z_weight;
+};
+
+template <typename T, bool kFactor, bool kMasks>
+void shares_range(const T* __restrict relevance, const T* __restrict factor, const T* __restrict z,
+                  const T* __restrict zp, Scalars<T> p, T* __restrict first,
+                  T* __restrict second, int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t j = begin; j < end; ++j) {
+    const T r = kFactor ? relevance[j] * factor[j] : relevance[j];
+    const T stab_first = stabilize_denominator(zp[j], p.epsilon);
+    // Parenthesised as in the reference (python/relprop/ops/paired_shares.py): equal bitwise.
+    const T stab_second = stabilize_denominator(p.z_weight * z[j] - zp[j], p.epsilon);
+    const T share_first = (p.scale * r) / stab_first;
+    const T share_second = (p.second_scale * r) / stab_second;
+    // `&`, not `&&`: a short-circuit would make the load of z conditional.
+    bool keep_first = stab_first != T(0);
+    bool keep_second = stab_second != T(0);
+    if constexpr (kMasks) {
+      keep_first = keep_first & (z[j] > T(0));
+      keep_second = keep_second & (z[j] < T(0));
+    }
+    first[j] = keep_first ? share_first : T(0);
+    second[j] = keep_second ? share_second : T(0);
+  }
+}
+
+template <typename T, bool kFactor, bool kMasks>
+void shares_all(int64_t samples, int64_t inner, const T* relevance, const T* factor, const T* z,
+                const T* zp, Scalars<T> p, T* out) {
+  const int64_t chunks_per_sample = (inner + kChunk - 1) / kChunk;
+  const int64_t chunks = samples * chunks_per_sample;
+#pragma omp parallel for schedule(static) if (samples * inner >= kParallelThreshold)
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t sample = chunk / chunks_per_sample;
+    const int64_t begin = (chunk % chunks_per_sample) * kChunk;
+    const int64_t end = begin + kChunk < inner ? begin + kChunk : inner;
+    const int64_t in = sample * inner;
+    T* first = out + 2 * in;
+    shares_range<T, kFactor, kMasks>(relevance + in, kFactor ? factor + in : factor, z + in,
+                                     zp + in, p, first, first + inner, begin, end);
+  }
+}
+
+template <typename T>
+void shares_typed(int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor,
+                  uintptr_t z, uintptr_t zp, const PairedSharesParams& params, uintptr_t out) {
+  const auto* r = reinterpret_cast<const T*>(relevance);
+  const auto* f = reinterpret_cast<const T*>(factor);
+  const auto* zs = reinterpret_cast<const T*>(z);
+  const auto* zps = reinterpret_cast<const T*>(zp);
+  auto* o = reinterpret_cast<T*>(out);
+  const Scalars<T> p{static_cast<T>(params.epsilon), static_cast<T>(params.scale),
+                     static_cast<T>(params.second_scale), static_cast<T>(params.z_weight)};
+  if (factor != 0) {
+    if (params.sign_masks) return shares_all<T, true, true>(samples, inner, r, f, zs, zps, p, o);
+    return shares_all<T, true, false>(samples, inner, r, f, zs, zps, p, o);
+  }
+  if (params.sign_masks) return shares_all<T, false, true>(samples, inner, r, f, zs, zps, p, o);
+  return shares_all<T, false, false>(samples, inner, r, f, zs, zps, p, o);
+}
+
+}  // namespace
+
+void paired_shares_cpu(DType dtype, int64_t samples, int64_t inner, uintptr_t relevance,
+                       uintptr_t factor, uintptr_t z, uintptr_t zp,
+                       const PairedSharesParams& params, uintptr_t out) {
+  switch (dtype) {
+    case DType::Float32:
+      return shares_typed<float>(samples, inner, relevance, factor, z, zp, params, out);
+    case DType::Float64:
+      return shares_typed<double>(samples, inner, relevance, factor, z, zp, params, out);
+    default:
+      throw std::invalid_argument(
+          "paired_shares: the CPU kernel takes float32 or float64, got dtype code " +
+          std::to_string(static_cast<int>(dtype)));
+  }
+}
+
+}  // namespace relprop

@@ -1,0 +1,122 @@
+// CUDA kernel of two shares of a relevance in one pass (the α-β rule's, the γ rule's); CPU twin
+// in csrc/cpu/paired_shares.cpp, semantics in csrc/include/relprop/paired_shares.h and
+// python/relprop/ops/paired_shares.py.
+//
+// Memory-bound: a grid-stride loop over the (samples, inner) elements of R, each thread reading
+// R (and its factor), z and zp once and writing both shares, float16 and bfloat16 computed in
+// float32. Every element is computed on its own, so results are deterministic.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "relprop/cuda_common.cuh"
+#include "relprop/cuda_scalars.cuh"
+#include "relprop/paired_shares.h"
+
+namespace relprop {
+namespace {
+
+using cuda_detail::check;
+using cuda_detail::Compute;
+using cuda_detail::DeviceGuard;
+using cuda_detail::elementwise_blocks;
+using cuda_detail::kElementwiseThreads;
+using cuda_detail::load;
+using cuda_detail::store;
+
+// z_weight · z rounded on its own, as the reference and the CPU twin round it: nvcc would
+// otherwise contract the product and the subtraction after it into one FMA, and where that
+// difference cancels, the missing rounding would show as a different last digit of the share.
+__device__ __forceinline__ float product_rounded(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double product_rounded(double a, double b) { return __dmul_rn(a, b); }
+
+template <typename C>
+struct Scalars {
+  C epsilon, scale, second_scale, z_weight;
+};
+
+template <typename T, bool kFactor, bool kMasks>
+__global__ void paired_shares_kernel(int64_t numel, int64_t inner,
+                                     const T* __restrict__ relevance,
+                                     const T* __restrict__ factor, const T* __restrict__ z,
+                                     const T* __restrict__ zp,
+                                     Scalars<typename Compute<T>::type> p, T* __restrict__ out) {
+  using C = typename Compute<T>::type;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const C r = kFactor ? load(relevance, i) * load(factor, i) : load(relevance, i);
+    const C output = load(z, i);
+    const C modified = load(zp, i);
+    const C stab_first = stabilize_denominator(modified, p.epsilon);
+    const C stab_second =
+        stabilize_denominator(product_rounded(p.z_weight, output) - modified, p.epsilon);
+    bool keep_first = stab_first != C(0);
+    bool keep_second = stab_second != C(0);
+    if (kMasks) {
+      keep_first = keep_first && output > C(0);
+      keep_second = keep_second && output < C(0);
+    }
+    // Sample n's shares are the rows (n, 0, ·) and (n, 1, ·) of the (samples, 2, inner) output.
+    const int64_t sample = i / inner;
+    const int64_t at = i + sample * inner;
+    store(out, at, keep_first ? (p.scale * r) / stab_first : C(0));
+    store(out, at + inner, keep_second ? (p.second_scale * r) / stab_second : C(0));
+  }
+}
+
+template <typename T, bool kFactor, bool kMasks>
+void launch_kernel(int64_t numel, int64_t inner, const T* r, const T* f, const T* z, const T* zp,
+                   Scalars<typename Compute<T>::type> p, T* out, cudaStream_t stream) {
+  paired_shares_kernel<T, kFactor, kMasks>
+      <<<elementwise_blocks(numel), kElementwiseThreads, 0, stream>>>(numel, inner, r, f, z, zp,
+                                                                       p, out);
+  check(cudaGetLastError(), "paired_shares launch");
+}
+
+template <typename T>
+void launch(int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor, uintptr_t z,
+            uintptr_t zp, const PairedSharesParams& params, uintptr_t out, cudaStream_t stream) {
+  using C = typename Compute<T>::type;
+  const int64_t numel = samples * inner;
+  const auto* r = reinterpret_cast<const T*>(relevance);
+  const auto* f = reinterpret_cast<const T*>(factor);
+  const auto* zs = reinterpret_cast<const T*>(z);
+  const auto* zps = reinterpret_cast<const T*>(zp);
+  auto* o = reinterpret_cast<T*>(out);
+  const Scalars<C> p{static_cast<C>(params.epsilon), static_cast<C>(params.scale),
+                     static_cast<C>(params.second_scale), static_cast<C>(params.z_weight)};
+  if (factor != 0) {
+    if (params.sign_masks) return launch_kernel<T, true, true>(numel, inner, r, f, zs, zps, p, o,
+                                                               stream);
+    return launch_kernel<T, true, false>(numel, inner, r, f, zs, zps, p, o, stream);
+  }
+  if (params.sign_masks) return launch_kernel<T, false, true>(numel, inner, r, f, zs, zps, p, o,
+                                                              stream);
+  return launch_kernel<T, false, false>(numel, inner, r, f, zs, zps, p, o, stream);
+}
+
+}  // namespace
+
+void paired_shares_cuda(DType dtype, int64_t samples, int64_t inner, uintptr_t relevance,
+                        uintptr_t factor, uintptr_t z, uintptr_t zp,
+                        const PairedSharesParams& params, uintptr_t out, uintptr_t stream,
+                        int device) {
+  if (samples == 0 || inner == 0) return;
+  DeviceGuard guard(device);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::Float32:
+      return launch<float>(samples, inner, relevance, factor, z, zp, params, out, s);
+    case DType::Float64:
+      return launch<double>(samples, inner, relevance, factor, z, zp, params, out, s);
+    case DType::Float16:
+      return launch<__half>(samples, inner, relevance, factor, z, zp, params, out, s);
+    case DType::BFloat16:
+      return launch<__nv_bfloat16>(samples, inner, relevance, factor, z, zp, params, out, s);
+  }
+  throw std::invalid_argument("paired_shares: unknown dtype code " +
+                              std::to_string(static_cast<int>(dtype)));
+}
+
+}  // namespace relprop

@@ -1,0 +1,257 @@
+"""Two shares of a relevance in one pass: ``relprop::paired_shares``.
+
+Two rules split each output's relevance into two shares over two modified pre-activations.
+The α-β rule (Bach et al., "On Pixel-Wise Explanations for Non-Linear Classifier Decisions by
+Layer-Wise Relevance Propagation", PLoS ONE 2015) gives an input ``x ≥ 0``
+``x · (α·W⁺ᵀ(R / stab(z⁺)) − β·W⁻ᵀ(R / stab(z⁻)))`` with ``z⁺ = W⁺x + b⁺`` and
+``z⁻ = z − z⁺``; the γ rule (Montavon et al., "Layer-Wise Relevance Propagation: An Overview",
+2019) gives ``x · ((W + γW⁺)ᵀ([z > 0]·R / stab(z_pos)) + (W + γW⁻)ᵀ([z < 0]·R / stab(z_neg)))``
+with ``z_pos = (W + γW⁺)x + b + γb⁺`` and ``z_neg = (2 + γ)z − z_pos``. As a torch composition
+each is the second denominator, two divisions, two transposed products and their sum. This op
+writes both shares side by side in one pass,
+
+``relprop::paired_shares(Tensor relevance, Tensor z, Tensor zp, float epsilon, float scale,
+float second_scale, float z_weight, bool sign_masks, Tensor? factor=None) -> Tensor``
+    for ``relevance`` of shape ``(N, C, *rest)`` the ``(N, 2C, *rest)`` tensor whose channels
+    ``[:C]`` are ``scale·R / stab(zp, ε)`` and ``[C:]`` are
+    ``second_scale·R / stab(z_weight·z − zp, ε)``, each exactly 0 where its stabilised
+    denominator is 0 and, with ``sign_masks``, where ``z > 0`` (first) or ``z < 0`` (second)
+    fails; ``R = relevance · factor`` (``factor`` formed in the same pass, as in
+    ``relprop::stabilized_divide``). α-β is ``(α, −β, 1, False)``, γ ``(1, 1, 2 + γ, True)``,
+
+so that one transposed product with the two weight sets stacked along the output channels
+(``[W⁺; W⁻]``, ``[W + γW⁺; W + γW⁻]``) gives the bracket above: the sum of the two products
+happens inside the product's reduction. ``stab(d, e) = d + e·(sign(d) + [d = 0])`` as in
+:mod:`relprop.ops.elementwise`. float16 / bfloat16 are computed in float32: the product
+``z_weight·z`` is rounded to the compute dtype before ``zp`` is subtracted, the difference is not
+rounded to the storage dtype before its division, and each share is rounded once.
+
+The reference is the ``default`` kernel (any device); the ``cpu`` kernel runs the OpenMP loop of
+``csrc/cpu/paired_shares.cpp`` (float32, float64; equal to the reference bitwise) and the
+``cuda`` kernel ``kernels/cuda/paired_shares.cu`` (also float16, bfloat16). Both compute each
+element on its own, so results are deterministic. ``RELPROP_BACKEND`` acts as for
+``relprop::stabilized_divide``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from relprop import _native
+from relprop.ops.elementwise import stabilized_divide_reference
+
+# float16 and bfloat16 are computed in float32, as the CUDA kernel does.
+_COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def _stacked_shape(relevance: Tensor) -> tuple[int, ...]:
+    return (relevance.shape[0], 2 * relevance.shape[1], *relevance.shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: plain PyTorch, any device, the truth the kernels are tested against.
+
+
+def paired_shares_reference(
+    relevance: Tensor,
+    z: Tensor,
+    zp: Tensor,
+    epsilon: float,
+    scale: float,
+    second_scale: float,
+    z_weight: float,
+    sign_masks: bool,
+    factor: Tensor | None = None,
+) -> Tensor:
+    """``[scale·R / stab(zp, ε), second_scale·R / stab(z_weight·z − zp, ε)]`` along dim 1 (sign
+    masked by ``z``) as a torch composition (see the module)."""
+    compute = _COMPUTE_DTYPES.get(relevance.dtype, relevance.dtype)
+    r = relevance.to(compute)
+    if factor is not None:
+        r = r * factor.to(compute)
+    z_c, zp_c = z.to(compute), zp.to(compute)
+    reference = z_c if sign_masks else None
+    first = stabilized_divide_reference(r, zp_c, epsilon, scale, reference, 1)
+    second_denominator = z_c * z_weight - zp_c
+    second = stabilized_divide_reference(
+        r, second_denominator, epsilon, second_scale, reference, -1
+    )
+    return torch.cat([first, second], dim=1).to(relevance.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Native path (relprop._C): the CPU twin and the CUDA kernel, chosen by _native.runs_native.
+
+
+def _paired_shares_native(
+    relevance: Tensor,
+    z: Tensor,
+    zp: Tensor,
+    epsilon: float,
+    scale: float,
+    second_scale: float,
+    z_weight: float,
+    sign_masks: bool,
+    factor: Tensor | None,
+) -> Tensor:
+    relevance, z, zp = relevance.contiguous(), z.contiguous(), zp.contiguous()
+    if factor is not None:
+        factor = factor.contiguous()
+    out = relevance.new_empty(_stacked_shape(relevance))
+    if out.numel() == 0:
+        return out
+    samples = relevance.shape[0]
+    args = {
+        "samples": samples,
+        "inner": relevance.numel() // samples,
+        "relevance": _native.pointer(relevance),
+        # Address 0: no factor, the relevance is taken as it is.
+        "factor": 0 if factor is None else _native.pointer(factor),
+        "z": _native.pointer(z),
+        "zp": _native.pointer(zp),
+        "epsilon": float(epsilon),
+        "scale": float(scale),
+        "second_scale": float(second_scale),
+        "z_weight": float(z_weight),
+        "sign_masks": bool(sign_masks),
+        "out": _native.pointer(out),
+    }
+    module = _native.native()
+    if relevance.device.type == "cuda":
+        module.paired_shares_cuda(
+            dtype=_native.dtype_code(relevance, _native.CUDA_DTYPES),
+            **_native.cuda_launch_args(relevance),
+            **args,
+        )
+    else:
+        module.paired_shares_cpu(dtype=_native.dtype_code(relevance, _native.CPU_DTYPES), **args)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library op. The decorated function is the `default` kernel (any device); the `cpu` and
+# `cuda` kernels take the native path when they can.
+
+
+@torch.library.custom_op(
+    "relprop::paired_shares",
+    mutates_args=(),
+    schema=(
+        "(Tensor relevance, Tensor z, Tensor zp, float epsilon, float scale, float second_scale, "
+        "float z_weight, bool sign_masks, Tensor? factor=None) -> Tensor"
+    ),
+)
+def paired_shares_op(
+    relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None
+):
+    return paired_shares_reference(
+        relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor
+    )
+
+
+@paired_shares_op.register_fake
+def _(relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None):
+    return relevance.new_empty(_stacked_shape(relevance))
+
+
+@paired_shares_op.register_kernel(("cpu", "cuda"))
+def paired_shares_kernel(
+    relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None
+):
+    args = (relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor)
+    same_dtype = all(t is None or t.dtype == relevance.dtype for t in (z, zp, factor))
+    if not same_dtype or not _native.runs_native(relevance):
+        return paired_shares_reference(*args)
+    return _paired_shares_native(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrapper.
+
+
+def paired_shares(
+    relevance: Tensor,
+    z: Tensor,
+    zp: Tensor,
+    epsilon: float,
+    scale: float,
+    second_scale: float,
+    z_weight: float = 1.0,
+    sign_masks: bool = False,
+    factor: Tensor | None = None,
+) -> Tensor:
+    """Two shares of a relevance, side by side along dim 1, in one pass.
+
+    ``out[:, :C] = scale·R / stab(zp, ε)`` and ``out[:, C:] = second_scale·R / stab(z_weight·z −
+    zp, ε)`` with ``R = relevance · factor`` and ``stab(d, e) = d + e·(sign(d) + [d = 0])``; each
+    share is exactly 0 where its stabilised denominator is 0 and, with ``sign_masks``, where
+    ``z > 0`` (first share) or ``z < 0`` (second share) fails.
+
+    For input ``x ≥ 0`` these are the shares of two rules, whose transposed product with two
+    weight sets stacked along the outputs is the rule's input relevance before its product with
+    ``x``:
+
+    - α-β (Bach et al., PLoS ONE 2015): ``paired_shares(R, z, z⁺, ε, α, −β)`` with
+      ``z⁺ = W⁺x + b⁺``, since ``z − z⁺ = W⁻x + b⁻``; weights ``[W⁺; W⁻]``.
+    - γ (Montavon et al., 2019): ``paired_shares(R, z, z_pos, ε, 1, 1, 2 + γ, True)`` with
+      ``z_pos = (W + γW⁺)x + b + γb⁺``, since ``(2 + γ)z − z_pos = (W + γW⁻)x + b + γb⁻``;
+      weights ``[W + γW⁺; W + γW⁻]``.
+
+    Parameters
+    ----------
+    relevance : Tensor
+        ``R`` of the layer's output, shape ``(N, C, *rest)``, floating point.
+    z : Tensor
+        The layer's pre-activation ``Wx + b``; shape, dtype and device of ``relevance``.
+    zp : Tensor
+        The first share's denominator (``z⁺``, ``z_pos``); shape, dtype and device of
+        ``relevance``.
+    epsilon : float
+        Stabiliser ``ε`` of both divisions; 0 gives the unstabilised divisions with 0 for zero
+        denominators.
+    scale, second_scale : float
+        Factors of the two shares (``α`` and ``−β``; 1 and 1 for γ).
+    z_weight : float, optional
+        The second denominator is ``z_weight·z − zp`` (1 for α-β, ``2 + γ`` for γ).
+    sign_masks : bool, optional
+        Keep the first share only where ``z > 0`` and the second only where ``z < 0`` (γ).
+    factor : Tensor or None, optional
+        Multiplies ``relevance`` inside the same pass (same shape, dtype and device).
+
+    Returns
+    -------
+    Tensor
+        Contiguous, shape ``(N, 2C, *rest)``, dtype of ``relevance``.
+
+    Raises
+    ------
+    ValueError
+        ``relevance`` has fewer than two dimensions, or the tensors' shapes, dtypes or devices
+        differ.
+    """
+    if relevance.dim() < 2:
+        raise ValueError(
+            f"paired_shares: relevance needs a batch and a channel dimension, got shape "
+            f"{tuple(relevance.shape)}"
+        )
+    tensors = {"z": z, "zp": zp}
+    if factor is not None:
+        tensors["factor"] = factor
+    for name, tensor in tensors.items():
+        if tensor.shape != relevance.shape:
+            raise ValueError(
+                f"paired_shares: {name} has shape {tuple(tensor.shape)}, relevance "
+                f"{tuple(relevance.shape)}"
+            )
+        if tensor.dtype != relevance.dtype or tensor.device != relevance.device:
+            raise ValueError(
+                f"paired_shares: {name} is {tensor.dtype} on {tensor.device}, relevance "
+                f"{relevance.dtype} on {relevance.device}"
+            )
+    if not relevance.is_floating_point():
+        raise ValueError(f"paired_shares: expected floating-point tensors, got {relevance.dtype}")
+    return paired_shares_op(
+        relevance, z, zp, float(epsilon), float(scale), float(second_scale), float(z_weight),
+        bool(sign_masks), factor,
+    )  # fmt: skip
