@@ -42,6 +42,28 @@ from relprop import _native
 _COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
+def check_elementwise_arguments(
+    op: str, first: tuple[str, Tensor], **others: Tensor | None
+) -> None:
+    """Raise ``ValueError`` naming ``op`` unless every given tensor of ``others`` has the shape,
+    dtype and device of ``first`` (a ``(name, tensor)`` pair) and they are floating point."""
+    first_name, anchor = first
+    for name, tensor in others.items():
+        if tensor is None:
+            continue
+        if tensor.shape != anchor.shape:
+            raise ValueError(
+                f"{op}: {name} has shape {tuple(tensor.shape)}, {first_name} {tuple(anchor.shape)}"
+            )
+        if tensor.dtype != anchor.dtype or tensor.device != anchor.device:
+            raise ValueError(
+                f"{op}: {name} is {tensor.dtype} on {tensor.device}, {first_name} "
+                f"{anchor.dtype} on {anchor.device}"
+            )
+    if not anchor.is_floating_point():
+        raise ValueError(f"{op}: expected floating-point tensors, got {anchor.dtype}")
+
+
 def _check_sign(sign_reference: Tensor | None, sign: int) -> None:
     if sign_reference is not None and sign not in (1, -1):
         raise ValueError(f"stabilized_divide: sign must be +1 or -1 with a reference, got {sign}")
@@ -220,26 +242,13 @@ def stabilized_divide(
     ValueError
         Shapes, dtypes or devices differ, or ``sign`` is not ±1 with a reference.
     """
-    tensors = {"denominator": denominator}
-    if sign_reference is not None:
-        tensors["sign_reference"] = sign_reference
-    if factor is not None:
-        tensors["factor"] = factor
-    for name, tensor in tensors.items():
-        if tensor.shape != numerator.shape:
-            raise ValueError(
-                f"stabilized_divide: {name} has shape {tuple(tensor.shape)}, numerator "
-                f"{tuple(numerator.shape)}"
-            )
-        if tensor.dtype != numerator.dtype or tensor.device != numerator.device:
-            raise ValueError(
-                f"stabilized_divide: {name} is {tensor.dtype} on {tensor.device}, numerator "
-                f"{numerator.dtype} on {numerator.device}"
-            )
-    if not numerator.is_floating_point():
-        raise ValueError(
-            f"stabilized_divide: expected floating-point tensors, got {numerator.dtype}"
-        )
+    check_elementwise_arguments(
+        "stabilized_divide",
+        ("numerator", numerator),
+        denominator=denominator,
+        sign_reference=sign_reference,
+        factor=factor,
+    )
     _check_sign(sign_reference, sign)
     return stabilized_divide_op(
         numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign), factor

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from relprop import _native
-from relprop.ops.elementwise import stabilized_divide_reference
+from relprop.ops.elementwise import check_elementwise_arguments, stabilized_divide_reference
 
 # float16 and bfloat16 are computed in float32, as the CUDA kernel does.
 _COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -235,22 +235,9 @@ def paired_shares(
             f"paired_shares: relevance needs a batch and a channel dimension, got shape "
             f"{tuple(relevance.shape)}"
         )
-    tensors = {"z": z, "zp": zp}
-    if factor is not None:
-        tensors["factor"] = factor
-    for name, tensor in tensors.items():
-        if tensor.shape != relevance.shape:
-            raise ValueError(
-                f"paired_shares: {name} has shape {tuple(tensor.shape)}, relevance "
-                f"{tuple(relevance.shape)}"
-            )
-        if tensor.dtype != relevance.dtype or tensor.device != relevance.device:
-            raise ValueError(
-                f"paired_shares: {name} is {tensor.dtype} on {tensor.device}, relevance "
-                f"{relevance.dtype} on {relevance.device}"
-            )
-    if not relevance.is_floating_point():
-        raise ValueError(f"paired_shares: expected floating-point tensors, got {relevance.dtype}")
+    check_elementwise_arguments(
+        "paired_shares", ("relevance", relevance), z=z, zp=zp, factor=factor
+    )
     return paired_shares_op(
         relevance, z, zp, float(epsilon), float(scale), float(second_scale), float(z_weight),
         bool(sign_masks), factor,
