@@ -1,7 +1,8 @@
 """The fused Triton linear kernels against a float64 re-implementation of docs/ops.md.
 
-Criterion (flash-attention's): the kernel's largest error against float64 is at most twice that
-of the same formula computed by plain torch in float32, plus a few float32 ulps of the scale.
+Criterion (flash-attention's): the kernel's largest error against float64 arithmetic on the same
+inputs (rounded to the kernel's dtype) is at most twice that of the same formula computed by
+plain torch in that dtype, plus a few ulps of the scale.
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ def _as(tensors, dtype):
 
 
 def check_against_reference(case, rule, params, dtype=torch.float32, ulps=4.0):
-    x, w, b, relevance = case
-    saved_truth, r_truth = reference(x, w, b, relevance, rule, params)
+    x = case[0]
+    # The truth is float64 arithmetic on the inputs as the kernel receives them (rounded to
+    # dtype), as in flash-attention's tests: the criterion compares the kernel's arithmetic with
+    # torch's, not the rounding of the inputs, which ill-conditioned entries (z near 0)
+    # amplify alike for both and which neither can undo.
+    saved_truth, r_truth = reference(*_as(_as(case, dtype), torch.float64), rule, params)
     saved_low, r_low = reference(*_as(case, dtype), rule, params)
     xk, wk, bk, rk = _as(case, dtype)
     saved = linear.linear_forward(xk, wk, bk, rule, params)
