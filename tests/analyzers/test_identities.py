@@ -239,3 +239,32 @@ def test_batch_is_per_sample():
     for i in range(3):
         alone = analyzer.analyze(x[i : i + 1])
         assert _relative(together[i : i + 1], alone) <= EXACT
+
+
+def test_max_pool_hands_relevance_down_unformed_and_lrp0_still_equals_gradient_times_input(
+    monkeypatch,
+):
+    """Relevance arriving at a max pool as an unformed product ``c · out`` leaves it as
+    ``x · (winner-takes-all of c)`` (x the pool input, alive as the layer below's output) for the
+    layer below to form in its division; the LRP-0 identity is the oracle that this is exact."""
+    from relprop.graph import layers
+
+    kinds = []
+    relevance_of = layers.MaxPoolLayer.relevance
+
+    def spy(self, saved, relevance):
+        out = relevance_of(self, saved, relevance)
+        kinds.append(type(out[0]).__name__)
+        return out
+
+    monkeypatch.setattr(layers.MaxPoolLayer, "relevance", spy)
+    model = SmallCNN(bias=True, avg_pool=False).double().eval()
+    x = seeded_normal((4, 3, 8, 8), seed=3)
+    selection = model(x).argmax(dim=1)
+    analyzer = relprop.create_analyzer("lrp.epsilon", model, epsilon=0.0)
+    relevance = analyzer.analyze(x, neuron_selection=selection)
+    expected = _gradient_times_input(model, x, selection)
+    assert _relative(relevance, expected) < EXACT
+    # pool1 feeds conv2 (unformed relevance arrives, conv1's output is alive); pool2 feeds the
+    # flattening, which takes formed relevance.
+    assert sorted(kinds) == ["InputProduct", "Tensor"], kinds

@@ -8,6 +8,7 @@ the rest are small enough to stay in plain PyTorch.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -323,11 +324,40 @@ class MaxPoolLayer(Layer):
         x = args[0]
         out, indices = self.pool(x)
         _keep_nonnegative_mark(x, out)
-        return out, (indices, x.shape)
+        # Weak references: the input and output are only looked at if something else keeps
+        # them (the layer below saved its output, the layer above its input), never kept alive
+        # for this layer's sake.
+        return out, (indices, x.shape, weakref.ref(x), x._version, weakref.ref(out))
+
+    takes_input_product = True
 
     def relevance(self, saved, relevance):
-        indices, shape = saved
-        return [pool_ops.max_pool_relevance(relevance, indices, shape)]
+        indices, shape, input_ref, input_version, output_ref = saved
+        coefficient, factor = unformed(relevance)
+        x, out = input_ref(), output_ref()
+        if (
+            factor is not None
+            and x is not None
+            and x._version == input_version
+            and out is not None
+            and _same_view(factor, out)
+        ):
+            # R = c · out with out[o] = x[idx[o]]: each window's winner receives c[o] · x[idx[o]],
+            # so R_in = x · (winner-takes-all of c). Handed down unformed, the product is formed
+            # by the division of the layer below (its own output is x) instead of by a pass here.
+            return [InputProduct(pool_ops.max_pool_relevance(coefficient, indices, shape), x)]
+        return [pool_ops.max_pool_relevance(formed(relevance), indices, shape)]
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are the same elements: one object, or views of one storage with the
+    same offset, shape and strides."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
 
 
 class AvgPoolLayer(Layer):
