@@ -268,3 +268,29 @@ def test_max_pool_hands_relevance_down_unformed_and_lrp0_still_equals_gradient_t
     # pool1 feeds conv2 (unformed relevance arrives, conv1's output is alive); pool2 feeds the
     # flattening, which takes formed relevance.
     assert sorted(kinds) == ["InputProduct", "Tensor"], kinds
+
+
+def test_max_pool_forms_the_product_where_the_layer_below_would_form_it(monkeypatch):
+    """α-β on the mixed-sign first layer has no input-product form: it would multiply c · x
+    itself at x's size, four times the pool's output, so the pool forms c · out first. Oracle:
+    the same analysis on the float64 reference backend (every product formed)."""
+    from relprop.graph import layers
+
+    kinds = []
+    relevance_of = layers.MaxPoolLayer.relevance
+
+    def spy(self, saved, relevance):
+        out = relevance_of(self, saved, relevance)
+        kinds.append(type(out[0]).__name__)
+        return out
+
+    model = SmallCNN(bias=True, avg_pool=False).double().eval()
+    x = seeded_normal((4, 3, 8, 8), seed=5)
+    composite = relprop.composites.EpsilonAlpha2Beta1()
+    monkeypatch.setenv("RELPROP_BACKEND", "reference")
+    expected = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    monkeypatch.delenv("RELPROP_BACKEND")
+    monkeypatch.setattr(layers.MaxPoolLayer, "relevance", spy)
+    relevance = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    assert _relative(relevance, expected) < EXACT
+    assert kinds == ["Tensor", "Tensor"], kinds

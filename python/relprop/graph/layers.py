@@ -169,6 +169,12 @@ class WeightLayer(Layer):
         else:
             out = z.squeeze(2) if self.dims == 1 else z
         _keep_nonnegative_mark(z, out)  # out is a view of z
+        if lean and (
+            name == "epsilon" or (name in INPUT_PRODUCT_RULES and is_marked_nonnegative(x))
+        ):
+            # Its relevance pass will divide an unformed c · out at no extra cost (the factor is
+            # read by the division): a max pool above may hand its relevance down that way.
+            _mark(out, FORMS_PRODUCT_MARK)
         return out, (x_op, w_op, op_bias, saved, lead)
 
     takes_input_product = True
@@ -339,14 +345,32 @@ class MaxPoolLayer(Layer):
             factor is not None
             and x is not None
             and x._version == input_version
+            and _has_mark(x, FORMS_PRODUCT_MARK)
             and out is not None
             and _same_view(factor, out)
         ):
             # R = c · out with out[o] = x[idx[o]]: each window's winner receives c[o] · x[idx[o]],
             # so R_in = x · (winner-takes-all of c). Handed down unformed, the product is formed
-            # by the division of the layer below (its own output is x) instead of by a pass here.
+            # by the division of the layer below (which produced x and marked it so) instead of
+            # by a pass here; a layer that would form it itself, at x's size, gets it formed.
             return [InputProduct(pool_ops.max_pool_relevance(coefficient, indices, shape), x)]
         return [pool_ops.max_pool_relevance(formed(relevance), indices, shape)]
+
+
+# Set on a weight layer's output whose relevance pass takes an unformed product in its division.
+FORMS_PRODUCT_MARK = "_relprop_forms_product"
+
+
+def _mark(t: Tensor, name: str) -> None:
+    # Valid until the tensor changes in place (its version moves on).
+    try:
+        setattr(t, name, t._version)
+    except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
+        pass
+
+
+def _has_mark(t: Tensor, name: str) -> bool:
+    return getattr(t, name, None) == t._version
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:
