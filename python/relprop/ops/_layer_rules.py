@@ -593,12 +593,9 @@ def _gamma_paired(
     pass of ``relprop::paired_shares`` and one transposed product with ``[W + γW⁺; W + γW⁻]``
     (stacked along the outputs in one buffer): ``zneg = (2 + γ)z − zpos`` is formed inside the
     pass, and the two products' sum inside the product's reduction."""
-    outputs = weight.shape[0]
-    both = weight.new_empty((2 * outputs, *weight.shape[1:]))
-    torch.add(weight, weight.clamp(min=0), alpha=gamma, out=both[:outputs])
-    torch.add(weight, weight.clamp(max=0), alpha=gamma, out=both[outputs:])
+    both = _stacked_weights(weight, gamma)
     b_up = None if bias is None else torch.add(bias, bias.clamp(min=0), alpha=gamma)
-    zpos = lin.forward(x, both[:outputs], b_up)
+    zpos = lin.forward(x, both[: weight.shape[0]], b_up)
     shares = paired_shares_fast(relevance, z, zpos, eps, 1.0, 1.0, 2 + gamma, True, factor)
     del zpos
     return lin.transpose(shares, both, x)
@@ -670,17 +667,26 @@ def _mixed_input_relevance(
     return torch.add(both[:, :channels], both[:, channels:])
 
 
+def _stacked_weights(weight: Tensor, gamma: float | None = None) -> Tensor:
+    """``[W⁺; W⁻]`` (``gamma`` None) or ``[W + γW⁺; W + γW⁻]``, each set written straight into
+    its half of one buffer stacked along the output dim (no copy to form the stack)."""
+    outputs = weight.shape[0]
+    both = weight.new_empty((2 * outputs, *weight.shape[1:]))
+    for half, bounds in ((both[:outputs], {"min": 0}), (both[outputs:], {"max": 0})):
+        if gamma is None:
+            torch.clamp(weight, **bounds, out=half)
+        else:
+            torch.add(weight, weight.clamp(**bounds), alpha=gamma, out=half)
+    return both
+
+
 def _signed_weights(weight: Tensor, stacked: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(W⁺, W⁻, [W⁺; W⁻])``: with ``stacked`` both signs are written into one buffer, stacked
-    along the output dim, of which ``W⁺`` and ``W⁻`` are views (no copy to form the stack);
+    """``(W⁺, W⁻, [W⁺; W⁻])``, with ``W⁺`` and ``W⁻`` views of the stack, where ``stacked``;
     otherwise ``(W⁺, W⁻, None)``."""
     if not stacked:
         return weight.clamp(min=0), weight.clamp(max=0), None
-    outputs = weight.shape[0]
-    both = weight.new_empty((2 * outputs, *weight.shape[1:]))
-    torch.clamp(weight, min=0, out=both[:outputs])
-    torch.clamp(weight, max=0, out=both[outputs:])
-    return both[:outputs], both[outputs:], both
+    both = _stacked_weights(weight)
+    return both[: weight.shape[0]], both[weight.shape[0] :], both
 
 
 def paired_shares_fast(
@@ -735,7 +741,7 @@ def _alphabeta_nonnegative(
     )  # fmt: skip
     wp, wn, both = signed_weights or _signed_weights(weight, paired)
     zp = saved[1] if saved else lin.forward(x, wp, _positive(bias) if use_bias else None)
-    if paired and both is not None:
+    if paired:  # then `both` exists: the chunked caller stacks wherever the map can
         shares = paired_shares_fast(relevance, z, zp, eps, alpha, -beta, 1.0, False, factor)
         del zp
         c = tr(shares, both, x)
