@@ -1,4 +1,4 @@
-"""CPU micro-benchmark of the fused stabilised division against the torch composition.
+"""CPU micro-benchmarks of the fused element-wise ops against the torch composition.
 
 On a VGG16 conv1 activation (4×64×224×224 float32, 51 MB per tensor), one benchmark group per
 rule term compares two providers:
@@ -13,6 +13,10 @@ Run it (it is not part of the test suite)::
     .venv/bin/python -m pytest benchmarks/test_bench_elementwise.py --benchmark-group-by=group \
         --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
+``relprop::paired_shares`` (α-β's and γ's two shares in one pass, with the relevance's factor)
+is compared with its torch composition (the reference) and with what the engine ran before it:
+the second denominator in a pass of its own and two fused divisions.
+
 The machine is shared and the work memory-bound: compare medians within one run.
 """
 
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 
 from relprop.ops.elementwise import stabilized_divide
+from relprop.ops.paired_shares import paired_shares, paired_shares_reference
 
 pytest.importorskip("pytest_benchmark")
 
@@ -83,3 +88,35 @@ def test_stabilized_divide(benchmark, monkeypatch, activations, term: str, provi
     benchmark.extra_info.update(term=term, provider=provider)
     result = benchmark.pedantic(call, args=(relevance, z), rounds=ROUNDS, warmup_rounds=1)
     assert result.shape == SHAPE and bool(torch.isfinite(result).all())
+
+
+# (scale, second_scale, z_weight, sign_masks) of each rule's pair of shares.
+PAIRS = {"alphabeta": (2.0, -1.0, 1.0, False), "gamma": (1.0, 1.0, 2.25, True)}
+
+
+def _two_divisions(r, z, zp, factor, scale, second_scale, z_weight, masks):
+    second = torch.sub(z, zp) if z_weight == 1 else torch.add(-zp, z, alpha=z_weight)
+    reference = z if masks else None
+    first = stabilized_divide(r, zp, EPSILON, scale, reference, 1, factor)
+    return first, stabilized_divide(r, second, EPSILON, second_scale, reference, -1, factor)
+
+
+@pytest.mark.parametrize("provider", ["relprop", "two divisions", "torch"])
+@pytest.mark.parametrize("rule", list(PAIRS))
+def test_paired_shares(benchmark, monkeypatch, activations, rule: str, provider: str) -> None:
+    monkeypatch.delenv("RELPROP_BACKEND", raising=False)
+    relevance, z = activations
+    generator = torch.Generator().manual_seed(1)
+    zp, factor = torch.randn(SHAPE, generator=generator), torch.rand(SHAPE, generator=generator)
+    params = PAIRS[rule]
+    call = {
+        "relprop": lambda: paired_shares(relevance, z, zp, EPSILON, *params, factor),
+        "two divisions": lambda: _two_divisions(relevance, z, zp, factor, *params),
+        "torch": lambda: paired_shares_reference(relevance, z, zp, EPSILON, *params, factor),
+    }[provider]
+    benchmark.group = f"paired_shares {rule} {'x'.join(map(str, SHAPE))}"
+    benchmark.extra_info.update(rule=rule, provider=provider)
+    result = benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=1)
+    shares = torch.cat(result, dim=1) if isinstance(result, tuple) else result
+    assert shares.shape == (SHAPE[0], 2 * SHAPE[1], *SHAPE[2:])
+    assert bool(torch.isfinite(shares).all())
