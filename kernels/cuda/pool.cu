@@ -3,8 +3,6 @@
 // Determinism: no floating-point atomics. Every kernel that produces input relevance runs one
 // thread per *input* element and gathers its contributions from the outputs in raster order, the
 // same order in which the CPU twin scatters them, so repeated runs are bitwise equal.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -12,6 +10,7 @@
 #include <string>
 
 #include "relprop/cuda_common.cuh"
+#include "relprop/cuda_scalars.cuh"
 #include "relprop/pool.h"
 #include "relprop/pool_geometry.h"
 
@@ -19,37 +18,12 @@ namespace relprop {
 namespace {
 
 using cuda_detail::check;
+using cuda_detail::Compute;
 using cuda_detail::DeviceGuard;
+using cuda_detail::from_compute;
+using cuda_detail::to_compute;
 
 constexpr int kThreads = 256;
-
-template <typename T>
-struct Accumulator {
-  using type = float;
-};
-template <>
-struct Accumulator<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename Accumulator<T>::type v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16(v);
-}
-
 
 unsigned int blocks_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
@@ -114,7 +88,7 @@ template <typename T>
 __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides4 rs,
                                        const int64_t* indices, Strides4 is, const int* bounds,
                                        T* out) {
-  using Acc = typename Accumulator<T>::type;
+  using Acc = typename Compute<T>::type;
   const int64_t total = s.batch * s.channels * s.in_h * s.in_w;
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= total) return;
@@ -131,10 +105,10 @@ __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides
   Acc acc = Acc(0);
   for (int64_t oh = oh0; oh <= oh1; ++oh) {
     for (int64_t ow = ow0; ow <= ow1; ++ow) {
-      if (idx[oh * is[2] + ow * is[3]] == flat) acc += to_acc(r[oh * rs[2] + ow * rs[3]]);
+      if (idx[oh * is[2] + ow * is[3]] == flat) acc += to_compute(r[oh * rs[2] + ow * rs[3]]);
     }
   }
-  out[k] = from_acc<T>(acc);
+  out[k] = from_compute<T>(acc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -145,9 +119,9 @@ __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides
 template <typename T, typename Windows>
 __global__ void avg_share_kernel(PlaneShape s, Windows windows, const T* x, Strides4 xs,
                                  const T* relevance, Strides4 rs,
-                                 typename Accumulator<T>::type stabilizer,
-                                 typename Accumulator<T>::type* share) {
-  using Acc = typename Accumulator<T>::type;
+                                 typename Compute<T>::type stabilizer,
+                                 typename Compute<T>::type* share) {
+  using Acc = typename Compute<T>::type;
   const int64_t total = s.batch * s.channels * s.out_h * s.out_w;
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= total) return;
@@ -160,17 +134,17 @@ __global__ void avg_share_kernel(PlaneShape s, Windows windows, const T* x, Stri
   const T* xp = x + n * xs[0] + c * xs[1];
   Acc sum = Acc(0);
   for (int64_t ih = wh.start; ih < wh.end; ++ih) {
-    for (int64_t iw = ww.start; iw < ww.end; ++iw) sum += to_acc(xp[ih * xs[2] + iw * xs[3]]);
+    for (int64_t iw = ww.start; iw < ww.end; ++iw) sum += to_compute(xp[ih * xs[2] + iw * xs[3]]);
   }
   const Acc divisor = Acc(windows.divisor(wh, ww));
-  const Acc r = to_acc(relevance[n * rs[0] + c * rs[1] + oh * rs[2] + ow * rs[3]]);
+  const Acc r = to_compute(relevance[n * rs[0] + c * rs[1] + oh * rs[2] + ow * rs[3]]);
   share[k] = stabilized_ratio(r, sum / divisor, stabilizer) / divisor;
 }
 
 template <typename T, typename Windows>
 __global__ void avg_gather_kernel(PlaneShape s, Windows windows, const T* x, Strides4 xs,
-                                  const typename Accumulator<T>::type* share, T* out) {
-  using Acc = typename Accumulator<T>::type;
+                                  const typename Compute<T>::type* share, T* out) {
+  using Acc = typename Compute<T>::type;
   const int64_t total = s.batch * s.channels * s.in_h * s.in_w;
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= total) return;
@@ -186,7 +160,7 @@ __global__ void avg_gather_kernel(PlaneShape s, Windows windows, const T* x, Str
   for (int64_t oh = oh0; oh <= oh1; ++oh) {
     for (int64_t ow = ow0; ow <= ow1; ++ow) acc += plane_share[oh * s.out_w + ow];
   }
-  out[k] = from_acc<T>(acc * to_acc(x[n * xs[0] + c * xs[1] + ih * xs[2] + iw * xs[3]]));
+  out[k] = from_compute<T>(acc * to_compute(x[n * xs[0] + c * xs[1] + ih * xs[2] + iw * xs[3]]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -214,7 +188,7 @@ template <typename T, typename Windows>
 void launch_avg(const PlaneShape& s, const Windows& windows, uintptr_t x, const Strides4& xs,
                 uintptr_t relevance, const Strides4& rs, double stabilizer, uintptr_t out,
                 uintptr_t workspace, cudaStream_t stream) {
-  using Acc = typename Accumulator<T>::type;
+  using Acc = typename Compute<T>::type;
   const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
   const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
   if (in_total == 0) return;

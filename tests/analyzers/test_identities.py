@@ -241,15 +241,11 @@ def test_batch_is_per_sample():
         assert _relative(together[i : i + 1], alone) <= EXACT
 
 
-def test_max_pool_hands_relevance_down_unformed_and_lrp0_still_equals_gradient_times_input(
-    monkeypatch,
-):
-    """Relevance arriving at a max pool as an unformed product ``c · out`` leaves it as
-    ``x · (winner-takes-all of c)`` (x the pool input, alive as the layer below's output) for the
-    layer below to form in its division; the LRP-0 identity is the oracle that this is exact."""
+def _record_max_pool_relevance(monkeypatch) -> list[str]:
+    """The type of each relevance max pools hand down (``Tensor`` or ``InputProduct``)."""
     from relprop.graph import layers
 
-    kinds = []
+    kinds: list[str] = []
     relevance_of = layers.MaxPoolLayer.relevance
 
     def spy(self, saved, relevance):
@@ -258,6 +254,16 @@ def test_max_pool_hands_relevance_down_unformed_and_lrp0_still_equals_gradient_t
         return out
 
     monkeypatch.setattr(layers.MaxPoolLayer, "relevance", spy)
+    return kinds
+
+
+def test_max_pool_hands_relevance_down_unformed_and_lrp0_still_equals_gradient_times_input(
+    monkeypatch,
+):
+    """Relevance arriving at a max pool as an unformed product ``c · out`` leaves it as
+    ``x · (winner-takes-all of c)`` (x the pool input, alive as the layer below's output) for the
+    layer below to form in its division; the LRP-0 identity is the oracle that this is exact."""
+    kinds = _record_max_pool_relevance(monkeypatch)
     model = SmallCNN(bias=True, avg_pool=False).double().eval()
     x = seeded_normal((4, 3, 8, 8), seed=3)
     selection = model(x).argmax(dim=1)
@@ -274,23 +280,13 @@ def test_max_pool_forms_the_product_where_the_layer_below_would_form_it(monkeypa
     """α-β on the mixed-sign first layer has no input-product form: it would multiply c · x
     itself at x's size, four times the pool's output, so the pool forms c · out first. Oracle:
     the same analysis on the float64 reference backend (every product formed)."""
-    from relprop.graph import layers
-
-    kinds = []
-    relevance_of = layers.MaxPoolLayer.relevance
-
-    def spy(self, saved, relevance):
-        out = relevance_of(self, saved, relevance)
-        kinds.append(type(out[0]).__name__)
-        return out
-
     model = SmallCNN(bias=True, avg_pool=False).double().eval()
     x = seeded_normal((4, 3, 8, 8), seed=5)
     composite = relprop.composites.EpsilonAlpha2Beta1()
     monkeypatch.setenv("RELPROP_BACKEND", "reference")
     expected = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
     monkeypatch.delenv("RELPROP_BACKEND")
-    monkeypatch.setattr(layers.MaxPoolLayer, "relevance", spy)
+    kinds = _record_max_pool_relevance(monkeypatch)
     relevance = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
     assert _relative(relevance, expected) < EXACT
     assert kinds == ["Tensor", "Tensor"], kinds

@@ -1,5 +1,5 @@
-// Device-side element access shared by the element-wise CUDA kernels (kernels/cuda/*.cu):
-// float16 and bfloat16 are loaded into float32, computed there, and rounded once on store.
+// Device-side element access shared by the CUDA kernels (kernels/cuda/*.cu): float16 and
+// bfloat16 are loaded into float32, computed (and accumulated) there, and rounded once on store.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,18 +20,31 @@ struct Compute<double> {
   using type = double;
 };
 
-__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ double load(const double* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
+__device__ __forceinline__ float to_compute(float v) { return v; }
+__device__ __forceinline__ double to_compute(double v) { return v; }
+__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_compute(typename Compute<T>::type v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_compute<__half>(float v) {
+  return __float2half(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
 }
 
-__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(double* p, int64_t i, double v) { p[i] = v; }
-__device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
-  p[i] = __float2bfloat16(v);
+template <typename T>
+__device__ __forceinline__ typename Compute<T>::type load(const T* p, int64_t i) {
+  return to_compute(p[i]);
+}
+template <typename T>
+__device__ __forceinline__ void store(T* p, int64_t i, typename Compute<T>::type v) {
+  p[i] = from_compute<T>(v);
 }
 
 // Threads per block of the element-wise kernels, and a grid bound: enough resident blocks to
