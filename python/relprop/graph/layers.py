@@ -29,6 +29,8 @@ from relprop.ops._layer_rules import (
     divide_fast,
     is_marked_nonnegative,
     mark_nonnegative,
+    read_mark,
+    stamp_mark,
 )
 from relprop.rules.base import Rule
 
@@ -174,7 +176,10 @@ class WeightLayer(Layer):
         ):
             # Its relevance pass will divide an unformed c · out at no extra cost (the factor is
             # read by the division): a max pool above may hand its relevance down that way.
-            _mark(out, FORMS_PRODUCT_MARK)
+            try:
+                stamp_mark(out, FORMS_PRODUCT_MARK)
+            except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
+                pass
         return out, (x_op, w_op, op_bias, saved, lead)
 
     takes_input_product = True
@@ -333,19 +338,19 @@ class MaxPoolLayer(Layer):
         # Weak references: the input and output are only looked at if something else keeps
         # them (the layer below saved its output, the layer above its input), never kept alive
         # for this layer's sake.
-        return out, (indices, x.shape, weakref.ref(x), x._version, weakref.ref(out))
+        return out, (indices, x.shape, weakref.ref(x), weakref.ref(out))
 
     takes_input_product = True
 
     def relevance(self, saved, relevance):
-        indices, shape, input_ref, input_version, output_ref = saved
+        indices, shape, input_ref, output_ref = saved
         coefficient, factor = unformed(relevance)
         x, out = input_ref(), output_ref()
+        # The mark is stamped with x's version: it also says x is unchanged since the pool read it.
         if (
             factor is not None
             and x is not None
-            and x._version == input_version
-            and _has_mark(x, FORMS_PRODUCT_MARK)
+            and read_mark(x, FORMS_PRODUCT_MARK)
             and out is not None
             and _same_view(factor, out)
         ):
@@ -359,18 +364,6 @@ class MaxPoolLayer(Layer):
 
 # Set on a weight layer's output whose relevance pass takes an unformed product in its division.
 FORMS_PRODUCT_MARK = "_relprop_forms_product"
-
-
-def _mark(t: Tensor, name: str) -> None:
-    # Valid until the tensor changes in place (its version moves on).
-    try:
-        setattr(t, name, t._version)
-    except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
-        pass
-
-
-def _has_mark(t: Tensor, name: str) -> bool:
-    return getattr(t, name, None) == t._version
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:

@@ -287,14 +287,27 @@ def _input_coefficient_reference(
 # ---------------------------------------------------------------------------------------------
 
 
-# Attribute under which a tensor remembers (its version, whether it is ≥ 0): the forward and the
-# relevance op of one layer see the same input object, and a fused ReLU marks its output.
+def stamp_mark(t: Tensor, name: str, value: object = True) -> None:
+    """Remember ``value`` on ``t`` under attribute ``name`` for ``t`` as it is now: the mark holds
+    until ``t`` changes in place (its version moves on)."""
+    setattr(t, name, (t._version, value))
+
+
+def read_mark(t: Tensor, name: str) -> object | None:
+    """The value :func:`stamp_mark` left on ``t`` under ``name``, or None where there is none or
+    ``t`` has changed since."""
+    mark = getattr(t, name, None)
+    return mark[1] if mark is not None and mark[0] == t._version else None
+
+
+# Attribute under which a tensor remembers whether it is ≥ 0: the forward and the relevance op
+# of one layer see the same input object, and a fused ReLU marks its output.
 NONNEGATIVE_MARK = "_relprop_nonnegative"
 
 
 def mark_nonnegative(t: Tensor) -> None:
     """Record that ``t`` (as it is now) has no negative entry, sparing a reduction later."""
-    setattr(t, NONNEGATIVE_MARK, (t._version, True))
+    stamp_mark(t, NONNEGATIVE_MARK)
 
 
 def is_marked_nonnegative(t: Tensor) -> bool:
@@ -303,19 +316,18 @@ def is_marked_nonnegative(t: Tensor) -> bool:
     No reduction and no host sync: where the answer only decides whether a term that would be
     zero is skipped, an unmarked tensor simply gets the term computed.
     """
-    mark = getattr(t, NONNEGATIVE_MARK, None)
-    return mark is not None and mark[0] == t._version and mark[1]
+    return read_mark(t, NONNEGATIVE_MARK) is True
 
 
 def _is_nonnegative(x: Tensor) -> bool:
     # One reduction decides whether the x⁻ terms (half the modified products) can be skipped;
     # its answer is kept on the tensor until the tensor changes.
-    mark = getattr(x, NONNEGATIVE_MARK, None)
-    if mark is not None and mark[0] == x._version:
-        return mark[1]
+    known = read_mark(x, NONNEGATIVE_MARK)
+    if known is not None:
+        return bool(known)
     result = x.numel() == 0 or bool(x.amin() >= 0)
     try:
-        setattr(x, NONNEGATIVE_MARK, (x._version, result))
+        stamp_mark(x, NONNEGATIVE_MARK, result)
     except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
         pass
     return result
@@ -370,13 +382,15 @@ def _aux_nonnegative(
 def _gamma_shifted(
     weight: Tensor, bias: Tensor | None, gamma: float, up: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """``W + γW⁺`` and ``b + γb⁺`` (``up``), or ``W + γW⁻`` and ``b + γb⁻``; torch.add with
-    alpha is one pass over the weights instead of two (ResNet50 has 25M of them)."""
+    """``W + γW⁺`` and ``b + γb⁺`` (``up``), or ``W + γW⁻`` and ``b + γb⁻``."""
+    shifted = _gamma_shift(weight, gamma, up)
+    return shifted, None if bias is None else _gamma_shift(bias, gamma, up)
 
-    def shifted(t: Tensor) -> Tensor:
-        return torch.add(t, t.clamp(min=0) if up else t.clamp(max=0), alpha=gamma)
 
-    return shifted(weight), None if bias is None else shifted(bias)
+def _gamma_shift(t: Tensor, gamma: float, up: bool, out: Tensor | None = None) -> Tensor:
+    """``t + γt⁺`` (``up``) or ``t + γt⁻``, into ``out`` if given; torch.add with alpha is one
+    pass over the weights instead of two (ResNet50 has 25M of them)."""
+    return torch.add(t, t.clamp(min=0) if up else t.clamp(max=0), alpha=gamma, out=out)
 
 
 def complete_saved(
@@ -594,7 +608,7 @@ def _gamma_paired(
     (stacked along the outputs in one buffer): ``zneg = (2 + γ)z − zpos`` is formed inside the
     pass, and the two products' sum inside the product's reduction."""
     both = _stacked_weights(weight, gamma)
-    b_up = None if bias is None else torch.add(bias, bias.clamp(min=0), alpha=gamma)
+    b_up = None if bias is None else _gamma_shift(bias, gamma, up=True)
     zpos = lin.forward(x, both[: weight.shape[0]], b_up)
     shares = paired_shares_fast(relevance, z, zpos, eps, 1.0, 1.0, 2 + gamma, True, factor)
     del zpos
@@ -672,11 +686,11 @@ def _stacked_weights(weight: Tensor, gamma: float | None = None) -> Tensor:
     its half of one buffer stacked along the output dim (no copy to form the stack)."""
     outputs = weight.shape[0]
     both = weight.new_empty((2 * outputs, *weight.shape[1:]))
-    for half, bounds in ((both[:outputs], {"min": 0}), (both[outputs:], {"max": 0})):
+    for half, up in ((both[:outputs], True), (both[outputs:], False)):
         if gamma is None:
-            torch.clamp(weight, **bounds, out=half)
+            torch.clamp(weight, min=0 if up else None, max=None if up else 0, out=half)
         else:
-            torch.add(weight, weight.clamp(**bounds), alpha=gamma, out=half)
+            _gamma_shift(weight, gamma, up, out=half)
     return both
 
 
