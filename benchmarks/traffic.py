@@ -12,7 +12,11 @@ records:
   read and written in one pass; views, ``empty`` and metadata ops move nothing). This is the
   traffic of a machine without caches between kernels, which is what a GPU's HBM sees for
   tensors of these sizes;
-- **launches**: ops that move bytes or do FLOPs (one kernel each, roughly; cuDNN may run two).
+- **launches**: ops that move bytes or do FLOPs (one kernel each, roughly; cuDNN may run two);
+- **peak**: the most bytes of tensor storage alive at once during the call, above what existed
+  before it (every storage an op allocates, taken off again when it is freed): what a GPU's
+  caching allocator would need with its cache emptied, without its rounding and fragmentation.
+  Weights and the input are not counted, as in ``run.py``'s CUDA column.
 
 Counts grow linearly with the batch except for the weights, which each product reads once:
 every op class is counted at two batches and extrapolated to ``--batch``. Not quite for the
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,9 +89,10 @@ class OpCount:
 
 @dataclass
 class Counts:
-    """Per op name: calls, FLOPs and bytes."""
+    """Per op name: calls, FLOPs and bytes; and the peak of the bytes allocated at once."""
 
     ops: dict[str, OpCount] = field(default_factory=lambda: defaultdict(OpCount))
+    peak_bytes: int = 0
 
     def total(self, attr: str) -> float:
         return float(sum(getattr(c, attr) for c in self.ops.values()))
@@ -98,6 +104,35 @@ class CountingMode(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts = Counts()
+        self._live_bytes = 0
+        self._live: set[int] = set()
+
+    def _track(self, args, kwargs, out) -> None:
+        """Adds the storages ``out`` allocated to the live bytes, and has each taken off again
+        when it is freed: the peak is what an allocator without a cache (a GPU's, emptied) would
+        hold above what existed before the call."""
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in inputs or key in self._live:
+                continue  # in place, out=, or a result already counted (a decomposed op's)
+            self._live.add(key)
+            self._live_bytes += size
+            self.counts.peak_bytes = max(self.counts.peak_bytes, self._live_bytes)
+            # Storages keep their Python object while they live, so this fires when the
+            # memory is freed, not when this reference goes.
+            weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        self._live.discard(key)
+        self._live_bytes -= size
 
     def _record(self, name: str, args, kwargs, out, flops: int = 0) -> None:
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
@@ -113,6 +148,12 @@ class CountingMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = self._dispatch(func, args, kwargs)
+        if not func.is_view:
+            self._track(args, kwargs, out)
+        return out
+
+    def _dispatch(self, func, args, kwargs):
         name = func.overloadpacket.__name__
         if func.namespace == "relprop":
             if name in LEAF_OPS:
@@ -159,6 +200,8 @@ def extrapolate(small: Counts, large: Counts, n_small: int, n_large: int, n: int
             return max(round(v + slope * (n - n_large)), 0)
 
         out.ops[name] = OpCount(b.calls, line(a.flops, b.flops), line(a.bytes, b.bytes))
+    slope = (large.peak_bytes - small.peak_bytes) / (n_large - n_small)
+    out.peak_bytes = max(round(large.peak_bytes + slope * (n - n_large)), 0)
     return out
 
 
@@ -225,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## {model_name}\n")
         print(
             "| method | GFLOP | × gradient | floor × | FLOP-floor fraction | GB moved | × gradient "
-            "| launches | roofline ms | × gradient |"
+            "| launches | roofline ms | × gradient | peak GB | × gradient |"
         )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| --- |" + " ---: |" * 11)
         for key, counts in results:
             flops, moved = counts.total("flops"), counts.total("bytes")
             floor = run.FLOOR[key.split(" / ")[0]]
@@ -237,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {key} | {flops / 1e9:.0f} | {flop_ratio:.2f} | {floor:.1f} | "
                 f"{floor / flop_ratio:.2f} | {moved / 1e9:.1f} | "
                 f"{moved / base.total('bytes'):.2f} | {counts.total('calls'):.0f} | "
-                f"{seconds * 1e3:.1f} | {seconds / base_time:.2f} |"
+                f"{seconds * 1e3:.1f} | {seconds / base_time:.2f} | "
+                f"{counts.peak_bytes / 1e9:.2f} | {counts.peak_bytes / base.peak_bytes:.2f} |"
             )
         if args.by_op:
             for key, counts in results:

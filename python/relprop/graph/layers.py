@@ -100,6 +100,11 @@ class Layer:
     def relevance(self, saved: Any, relevance: Tensor) -> list[Tensor | None]:
         raise NotImplementedError
 
+    def constants(self) -> list[Tensor]:
+        """Tensors the layer holds from one analysis to the next (its weights): the ones of its
+        saved context that the relevance pass does not free."""
+        return []
+
 
 # The ε rule's forward is the plain layer: it returns just [z].
 PLAIN_FORWARD = ("epsilon", [0.0])
@@ -183,6 +188,9 @@ class WeightLayer(Layer):
         return out, (x_op, w_op, op_bias, saved, lead)
 
     takes_input_product = True
+
+    def constants(self):
+        return [t for t in self.params.get() if t is not None]
 
     def relevance(self, saved, relevance):
         x_op, w_op, op_bias, fwd, lead = saved

@@ -14,10 +14,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, fx
+from torch.utils._pytree import tree_flatten
 
 from relprop.errors import AnalyzerInputError
-from relprop.graph.layers import formed, join
+from relprop.graph.layers import InputProduct, formed, join
 from relprop.graph.plan import Plan
+from relprop.ops._layer_rules import transient_budget
 
 
 class Program:
@@ -97,21 +99,94 @@ class Program:
                     env.pop(name, None)
         return output, saved, live
 
+    def _constants(self) -> list[Tensor]:
+        """The tensors that outlive an analysis: the layers' weights and the module's
+        attributes (a step's saved context may hold them; freeing it does not free them)."""
+        tensors = []
+        for step in self.plan.steps:
+            if step.op == "get_attr":
+                tensors.append(_fetch_attr(self.gm, step.target))
+            elif step.layer is not None:
+                tensors.extend(step.layer.constants())
+        return tensors
+
     def _relevance(self, start: Tensor, saved: dict, live: set[str]) -> Tensor | None:
         pending: dict[str, Tensor] = {self.plan.output_name: start}
+        # What the analysis holds as the pass begins (the forward's saved tensors and the start)
+        # is the most it will hold: a step may allocate what the pass has freed since. Storages
+        # are opaque to torch.compile's tracing, which gets the chunking of an op called alone.
+        held = None if torch.compiler.is_compiling() else _HeldBytes(saved, self._constants())
+        ceiling = None if held is None else held.total + held.outside(pending.values())
         for step in reversed(self.plan.steps):
             if step.layer is None or step.name not in pending:
                 continue
             incoming = pending.pop(step.name)
             if not step.layer.takes_input_product:
                 incoming = formed(incoming)
-            outgoing = step.layer.relevance(saved.pop(step.name), incoming)
+            budget = None
+            if held is not None:
+                budget = ceiling - held.total - held.outside([incoming, *pending.values()])
+            with transient_budget(budget):
+                outgoing = step.layer.relevance(saved.pop(step.name), incoming)
+            if held is not None:
+                held.release(step.name)
             for name, r in zip(step.leaves, outgoing):
                 if name is None or r is None or name not in live:
                     continue
                 pending[name] = join(pending[name], r) if name in pending else r
         result = pending.get(self.plan.input_name)
         return None if result is None else formed(result)
+
+
+class _HeldBytes:
+    """The bytes of the storages the forward pass saved for the relevance pass, as its steps
+    release them (a storage several steps saved is freed with the last of them; ``constants``,
+    which outlive the pass, are not counted)."""
+
+    # Where torch.compile runs the pass eagerly, it need not try to trace storages.
+    @torch.compiler.disable
+    def __init__(self, saved: dict, constants: list[Tensor]) -> None:
+        self._sizes: dict[int, int] = {}
+        self._holders: dict[int, int] = {}
+        self._keys: dict[str, set[int]] = {}
+        persistent = _storages(constants, {})
+        for name, ctx in saved.items():
+            keys = _storages(tree_flatten(ctx)[0], self._sizes) - persistent
+            self._keys[name] = keys
+            for key in keys:
+                self._holders[key] = self._holders.get(key, 0) + 1
+        for key in persistent:
+            self._sizes.pop(key, None)
+        self.total = sum(self._sizes.values())
+
+    def release(self, name: str) -> None:
+        for key in self._keys.pop(name, ()):
+            self._holders[key] -= 1
+            if not self._holders[key]:
+                del self._holders[key]
+                self.total -= self._sizes.pop(key)
+
+    @torch.compiler.disable
+    def outside(self, relevances) -> int:
+        """Bytes of the relevances' storages not among the saved ones."""
+        tensors = []
+        for r in relevances:
+            tensors.extend((r.coefficient, r.factor) if isinstance(r, InputProduct) else (r,))
+        sizes: dict[int, int] = {}
+        _storages(tensors, sizes)
+        return sum(size for key, size in sizes.items() if key not in self._sizes)
+
+
+def _storages(objects, sizes: dict[int, int]) -> set[int]:
+    """The storage keys of the tensors among ``objects``, recording each one's bytes."""
+    keys = set()
+    for t in objects:
+        if isinstance(t, Tensor):
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            keys.add(key)
+            sizes[key] = storage.nbytes()
+    return keys
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):

@@ -16,7 +16,9 @@ Two implementations per rule:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -410,20 +412,52 @@ def complete_saved(
     return (forward or forward_reference)(lin, x, weight, bias, rule, params)
 
 
-# A relevance step whose input or output is at least this large runs in batch chunks where its
-# rule would otherwise hold several whole-batch transients (α-β; z⁺, α-β and γ on mixed input).
+# A relevance step whose input or output is at least this large may run in batch chunks, where
+# its rule would otherwise hold several whole-batch transients (α-β; z⁺, α-β and γ on mixed
+# input). How many chunks is decided by the memory the step may use (:func:`transient_budget`):
+# a Program allows what its relevance pass has freed so far, so the analysis never holds more
+# than it held when that pass began. Outside a Program (an op called directly) nothing is known
+# of the memory around the step, and a large step runs in ``_MAX_CHUNKS``.
 _CHUNK_MIN_BYTES = 16 * 2**20
 _MAX_CHUNKS = 8
+# Tensors the size of a chunkable step's larger side (input or output) that it holds at once
+# besides its result, measured on VGG16's α-β steps: W⁺x, the two shares, the transposed
+# product before it is copied into its slice (the mixed-sign first layer holds fewer).
+_STEP_TRANSIENTS = 4
+_transient_budget: ContextVar[int | None] = ContextVar("relprop_transient_budget", default=None)
+
+
+@contextmanager
+def transient_budget(nbytes: int | None) -> Iterator[None]:
+    """The bytes a relevance step run inside may allocate at once (None: unknown)."""
+    token = _transient_budget.set(nbytes)
+    try:
+        yield
+    finally:
+        _transient_budget.reset(token)
 
 
 def _batch_chunks(x: Tensor, relevance: Tensor) -> list[slice]:
-    """Slices of the batch for a chunked relevance step: one when the step's input and output
-    are small, or the batch is one sample."""
+    """Slices of the batch for a chunkable relevance step: one slice when its transients fit
+    the budget, or the step is small, or the batch is one sample.
+
+    Each chunk is a kernel launch per op of the step, and a smaller product (a chunk of 8 of 64
+    images of a 7×7 layer is too small a GEMM to fill a GPU), so a step is split only as far as
+    the memory asks: on a ResNet50 at batch 64 only the steps near the output are, where the
+    pass has freed little yet.
+    """
     n = x.shape[0] if x.dim() > 1 else 1
     size_bytes = max(t.numel() * t.element_size() for t in (x, relevance))
     if n < 2 or size_bytes < _CHUNK_MIN_BYTES:
         return [slice(None)]
-    size = -(-n // min(n, _MAX_CHUNKS))
+    budget = _transient_budget.get()
+    parts = min(n, _MAX_CHUNKS)
+    if budget is not None:
+        # The step's result, the input's relevance, is allocated whole however it is chunked.
+        budget -= x.numel() * x.element_size()
+        need = _STEP_TRANSIENTS * size_bytes
+        parts = min(parts, -(-need // max(budget, _CHUNK_MIN_BYTES)))
+    size = -(-n // parts)
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 

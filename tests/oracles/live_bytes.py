@@ -1,0 +1,66 @@
+"""The bytes of tensor storage alive at once, as an allocator without a cache would hold them.
+
+CPU has no allocator statistics to read back, and the resident set is blurred by glibc's free
+lists; this mode sees every storage an op allocates (views and in-place results allocate none)
+and takes it off again when it is freed, so the peak it reports is exact and device-independent:
+what a GPU's allocator would hold with its cache emptied.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveBytes(TorchDispatchMode):
+    """``live``: bytes allocated under the mode and not yet freed; ``peak``: their maximum since
+    the mode began or :meth:`reset_peak`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._keys: set[int] = set()
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "relprop" and torch._C._dispatch_has_kernel_for_dispatch_key(
+            func.name(), "CPU"
+        ):
+            # A custom op's kernel runs with the mode off: run it with the mode on, so the
+            # buffers inside it are seen too.
+            with self:
+                cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+                out = func.redispatch(cpu, *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        if func.is_view:
+            return out
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in inputs or key in self._keys:
+                continue
+            self._keys.add(key)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            # A storage keeps its Python object while it lives: this fires when it is freed.
+            weakref.finalize(storage, self._free, key, size)
+        return out
+
+    def _free(self, key: int, size: int) -> None:
+        self._keys.discard(key)
+        self.live -= size
