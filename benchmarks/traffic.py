@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +53,9 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import run  # the benchmark's models, inputs and methods
+from tests.oracles.live_bytes import StorageLedger  # the memory oracle the tests use
 
 # relprop ops whose CPU kernels are native code (relprop._C): counted as one kernel each, since
 # the mode cannot see inside them. The layer ops (conv2d_*, linear_*) are compositions of aten
@@ -104,35 +105,7 @@ class CountingMode(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts = Counts()
-        self._live_bytes = 0
-        self._live: set[int] = set()
-
-    def _track(self, args, kwargs, out) -> None:
-        """Adds the storages ``out`` allocated to the live bytes, and has each taken off again
-        when it is freed: the peak is what an allocator without a cache (a GPU's, emptied) would
-        hold above what existed before the call."""
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
-            if size == 0 or key in inputs or key in self._live:
-                continue  # in place, out=, or a result already counted (a decomposed op's)
-            self._live.add(key)
-            self._live_bytes += size
-            self.counts.peak_bytes = max(self.counts.peak_bytes, self._live_bytes)
-            # Storages keep their Python object while they live, so this fires when the
-            # memory is freed, not when this reference goes.
-            weakref.finalize(storage, self._free, key, size)
-
-    def _free(self, key: int, size: int) -> None:
-        self._live.discard(key)
-        self._live_bytes -= size
+        self.memory = StorageLedger()
 
     def _record(self, name: str, args, kwargs, out, flops: int = 0) -> None:
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
@@ -149,8 +122,7 @@ class CountingMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = self._dispatch(func, args, kwargs)
-        if not func.is_view:
-            self._track(args, kwargs, out)
+        self.memory.track(func, args, kwargs, out)
         return out
 
     def _dispatch(self, func, args, kwargs):
@@ -186,6 +158,7 @@ def count(call: Callable[[], object]) -> Counts:
     mode = CountingMode()
     with mode:
         call()
+    mode.counts.peak_bytes = mode.memory.peak
     return mode.counts
 
 

@@ -15,12 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-class LiveBytes(TorchDispatchMode):
-    """``live``: bytes allocated under the mode and not yet freed; ``peak``: their maximum since
-    the mode began or :meth:`reset_peak`."""
+class StorageLedger:
+    """``live``: bytes of the storages :meth:`track` saw allocated and not yet freed; ``peak``:
+    their maximum since the ledger began or :meth:`reset_peak`. Shared by :class:`LiveBytes`
+    and ``benchmarks/traffic.py``'s counting mode."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.live = 0
         self.peak = 0
         self._keys: set[int] = set()
@@ -28,20 +28,12 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.live
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "relprop" and torch._C._dispatch_has_kernel_for_dispatch_key(
-            func.name(), "CPU"
-        ):
-            # A custom op's kernel runs with the mode off: run it with the mode on, so the
-            # buffers inside it are seen too.
-            with self:
-                cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-                out = func.redispatch(cpu, *args, **kwargs)
-        else:
-            out = func(*args, **kwargs)
+    def track(self, func, args, kwargs, out) -> None:
+        """Adds the storages op ``func`` allocated for ``out``: not for views, in-place and
+        ``out=`` results (their storage is an argument's), nor twice for one storage (a
+        decomposed op's result is its last inner op's)."""
         if func.is_view:
-            return out
+            return
         inputs = {
             t.untyped_storage().data_ptr()
             for t in tree_flatten((args, kwargs))[0]
@@ -59,8 +51,41 @@ class LiveBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
             # A storage keeps its Python object while it lives: this fires when it is freed.
             weakref.finalize(storage, self._free, key, size)
-        return out
 
     def _free(self, key: int, size: int) -> None:
         self._keys.discard(key)
         self.live -= size
+
+
+class LiveBytes(TorchDispatchMode):
+    """A :class:`StorageLedger` of every op run under the mode (``live``, ``peak``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger = StorageLedger()
+
+    @property
+    def live(self) -> int:
+        return self.ledger.live
+
+    @property
+    def peak(self) -> int:
+        return self.ledger.peak
+
+    def reset_peak(self) -> None:
+        self.ledger.reset_peak()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "relprop" and torch._C._dispatch_has_kernel_for_dispatch_key(
+            func.name(), "CPU"
+        ):
+            # A custom op's kernel runs with the mode off: run it with the mode on, so the
+            # buffers inside it are seen too.
+            with self:
+                cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+                out = func.redispatch(cpu, *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        self.ledger.track(func, args, kwargs, out)
+        return out
