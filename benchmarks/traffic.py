@@ -20,12 +20,12 @@ records:
 
 Counts grow linearly with the batch except for the weights, which each product reads once:
 every op class is counted at two batches and extrapolated to ``--batch``. Not quite for the
-launches of batch-chunked relevance steps (α-β, and z⁺/α-β/γ on a first layer): a step is chunked
-from 16 MiB on, so at small counted batches fewer steps are chunked than at the target batch:
-their extra launches are missed and their bytes are off a little. ``--count-batches 32,64``
-counts the target batch itself, exactly, at minutes per model and method (ResNet50
-EpsilonAlpha2Beta1 at 64: 2262 launches, not the 1290 extrapolated from 8 and 16; bytes 1.40×,
-not 1.37×).
+launches of batch-chunked relevance steps (α-β, and z⁺/α-β/γ on a first layer): how many chunks a
+step runs in follows the memory its pass has freed, which depends on the batch, so the counted
+batches chunk differently from the target batch and their bytes are off a little.
+``--count-batches 32,64`` counts the target batch itself, exactly, at minutes per model and
+method (ResNet50 EpsilonAlpha2Beta1 at 64: 562 launches, not the 508 extrapolated from 8 and 16;
+bytes 1.26×, not 1.25×).
 
 The **roofline** column turns the counts into a lower bound of time on a machine with the given
 peak product rate and memory bandwidth (defaults: an H100 SXM in TF32 and HBM3, derated to what
