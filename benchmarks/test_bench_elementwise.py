@@ -17,6 +17,11 @@ Run it (it is not part of the test suite)::
 is compared with its torch composition (the reference) and with what the engine ran before it:
 the second denominator in a pass of its own and two fused divisions.
 
+``test_small_divide`` times the engine's division (``_layer_rules.divide_fast``, the native kernel
+called as a function) against the torch composition on the small tensors of a batch-1 analysis,
+where the cost per call, not per byte, decides: the composition was used below 65 536 elements
+while every op call paid the dispatcher.
+
 The machine is shared and the work memory-bound: compare medians within one run.
 """
 
@@ -26,7 +31,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from relprop.ops.elementwise import stabilized_divide
+from relprop.ops._layer_rules import divide_fast
+from relprop.ops.elementwise import stabilized_divide, stabilized_divide_reference
 from relprop.ops.paired_shares import paired_shares, paired_shares_reference
 
 pytest.importorskip("pytest_benchmark")
@@ -120,3 +126,24 @@ def test_paired_shares(benchmark, monkeypatch, activations, rule: str, provider:
     shares = torch.cat(result, dim=1) if isinstance(result, tuple) else result
     assert shares.shape == (SHAPE[0], 2 * SHAPE[1], *SHAPE[2:])
     assert bool(torch.isfinite(shares).all())
+
+
+# Batch-1 relevance tensors: ResNet50's pooled features, its last stage, a 32×32 image's first
+# stage, and the old threshold's size.
+SMALL_SHAPES = [(1, 2048, 1, 1), (1, 512, 7, 7), (1, 64, 16, 16), (1, 256, 16, 16)]
+
+
+@pytest.mark.parametrize("provider", ["relprop", "torch"])
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_small_divide(benchmark, monkeypatch, shape, provider: str) -> None:
+    monkeypatch.delenv("RELPROP_BACKEND", raising=False)
+    generator = torch.Generator().manual_seed(2)
+    relevance, z, factor = (torch.randn(shape, generator=generator) for _ in range(3))
+    call = divide_fast if provider == "relprop" else stabilized_divide_reference
+    benchmark.group = f"small divide {'x'.join(map(str, shape))}"
+    benchmark.extra_info.update(provider=provider)
+    with torch.no_grad():  # as the engine runs it
+        result = benchmark.pedantic(
+            call, args=(relevance, z, EPSILON, 1.0, None, 1, factor), rounds=200, warmup_rounds=5
+        )
+    assert result.shape == shape and bool(torch.isfinite(result).all())

@@ -256,8 +256,7 @@ def test_two_shares_in_one_pass_where_weights_stack(
     shares come from one relprop::paired_shares pass and one transposed product with the two
     weight sets stacked — for dense layers and one-group convolutions; grouped convolutions keep
     two products. Either way: the float64 reference's numbers (the native kernel of the pass
-    runs here at any size)."""
-    monkeypatch.setattr(_layer_rules, "_FUSED_DIVIDE_MIN_NUMEL", 0)
+    runs at every size)."""
     calls = []
     pass_through = _layer_rules.paired_shares_fast
     monkeypatch.setattr(

@@ -125,7 +125,11 @@ class Program:
                 incoming = formed(incoming)
             budget = None
             if held is not None:
-                budget = ceiling - held.total - held.outside([incoming, *pending.values()])
+                # Asked for only by a step that could run in chunks, while it runs (before
+                # `incoming` and `pending` change).
+                def budget(incoming=incoming):
+                    return ceiling - held.total - held.outside([incoming, *pending.values()])
+
             with transient_budget(budget):
                 outgoing = step.layer.relevance(saved.pop(step.name), incoming)
             if held is not None:
