@@ -333,6 +333,10 @@ def run_model(model_name: str, dtype_name: str, args: argparse.Namespace) -> lis
         except Exception as err:  # noqa: BLE001  (a method that cannot be built is a table note)
             case.reason = _first_line(err)
 
+    if any(case.backend == "auto" for case in cases):
+        from relprop.ops import _backend
+
+        _backend.forget_measurements()  # each model and dtype measures its own layers
     runnable = {case.key: case for case in cases if case.call is not None}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
@@ -346,6 +350,8 @@ def run_model(model_name: str, dtype_name: str, args: argparse.Namespace) -> lis
     )  # fmt: skip
     for key, seconds in times.items():
         runnable[key].seconds = seconds
+    if any(case.backend == "auto" and case.call is not None for case in cases):
+        print(auto_choices(model_name, dtype_name))
 
     if not args.no_memory:
         for case in cases:
@@ -365,6 +371,24 @@ def run_model(model_name: str, dtype_name: str, args: argparse.Namespace) -> lis
 
 
 # -- reporting --------------------------------------------------------------------------------
+
+
+def auto_choices(model_name: str, dtype_name: str) -> str:
+    """What ``RELPROP_BACKEND=auto`` picked for each layer signature of the run, fastest first."""
+    from relprop.ops import _backend
+
+    lines = [f"\n### relprop[auto]: {model_name} {dtype_name}, backend per layer signature\n"]
+    lines.append("| layer | input | rule | chosen | times µs |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for key, times in _backend.measurements().items():
+        kind, shape, weight_shape, rule = key[0], key[1], key[2], key[5]
+        ranked = sorted(times.items(), key=lambda item: item[1])
+        shown = ", ".join(f"{name} {seconds * 1e6:.0f}" for name, seconds in ranked)
+        lines.append(
+            f"| {kind} {'×'.join(map(str, weight_shape))} | {'×'.join(map(str, shape))} "
+            f"| {rule} | {ranked[0][0]} | {shown} |"
+        )
+    return "\n".join(lines)
 
 
 def device_name(device: torch.device) -> str:
@@ -501,9 +525,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--relprop-backends",
         default=None,
-        help="comma-separated of default, native, triton, reference, nondeterministic "
-        "(relprop's choice with RELPROP_DETERMINISTIC=0): one relprop row each (default: "
-        "'default' on CPU, 'default,nondeterministic,triton,reference' on CUDA)",
+        help="comma-separated of default, native, triton, reference, auto (measured per layer "
+        "shape), nondeterministic (relprop's choice with RELPROP_DETERMINISTIC=0): one relprop "
+        "row each (default: 'default' on CPU, 'default,nondeterministic,auto,triton,reference' "
+        "on CUDA)",
     )
     parser.add_argument(
         "--threads",
@@ -553,7 +578,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.providers = [p for p in args.providers.split(",") if p]
     args.relprop_backends = (
         args.relprop_backends
-        or ("default,nondeterministic,triton,reference" if cuda else "default")
+        or ("default,nondeterministic,auto,triton,reference" if cuda else "default")
     ).split(",")
     if args.csv is None and not args.quick:
         args.csv = RESULTS_CSV

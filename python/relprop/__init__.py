@@ -10,6 +10,7 @@ from relprop._native import native_available
 from relprop.analyzers import analyzer_names, create_analyzer
 from relprop.errors import (
     AnalyzerInputError,
+    BackendError,
     RelpropError,
     SoftmaxOutputError,
     TraceError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnalyzerInputError",
+    "BackendError",
     "RelpropError",
     "SoftmaxOutputError",
     "TraceError",

@@ -26,5 +26,10 @@ class UnknownAnalyzerError(RelpropError, ValueError):
     """``create_analyzer`` was given a name it does not know; the message lists the valid ones."""
 
 
+class BackendError(RelpropError):
+    """No implementation of a layer op could run (``RELPROP_BACKEND=auto`` found none that
+    works for a layer's shape); the message names the layer signature and each failure."""
+
+
 class TraceError(RelpropError):
     """The model could not be traced into a plan (e.g. data-dependent Python control flow)."""

@@ -1,5 +1,8 @@
 """Whole analyzers on a CUDA device: the Triton/CUDA path against the reference path.
 
+``auto`` (each layer shape on the implementation it measures fastest, a mix of Triton, native and
+reference layers) is held to the same criteria.
+
 Skipped without a GPU (``gpu`` marker). fp32 must match the float64 reference as closely as the
 fp32 reference does (flash-attention's criterion); bf16/fp16 within a loose, stated bound.
 """
@@ -43,7 +46,7 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("backend", ["triton", "native", "auto"])
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
 @pytest.mark.parametrize("composite", list(COMPOSITES))
 def test_fp32_kernels_match_reference(name, composite, backend, monkeypatch):
@@ -69,7 +72,7 @@ def test_half_precision_close_to_fp32(dtype, composite, backend, monkeypatch):
     assert cosine > 0.95
 
 
-@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("backend", ["triton", "native", "auto"])
 @pytest.mark.parametrize("composite", list(COMPOSITES))
 def test_cuda_runs_are_bitwise_equal(composite, backend, monkeypatch):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3)).cuda()

@@ -14,10 +14,24 @@ def test_native_by_default(monkeypatch):
     assert _backend.layer_backend() == "native"
 
 
-@pytest.mark.parametrize("forced", _backend.BACKENDS)
+@pytest.mark.parametrize("forced", [b for b in _backend.BACKENDS if b != "auto"])
 def test_environment_overrides_the_choice(monkeypatch, forced):
     monkeypatch.setenv("RELPROP_BACKEND", f" {forced.upper()} ")
     assert _backend.layer_backend() == forced
+
+
+def test_a_layers_measured_choice_overrides_the_environment(monkeypatch):
+    """Under auto each layer names its measured backend around its op calls
+    (tests/analyzers/test_auto_backend.py); outside them an op runs natively."""
+    monkeypatch.setenv("RELPROP_BACKEND", "auto")
+    assert _backend.forced_backend() == "auto"
+    assert _backend.layer_backend() == "native"
+    with _backend.running_on("triton"):
+        assert _backend.layer_backend() == "triton"
+        with _backend.running_on("reference"):
+            assert _backend.layer_backend() == "reference"
+        assert _backend.layer_backend() == "triton"
+    assert _backend.layer_backend() == "native"
 
 
 def test_unknown_backend_is_refused(monkeypatch):

@@ -8,6 +8,8 @@ the rest are small enough to stay in plain PyTorch.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,9 +23,16 @@ from relprop.graph.canonize import FoldedParameters
 from relprop.ops import conv as conv_ops
 from relprop.ops import linear as linear_ops
 from relprop.ops import pool as pool_ops
-from relprop.ops._backend import call_op, layer_backend
+from relprop.ops._backend import (
+    call_op,
+    forced_backend,
+    layer_backend,
+    measured_choice,
+    running_on,
+)
 from relprop.ops._layer_rules import (
     INPUT_PRODUCT_RULES,
+    TRITON_DTYPES,
     _is_nonnegative,
     divide,
     divide_fast,
@@ -105,6 +114,10 @@ class Layer:
         saved context that the relevance pass does not free."""
         return []
 
+    def describe_impl(self, planned: str) -> str:
+        """The plan's ``op`` column for this layer (``planned`` when the plan was made)."""
+        return planned
+
 
 # The ε rule's forward is the plain layer: it returns just [z].
 PLAIN_FORWARD = ("epsilon", [0.0])
@@ -128,12 +141,54 @@ class WeightLayer(Layer):
         self.dims = dims
         # Set by the plan when the ReLU after this layer may run here, in place (plan.py).
         self.fused_relu = False
+        # RELPROP_BACKEND=auto: the backend measured fastest for each input signature met.
+        self.chosen: dict[tuple, str] = {}
 
     def forward(self, args, kwargs):
+        backend = self._measured_backend(args, kwargs)
+        if backend is None:
+            return self._forward(args, kwargs)
+        with running_on(backend):  # the context records it for the relevance pass
+            return self._forward(args, kwargs)
+
+    def _measured_backend(self, args, kwargs) -> str | None:
+        """Under ``RELPROP_BACKEND=auto``, the backend measured fastest for this layer on inputs
+        like ``args[0]`` (its forward and relevance together, timed once per signature and
+        process; ``ops._backend.measured_choice``); None otherwise. Under tracing nothing can
+        be timed: a signature not yet measured runs natively there."""
+        if forced_backend() != "auto":
+            return None
         x = args[0]
         weight, bias = self.params.get()
         name, rule_params = self.rule.op()
-        lean = layer_backend() == "native"
+        key = (
+            "linear" if self.geometry is None else f"conv{self.dims}d",
+            tuple(x.shape), tuple(weight.shape), bias is not None,
+            None if self.geometry is None else repr(sorted(self.geometry.items())),
+            name, tuple(rule_params), self.rule.ignore_bias, self.fused_relu,
+            is_marked_nonnegative(x), x.dtype, str(x.device),
+        )  # fmt: skip
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+            return self.chosen.get(key, "native")
+
+        def trial(backend: str) -> None:
+            # The relevance arriving is the layer's own output: shapes and signs as in a pass.
+            with running_on(backend):
+                out, ctx = self._forward(args, kwargs)
+                self._relevance(ctx, out)
+
+        candidates = ["native", "reference"]
+        if x.dtype in TRITON_DTYPES and _triton_runs_on(x.device):
+            candidates.append("triton")
+        self.chosen[key] = measured_choice(key, candidates, trial, x.device)
+        return self.chosen[key]
+
+    def _forward(self, args, kwargs):
+        x = args[0]
+        weight, bias = self.params.get()
+        name, rule_params = self.rule.op()
+        backend = layer_backend()
+        lean = backend == "native"
         fwd_name, fwd_params = PLAIN_FORWARD if lean else (name, rule_params)
         op_bias = None if self.rule.ignore_bias else bias
         if self.geometry is None:
@@ -185,15 +240,26 @@ class WeightLayer(Layer):
                 stamp_mark(out, FORMS_PRODUCT_MARK)
             except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
                 pass
-        return out, (x_op, w_op, op_bias, saved, lead)
+        return out, (x_op, w_op, op_bias, saved, lead, backend)
 
     takes_input_product = True
 
     def constants(self):
         return [t for t in self.params.get() if t is not None]
 
+    def describe_impl(self, planned: str) -> str:
+        if not self.chosen:
+            return planned
+        picks = "/".join(sorted(set(self.chosen.values())))
+        return planned.replace("[auto]", f"[auto: {picks}]")
+
     def relevance(self, saved, relevance):
-        x_op, w_op, op_bias, fwd, lead = saved
+        # On the backend whose forward saved the context (the lean native forward keeps less).
+        with running_on(saved[-1]):
+            return self._relevance(saved, relevance)
+
+    def _relevance(self, saved, relevance):
+        x_op, w_op, op_bias, fwd, lead, _ = saved
         name, rule_params = self.rule.op()
         relevance, factor = unformed(relevance)
         # Leave the product with x to the layer below where the rule's relevance is x · c (on
@@ -448,6 +514,14 @@ class AdaptiveAvgPoolLayer(Layer):
             size = _pair(size)
             size = tuple(saved.shape[2 + i] if s is None else s for i, s in enumerate(size))
         return [pool_ops.adaptive_avg_pool_relevance(saved, relevance, size, self.stabilizer)]
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``: a GPU, or the CPU under
+    ``TRITON_INTERPRET=1`` (the interpreter; far slower, but then a candidate like any other)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _keep_nonnegative_mark(x: Any, out: Any) -> None:

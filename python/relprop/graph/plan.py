@@ -131,7 +131,8 @@ class Plan:
             if s.op in ("placeholder", "output") or s.kind in ("meta", "constant"):
                 continue
             rule = s.rule.describe() if s.rule is not None else "-"
-            rows.append((str(i), s.name, s.path, s.kind, rule, s.impl or "-"))
+            impl = s.impl if s.layer is None else s.layer.describe_impl(s.impl)
+            rows.append((str(i), s.name, s.path, s.kind, rule, impl or "-"))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -563,7 +564,10 @@ class PlanBuilder:
         step.kind = kind
         step.rule = rule
         op = "linear" if geometry is None else "conv2d"
-        step.impl = f"relprop::{op} [{layer_backend()}]"
+        # Under RELPROP_BACKEND=auto the backend is measured per input signature on first use;
+        # the printed plan then names the ones chosen (WeightLayer.describe_impl).
+        backend = "auto" if forced_backend() == "auto" else layer_backend()
+        step.impl = f"relprop::{op} [{backend}]"
         if bns:
             step.kind += " + batchnorm"
         step.layer = L.WeightLayer(FoldedParameters(module, bns), rule, geometry, dims)

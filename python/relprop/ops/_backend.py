@@ -2,18 +2,29 @@
 
 ``RELPROP_BACKEND=reference|native|triton`` forces one path (tests and benchmarks use it);
 unset, the path measured fastest is taken: native on CPU (MKL-DNN products, the C++ division)
-and on CUDA (cuDNN/cuBLAS products, the CUDA division).
+and on CUDA (cuDNN/cuBLAS products, the CUDA division). ``RELPROP_BACKEND=auto`` measures instead,
+per layer shape, as ``torch.backends.cudnn.benchmark`` does for convolutions: the first time a
+layer meets an input signature, each implementation that can run it is timed on it, and the
+fastest runs that signature from then on in this process (:func:`measured_choice`).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
-BACKENDS = ("reference", "native", "triton")
+from relprop.errors import BackendError
+
+BACKENDS = ("reference", "native", "triton", "auto")
 
 
 def forced_backend() -> str | None:
@@ -29,16 +40,127 @@ def forced_backend() -> str | None:
     return value
 
 
+# The backend a layer chose for the op calls it makes (RELPROP_BACKEND=auto), set around them.
+_layer_choice: ContextVar[str | None] = ContextVar("relprop_layer_backend", default=None)
+
+
 def layer_backend() -> str:
     """Backend for the linear and convolution relevance ops, on every device.
 
-    ``RELPROP_BACKEND`` wins. Otherwise the native path, on CPU and on CUDA alike: there it is
+    A layer's measured choice (:func:`running_on`, ``RELPROP_BACKEND=auto``) wins, then
+    ``RELPROP_BACKEND``. Otherwise the native path, on CPU and on CUDA alike: there it is
     cuDNN/cuBLAS for the products, the fused CUDA division and the lean saved tensors. The fused
-    Triton kernels stay available as ``RELPROP_BACKEND=triton``; on an H100 they lost to that
-    composition at every whole-model setting measured and at all but a few layer shapes
+    Triton kernels stay available as ``RELPROP_BACKEND=triton`` (or ``auto``); on an H100 they lost
+    to that composition at every whole-model setting measured and at all but a few layer shapes
     (``benchmarks/results/gpu_h100.md``), so nothing picks them by default.
     """
-    return forced_backend() or "native"
+    chosen = _layer_choice.get()
+    if chosen is not None:
+        return chosen
+    forced = forced_backend()
+    return "native" if forced in (None, "auto") else forced
+
+
+@contextmanager
+def running_on(backend: str) -> Iterator[None]:
+    """Run the layer ops called inside on ``backend`` (one of reference, native, triton)."""
+    token = _layer_choice.set(backend)
+    try:
+        yield
+    finally:
+        _layer_choice.reset(token)
+
+
+# RELPROP_BACKEND=auto: the choice per layer signature, and what it was based on (seconds).
+_CHOICES: dict[Hashable, str] = {}
+_MEASUREMENTS: dict[Hashable, dict[str, float]] = {}
+# Timed runs per candidate after one untimed run (Triton compiles, cuDNN picks its algorithm).
+_TIMED_RUNS = 5
+
+
+def measured_choice(
+    key: Hashable,
+    candidates: Sequence[str],
+    run: Callable[[str], object],
+    device: torch.device,
+) -> str:
+    """The candidate whose ``run(candidate)`` took least time for ``key``, measured once.
+
+    Each candidate runs once untimed and then :data:`_TIMED_RUNS` times; the median decides. A
+    candidate that raises (a Triton kernel that cannot compile for the shape, say) is left out
+    with a warning. The choice holds for the rest of the process: analyses stay bitwise
+    repeatable after the first, though another process may measure differently where two
+    candidates are close.
+
+    Raises
+    ------
+    relprop.BackendError
+        No candidate ran; the first error is chained.
+    """
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return choice
+    times: dict[str, float] = {}
+    errors: dict[str, Exception] = {}
+    for name in candidates:
+        try:
+            times[name] = _time_candidate(key, name, lambda name=name: run(name), device)
+        except Exception as err:  # noqa: BLE001 — any failure disqualifies the candidate
+            errors[name] = err
+    if not times:
+        first = next(iter(errors.values()))
+        raise BackendError(
+            f"RELPROP_BACKEND=auto: no implementation could run {key!r} "
+            f"({', '.join(f'{n}: {e}' for n, e in errors.items())}); unset RELPROP_BACKEND"
+        ) from first
+    for name, err in errors.items():
+        warnings.warn(
+            f"RELPROP_BACKEND=auto: the {name} implementation failed on {key!r} and is not used "
+            f"for it ({type(err).__name__}: {err})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    choice = min(times, key=times.__getitem__)
+    _CHOICES[key] = choice
+    _MEASUREMENTS[key] = times
+    return choice
+
+
+def _time_candidate(
+    key: Hashable, name: str, fn: Callable[[], object], device: torch.device
+) -> float:
+    """Median seconds of ``fn`` (``name`` run on ``key``) after one untimed call (CUDA: events
+    on the current stream)."""
+    fn()
+    samples = []
+    for _ in range(_TIMED_RUNS):
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - begin)
+    median = statistics.median(samples)
+    return median if math.isfinite(median) else math.inf
+
+
+def measurements() -> dict[Hashable, dict[str, float]]:
+    """What ``RELPROP_BACKEND=auto`` measured in this process: seconds per candidate, by layer
+    signature (``benchmarks/`` prints them)."""
+    return {key: dict(times) for key, times in _MEASUREMENTS.items()}
+
+
+def forget_measurements() -> None:
+    """Drop every measured choice, so the next analyses measure again."""
+    _CHOICES.clear()
+    _MEASUREMENTS.clear()
 
 
 # Types whose tensors a kernel can take as they are; a subclass (FakeTensor, FunctionalTensor)
