@@ -471,6 +471,51 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Issue 3's targets (H100/H200, batch 64): relprop's time as a multiple of the gradient's, its
+# speed-up over Zennit on the same composite, and its peak memory as a multiple of the gradient's.
+TIME_TARGETS = {
+    "lrp.epsilon": 1.1, "EpsilonPlusFlat": 1.6, "EpsilonGammaBox": 1.6, "EpsilonAlpha2Beta1": 2.2,
+}  # fmt: skip
+ZENNIT_SPEEDUP_TARGETS = {"EpsilonPlusFlat": 1.6, "EpsilonGammaBox": 3.0, "EpsilonAlpha2Beta1": 2.0}
+MEMORY_TARGET = 1.2
+
+
+def targets_table(rows: list[dict]) -> str:
+    """Issue 3's targets against this run, for each relprop row (its own dispatch, and
+    ``relprop[auto]`` where it ran): the measured value and ✓ or ✗."""
+    providers = [p for p in ("relprop", "relprop[auto]") if any(r["provider"] == p for r in rows)]
+    by_key = {(r["method"], r["provider"]): r for r in rows}
+
+    def cell(value: float | None, ok: bool | None, pattern: str = ".2f") -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:{pattern}} {'✓' if ok else '✗'}"
+
+    header = "| target | " + " | ".join(providers) + " |"
+    lines = [header, "| --- |" + " ---: |" * len(providers)]
+    for method, limit in TIME_TARGETS.items():
+        values = [by_key.get((method, p), {}).get("ratio_to_gradient") for p in providers]
+        cells = [cell(v, v is not None and v <= limit) for v in values]
+        lines.append(f"| {method} ≤ {limit}× gradient | " + " | ".join(cells) + " |")
+    for method, limit in ZENNIT_SPEEDUP_TARGETS.items():
+        zennit = by_key.get((method, "zennit"), {}).get("median_s")
+        cells = []
+        for p in providers:
+            mine = by_key.get((method, p), {}).get("median_s")
+            speedup = zennit / mine if zennit and mine else None
+            cells.append(cell(speedup, speedup is not None and speedup >= limit))
+        lines.append(f"| {method}: Zennit ÷ relprop ≥ {limit} | " + " | ".join(cells) + " |")
+    cells = []
+    for p in providers:
+        ratios = [r["mem_ratio"] for r in rows if r["provider"] == p and r["mem_ratio"] is not None]
+        worst = max(ratios) if ratios else None
+        cells.append(cell(worst, worst is not None and worst <= MEMORY_TARGET))
+    lines.append(
+        f"| peak memory ≤ {MEMORY_TARGET}× gradient (worst method) | " + " | ".join(cells) + " |"
+    )
+    return "\n".join(lines)
+
+
 def append_csv(path: Path, rows: list[dict], common: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
@@ -539,6 +584,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     parser.add_argument(
+        "--targets",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print issue 3's targets against each model's table (default: on CUDA)",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -574,6 +625,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds or (10 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     args.dtype = (args.dtype or ("float32,bfloat16" if cuda else "float32")).split(",")
+    args.targets = cuda if args.targets is None else args.targets
     args.methods = [m for m in args.methods.split(",") if m]
     args.providers = [p for p in args.providers.split(",") if p]
     args.relprop_backends = (
@@ -636,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"({_measure.load_average()} after)"
             )
             table = markdown_table(rows)
+            if args.targets:
+                table += "\n\nIssue 3's targets (set for an H100/H200 at batch 64):\n\n"
+                table += targets_table(rows)
             print(f"\n{title}\n\n{table}", flush=True)
             output += [title, table]
             if args.csv is not None:
