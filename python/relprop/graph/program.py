@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, fx
-from torch.utils._pytree import tree_flatten
 
 from relprop.errors import AnalyzerInputError
 from relprop.graph.layers import InputProduct, formed, join
@@ -155,7 +154,7 @@ class _HeldBytes:
         self._keys: dict[str, set[int]] = {}
         persistent = _storages(constants, {})
         for name, ctx in saved.items():
-            keys = _storages(tree_flatten(ctx)[0], self._sizes) - persistent
+            keys = _storages(_tensors_in(ctx), self._sizes) - persistent
             self._keys[name] = keys
             for key in keys:
                 self._holders[key] = self._holders.get(key, 0) + 1
@@ -179,6 +178,19 @@ class _HeldBytes:
         sizes: dict[int, int] = {}
         _storages(tensors, sizes)
         return sum(size for key, size in sizes.items() if key not in self._sizes)
+
+
+def _tensors_in(obj) -> list[Tensor]:
+    """The tensors in a saved context: nested tuples, lists and dicts of tensors and plain
+    values. (``torch.utils._pytree.tree_flatten`` does the same at ten times the cost, about
+    1 ms per ResNet50 analysis.)"""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors_in(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors_in(item)]
+    return []
 
 
 def _storages(objects, sizes: dict[int, int]) -> set[int]:
