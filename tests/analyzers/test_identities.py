@@ -276,17 +276,33 @@ def test_max_pool_hands_relevance_down_unformed_and_lrp0_still_equals_gradient_t
     assert sorted(kinds) == ["InputProduct", "Tensor"], kinds
 
 
-def test_max_pool_forms_the_product_where_the_layer_below_would_form_it(monkeypatch):
-    """α-β on the mixed-sign first layer has no input-product form: it would multiply c · x
-    itself at x's size, four times the pool's output, so the pool forms c · out first. Oracle:
-    the same analysis on the float64 reference backend (every product formed)."""
+@pytest.mark.parametrize(
+    "composite, first_layer_gets",
+    [
+        # α-β on the mixed-sign first layer: its divisions over the stacked [x⁺, x⁻] products
+        # have the relevance's shape and form c · x themselves.
+        (relprop.composites.EpsilonAlpha2Beta1, "InputProduct"),
+        # zB's division could form it too, but zB keeps nothing of its output (its denominator
+        # is recomputed from x), so the pool's input is gone and the pool forms c · out.
+        (lambda: relprop.composites.EpsilonGammaBox(low=-3.0, high=3.0), "Tensor"),
+        # flat divides by one receptive-field count broadcast over the batch, nothing of x's
+        # size: it would multiply c · x itself, four times the pool's output, so the pool forms
+        # c · out first.
+        (relprop.composites.EpsilonPlusFlat, "Tensor"),
+    ],
+    ids=["alpha-beta", "zbox", "flat"],
+)
+def test_max_pool_hands_down_unformed_only_where_the_division_below_forms_it(
+    monkeypatch, composite, first_layer_gets
+):
+    """Oracle: the same analysis on the float64 reference backend (every product formed)."""
     model = SmallCNN(bias=True, avg_pool=False).double().eval()
     x = seeded_normal((4, 3, 8, 8), seed=5)
-    composite = relprop.composites.EpsilonAlpha2Beta1()
     monkeypatch.setenv("RELPROP_BACKEND", "reference")
-    expected = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    expected = relprop.create_analyzer("lrp", model, composite=composite()).analyze(x)
     monkeypatch.delenv("RELPROP_BACKEND")
     kinds = _record_max_pool_relevance(monkeypatch)
-    relevance = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    relevance = relprop.create_analyzer("lrp", model, composite=composite()).analyze(x)
     assert _relative(relevance, expected) < EXACT
-    assert kinds == ["Tensor", "Tensor"], kinds
+    # pool2 feeds the flattening (formed relevance), pool1 the first layer.
+    assert kinds == ["Tensor", first_layer_gets], kinds

@@ -86,19 +86,23 @@ def test_linear_fast_matches_reference(rule, params, nonnegative, with_bias):
 @pytest.mark.parametrize("rule,params", RULES)
 @pytest.mark.parametrize("nonnegative", [False, True])
 @pytest.mark.parametrize("backend", ["native", "reference"])
-@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kind", ["conv-groups", "conv", "linear"])
 def test_relevance_as_input_product(monkeypatch, kind, backend, nonnegative, rule, params):
     """``relevance_factor`` gives the relevance of ``relevance · factor``; ``times_input=False``
     returns ``c`` with ``R_in = x · c`` where the rule has that form, and refuses elsewhere.
+    (One-group convolutions and dense layers on mixed-sign input form the product inside the
+    divisions of their stacked ``[x⁺, x⁻]`` path; grouped ones before their reference path.)
 
     Oracle: the float64 reference called with the product formed and with the product with x
     done, on the same inputs."""
     monkeypatch.setenv("RELPROP_BACKEND", backend)
     torch.manual_seed(4)
-    if kind == "conv":
+    if kind.startswith("conv"):
+        groups = 2 if kind == "conv-groups" else 1
         x = _inputs(nonnegative, (3, 4, 7, 9))
-        w, b = torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-        geometry = ([2, 1], [1, 1], [1, 2], 2)
+        w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64)
+        b = torch.randn(6, dtype=torch.float64)
+        geometry = ([2, 1], [1, 1], [1, 2], groups)
 
         def relevance_op(*args, **kwargs):
             saved, relevance = args

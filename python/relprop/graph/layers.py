@@ -36,6 +36,7 @@ from relprop.ops._layer_rules import (
     _is_nonnegative,
     divide,
     divide_fast,
+    divides_factor,
     is_marked_nonnegative,
     mark_nonnegative,
     read_mark,
@@ -231,9 +232,8 @@ class WeightLayer(Layer):
         else:
             out = z.squeeze(2) if self.dims == 1 else z
         _keep_nonnegative_mark(z, out)  # out is a view of z
-        if lean and (
-            name == "epsilon" or (name in INPUT_PRODUCT_RULES and is_marked_nonnegative(x))
-        ):
+        stacks = self.geometry is None or self.geometry["groups"] == 1
+        if lean and divides_factor(name, stacks, is_marked_nonnegative(x)):
             # Its relevance pass will divide an unformed c · out at no extra cost (the factor is
             # read by the division): a max pool above may hand its relevance down that way.
             try:

@@ -482,6 +482,18 @@ def _in_chunks(x: Tensor, chunks: list[slice], step: Callable[[slice, Tensor], T
     return out
 
 
+def divides_factor(rule: str, stacks_weights: bool, nonnegative: bool) -> bool:
+    """Whether :func:`relevance_fast` forms an unformed relevance ``c · factor`` inside its
+    divisions (one pass fewer than forming it first, at the layer's output size): every rule
+    whose denominators have the relevance's shape — ε, zB, and z⁺/α-β/γ on non-negative input
+    or, on mixed-sign input, through the stacked ``[x⁺, x⁻]`` path (a map that stacks its
+    weights); not w², flat (one denominator broadcast over the batch) or the reference's
+    unstacked mixed-sign path."""
+    if rule in ("epsilon", "zbox"):
+        return True
+    return rule in ("zplus", "alphabeta", "gamma") and (stacks_weights or nonnegative)
+
+
 def relevance_fast(
     lin: LinearMap,
     x: Tensor,
@@ -505,7 +517,7 @@ def relevance_fast(
     input_product = rule == "epsilon" or (rule in INPUT_PRODUCT_RULES and _is_nonnegative(x))
     if not times_input and not input_product:
         raise _input_product_error(rule)
-    if relevance_factor is not None and not input_product:
+    if relevance_factor is not None and not divides_factor(rule, lin.stacks_weights, input_product):
         relevance, relevance_factor = relevance * relevance_factor, None
     factor = relevance_factor
 
@@ -523,7 +535,7 @@ def relevance_fast(
         # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs = (x − h)·Wᵀs + (h − l)·W⁺ᵀs, since W⁻ = W − W⁺.
         low, high, eps = params
         zb = saved[1] if len(saved) == 2 else _zbox_denominator(lin, x, weight, low, high)
-        s = divide_fast(relevance, zb, eps)
+        s = divide_fast(relevance, zb, eps, factor=factor)
         del zb
         c = tr(s, weight, x)
         cp = tr(s, weight.clamp(min=0), x)
@@ -539,7 +551,7 @@ def relevance_fast(
             part_saved = [t[part] for t in saved] if len(saved) > 1 else None
             return _mixed_input_relevance(
                 lin, x[part], weight, bias, None if z is None else z[part], part_saved,
-                relevance[part], rule, params,
+                relevance[part], rule, params, None if factor is None else factor[part],
             )  # fmt: skip
 
         if len(chunks) == 1:
@@ -677,8 +689,10 @@ def _mixed_input_relevance(
     relevance: Tensor,
     rule: str,
     params: Sequence[float],
+    factor: Tensor | None = None,
 ) -> Tensor:
-    """z⁺, α-β and γ for input of both signs, with ``[x⁺, x⁻]`` stacked along dim 1.
+    """z⁺, α-β and γ for input of both signs, with ``[x⁺, x⁻]`` stacked along dim 1
+    (``relevance · factor`` formed by the divisions).
 
     Every term of :func:`relevance_reference` pairs ``x⁺`` with one weight set and ``x⁻`` with
     its mirror (``W⁺``/``W⁻``, ``W + γW⁺``/``W + γW⁻``), so each modified pre-activation is one
@@ -713,7 +727,7 @@ def _mixed_input_relevance(
         stacked = torch.cat([on_positive, on_negative], dim=1)
         denominator = saved[1 + index] if saved else lin.forward(both, stacked, term_bias)
         share = divide_fast(
-            relevance, denominator, eps, scale, sign_reference=z if sign else None, sign=sign or 1
+            relevance, denominator, eps, scale, z if sign else None, sign or 1, factor
         )
         del denominator
         term = tr(share, stacked, both)
