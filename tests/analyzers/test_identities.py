@@ -277,25 +277,25 @@ def test_max_pool_hands_relevance_down_unformed_and_lrp0_still_equals_gradient_t
 
 
 @pytest.mark.parametrize(
-    "composite, first_layer_gets",
+    "composite",
     [
-        # α-β on the mixed-sign first layer: its divisions over the stacked [x⁺, x⁻] products
-        # have the relevance's shape and form c · x themselves.
-        (relprop.composites.EpsilonAlpha2Beta1, "InputProduct"),
-        # zB's division could form it too, but zB keeps nothing of its output (its denominator
-        # is recomputed from x), so the pool's input is gone and the pool forms c · out.
-        (lambda: relprop.composites.EpsilonGammaBox(low=-3.0, high=3.0), "Tensor"),
+        # α-β on the mixed-sign first layer could form c · x in its divisions, but it has two:
+        # the factor would be read twice at x's size, more than the pool forming c · out at its
+        # own, four times smaller size.
+        relprop.composites.EpsilonAlpha2Beta1,
+        # zB's one division could form it, but zB keeps nothing of its output (its denominator
+        # is recomputed from x), so the pool's input is gone by then.
+        lambda: relprop.composites.EpsilonGammaBox(low=-3.0, high=3.0),
         # flat divides by one receptive-field count broadcast over the batch, nothing of x's
-        # size: it would multiply c · x itself, four times the pool's output, so the pool forms
-        # c · out first.
-        (relprop.composites.EpsilonPlusFlat, "Tensor"),
+        # size: it would multiply c · x itself.
+        relprop.composites.EpsilonPlusFlat,
     ],
     ids=["alpha-beta", "zbox", "flat"],
 )
-def test_max_pool_hands_down_unformed_only_where_the_division_below_forms_it(
-    monkeypatch, composite, first_layer_gets
-):
-    """Oracle: the same analysis on the float64 reference backend (every product formed)."""
+def test_max_pool_forms_the_product_where_the_layer_below_would_not_gain(monkeypatch, composite):
+    """A max pool hands relevance down unformed only to a layer that forms it in one division
+    and keeps the pool's input alive; otherwise it forms ``c · out`` at its own size. Oracle:
+    the same analysis on the float64 reference backend (every product formed)."""
     model = SmallCNN(bias=True, avg_pool=False).double().eval()
     x = seeded_normal((4, 3, 8, 8), seed=5)
     monkeypatch.setenv("RELPROP_BACKEND", "reference")
@@ -305,4 +305,4 @@ def test_max_pool_hands_down_unformed_only_where_the_division_below_forms_it(
     relevance = relprop.create_analyzer("lrp", model, composite=composite()).analyze(x)
     assert _relative(relevance, expected) < EXACT
     # pool2 feeds the flattening (formed relevance), pool1 the first layer.
-    assert kinds == ["Tensor", first_layer_gets], kinds
+    assert kinds == ["Tensor", "Tensor"], kinds
