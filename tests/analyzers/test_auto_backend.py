@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from tests.oracles.nets import tiny_cnn
 
 import relprop
 from relprop.ops import _backend, _layer_rules
@@ -17,19 +17,6 @@ COMPOSITES = {
     "EpsilonGammaBox": lambda: relprop.composites.EpsilonGammaBox(low=-3.0, high=3.0),
     "EpsilonAlpha2Beta1": relprop.composites.EpsilonAlpha2Beta1,
 }
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 5, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(5, 6, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(24, 7),
-    ).eval()
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +44,9 @@ def _fake_timer(monkeypatch, seconds):
 def _reference(composite: str, x: torch.Tensor, monkeypatch) -> torch.Tensor:
     """The float64 reference composition's relevance (RELPROP_BACKEND=reference)."""
     monkeypatch.setenv("RELPROP_BACKEND", "reference")
-    analyzer = relprop.create_analyzer("lrp", _net().double(), composite=COMPOSITES[composite]())
+    analyzer = relprop.create_analyzer(
+        "lrp", tiny_cnn().double(), composite=COMPOSITES[composite]()
+    )
     result = analyzer.analyze(x.double())
     monkeypatch.setenv("RELPROP_BACKEND", "auto")
     return result
@@ -74,7 +63,7 @@ def test_each_layer_runs_on_its_fastest_implementation(monkeypatch, composite):
     # The reference "wins" for convolutions, the native path for the dense layer.
     _fake_timer(monkeypatch, lambda kind, name: {"reference": 1.0, "native": 2.0}.get(name, 9.0)
                 if kind.startswith("conv") else {"native": 1.0}.get(name, 9.0))  # fmt: skip
-    analyzer = relprop.create_analyzer("lrp", _net(), composite=COMPOSITES[composite]())
+    analyzer = relprop.create_analyzer("lrp", tiny_cnn(), composite=COMPOSITES[composite]())
     first = analyzer.analyze(x)
 
     calls = []
@@ -93,7 +82,7 @@ def test_each_layer_runs_on_its_fastest_implementation(monkeypatch, composite):
 
 def test_each_signature_is_measured_once(monkeypatch):
     timed = _fake_timer(monkeypatch, lambda kind, name: 1.0 if name == "native" else 2.0)
-    model = _net()
+    model = tiny_cnn()
     x = torch.randn(2, 3, 8, 8)
     relprop.create_analyzer("lrp.epsilon", model).analyze(x)
     layers = 3
@@ -115,7 +104,7 @@ def test_a_failing_implementation_is_left_out_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(_backend, "_time_candidate", fake)
     x = torch.randn(2, 3, 8, 8)
-    analyzer = relprop.create_analyzer("lrp.epsilon", _net())
+    analyzer = relprop.create_analyzer("lrp.epsilon", tiny_cnn())
     with pytest.warns(RuntimeWarning, match="the native implementation failed on"):
         got = analyzer.analyze(x)
     assert "native" not in set(_backend._CHOICES.values())
@@ -127,7 +116,7 @@ def test_no_runnable_implementation_is_an_error_that_says_what_to_do(monkeypatch
         raise RuntimeError(f"{name} broke")
 
     monkeypatch.setattr(_backend, "_time_candidate", fake)
-    model = _net()
+    model = tiny_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(
         relprop.BackendError, match="no implementation could run .*unset RELPROP_BACKEND"
@@ -139,7 +128,7 @@ def test_no_runnable_implementation_is_an_error_that_says_what_to_do(monkeypatch
 
 def test_the_real_stopwatch_times_every_candidate(monkeypatch):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
-    analyzer = relprop.create_analyzer("lrp", _net(), composite=COMPOSITES["EpsilonGammaBox"]())
+    analyzer = relprop.create_analyzer("lrp", tiny_cnn(), composite=COMPOSITES["EpsilonGammaBox"]())
     got = analyzer.analyze(x)
     measured = _backend.measurements()
     assert len(measured) == 3
@@ -160,7 +149,7 @@ def test_triton_and_native_layers_mix(monkeypatch, composite):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     _fake_timer(monkeypatch, lambda kind, name: {"triton": 1.0, "native": 2.0}.get(name, 9.0)
                 if kind.startswith("conv") else {"native": 1.0}.get(name, 9.0))  # fmt: skip
-    analyzer = relprop.create_analyzer("lrp", _net(), composite=COMPOSITES[composite]())
+    analyzer = relprop.create_analyzer("lrp", tiny_cnn(), composite=COMPOSITES[composite]())
     got = analyzer.analyze(x)
     plan = str(analyzer.plan)
     assert plan.count("relprop::conv2d [auto: triton]") == 2, plan

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from tests.oracles.nets import tiny_cnn
 
 import relprop
 
@@ -16,23 +16,9 @@ COMPOSITES = {
 }
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 5, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(5, 6, 3, stride=2, padding=1, groups=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(24, 7),
-    ).eval()
-
-
 def _analyze(composite: str, backend: str, monkeypatch, x) -> torch.Tensor:
     monkeypatch.setenv("RELPROP_BACKEND", backend)
-    analyzer = relprop.create_analyzer("lrp", _net(), composite=COMPOSITES[composite]())
+    analyzer = relprop.create_analyzer("lrp", tiny_cnn(), composite=COMPOSITES[composite]())
     return analyzer.analyze(x)
 
 
@@ -50,13 +36,13 @@ def test_backends_agree(composite, monkeypatch):
 @pytest.mark.parametrize("composite", list(COMPOSITES))
 def test_repeated_runs_are_bitwise_equal(composite):
     x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(2))
-    analyzer = relprop.create_analyzer("lrp", _net(), composite=COMPOSITES[composite]())
+    analyzer = relprop.create_analyzer("lrp", tiny_cnn(), composite=COMPOSITES[composite]())
     assert torch.equal(analyzer.analyze(x), analyzer.analyze(x))
 
 
 def test_torch_compile_gives_the_same_relevance():
     x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(3))
-    analyzer = relprop.create_analyzer("lrp", _net(), composite=COMPOSITES["EpsilonPlusFlat"]())
+    analyzer = relprop.create_analyzer("lrp", tiny_cnn(), composite=COMPOSITES["EpsilonPlusFlat"]())
     eager = analyzer.analyze(x)
     compiled = torch.compile(analyzer.analyze, dynamic=False)
     torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-6)
@@ -64,7 +50,7 @@ def test_torch_compile_gives_the_same_relevance():
 
 def test_plan_names_the_backend(monkeypatch):
     monkeypatch.setenv("RELPROP_BACKEND", "reference")
-    text = str(relprop.create_analyzer("lrp.epsilon", _net()).plan)
+    text = str(relprop.create_analyzer("lrp.epsilon", tiny_cnn()).plan)
     assert "relprop::conv2d [reference]" in text
     assert "relprop::linear [reference]" in text
     assert "Epsilon(epsilon=1e-07" in text

@@ -79,6 +79,22 @@ class SmallCNN1d(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+def tiny_cnn(seed: int = 0) -> nn.Sequential:
+    """conv → ReLU → max-pool → strided conv → ReLU → adaptive avg-pool → flatten → linear: one
+    layer of each kind a backend implements; input ``(N, 3, 8..9, 7..8)``, 7 classes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(5, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 7),
+    ).eval()
+
+
 def bn_sequential(seed: int = 0) -> nn.Sequential:
     """VGG-style ``Sequential`` with BatchNorm after each conv/linear (random statistics);
     input ``(N, 3, 8, 8)``, 5 classes."""
