@@ -11,13 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from relprop.ops._layer_rules import keep_derived_weights
+
 
 class FoldedParameters:
     """Weight and bias of a dense/conv layer, with the BatchNorms that follow it folded in.
 
     The folded tensors are recomputed only when a source parameter changed (its version counter
     moved), so analyzing many batches pays for the fold once, and a model trained between two
-    calls is never explained with stale weights.
+    calls is never explained with stale weights. The same holds for what the rules derive from
+    the weight (``ops._layer_rules.DERIVED_WEIGHTS_MARK``).
     """
 
     def __init__(self, layer: nn.Module, batch_norms: list[nn.Module] | None = None) -> None:
@@ -40,6 +43,10 @@ class FoldedParameters:
         if key != self._key or self._value is None:
             self._value = self._fold()
             self._key = key
+            # The rules' derived weights (W⁺, W + γW⁺, ...) are kept on these tensors, which
+            # are the analyzer's own (detached aliases or folded copies, never the user's
+            # parameters), until the next fold.
+            keep_derived_weights(self._value[0])
         return self._value
 
     def _fold(self) -> tuple[Tensor, Tensor | None]:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -127,6 +128,41 @@ def _positive(t: Tensor | None) -> Tensor | None:
 
 def _negative(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
+
+
+# Set by the engine on the weights it hands the ops (graph/canonize.FoldedParameters): a dict,
+# stamped with the weight's version, that keeps what the rules derive from the weight (W⁺,
+# [W⁺; W⁻], W + γW⁺, ...) from one analysis to the next. Deriving them costs a few passes over
+# the weights per layer and analysis: at batch 2 and 64² images that was a third of a ResNet18's
+# γ or α-β analysis on CPU, and on a GPU it is three or four small launches per layer. They
+# live as long as the analyzer's weights (up to twice the convolutions' weights for α-β); a
+# weight changed in place stales the mark, and the engine folds new weights anyway.
+DERIVED_WEIGHTS_MARK = "_relprop_derived_weights"
+
+
+def keep_derived_weights(weight: Tensor) -> None:
+    """Let the rules keep what they derive from ``weight`` on it (see DERIVED_WEIGHTS_MARK)."""
+    stamp_mark(weight, DERIVED_WEIGHTS_MARK, {})
+
+
+def _derived(weight: Tensor, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, kept on ``weight`` under ``key`` where the engine allows it (and the weight is
+    unchanged since); callers only read what it returns."""
+    store = read_mark(weight, DERIVED_WEIGHTS_MARK)
+    if store is None:
+        return make()
+    value = store.get(key)
+    if value is None:
+        value = store[key] = make()
+    return value
+
+
+def _positive_weight(weight: Tensor) -> Tensor:
+    return _derived(weight, ("positive",), lambda: weight.clamp(min=0))
+
+
+def _negative_weight(weight: Tensor) -> Tensor:
+    return _derived(weight, ("negative",), lambda: weight.clamp(max=0))
 
 
 def _gamma_weights(
@@ -364,7 +400,7 @@ def _aux_nonnegative(
 ) -> list[Tensor]:
     """The aux pre-activations of z⁺, αβ and γ for ``x ≥ 0`` from ``z`` and one product W⁺x
     (z⁺ needs no ``z``)."""
-    wp = weight.clamp(min=0)
+    wp = _positive_weight(weight)
     if rule in ("zplus", "alphabeta"):
         use_bias = params[-1] != 0
         zp = lin.forward(x, wp, _positive(bias) if use_bias else None)
@@ -373,7 +409,7 @@ def _aux_nonnegative(
         if use_bias or bias is None:
             # With x ≥ 0: W⁻x + b⁻ = (Wx + b) − (W⁺x + b⁺), no third product needed.
             return [zp, z - zp]
-        return [zp, lin.forward(x, weight.clamp(max=0), None)]
+        return [zp, lin.forward(x, _negative_weight(weight), None)]
     # γ with x ≥ 0: zpos = (W + γW⁺)x + b + γb⁺, one product, and
     # zneg = z + γ(W⁻x + b⁻) = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos.
     gamma = params[0]
@@ -385,7 +421,7 @@ def _gamma_shifted(
     weight: Tensor, bias: Tensor | None, gamma: float, up: bool
 ) -> tuple[Tensor, Tensor | None]:
     """``W + γW⁺`` and ``b + γb⁺`` (``up``), or ``W + γW⁻`` and ``b + γb⁻``."""
-    shifted = _gamma_shift(weight, gamma, up)
+    shifted = _derived(weight, ("gamma", gamma, up), lambda: _gamma_shift(weight, gamma, up))
     return shifted, None if bias is None else _gamma_shift(bias, gamma, up)
 
 
@@ -538,7 +574,7 @@ def relevance_fast(
         s = divide_fast(relevance, zb, eps, factor=factor)
         del zb
         c = tr(s, weight, x)
-        cp = tr(s, weight.clamp(min=0), x)
+        cp = tr(s, _positive_weight(weight), x)
         return c.mul_(x - high).add_(cp.mul_(high - low))
     if rule in ("zplus", "alphabeta", "gamma") and lin.stacks_weights and not _is_nonnegative(x):
         # Mixed-sign input (a first layer): x⁺ and x⁻ side by side, each product one call.
@@ -590,7 +626,7 @@ def relevance_fast(
     # peak of a layer's relevance step is what decides the peak memory of the whole analysis.
     full = len(saved) > 1
     if rule == "zplus":
-        wp = weight.clamp(min=0)
+        wp = _positive_weight(weight)
         zp = saved[1] if full else lin.forward(x, wp, _positive(bias) if params[1] != 0 else None)
         share = divide_fast(relevance, zp, params[0], factor=factor)
         del zp
@@ -673,8 +709,8 @@ def _zbox_denominator(lin: LinearMap, x: Tensor, weight: Tensor, low: float, hig
     """``Wx − W⁺l − W⁻h`` (no bias): the bounds' products are the same for every sample, so
     they are computed for one and broadcast instead of convolving two constant batches."""
     bounds = torch.full_like(x[:1], low), torch.full_like(x[:1], high)
-    offset = lin.forward(bounds[0], weight.clamp(min=0), None).add_(
-        lin.forward(bounds[1], weight.clamp(max=0), None)
+    offset = lin.forward(bounds[0], _positive_weight(weight), None).add_(
+        lin.forward(bounds[1], _negative_weight(weight), None)
     )
     return lin.forward(x, weight, None).sub_(offset)
 
@@ -710,7 +746,7 @@ def _mixed_input_relevance(
         # (weights on x⁺, on x⁻, bias, scale, sign of z that keeps the share)
         terms = [(up, down, up_bias, 1.0, 1), (down, up, down_bias, 1.0, -1)]
     else:
-        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        wp, wn = _positive_weight(weight), _negative_weight(weight)
         use_bias = params[-1] != 0 and bias is not None
         bp = bias.clamp(min=0) if use_bias else None
         if rule == "zplus":
@@ -724,7 +760,11 @@ def _mixed_input_relevance(
                 terms.append((wn, wp, bn, -params[1], 0))
     c = None
     for index, (on_positive, on_negative, term_bias, scale, sign) in enumerate(terms):
-        stacked = torch.cat([on_positive, on_negative], dim=1)
+        stacked = _derived(
+            weight,
+            ("mixed", rule, tuple(params), index),
+            lambda a=on_positive, b=on_negative: torch.cat([a, b], dim=1),
+        )
         denominator = saved[1 + index] if saved else lin.forward(both, stacked, term_bias)
         share = divide_fast(
             relevance, denominator, eps, scale, z if sign else None, sign or 1, factor
@@ -740,21 +780,25 @@ def _mixed_input_relevance(
 def _stacked_weights(weight: Tensor, gamma: float | None = None) -> Tensor:
     """``[W⁺; W⁻]`` (``gamma`` None) or ``[W + γW⁺; W + γW⁻]``, each set written straight into
     its half of one buffer stacked along the output dim (no copy to form the stack)."""
-    outputs = weight.shape[0]
-    both = weight.new_empty((2 * outputs, *weight.shape[1:]))
-    for half, up in ((both[:outputs], True), (both[outputs:], False)):
-        if gamma is None:
-            torch.clamp(weight, min=0 if up else None, max=None if up else 0, out=half)
-        else:
-            _gamma_shift(weight, gamma, up, out=half)
-    return both
+
+    def make() -> Tensor:
+        outputs = weight.shape[0]
+        both = weight.new_empty((2 * outputs, *weight.shape[1:]))
+        for half, up in ((both[:outputs], True), (both[outputs:], False)):
+            if gamma is None:
+                torch.clamp(weight, min=0 if up else None, max=None if up else 0, out=half)
+            else:
+                _gamma_shift(weight, gamma, up, out=half)
+        return both
+
+    return _derived(weight, ("stacked", gamma), make)
 
 
 def _signed_weights(weight: Tensor, stacked: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(W⁺, W⁻, [W⁺; W⁻])``, with ``W⁺`` and ``W⁻`` views of the stack, where ``stacked``;
     otherwise ``(W⁺, W⁻, None)``."""
     if not stacked:
-        return weight.clamp(min=0), weight.clamp(max=0), None
+        return _positive_weight(weight), _negative_weight(weight), None
     both = _stacked_weights(weight)
     return both[: weight.shape[0]], both[weight.shape[0] :], both
 

@@ -1,0 +1,103 @@
+"""What the rules derive from a layer's weights (W⁺, [W⁺; W⁻], W + γW⁺, ...) is computed once per
+analyzer and kept until the weights change: later analyses reuse it, a model changed in place is
+explained with its new weights, and the user's parameters carry nothing of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.oracles.nets import bn_sequential, seeded_normal, tiny_cnn
+
+import relprop
+from relprop.ops import _layer_rules, conv
+from relprop.ops._layer_rules import DERIVED_WEIGHTS_MARK
+
+COMPOSITES = {
+    "EpsilonGammaBox": lambda: relprop.composites.EpsilonGammaBox(low=-3.0, high=3.0),
+    "EpsilonAlpha2Beta1": relprop.composites.EpsilonAlpha2Beta1,
+    "EpsilonPlusFlat": relprop.composites.EpsilonPlusFlat,
+}
+MODELS = {"plain": lambda: tiny_cnn().double(), "batchnorm": lambda: bn_sequential().double()}
+
+
+def _stores(analyzer) -> list[dict]:
+    """The derived-weight stores of the analyzer's weight layers (those in use)."""
+    stores = []
+    for step in analyzer.plan.steps:
+        params = getattr(step.layer, "params", None)
+        if params is not None:
+            store = _layer_rules.read_mark(params.get()[0], DERIVED_WEIGHTS_MARK)
+            if store:
+                stores.append(store)
+    return stores
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("composite", list(COMPOSITES))
+def test_later_analyses_reuse_what_the_first_derived(monkeypatch, composite, model):
+    net = MODELS[model]()
+    x = seeded_normal((2, 3, 8, 8), seed=1)
+    analyzer = relprop.create_analyzer("lrp", net, composite=COMPOSITES[composite]())
+    first = analyzer.analyze(x)
+    kept = {key: id(value) for store in _stores(analyzer) for key, value in store.items()}
+    assert kept, "α-β, γ, z⁺ and zB layers derive weights"
+
+    weights = [p.get()[0] for s in analyzer.plan.steps if (p := getattr(s.layer, "params", None))]
+    derived_again = []
+
+    def spy(function):
+        def call(t, *args, **kwargs):
+            if any(t is w for w in weights):
+                derived_again.append(function.__name__)
+            return function(t, *args, **kwargs)
+
+        return call
+
+    # Everything the rules derive from a weight starts with one of these on the weight itself.
+    monkeypatch.setattr(torch.Tensor, "clamp", spy(torch.Tensor.clamp))
+    monkeypatch.setattr(torch, "clamp", spy(torch.clamp))
+    monkeypatch.setattr(torch, "add", spy(torch.add))
+    second = analyzer.analyze(x)
+    assert torch.equal(first, second)
+    assert {key: id(value) for store in _stores(analyzer) for key, value in store.items()} == kept
+    assert derived_again == []
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("composite", list(COMPOSITES))
+def test_a_model_changed_in_place_is_explained_with_its_new_weights(composite, model):
+    net = MODELS[model]()
+    x = seeded_normal((2, 3, 8, 8), seed=2)
+    analyzer = relprop.create_analyzer("lrp", net, composite=COMPOSITES[composite]())
+    before = analyzer.analyze(x)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(3)
+        for parameter in net.parameters():
+            parameter.add_(
+                0.5 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            )
+    after = analyzer.analyze(x)
+    fresh = relprop.create_analyzer("lrp", net, composite=COMPOSITES[composite]()).analyze(x)
+    torch.testing.assert_close(after, fresh, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(after, before)
+
+
+def test_the_users_tensors_carry_nothing():
+    """Kept on the analyzer's own weight tensors (detached aliases or folded copies), never on
+    the model's parameters; an op called directly on the user's tensors keeps nothing."""
+    net = tiny_cnn().double()
+    analyzer = relprop.create_analyzer("lrp", net, composite=COMPOSITES["EpsilonAlpha2Beta1"]())
+    analyzer.analyze(seeded_normal((2, 3, 8, 8), seed=4))
+    assert _stores(analyzer)
+    assert not any(hasattr(p, DERIVED_WEIGHTS_MARK) for p in net.parameters())
+
+    x = seeded_normal((2, 3, 7, 9), seed=5).relu()
+    w, b = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    with torch.no_grad():
+        saved = conv.conv2d_forward(x, w, b, *geometry, "alphabeta", [2.0, 1.0, 1e-6, 1.0])
+        conv.conv2d_relevance(
+            x, w, b, saved[:1], torch.randn_like(saved[0]), *geometry, "alphabeta",
+            [2.0, 1.0, 1e-6, 1.0],
+        )  # fmt: skip
+    assert not hasattr(w, DERIVED_WEIGHTS_MARK)
