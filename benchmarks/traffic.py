@@ -24,8 +24,8 @@ launches of batch-chunked relevance steps (α-β, and z⁺/α-β/γ on a first l
 step runs in follows the memory its pass has freed, which depends on the batch, so the counted
 batches chunk differently from the target batch and their bytes are off a little.
 ``--count-batches 32,64`` counts the target batch itself, exactly, at minutes per model and
-method (ResNet50 EpsilonAlpha2Beta1 at 64: 553 launches, not the 499 extrapolated from 8 and 16;
-bytes 1.26×, not 1.25×).
+method (ResNet50 EpsilonAlpha2Beta1 at 64: 445 launches, not the 391 extrapolated from 8 and 16;
+bytes 58.0 GB, not 57.6).
 
 The **roofline** column turns the counts into a lower bound of time on a machine with the given
 peak product rate and memory bandwidth (defaults: an H100 SXM in TF32 and HBM3, derated to what
