@@ -381,7 +381,7 @@ def auto_choices(model_name: str, dtype_name: str) -> str:
     lines.append("| layer | input | rule | chosen | times µs |")
     lines.append("| --- | --- | --- | --- | --- |")
     for key, times in _backend.measurements().items():
-        kind, shape, weight_shape, rule = key[0], key[1], key[2], key[5]
+        kind, shape, weight_shape, rule = key.kind, key.input_shape, key.weight_shape, key.rule
         ranked = sorted(times.items(), key=lambda item: item[1])
         shown = ", ".join(f"{name} {seconds * 1e6:.0f}" for name, seconds in ranked)
         lines.append(

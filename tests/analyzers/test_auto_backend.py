@@ -34,8 +34,8 @@ def _fake_timer(monkeypatch, seconds):
 
     def fake(key, name, fn, device):
         fn()
-        timed.append((key[0], name))
-        return seconds(key[0], name)
+        timed.append((key.kind, name))
+        return seconds(key.kind, name)
 
     monkeypatch.setattr(_backend, "_time_candidate", fake)
     return timed

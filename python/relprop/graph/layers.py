@@ -13,7 +13,7 @@ import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,23 @@ PLAIN_FORWARD = ("epsilon", [0.0])
 READS_Z = {"epsilon", "alphabeta", "gamma"}
 
 
+class LayerSignature(NamedTuple):
+    """What ``RELPROP_BACKEND=auto`` measures a weight layer's implementations for, once."""
+
+    kind: str  # linear, conv1d, conv2d
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+    geometry: str | None
+    rule: str
+    rule_params: tuple[float, ...]
+    ignore_bias: bool
+    fused_relu: bool
+    input_nonnegative: bool
+    dtype: torch.dtype
+    device: str
+
+
 class WeightLayer(Layer):
     """A dense layer or a 1-D/2-D convolution under an LRP rule (``relprop::`` ops).
 
@@ -143,7 +160,7 @@ class WeightLayer(Layer):
         # Set by the plan when the ReLU after this layer may run here, in place (plan.py).
         self.fused_relu = False
         # RELPROP_BACKEND=auto: the backend measured fastest for each input signature met.
-        self.chosen: dict[tuple, str] = {}
+        self.chosen: dict[LayerSignature, str] = {}
 
     def forward(self, args, kwargs):
         backend = self._measured_backend(args, kwargs)
@@ -162,7 +179,7 @@ class WeightLayer(Layer):
         x = args[0]
         weight, bias = self.params.get()
         name, rule_params = self.rule.op()
-        key = (
+        key = LayerSignature(
             "linear" if self.geometry is None else f"conv{self.dims}d",
             tuple(x.shape), tuple(weight.shape), bias is not None,
             None if self.geometry is None else repr(sorted(self.geometry.items())),
