@@ -363,12 +363,11 @@ def _relevance_accumulate(
         else:
             if X_MIXED:
                 acc_b = tl.dot(s_up_w, w_b, acc_b, input_precision=PRECISION)
-        if DOWN_STREAM:  # noqa: SIM102 - compile-time test around a run-time one
-            if tl.max(tl.abs(s_down)) > 0:
-                s_down_w = s_down.to(w.dtype)
-                acc_a = tl.dot(s_down_w, w_b, acc_a, input_precision=PRECISION)
-                if X_MIXED:
-                    acc_b = tl.dot(s_down_w, w_a, acc_b, input_precision=PRECISION)
+        if DOWN_STREAM:
+            s_down_w = s_down.to(w.dtype)
+            acc_a = tl.dot(s_down_w, w_b, acc_a, input_precision=PRECISION)
+            if X_MIXED:
+                acc_b = tl.dot(s_down_w, w_a, acc_b, input_precision=PRECISION)
     return acc_a, acc_b
 
 

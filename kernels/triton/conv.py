@@ -148,9 +148,6 @@ def _conv2d_relevance_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C_GROUP
     channels_in = group * C_GROUP + offs_c
-    offs_x = (n.to(tl.int64) * C * H * W + ih * W + iw)[:, None] + channels_in[None, :] * (H * W)
-    mask_x = mask_m[:, None] & mask_c[None, :]
-    x = tl.load(x_ptr + offs_x, mask=mask_x, other=0.0)
     r_image = n.to(tl.int64) * O * OH * OW
     acc_a = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -191,6 +188,11 @@ def _conv2d_relevance_kernel(
                     acc_a, acc_b = _relevance_accumulate(
                         acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
                     )
+    # x is loaded only now, and its offsets formed only now: held across the reduction they
+    # cost registers that the accumulators need (ptxas spilled; benchmarks/triton_resources.py).
+    offs_x = (n.to(tl.int64) * C * H * W + ih * W + iw)[:, None] + channels_in[None, :] * (H * W)
+    mask_x = mask_m[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + offs_x, mask=mask_x, other=0.0)
     relevance = _relevance_epilogue(x, acc_a, acc_b, p0, p1, RULE)
     tl.store(out_ptr + offs_x, relevance.to(out_ptr.dtype.element_ty), mask=mask_x)
 

@@ -102,9 +102,6 @@ def _linear_relevance_kernel(
     mask_m = offs_m < N
     mask_k = offs_k < IN
     rows = offs_m.to(tl.int64)
-    mask_x = mask_m[:, None] & mask_k[None, :]
-    offs_x = rows[:, None] * IN + offs_k[None, :]
-    x = tl.load(x_ptr + offs_x, mask=mask_x, other=0.0)
     acc_a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for o0 in range(0, OUT, BLOCK_O):
@@ -124,6 +121,11 @@ def _linear_relevance_kernel(
         acc_a, acc_b = _relevance_accumulate(
             acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
         )
+    # x is loaded only now, and its offsets formed only now: held across the reduction they
+    # cost registers that the accumulators need (ptxas spilled; benchmarks/triton_resources.py).
+    mask_x = mask_m[:, None] & mask_k[None, :]
+    offs_x = rows[:, None] * IN + offs_k[None, :]
+    x = tl.load(x_ptr + offs_x, mask=mask_x, other=0.0)
     relevance = _relevance_epilogue(x, acc_a, acc_b, p0, p1, RULE)
     tl.store(out_ptr + offs_x, relevance.to(out_ptr.dtype.element_ty), mask=mask_x)
 
