@@ -2,10 +2,11 @@
 # Everything that needs a GPU, in one unattended command for a CUDA machine (the device tool's
 # H100/H200): build relprop there, run the tests that a CPU cannot run, and the GPU benchmarks.
 #
-#   bash scripts/gpu.sh [STEP ...]      STEP: tests | suite | bench-ops | bench | profile | all
+#   bash scripts/gpu.sh [STEP ...]      STEP: tests | suite | resources | bench-ops | bench | profile | all
 #
 #   tests      tests marked gpu, and the op and kernel tests (compiled Triton, CUDA kernels)
 #   suite      the rest of the test suite, on a machine where CUDA is visible
+#   resources  benchmarks/triton_resources.py with the machine's Triton: registers and spills
 #   bench-ops  benchmarks/bench_ops_triton.py: fused kernels vs torch per layer shape
 #   bench      benchmarks/run.py --device cuda: issue 3's table (vgg16, resnet50, batch 64)
 #   profile    one profiled call of the gradient and of each relprop method (float32): the
@@ -64,7 +65,7 @@ pytest_args=(-q -p no:cacheprovider -rfE --durations=15)
 if "$PY" -c "import xdist" 2>/dev/null; then pytest_args+=(-n "$WORKERS"); fi
 
 steps=("$@")
-[[ ${#steps[@]} -eq 0 || ${steps[0]} == all ]] && steps=(tests suite bench-ops bench profile)
+[[ ${#steps[@]} -eq 0 || ${steps[0]} == all ]] && steps=(tests suite resources bench-ops bench profile)
 for step in "${steps[@]}"; do
     case $step in
     tests)
@@ -86,6 +87,11 @@ for step in "${steps[@]}"; do
         run_step "$name" "$PY" benchmarks/run.py --device cuda --csv "$OUT/results_$name.csv" \
             --markdown "$OUT/$name.md" ${BENCH_ARGS:-}
         ;;
+    resources)
+        # What the machine's own Triton makes of the kernels: registers, spills, shared memory.
+        run_step resources "$PY" benchmarks/triton_resources.py --arch 90 \
+            --markdown "$OUT/triton_resources.md" --json "$OUT/triton_resources.json"
+        ;;
     profile)
         # shellcheck disable=SC2086  # PROFILE_ARGS holds several words
         run_step profile "$PY" benchmarks/run.py --device cuda --dtype float32 --rounds 3 \
@@ -93,7 +99,7 @@ for step in "${steps[@]}"; do
             --csv "$OUT/results_profile.csv" --markdown "$OUT/profile_times.md" ${PROFILE_ARGS:-}
         ;;
     *)
-        echo "unknown step $step (tests, suite, bench-ops, bench, profile, all)" >&2
+        echo "unknown step $step (tests, suite, resources, bench-ops, bench, profile, all)" >&2
         exit 2
         ;;
     esac

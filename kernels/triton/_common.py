@@ -120,6 +120,25 @@ def is_interpreted(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
+def product_kind(dtype: torch.dtype, precision: str) -> str:
+    """How ``tl.dot`` multiplies, which sets a kernel's register budget: ``half`` (16-bit
+    operands, tensor cores), ``tf32`` (fp32 operands rounded for tensor cores) or ``ieee``
+    (fp32 operands, fused multiply-adds: the most registers per product)."""
+    if dtype != torch.float32:
+        return "half"
+    return "tf32" if precision == "tf32" else "ieee"
+
+
+def relevance_streams(spec: RuleSpec, rule: str) -> str:
+    """The relevance kernel's register class of a rule: ``one`` accumulator (ε, w², flat), ``two``
+    (z⁺, zB, α-β with β = 0) or ``down`` (α-β and γ, whose second stream doubles the products)."""
+    if spec.code in (EPSILON.value, WSQUARE.value, FLAT.value):
+        return "one"
+    if spec.beta_nonzero or rule == "gamma":
+        return "down"
+    return "two"
+
+
 @triton.jit
 def _stabilize(d, e):
     """``stab(d, e) = d + e·(sign(d) + [d == 0])``: zero counts as positive, as in Zennit."""
@@ -222,7 +241,11 @@ def _denominator_accumulate(acc0, w, valid, RULE: tl.constexpr, PRECISION: tl.co
     if RULE == WSQUARE:
         acc0 = tl.dot(ones.to(w.dtype), w * w, acc0, input_precision=PRECISION)
     else:
-        acc0 += tl.sum(ones, axis=1)[:, None]
+        # A product with a tile of ones rather than a row sum broadcast into the accumulator's
+        # layout: the layout change made ptxas spill (counts of ones are exact in any precision).
+        acc0 = tl.dot(
+            ones.to(w.dtype), tl.full(w.shape, 1.0, w.dtype), acc0, input_precision=PRECISION
+        )
     return acc0
 
 
@@ -348,7 +371,9 @@ def _relevance_accumulate(
     elif RULE == WSQUARE:
         acc_a = tl.dot(s_up.to(w.dtype), w * w, acc_a, input_precision=PRECISION)
     elif RULE == FLAT:
-        acc_a += tl.sum(s_up, axis=1)[:, None]
+        acc_a = tl.dot(
+            s_up.to(w.dtype), tl.full(w.shape, 1.0, w.dtype), acc_a, input_precision=PRECISION
+        )
     else:
         if RULE == GAMMA:
             w_a = (w + p0 * _positive(w)).to(w.dtype)

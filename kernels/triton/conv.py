@@ -23,6 +23,7 @@ import triton.language as tl
 from ._common import (
     FLAT,
     WSQUARE,
+    RuleSpec,
     _denominator_accumulate,
     _forward_accumulate,
     _forward_epilogue,
@@ -34,6 +35,8 @@ from ._common import (
     has_negative,
     is_interpreted,
     parse_rule,
+    product_kind,
+    relevance_streams,
 )
 
 
@@ -213,27 +216,67 @@ def _precision(x: torch.Tensor) -> str:
     return dot_precision(x, torch.backends.cudnn.allow_tf32)
 
 
-def _forward_blocks(device: torch.device, n_outputs: int, o_group: int, c_group: int):
-    """(BLOCK_M, BLOCK_O, BLOCK_K, num_warps): fixed per shape, so results never depend on timing.
+# Tiles by how the products run (``product_kind``) and what the rule accumulates, as
+# (BLOCK_M, BLOCK_O, BLOCK_K, num_warps, num_stages) for the forward (by number of outputs) and
+# (BLOCK_M, BLOCK_C, BLOCK_O, num_warps, num_stages) for the relevance (by ``relevance_streams``).
+# Each is the largest tile that ptxas compiled for sm_90 without spilling registers, with every
+# x⁻ product in and, at the swept shape, 15 registers of headroom below the 255 a thread may have
+# (for other Triton versions). ``benchmarks/triton_resources.py`` reads that off the compiled
+# kernels for every VGG16/ResNet50 layer and rule, and the test suite checks its quick set.
+# With torch's default flags (TF32 convolutions) no variant spills; with TF32 off, 10 of the 157
+# IEEE-fp32 variants keep a spill of 8-64 bytes a thread, where ptxas held them to 128
+# registers (docs/ops.md). The implicit GEMM's index arithmetic costs registers that a dense
+# layer's does not, hence smaller tiles than ``linear.py``'s.
+# Fixed per rule, dtype and channel count, so results never depend on timing.
+_FORWARD_TILES = {
+    ("half", 1): (64, 128, 32, 8, 3),
+    ("half", 2): (64, 128, 16, 8, 3),
+    ("half", 3): (64, 64, 32, 8, 3),
+    ("tf32", 1): (64, 128, 16, 8, 3),
+    ("tf32", 2): (64, 64, 16, 8, 3),
+    ("tf32", 3): (64, 64, 16, 8, 2),
+    ("ieee", 1): (64, 128, 16, 8, 3),
+    ("ieee", 2): (32, 64, 16, 8, 3),
+    ("ieee", 3): (32, 64, 16, 8, 3),
+}
+_RELEVANCE_TILES = {
+    ("half", "one"): (64, 128, 16, 8, 3),
+    ("half", "two"): (64, 64, 32, 8, 3),
+    ("half", "down"): (64, 64, 16, 8, 3),
+    ("tf32", "one"): (64, 128, 16, 8, 2),
+    ("tf32", "two"): (64, 64, 16, 8, 3),
+    ("tf32", "down"): (64, 64, 16, 8, 2),
+    ("ieee", "one"): (64, 128, 16, 8, 3),
+    ("ieee", "two"): (64, 64, 16, 8, 3),
+    ("ieee", "down"): (64, 64, 16, 8, 3),
+}
+# Under the interpreter (CPU): small tiles, so that the tests' small shapes cross tile edges.
+_INTERPRETED_TILE = (64, 16, 16, 1, 1)
 
-    Narrow layers (few channels per group) get narrow tiles instead of mostly-masked ones; rules
-    with three fp32 accumulators get a smaller pixel tile to stay within registers.
-    """
-    if is_interpreted(device):
-        return 64, 16, 16, 1
-    block_o = min(128, max(16, triton.next_power_of_2(o_group)))
-    block_k = min(32, max(16, triton.next_power_of_2(c_group)))
-    block_m = 128 if n_outputs == 1 else 64
-    return block_m, block_o, block_k, 8 if block_m * block_o >= 128 * 64 else 4
+
+def _narrow(tile: int, channels: int) -> int:
+    """A channel tile no wider than the layer (few channels per group: no mostly-masked tile)."""
+    return min(tile, max(16, triton.next_power_of_2(channels)))
 
 
-def _relevance_blocks(device: torch.device, o_group: int, c_group: int):
-    """(BLOCK_M, BLOCK_C, BLOCK_O, num_warps) of the relevance kernel."""
-    if is_interpreted(device):
-        return 64, 16, 16, 1
-    block_c = min(128, max(16, triton.next_power_of_2(c_group)))
-    block_o = min(32, max(16, triton.next_power_of_2(o_group)))
-    return 64, block_c, block_o, 8 if block_c >= 128 else 4
+def _forward_blocks(x: torch.Tensor, n_outputs: int, o_group: int, c_group: int):
+    """(BLOCK_M, BLOCK_O, BLOCK_K, num_warps, num_stages) of the forward kernel."""
+    if is_interpreted(x.device):
+        return _INTERPRETED_TILE
+    block_m, block_o, block_k, num_warps, num_stages = _FORWARD_TILES[
+        product_kind(x.dtype, _precision(x)), n_outputs
+    ]
+    return block_m, _narrow(block_o, o_group), _narrow(block_k, c_group), num_warps, num_stages
+
+
+def _relevance_blocks(x: torch.Tensor, spec: RuleSpec, rule: str, o_group: int, c_group: int):
+    """(BLOCK_M, BLOCK_C, BLOCK_O, num_warps, num_stages) of the relevance kernel."""
+    if is_interpreted(x.device):
+        return _INTERPRETED_TILE
+    block_m, block_c, block_o, num_warps, num_stages = _RELEVANCE_TILES[
+        product_kind(x.dtype, _precision(x)), relevance_streams(spec, rule)
+    ]
+    return block_m, _narrow(block_c, c_group), _narrow(block_o, o_group), num_warps, num_stages
 
 
 def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
@@ -244,7 +287,9 @@ def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
     ow = _output_size(w, kw, stride[1], padding[1], dilation[1])
     o_group = o // groups
     outputs = [x.new_empty((n, o, oh, ow)) for _ in range(n_outputs)]
-    block_m, block_o, block_k, num_warps = _forward_blocks(x.device, n_outputs, o_group, c_group)
+    block_m, block_o, block_k, num_warps, num_stages = _forward_blocks(
+        x, n_outputs, o_group, c_group
+    )
     grid = (triton.cdiv(n * oh * ow, block_m), triton.cdiv(o_group, block_o), groups)
     padded = outputs + [outputs[0]] * (3 - n_outputs)
     _conv2d_forward_kernel[grid](
@@ -256,6 +301,7 @@ def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
         DENOMINATOR=denominator, PRECISION=_precision(x), HALF=x.dtype != torch.float32,
         X_MIXED=not denominator and has_negative(x),
         BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return outputs
 
@@ -367,7 +413,9 @@ def conv2d_relevance(
     else:
         denominator = saved[0]
     out = torch.empty_like(x)
-    block_m, block_c, block_o, num_warps = _relevance_blocks(x.device, o_group, c_group)
+    block_m, block_c, block_o, num_warps, num_stages = _relevance_blocks(
+        x, spec, rule, o_group, c_group
+    )
     phase_rows = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])
     grid = (
         triton.cdiv(phase_rows, block_m),
@@ -382,5 +430,6 @@ def conv2d_relevance(
         RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma", X_MIXED=has_negative(x),
         PRECISION=_precision(x),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -17,6 +17,7 @@ import triton.language as tl
 from ._common import (
     FLAT,
     WSQUARE,
+    RuleSpec,
     _denominator_accumulate,
     _forward_accumulate,
     _forward_epilogue,
@@ -28,6 +29,8 @@ from ._common import (
     has_negative,
     is_interpreted,
     parse_rule,
+    product_kind,
+    relevance_streams,
 )
 
 
@@ -135,30 +138,59 @@ def _precision(x: torch.Tensor) -> str:
     return dot_precision(x, torch.backends.cuda.matmul.allow_tf32)
 
 
-def _forward_blocks(device: torch.device, n_outputs: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_O, BLOCK_K, num_warps): fixed per rule, so results never depend on timing.
+# Tiles by how the products run (``product_kind``) and what the rule accumulates, as
+# (BLOCK_M, BLOCK_O, BLOCK_K, num_warps, num_stages) for the forward (by number of outputs) and
+# (BLOCK_M, BLOCK_K, BLOCK_O, num_warps, num_stages) for the relevance (by ``relevance_streams``).
+# Each is the largest tile that ptxas compiled for sm_90 without spilling registers, with every
+# x⁻ product in and, at the swept shape, 15 registers of headroom below the 255 a thread may have
+# (for other Triton versions). ``benchmarks/triton_resources.py`` reads that off the compiled
+# kernels for every VGG16/ResNet50 layer and rule, and the test suite checks its quick set.
+# Fixed per rule, dtype and channel count, so results never depend on timing.
+_FORWARD_TILES = {
+    ("half", 1): (128, 128, 32, 8, 3),
+    ("half", 2): (128, 64, 32, 8, 3),
+    ("half", 3): (128, 64, 32, 8, 3),
+    ("tf32", 1): (128, 128, 16, 8, 3),
+    ("tf32", 2): (128, 64, 32, 8, 3),
+    ("tf32", 3): (128, 64, 32, 8, 3),
+    ("ieee", 1): (128, 128, 16, 8, 3),
+    ("ieee", 2): (64, 64, 16, 8, 3),
+    ("ieee", 3): (64, 32, 16, 8, 3),
+}
+_RELEVANCE_TILES = {
+    ("half", "one"): (64, 128, 32, 8, 3),
+    ("half", "two"): (64, 128, 32, 8, 3),
+    ("half", "down"): (128, 64, 32, 8, 3),
+    ("tf32", "one"): (64, 128, 32, 8, 3),
+    ("tf32", "two"): (64, 128, 32, 8, 3),
+    ("tf32", "down"): (128, 64, 16, 8, 3),
+    ("ieee", "one"): (64, 128, 32, 8, 3),
+    ("ieee", "two"): (64, 128, 32, 8, 3),
+    ("ieee", "down"): (64, 128, 16, 8, 3),
+}
+# Under the interpreter (CPU): tiny tiles, so that the tests' small shapes cross tile edges.
+_INTERPRETED_TILE = (16, 16, 16, 1, 1)
 
-    Rules with three fp32 accumulators get a smaller output tile to stay within registers.
-    """
-    if is_interpreted(device):
-        return 16, 16, 16, 1
-    if n_outputs == 1:
-        return 128, 128, 32, 8
-    return 64, 128, 32, 8
+
+def _forward_blocks(x: torch.Tensor, n_outputs: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_O, BLOCK_K, num_warps, num_stages) of the forward kernel."""
+    if is_interpreted(x.device):
+        return _INTERPRETED_TILE
+    return _FORWARD_TILES[product_kind(x.dtype, _precision(x)), n_outputs]
 
 
-def _relevance_blocks(device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_O, num_warps) of the relevance kernel."""
-    if is_interpreted(device):
-        return 16, 16, 16, 1
-    return 64, 128, 32, 8
+def _relevance_blocks(x: torch.Tensor, spec: RuleSpec, rule: str) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_O, num_warps, num_stages) of the relevance kernel."""
+    if is_interpreted(x.device):
+        return _INTERPRETED_TILE
+    return _RELEVANCE_TILES[product_kind(x.dtype, _precision(x)), relevance_streams(spec, rule)]
 
 
 def _launch_forward(x2d, weight, bias, spec, n_outputs, denominator):
     n_rows, n_in = x2d.shape
     n_out = weight.shape[0]
     outputs = [x2d.new_empty((n_rows, n_out)) for _ in range(n_outputs)]
-    block_m, block_o, block_k, num_warps = _forward_blocks(x2d.device, n_outputs)
+    block_m, block_o, block_k, num_warps, num_stages = _forward_blocks(x2d, n_outputs)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_out, block_o))
     padded = outputs + [outputs[0]] * (3 - n_outputs)
     _linear_forward_kernel[grid](
@@ -169,6 +201,7 @@ def _launch_forward(x2d, weight, bias, spec, n_outputs, denominator):
         DENOMINATOR=denominator, PRECISION=_precision(x2d), HALF=x2d.dtype != torch.float32,
         X_MIXED=not denominator and has_negative(x2d),
         BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return outputs
 
@@ -253,7 +286,7 @@ def linear_relevance(
     else:
         denominator = flat_saved[0]
     out = torch.empty_like(x2d)
-    block_m, block_k, block_o, num_warps = _relevance_blocks(x2d.device)
+    block_m, block_k, block_o, num_warps, num_stages = _relevance_blocks(x2d, spec, rule)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_in, block_k))
     _linear_relevance_kernel[grid](
         x2d, weight, relevance.reshape(n_rows, n_out).contiguous(), *flat_saved, denominator, out,
@@ -262,5 +295,6 @@ def linear_relevance(
         RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma", X_MIXED=has_negative(x),
         PRECISION=_precision(x2d),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return out.reshape(x.shape)
