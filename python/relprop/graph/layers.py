@@ -36,9 +36,9 @@ from relprop.ops._layer_rules import (
     _is_nonnegative,
     divide,
     divide_fast,
-    divides_factor,
     is_marked_nonnegative,
     mark_nonnegative,
+    prefers_factor,
     read_mark,
     stamp_mark,
 )
@@ -251,14 +251,7 @@ class WeightLayer(Layer):
         _keep_nonnegative_mark(z, out)  # out is a view of z
         stacks = self.geometry is None or self.geometry["groups"] == 1
         nonnegative = is_marked_nonnegative(x)
-        # On mixed-sign input only rules with one division: α-β's and γ's two terms would read
-        # the factor twice at this layer's output size, more than a pool above pays to form
-        # c · out at its own, smaller size (ResNet50 α-β: +0.3 GB at batch 64 by count).
-        if (
-            lean
-            and divides_factor(name, stacks, nonnegative)
-            and (nonnegative or name in ("epsilon", "zbox", "zplus"))
-        ):
+        if lean and prefers_factor(name, stacks, nonnegative):
             # Its relevance pass will divide an unformed c · out at no extra cost (the factor is
             # read by the division): a max pool above may hand its relevance down that way.
             try:
