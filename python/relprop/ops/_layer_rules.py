@@ -719,8 +719,25 @@ def _gamma_paired(
 
 
 def _zbox_denominator(lin: LinearMap, x: Tensor, weight: Tensor, low: float, high: float):
-    """``Wx − W⁺l − W⁻h`` (no bias): the bounds' products are the same for every sample, so
-    they are computed for one and broadcast instead of convolving two constant batches."""
+    """``Wx − W⁺l − W⁻h`` (no bias).
+
+    Where the map stacks its weights (no channel groups): one product of ``[x, 1]`` (the input
+    beside an input of ones, which the convolution zero-pads as it pads x) with
+    ``[W, −(lW⁺ + hW⁻)]`` along the input channels, so that the bounds' terms are summed in the
+    product's own reduction. Forming ``Wx`` and then subtracting the bounds' products cost a read
+    and a write of the layer's output more (VGG16's first layer at batch 64: 1.6 GB, for 77 MB
+    more input here). Otherwise the bounds' products, the same for every sample, are computed for
+    one and subtracted.
+    """
+    if lin.stacks_weights:
+        bounds_weight = _derived(
+            weight,
+            ("zbox", low, high),
+            lambda: torch.cat(
+                [weight, weight.clamp(min=0).mul(-low).sub_(weight.clamp(max=0).mul(high))], dim=1
+            ),
+        )
+        return lin.forward(torch.cat([x, torch.ones_like(x)], dim=1), bounds_weight, None)
     bounds = torch.full_like(x[:1], low), torch.full_like(x[:1], high)
     offset = lin.forward(bounds[0], _positive_weight(weight), None).add_(
         lin.forward(bounds[1], _negative_weight(weight), None)
