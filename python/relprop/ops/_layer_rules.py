@@ -733,7 +733,11 @@ def _zbox_denominator(lin: LinearMap, x: Tensor, weight: Tensor, low: float, hig
             weight,
             ("zbox", low, high),
             lambda: torch.cat(
-                [weight, weight.clamp(min=0).mul(-low).sub_(weight.clamp(max=0).mul(high))], dim=1
+                [
+                    weight,
+                    _positive_weight(weight).mul(-low).sub_(_negative_weight(weight).mul(high)),
+                ],
+                dim=1,
             ),
         )
         return lin.forward(torch.cat([x, torch.ones_like(x)], dim=1), bounds_weight, None)
