@@ -8,9 +8,11 @@ transposed product. The maths is the op contract of ``docs/ops.md``; the rules a
 PLoS ONE 2015; Montavon et al., Pattern Recognition 2017; Montavon et al., Explainable AI 2019).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises a
+# ``tl.constexpr`` parameter only by its evaluated annotation, not by the string it would become.
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -82,7 +84,32 @@ def parse_rule(rule: str, params: list[float]) -> RuleSpec:
     return RuleSpec(code, n_aux, 0.0, 0.0, values[0], 1.0, False)
 
 
-def check_tensors(*tensors: torch.Tensor | None) -> None:
+# Triton 3.0 and 3.1 (torch 2.4 and 2.5): some kernels need other launch settings on sm_90.
+_TRITON_VERSION = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+OLD_TRITON = _TRITON_VERSION < (3, 2)
+
+
+def target_arch() -> int:
+    """The compute capability Triton compiles for on the current device (90 for sm_90)."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_target().arch
+
+
+def single_one(like: torch.Tensor) -> torch.Tensor:
+    """One element, 1.0, of ``like``'s dtype and device: what the flat rule's kernels load their
+    tile of all-ones weights from, at offset 0 under the tile's mask.
+
+    Ones made in the kernel (``tl.full``, or a mask cast to float) are constants or masks to the
+    compiler, and Triton 3.0-3.2 aborts lowering them as ``tl.dot`` operands (sm_80 and sm_90;
+    ``scripts/triton_versions.sh``); a load is what every other operand is. (The w²/flat
+    denominators' all-ones input is a real image or row of ones: read like x, it compiles as the
+    ε forward does, where a broadcast load of one element made ptxas spill.)
+    """
+    return torch.ones(1, dtype=like.dtype, device=like.device)
+
+
+def check_tensors(*tensors: Optional[torch.Tensor]) -> None:
     """Raise unless all tensors share a supported dtype and a device the kernels can run on."""
     present = [t for t in tensors if t is not None]
     dtype, device = present[0].dtype, present[0].device
@@ -232,20 +259,18 @@ def _forward_accumulate(
 
 
 @triton.jit
-def _denominator_accumulate(acc0, w, valid, RULE: tl.constexpr, PRECISION: tl.constexpr):
+def _denominator_accumulate(acc0, ones, w, RULE: tl.constexpr, PRECISION: tl.constexpr):
     """Add one K-tile of the input-independent denominators to ``acc0``.
 
-    w²-rule: ``W²·1``; flat: ``1·1`` (a count). The all-ones input is zero where x is padding.
+    w²-rule: ``W²·1``; flat: ``1·1`` (a count; ``w`` is then a tile of ones too). ``ones`` is a
+    tile of the all-ones input, zero where x is padding.
     """
-    ones = valid.to(tl.float32)
     if RULE == WSQUARE:
-        acc0 = tl.dot(ones.to(w.dtype), w * w, acc0, input_precision=PRECISION)
+        acc0 = tl.dot(ones, w * w, acc0, input_precision=PRECISION)
     else:
         # A product with a tile of ones rather than a row sum broadcast into the accumulator's
         # layout: the layout change made ptxas spill (counts of ones are exact in any precision).
-        acc0 = tl.dot(
-            ones.to(w.dtype), tl.full(w.shape, 1.0, w.dtype), acc0, input_precision=PRECISION
-        )
+        acc0 = tl.dot(ones, w, acc0, input_precision=PRECISION)
     return acc0
 
 
@@ -265,10 +290,11 @@ def _forward_epilogue(
     HALF: tl.constexpr,
 ):
     """Add the bias terms of the contract to the accumulators: z, zp/zn, zpos/zneg, zb, W²·1+b²."""
-    if RULE == ALPHABETA and HALF and not DENOMINATOR:
+    # Pairs in parentheses: Triton 3.0 rejects a chain of three operands (``A and B and C``).
+    if (RULE == ALPHABETA and HALF) and not DENOMINATOR:
         # Before any bias: acc0 = Wx and acc1 = W⁺x⁺ + W⁻x⁻, so this is W⁻x⁺ + W⁺x⁻.
         acc2 = acc0 - acc1
-    if RULE == GAMMA and HALF and not DENOMINATOR:
+    if (RULE == GAMMA and HALF) and not DENOMINATOR:
         # (W+γW⁺)x⁺ + (W+γW⁻)x⁻ = Wx + γ(W⁺x⁺ + W⁻x⁻), and its mirror with W⁻x⁺ + W⁺x⁻.
         acc2 = acc0 + p0 * (acc0 - acc1)
         acc1 = acc0 + p0 * acc1
@@ -371,9 +397,8 @@ def _relevance_accumulate(
     elif RULE == WSQUARE:
         acc_a = tl.dot(s_up.to(w.dtype), w * w, acc_a, input_precision=PRECISION)
     elif RULE == FLAT:
-        acc_a = tl.dot(
-            s_up.to(w.dtype), tl.full(w.shape, 1.0, w.dtype), acc_a, input_precision=PRECISION
-        )
+        # ``w`` is a loaded tile of ones here (see ``single_one``).
+        acc_a = tl.dot(s_up.to(w.dtype), w, acc_a, input_precision=PRECISION)
     else:
         if RULE == GAMMA:
             w_a = (w + p0 * _positive(w)).to(w.dtype)

@@ -14,7 +14,9 @@ for the taps that skip it. The maths is ``docs/ops.md``; rules after Zennit 0.5 
 al., "Layer-Wise Relevance Propagation: An Overview" (2019).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises a
+# ``tl.constexpr`` parameter only by its evaluated annotation, not by the string it would become.
+from typing import Optional
 
 import torch
 import triton
@@ -22,6 +24,7 @@ import triton.language as tl
 
 from ._common import (
     FLAT,
+    OLD_TRITON,
     WSQUARE,
     RuleSpec,
     _denominator_accumulate,
@@ -37,6 +40,8 @@ from ._common import (
     parse_rule,
     product_kind,
     relevance_streams,
+    single_one,
+    target_arch,
 )
 
 
@@ -84,17 +89,17 @@ def _conv2d_forward_kernel(
                 offs_c = c0 + tl.arange(0, BLOCK_K)
                 mask_c = offs_c < C_GROUP
                 valid = inside[:, None] & mask_c[None, :]
-                w = tl.load(
-                    w_ptr + w_filter[None, :] + offs_c[:, None] * (KH * KW) + (kh * KW + kw),
-                    mask=mask_c[:, None] & mask_o[None, :],
-                    other=0.0,
+                offs_w = w_filter[None, :] + offs_c[:, None] * (KH * KW) + (kh * KW + kw)
+                if DENOMINATOR and RULE == FLAT:
+                    offs_w = offs_w * 0  # w_ptr is a single 1.0 (``single_one``)
+                w = tl.load(w_ptr + offs_w, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
+                # With DENOMINATOR, x is an image of ones (the host's): zero where padded.
+                x = tl.load(
+                    x_ptr + x_pixel[:, None] + offs_c[None, :] * (H * W), mask=valid, other=0.0
                 )
                 if DENOMINATOR:
-                    acc0 = _denominator_accumulate(acc0, w, valid, RULE, PRECISION)
+                    acc0 = _denominator_accumulate(acc0, x, w, RULE, PRECISION)
                 else:
-                    x = tl.load(
-                        x_ptr + x_pixel[:, None] + offs_c[None, :] * (H * W), mask=valid, other=0.0
-                    )
                     acc0, acc1, acc2 = _forward_accumulate(
                         acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
                     )
@@ -180,14 +185,14 @@ def _conv2d_relevance_kernel(
                         den_ptr, out_pixel[:, None] + channels_out[None, :] * (OH * OW), mask_r,
                         p0, p1, stabilizer, RULE,
                     )  # fmt: skip
-                    w = tl.load(
-                        w_ptr
-                        + channels_out[:, None] * (C_GROUP * KH * KW)
+                    offs_w = (
+                        channels_out[:, None] * (C_GROUP * KH * KW)
                         + offs_c[None, :] * (KH * KW)
-                        + (kh * KW + kw),
-                        mask=mask_o[:, None] & mask_c[None, :],
-                        other=0.0,
+                        + (kh * KW + kw)
                     )
+                    if RULE == FLAT:
+                        offs_w = offs_w * 0  # w_ptr is a single 1.0 (``single_one``)
+                    w = tl.load(w_ptr + offs_w, mask=mask_o[:, None] & mask_c[None, :], other=0.0)
                     acc_a, acc_b = _relevance_accumulate(
                         acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
                     )
@@ -259,6 +264,20 @@ def _narrow(tile: int, channels: int) -> int:
     return min(tile, max(16, triton.next_power_of_2(channels)))
 
 
+def _four_warps(block_n: int, num_warps: int) -> tuple[int, int]:
+    """``(block_n, num_warps)``, or 4 warps on a half-wide tile where the compiler needs them.
+
+    Triton 3.0 and 3.1 abort compiling several of these kernels for sm_90 with 8 warps (an
+    assertion in Allocation.cpp: "mma -> mma layout conversion is only supported on Ampere"; the
+    α-β/γ relevance, the zB forward, the forward on a mixed-sign input). With 4 warps they
+    compile; halving the tile's width keeps each thread's accumulators as they were. Checked by
+    ``benchmarks/triton_resources.py`` with each Triton release, ``docs/ops.md``.
+    """
+    if num_warps == 8 and OLD_TRITON and target_arch() >= 90:
+        return max(16, block_n // 2), 4
+    return block_n, num_warps
+
+
 def _forward_blocks(x: torch.Tensor, n_outputs: int, o_group: int, c_group: int):
     """(BLOCK_M, BLOCK_O, BLOCK_K, num_warps, num_stages) of the forward kernel."""
     if is_interpreted(x.device):
@@ -266,7 +285,8 @@ def _forward_blocks(x: torch.Tensor, n_outputs: int, o_group: int, c_group: int)
     block_m, block_o, block_k, num_warps, num_stages = _FORWARD_TILES[
         product_kind(x.dtype, _precision(x)), n_outputs
     ]
-    return block_m, _narrow(block_o, o_group), _narrow(block_k, c_group), num_warps, num_stages
+    block_o, num_warps = _four_warps(_narrow(block_o, o_group), num_warps)
+    return block_m, block_o, _narrow(block_k, c_group), num_warps, num_stages
 
 
 def _relevance_blocks(x: torch.Tensor, spec: RuleSpec, rule: str, o_group: int, c_group: int):
@@ -276,7 +296,8 @@ def _relevance_blocks(x: torch.Tensor, spec: RuleSpec, rule: str, o_group: int, 
     block_m, block_c, block_o, num_warps, num_stages = _RELEVANCE_TILES[
         product_kind(x.dtype, _precision(x)), relevance_streams(spec, rule)
     ]
-    return block_m, _narrow(block_c, c_group), _narrow(block_o, o_group), num_warps, num_stages
+    block_c, num_warps = _four_warps(_narrow(block_c, c_group), num_warps)
+    return block_m, block_c, _narrow(block_o, o_group), num_warps, num_stages
 
 
 def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
@@ -287,11 +308,17 @@ def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
     ow = _output_size(w, kw, stride[1], padding[1], dilation[1])
     o_group = o // groups
     outputs = [x.new_empty((n, o, oh, ow)) for _ in range(n_outputs)]
+    # The denominators (one image, once per call) take the 3-accumulator tile: the w² rule's
+    # squared weights in registers spilled at the 1-accumulator tile in IEEE fp32.
     block_m, block_o, block_k, num_warps, num_stages = _forward_blocks(
-        x, n_outputs, o_group, c_group
+        x, 3 if denominator else n_outputs, o_group, c_group
     )
     grid = (triton.cdiv(n * oh * ow, block_m), triton.cdiv(o_group, block_o), groups)
     padded = outputs + [outputs[0]] * (3 - n_outputs)
+    if denominator:  # an input image of ones, and for the flat rule all-ones weights
+        x = torch.ones_like(x)
+        if spec.code == FLAT.value:
+            weight = single_one(weight)
     _conv2d_forward_kernel[grid](
         x, weight, bias if bias is not None else weight, *padded,
         n, c, h, w, o, oh, ow, c_group, o_group, kh, kw,
@@ -320,7 +347,7 @@ def _check_geometry(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
 def conv2d_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: Optional[torch.Tensor],
     stride: list[int],
     padding: list[int],
     dilation: list[int],
@@ -365,7 +392,7 @@ def conv2d_forward(
 def conv2d_relevance(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: Optional[torch.Tensor],
     saved: list[torch.Tensor],
     relevance: torch.Tensor,
     stride: list[int],
@@ -423,7 +450,7 @@ def conv2d_relevance(
         groups * stride[0] * stride[1],
     )
     _conv2d_relevance_kernel[grid](
-        x, weight, relevance.contiguous(), *saved, denominator, out,
+        x, single_one(weight) if spec.code == FLAT.value else weight, relevance.contiguous(), *saved, denominator, out,
         n, c, h, w, o, oh, ow, c_group, o_group, kh, kw,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         spec.p0, spec.p1, spec.stabilizer,

@@ -8,7 +8,9 @@ is the op contract in ``docs/ops.md``; the rules follow Zennit 0.5 (Anders et al
 Montavon et al., "Layer-Wise Relevance Propagation: An Overview" (2019).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises a
+# ``tl.constexpr`` parameter only by its evaluated annotation, not by the string it would become.
+from typing import Optional
 
 import torch
 import triton
@@ -31,6 +33,7 @@ from ._common import (
     parse_rule,
     product_kind,
     relevance_streams,
+    single_one,
 )
 
 
@@ -63,15 +66,15 @@ def _linear_forward_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < IN
         valid = mask_m[:, None] & mask_k[None, :]
-        w = tl.load(
-            w_ptr + offs_o[None, :] * IN + offs_k[:, None],
-            mask=mask_k[:, None] & mask_o[None, :],
-            other=0.0,
-        )
+        offs_w = offs_o[None, :] * IN + offs_k[:, None]
+        if DENOMINATOR and RULE == FLAT:
+            offs_w = offs_w * 0  # w_ptr is a single 1.0 (``single_one``)
+        w = tl.load(w_ptr + offs_w, mask=mask_k[:, None] & mask_o[None, :], other=0.0)
+        # With DENOMINATOR, x is a row of ones (the host's).
+        x = tl.load(x_ptr + rows[:, None] * IN + offs_k[None, :], mask=valid, other=0.0)
         if DENOMINATOR:
-            acc0 = _denominator_accumulate(acc0, w, valid, RULE, PRECISION)
+            acc0 = _denominator_accumulate(acc0, x, w, RULE, PRECISION)
         else:
-            x = tl.load(x_ptr + rows[:, None] * IN + offs_k[None, :], mask=valid, other=0.0)
             acc0, acc1, acc2 = _forward_accumulate(
                 acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
             )
@@ -116,11 +119,10 @@ def _linear_relevance_kernel(
             den_ptr, offs_o[None, :], mask_o[None, :],
             p0, p1, stabilizer, RULE,
         )  # fmt: skip
-        w = tl.load(
-            w_ptr + offs_o[:, None] * IN + offs_k[None, :],
-            mask=mask_o[:, None] & mask_k[None, :],
-            other=0.0,
-        )
+        offs_w = offs_o[:, None] * IN + offs_k[None, :]
+        if RULE == FLAT:
+            offs_w = offs_w * 0  # w_ptr is a single 1.0 (``single_one``)
+        w = tl.load(w_ptr + offs_w, mask=mask_o[:, None] & mask_k[None, :], other=0.0)
         acc_a, acc_b = _relevance_accumulate(
             acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
         )
@@ -190,9 +192,17 @@ def _launch_forward(x2d, weight, bias, spec, n_outputs, denominator):
     n_rows, n_in = x2d.shape
     n_out = weight.shape[0]
     outputs = [x2d.new_empty((n_rows, n_out)) for _ in range(n_outputs)]
-    block_m, block_o, block_k, num_warps, num_stages = _forward_blocks(x2d, n_outputs)
+    # The denominators (one row, once per call) take the 3-accumulator tile: the w² rule's
+    # squared weights in registers spilled at the 1-accumulator tile in IEEE fp32.
+    block_m, block_o, block_k, num_warps, num_stages = _forward_blocks(
+        x2d, 3 if denominator else n_outputs
+    )
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_out, block_o))
     padded = outputs + [outputs[0]] * (3 - n_outputs)
+    if denominator:  # an input row of ones, and for the flat rule all-ones weights
+        x2d = torch.ones_like(x2d)
+        if spec.code == FLAT.value:
+            weight = single_one(weight)
     _linear_forward_kernel[grid](
         x2d, weight, bias if bias is not None else weight, *padded,
         n_rows, n_in, n_out,
@@ -209,7 +219,7 @@ def _launch_forward(x2d, weight, bias, spec, n_outputs, denominator):
 def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: Optional[torch.Tensor],
     rule: str,
     params: list[float],
 ) -> list[torch.Tensor]:
@@ -246,7 +256,7 @@ def linear_forward(
 def linear_relevance(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: Optional[torch.Tensor],
     saved: list[torch.Tensor],
     relevance: torch.Tensor,
     rule: str,
@@ -289,7 +299,7 @@ def linear_relevance(
     block_m, block_k, block_o, num_warps, num_stages = _relevance_blocks(x2d, spec, rule)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_in, block_k))
     _linear_relevance_kernel[grid](
-        x2d, weight, relevance.reshape(n_rows, n_out).contiguous(), *flat_saved, denominator, out,
+        x2d, single_one(weight) if spec.code == FLAT.value else weight, relevance.reshape(n_rows, n_out).contiguous(), *flat_saved, denominator, out,
         n_rows, n_in, n_out,
         spec.p0, spec.p1, spec.stabilizer,
         RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma", X_MIXED=has_negative(x),
