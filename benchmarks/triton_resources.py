@@ -18,14 +18,18 @@ be compiled instead of compiling it. So the table shows the block sizes, warps a
 specializations the GPU would get, and a GPU-free machine (CI) can check that every kernel
 compiles for the GPU and stays within its registers.
 
-Run (any machine with Triton ≥ 3.4 and its bundled ptxas; no GPU needed)::
+Run (any machine with Triton ≥ 3.0 and its bundled ptxas; no GPU needed)::
 
     python benchmarks/triton_resources.py                 # the table, sm_90
     python benchmarks/triton_resources.py --arch 80 --json out.json
     python benchmarks/triton_resources.py --quick --check # what the test suite runs
 
 ``--check`` exits 1 if a variant fails to compile, spills, or needs more shared memory than a
-block may have. ``TRITON_INTERPRET`` must be unset (the interpreter compiles nothing); the script
+block may have (``--allow-spills``: spills do not count). Each variant compiles in a child process
+of its own, so a compiler that aborts (Triton 3.0-3.2 did on some of these kernels) is reported
+as that variant's error. Triton 3.0-3.3 record through ``JITFunction.cache_hook`` and compile
+with their own ``JITFunction.preload``; ``scripts/triton_versions.sh`` runs this with each
+release. ``TRITON_INTERPRET`` must be unset (the interpreter compiles nothing); the script
 unsets it for itself when run as a program.
 """
 
@@ -118,6 +122,41 @@ class _ReportingDriver:
 
 
 @contextlib.contextmanager
+def reporting_driver(arch: int) -> Iterator[None]:
+    """Within the block, Triton's driver is one that reports an sm_``arch`` GPU."""
+    from triton.runtime import driver
+
+    # Put back as found: resetting would create the default driver, which fails without a GPU.
+    # Triton >= 3.4 keeps the active driver in ``_active``, older ones in ``active``.
+    attribute = "_active" if hasattr(driver, "_active") else "active"
+    active = getattr(driver, attribute)
+    driver.set_active(_ReportingDriver(arch))
+    try:
+        yield
+    finally:
+        setattr(driver, attribute, active)
+
+
+def _legacy_record(serialized: str, module: str, arg_names: list[str], arch: int) -> dict:
+    """A Triton 3.0-3.3 specialization in the fields of Triton >= 3.4's (what the rest reads).
+
+    The record keeps Triton's own serialisation, which ``JITFunction.preload`` of that version
+    compiles.
+    """
+    spec = json.loads(serialized)
+    if "constant_keys" not in spec:  # Triton < 3.3: constants keyed by name or position
+        spec["constant_keys"] = [
+            [int(k) if k.isdigit() else arg_names.index(k)] for k in spec["constants"]
+        ]
+        spec["constant_vals"] = list(spec["constants"].values())
+        spec["attrs_vals"] = spec["attrs"]
+    spec["name"] = f"{module}.{spec['name']}"
+    spec["target"] = {"backend": "cuda", "arch": arch, "warp_size": 32}
+    spec["serialized"] = serialized
+    return spec
+
+
+@contextlib.contextmanager
 def recorded_launches(arch: int, fp32_products: str = "default") -> Iterator[list[dict]]:
     """Within the block, Triton launches are specialised for ``arch`` and recorded, not run.
 
@@ -126,22 +165,38 @@ def recorded_launches(arch: int, fp32_products: str = "default") -> Iterator[lis
     on a GPU (block sizes, warps). fp32 products follow ``fp32_products``: ``default`` as torch's
     default TF32 flags have them (on for convolutions, ``torch.backends.cudnn.allow_tf32``; off
     for dense layers), ``ieee`` or ``tf32`` everywhere (the GPU tests turn TF32 off).
+
+    Triton >= 3.4 calls ``knobs.runtime.jit_cache_hook`` before it compiles; Triton 3.0-3.3 calls
+    ``JITFunction.cache_hook`` with the same arguments.
     """
     import triton
-    from triton import knobs
-    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
 
     from relprop._kernels.triton import conv, linear
 
-    if not hasattr(knobs, "runtime") or not hasattr(knobs.runtime, "jit_cache_hook"):
-        raise RuntimeError(f"recording launches needs Triton >= 3.4, this is {triton.__version__}")
+    try:
+        from triton import knobs
+
+        hooks, hook_name = knobs.runtime, "jit_cache_hook"
+    except ImportError:
+        hooks, hook_name = JITFunction, "cache_hook"
+    if not hasattr(hooks, hook_name):
+        raise RuntimeError(f"Triton {triton.__version__} has no compile hook to record launches")
+    legacy = hooks is JITFunction
     records: list[dict] = []
 
     def record(*args, **kwargs) -> bool:
-        spec = json.loads(kwargs["compile"]["specialization_data"])
-        # Triton < 3.7 leaves the target out of the record.
-        spec.setdefault("target", {"backend": "cuda", "arch": arch, "warp_size": 32})
-        records.append(spec)
+        serialized = kwargs["compile"]["specialization_data"]
+        if legacy:
+            function = kwargs["fn"]
+            records.append(
+                _legacy_record(serialized, function.module, function.jit_function.arg_names, arch)
+            )
+        else:
+            spec = json.loads(serialized)
+            # Triton < 3.7 leaves the target out of the record.
+            spec.setdefault("target", {"backend": "cuda", "arch": arch, "warp_size": 32})
+            records.append(spec)
         return True  # handled: the JIT neither compiles nor launches
 
     def precision(allow_tf32: bool):
@@ -154,22 +209,18 @@ def recorded_launches(arch: int, fp32_products: str = "default") -> Iterator[lis
         (conv, "_precision"): conv._precision,
         (linear, "is_interpreted"): linear.is_interpreted,
         (linear, "_precision"): linear._precision,
+        (hooks, hook_name): getattr(hooks, hook_name),
     }
-    hook = knobs.runtime.jit_cache_hook
-    # Put back as found: resetting would create the default driver, which fails without a GPU.
-    active = getattr(driver, "_active", None)
-    driver.set_active(_ReportingDriver(arch))
-    knobs.runtime.jit_cache_hook = record
+    setattr(hooks, hook_name, record)
     conv.is_interpreted = linear.is_interpreted = lambda device: False
     conv._precision = precision(True)
     linear._precision = precision(False)
     try:
-        yield records
+        with reporting_driver(arch):
+            yield records
     finally:
-        for (module, name), value in saved.items():
-            setattr(module, name, value)
-        knobs.runtime.jit_cache_hook = hook
-        driver._active = active
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
 
 
 def _layer_inputs(layer: Layer, batch: int, dtype: torch.dtype):
@@ -209,7 +260,10 @@ def _variant_key(spec: dict) -> str:
 
 def _constants(spec: dict) -> str:
     """The constexpr arguments by name (the block sizes and the rule's switches)."""
-    names = list(spec["signature"])
+    import importlib
+
+    module_name, function_name = spec["name"].rsplit(".", 1)
+    names = getattr(importlib.import_module(module_name), function_name).arg_names
     values = dict(zip((names[k[0]] for k in spec["constant_keys"]), spec["constant_vals"]))
     shown = [f"{k}={v}" for k, v in values.items() if k.isupper() and not k.startswith(("STRIDE_",
              "PAD_", "DIL_", "N"))]  # fmt: skip
@@ -256,26 +310,58 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 def compile_variant(spec: dict) -> dict:
     """Compile one recorded specialization for its GPU; return its resource usage or the error.
 
-    Mirrors ``JITFunction.preload``, with the target taken from the record instead of the driver.
+    The compile runs in a child process of its own: a compiler that aborts (an assertion in
+    Triton's MLIR passes or LLVM, as Triton 3.0 does on some sm_90 kernels) takes only the child
+    down, and is reported with the last line it printed.
     """
+    with tempfile.TemporaryFile() as log:
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: compile, send the result, never return into the caller
+            try:
+                os.close(reader)
+                os.dup2(log.fileno(), 2)
+                os.write(writer, json.dumps(_compile(spec)).encode())
+            finally:
+                os._exit(0)
+        os.close(writer)
+        with os.fdopen(reader, "rb") as pipe:
+            sent = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if sent:
+            return json.loads(sent)
+        log.seek(0)
+        printed = [line.strip() for line in log.read().decode(errors="replace").splitlines()]
+        last = next((line for line in reversed(printed) if line), "")
+        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {status}"
+        return {"error": f"compiler crashed ({how}): {last[:300]}"}
+
+
+def _compile(spec: dict) -> dict:
+    """Compile one specialization, as ``JITFunction.preload`` does, for the record's target."""
     import importlib
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
 
     try:
         module_name, function_name = spec["name"].rsplit(".", 1)
         kernel = getattr(importlib.import_module(module_name), function_name)
-        target = GPUTarget(**spec["target"])
-        backend = make_backend(target)
-        options = backend.parse_options(
-            {k: tuple(v) if isinstance(v, list) else v for k, v in spec["options"].items()}
-        )
-        constants = {tuple(k): v for k, v in zip(spec["constant_keys"], spec["constant_vals"])}
-        attrs = {tuple(k): v for k, v in zip(spec["attrs_keys"], spec["attrs_vals"])}
-        source = ASTSource(kernel, spec["signature"], constants, attrs)
-        compiled = triton.compile(source, target=target, options=options.__dict__)
+        if "serialized" in spec:  # Triton 3.0-3.3: its own preload, for the reported GPU
+            with reporting_driver(spec["target"]["arch"]):
+                compiled = kernel.preload(spec["serialized"])
+        else:
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import ASTSource, make_backend
+
+            target = GPUTarget(**spec["target"])
+            backend = make_backend(target)
+            options = backend.parse_options(
+                {k: tuple(v) if isinstance(v, list) else v for k, v in spec["options"].items()}
+            )
+            constants = {tuple(k): v for k, v in zip(spec["constant_keys"], spec["constant_vals"])}
+            attrs = {tuple(k): v for k, v in zip(spec["attrs_keys"], spec["attrs_vals"])}
+            source = ASTSource(kernel, spec["signature"], constants, attrs)
+            compiled = triton.compile(source, target=target, options=options.__dict__)
         usage = _resource_usage(compiled.asm["cubin"])
         return {
             "regs": usage["REG"],
@@ -286,7 +372,11 @@ def compile_variant(spec: dict) -> dict:
             "arch": spec["target"]["arch"],
         }
     except Exception as error:  # noqa: BLE001 - reported per variant, the others go on
-        return {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"}
+        # Triton's compile errors end in the source line and a caret; the cause is above them.
+        cause = error.__cause__ or error
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip(" ^")]
+        reason = lines[-1] if lines else ""
+        return {"error": f"{type(cause).__name__}: {reason[:300]}"}
 
 
 def blocks_per_sm(regs: int, smem: int, num_warps: int, arch: int) -> int:
@@ -300,15 +390,15 @@ def blocks_per_sm(regs: int, smem: int, num_warps: int, arch: int) -> int:
     return min(by_regs, by_smem, limits["threads"] // threads, limits["blocks"])
 
 
-def problems(variants: list[Variant], arch: int) -> list[str]:
-    """What ``--check`` fails on: a variant that does not compile, spills, or over-asks shared
-    memory."""
+def problems(variants: list[Variant], arch: int, allow_spills: bool = False) -> list[str]:
+    """What ``--check`` fails on: a variant that does not compile, spills (unless
+    ``allow_spills``), or over-asks shared memory."""
     found = []
     for v in variants:
         where = f"{v.kernel} [{v.constants} num_warps={v.num_warps}] ({', '.join(v.uses[:3])}…)"
         if v.error:
             found.append(f"does not compile for sm_{arch}: {where}: {v.error}")
-        elif v.spill > 0:
+        elif v.spill > 0 and not allow_spills:
             found.append(f"spills {v.spill} B/thread at {v.regs} registers: {where}")
         elif v.smem > ARCH_LIMITS[arch]["smem_block"]:
             found.append(f"needs {v.smem} B of shared memory per block: {where}")
@@ -354,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on a variant that fails to compile, spills or over-asks "
                         "shared memory")  # fmt: skip
+    parser.add_argument("--allow-spills", action="store_true",
+                        help="with --check: spills do not fail (older Tritons, whose register "
+                        "allocation the tiles were not sized for)")  # fmt: skip
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: the interpreter compiles nothing; unset it")
@@ -380,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as file:
             json.dump([asdict(v) for v in variants], file, indent=1)
-    found = problems(variants, args.arch)
+    found = problems(variants, args.arch, allow_spills=args.allow_spills)
     for line in found:
         print(line, file=sys.stderr)
     return 1 if args.check and found else 0
