@@ -89,10 +89,16 @@ def _conv2d_forward_kernel(
                 offs_c = c0 + tl.arange(0, BLOCK_K)
                 mask_c = offs_c < C_GROUP
                 valid = inside[:, None] & mask_c[None, :]
-                offs_w = w_filter[None, :] + offs_c[:, None] * (KH * KW) + (kh * KW + kw)
                 if DENOMINATOR and RULE == FLAT:
-                    offs_w = offs_w * 0  # w_ptr is a single 1.0 (``single_one``)
-                w = tl.load(w_ptr + offs_w, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
+                    # w_ptr is a single 1.0 (``single_one``).
+                    w = tl.load(w_ptr + tl.zeros((BLOCK_K, BLOCK_O), tl.int32),
+                                mask=mask_c[:, None] & mask_o[None, :], other=0.0)  # fmt: skip
+                else:
+                    w = tl.load(
+                        w_ptr + w_filter[None, :] + offs_c[:, None] * (KH * KW) + (kh * KW + kw),
+                        mask=mask_c[:, None] & mask_o[None, :],
+                        other=0.0,
+                    )
                 # With DENOMINATOR, x is an image of ones (the host's): zero where padded.
                 x = tl.load(
                     x_ptr + x_pixel[:, None] + offs_c[None, :] * (H * W), mask=valid, other=0.0
@@ -185,14 +191,19 @@ def _conv2d_relevance_kernel(
                         den_ptr, out_pixel[:, None] + channels_out[None, :] * (OH * OW), mask_r,
                         p0, p1, stabilizer, RULE,
                     )  # fmt: skip
-                    offs_w = (
-                        channels_out[:, None] * (C_GROUP * KH * KW)
-                        + offs_c[None, :] * (KH * KW)
-                        + (kh * KW + kw)
-                    )
                     if RULE == FLAT:
-                        offs_w = offs_w * 0  # w_ptr is a single 1.0 (``single_one``)
-                    w = tl.load(w_ptr + offs_w, mask=mask_o[:, None] & mask_c[None, :], other=0.0)
+                        # w_ptr is a single 1.0 (``single_one``).
+                        w = tl.load(w_ptr + tl.zeros((BLOCK_O, BLOCK_C), tl.int32),
+                                    mask=mask_o[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+                    else:
+                        w = tl.load(
+                            w_ptr
+                            + channels_out[:, None] * (C_GROUP * KH * KW)
+                            + offs_c[None, :] * (KH * KW)
+                            + (kh * KW + kw),
+                            mask=mask_o[:, None] & mask_c[None, :],
+                            other=0.0,
+                        )
                     acc_a, acc_b = _relevance_accumulate(
                         acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
                     )

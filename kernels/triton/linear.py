@@ -66,10 +66,16 @@ def _linear_forward_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < IN
         valid = mask_m[:, None] & mask_k[None, :]
-        offs_w = offs_o[None, :] * IN + offs_k[:, None]
         if DENOMINATOR and RULE == FLAT:
-            offs_w = offs_w * 0  # w_ptr is a single 1.0 (``single_one``)
-        w = tl.load(w_ptr + offs_w, mask=mask_k[:, None] & mask_o[None, :], other=0.0)
+            # w_ptr is a single 1.0 (``single_one``).
+            w = tl.load(w_ptr + tl.zeros((BLOCK_K, BLOCK_O), tl.int32),
+                        mask=mask_k[:, None] & mask_o[None, :], other=0.0)  # fmt: skip
+        else:
+            w = tl.load(
+                w_ptr + offs_o[None, :] * IN + offs_k[:, None],
+                mask=mask_k[:, None] & mask_o[None, :],
+                other=0.0,
+            )
         # With DENOMINATOR, x is a row of ones (the host's).
         x = tl.load(x_ptr + rows[:, None] * IN + offs_k[None, :], mask=valid, other=0.0)
         if DENOMINATOR:
@@ -119,10 +125,16 @@ def _linear_relevance_kernel(
             den_ptr, offs_o[None, :], mask_o[None, :],
             p0, p1, stabilizer, RULE,
         )  # fmt: skip
-        offs_w = offs_o[:, None] * IN + offs_k[None, :]
         if RULE == FLAT:
-            offs_w = offs_w * 0  # w_ptr is a single 1.0 (``single_one``)
-        w = tl.load(w_ptr + offs_w, mask=mask_o[:, None] & mask_k[None, :], other=0.0)
+            # w_ptr is a single 1.0 (``single_one``).
+            w = tl.load(w_ptr + tl.zeros((BLOCK_O, BLOCK_K), tl.int32),
+                        mask=mask_o[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
+        else:
+            w = tl.load(
+                w_ptr + offs_o[:, None] * IN + offs_k[None, :],
+                mask=mask_o[:, None] & mask_k[None, :],
+                other=0.0,
+            )
         acc_a, acc_b = _relevance_accumulate(
             acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
         )
