@@ -10,7 +10,7 @@
 #                interpreter (3.2 on: the 3.0 and 3.1 interpreters misread torch 2.9+ tensors, a
 #                plain copy kernel included, so they say nothing of relprop)
 #
-#   bash scripts/triton_versions.sh [VERSION ...]     default: 3.0.0 3.1.0 3.2.0 3.3.1 3.4.0 3.5.1 3.6.0
+#   bash scripts/triton_versions.sh [VERSION ...]     default: 3.0.0 to 3.9.0, one release each
 #
 # No GPU is needed. Wheels are cached in ${TRITON_VERSIONS_DIR:-~/.cache/relprop/triton}; a summary
 # line per version and architecture goes to stdout, logs to $OUT (default out/triton_versions).
@@ -21,7 +21,7 @@ CACHE=${TRITON_VERSIONS_DIR:-$HOME/.cache/relprop/triton}
 OUT=${OUT:-out/triton_versions}
 mkdir -p "$CACHE" "$OUT"
 versions=("$@")
-[[ ${#versions[@]} -eq 0 ]] && versions=(3.0.0 3.1.0 3.2.0 3.3.1 3.4.0 3.5.1 3.6.0)
+[[ ${#versions[@]} -eq 0 ]] && versions=(3.0.0 3.1.0 3.2.0 3.3.1 3.4.0 3.5.1 3.6.0 3.7.1 3.8.0 3.9.0)
 failed=0
 for version in "${versions[@]}"; do
     site=$CACHE/$version
