@@ -259,6 +259,13 @@ def _forward_accumulate(
 
 
 @triton.jit
+def _load_ones(one_ptr, mask):
+    """A tile of ones shaped like ``mask`` (zero where it is false), loaded from the single 1.0 at
+    ``one_ptr`` (``single_one``): the flat rule's weights."""
+    return tl.load(one_ptr + tl.zeros(mask.shape, tl.int32), mask=mask, other=0.0)
+
+
+@triton.jit
 def _denominator_accumulate(acc0, ones, w, RULE: tl.constexpr, PRECISION: tl.constexpr):
     """Add one K-tile of the input-independent denominators to ``acc0``.
 

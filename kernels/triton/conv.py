@@ -30,6 +30,7 @@ from ._common import (
     _denominator_accumulate,
     _forward_accumulate,
     _forward_epilogue,
+    _load_ones,
     _relevance_accumulate,
     _relevance_epilogue,
     _relevance_scales,
@@ -59,7 +60,7 @@ def _conv2d_forward_kernel(
     """One (BLOCK_M output pixels × BLOCK_O output channels) tile of z and the rule's
     modified pre-activations for group ``program_id(2)``.
 
-    With ``DENOMINATOR`` it computes instead, for one virtual all-ones image (zero-padded), the
+    With ``DENOMINATOR`` it computes instead, for an all-ones image (zero-padded; the host's), the
     w²-rule's ``W²·1 + b²`` or the flat rule's ``1·1``.
     """
     pid_m = tl.program_id(0)
@@ -90,9 +91,7 @@ def _conv2d_forward_kernel(
                 mask_c = offs_c < C_GROUP
                 valid = inside[:, None] & mask_c[None, :]
                 if DENOMINATOR and RULE == FLAT:
-                    # w_ptr is a single 1.0 (``single_one``).
-                    w = tl.load(w_ptr + tl.zeros((BLOCK_K, BLOCK_O), tl.int32),
-                                mask=mask_c[:, None] & mask_o[None, :], other=0.0)  # fmt: skip
+                    w = _load_ones(w_ptr, mask_c[:, None] & mask_o[None, :])
                 else:
                     w = tl.load(
                         w_ptr + w_filter[None, :] + offs_c[:, None] * (KH * KW) + (kh * KW + kw),
@@ -192,9 +191,7 @@ def _conv2d_relevance_kernel(
                         p0, p1, stabilizer, RULE,
                     )  # fmt: skip
                     if RULE == FLAT:
-                        # w_ptr is a single 1.0 (``single_one``).
-                        w = tl.load(w_ptr + tl.zeros((BLOCK_O, BLOCK_C), tl.int32),
-                                    mask=mask_o[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+                        w = _load_ones(w_ptr, mask_o[:, None] & mask_c[None, :])
                     else:
                         w = tl.load(
                             w_ptr
@@ -445,7 +442,7 @@ def conv2d_relevance(
     saved = [t.contiguous() for t in saved]
     saved += [saved[0]] * (3 - len(saved))
     if spec.code in (WSQUARE.value, FLAT.value):
-        # Input-independent: computed once per call for one virtual image of ones, broadcast.
+        # Input-independent: computed once per call for one image of ones, broadcast.
         geometry = (stride, padding, dilation, groups)
         (denominator,) = _launch_forward(x[:1], weight, bias, geometry, spec, 1, True)
     else:

@@ -23,6 +23,7 @@ from ._common import (
     _denominator_accumulate,
     _forward_accumulate,
     _forward_epilogue,
+    _load_ones,
     _relevance_accumulate,
     _relevance_epilogue,
     _relevance_scales,
@@ -49,7 +50,7 @@ def _linear_forward_kernel(
 ):  # fmt: skip
     """One (BLOCK_M × BLOCK_O) tile of z and of the rule's modified pre-activations.
 
-    With ``DENOMINATOR`` it computes instead, for a virtual all-ones input row, the w²-rule's
+    With ``DENOMINATOR`` it computes instead, for an all-ones input row (the host's), the w²-rule's
     ``W²·1 + b²`` or the flat rule's ``1·1``.
     """
     pid_m = tl.program_id(0)
@@ -67,9 +68,7 @@ def _linear_forward_kernel(
         mask_k = offs_k < IN
         valid = mask_m[:, None] & mask_k[None, :]
         if DENOMINATOR and RULE == FLAT:
-            # w_ptr is a single 1.0 (``single_one``).
-            w = tl.load(w_ptr + tl.zeros((BLOCK_K, BLOCK_O), tl.int32),
-                        mask=mask_k[:, None] & mask_o[None, :], other=0.0)  # fmt: skip
+            w = _load_ones(w_ptr, mask_k[:, None] & mask_o[None, :])
         else:
             w = tl.load(
                 w_ptr + offs_o[None, :] * IN + offs_k[:, None],
@@ -126,9 +125,7 @@ def _linear_relevance_kernel(
             p0, p1, stabilizer, RULE,
         )  # fmt: skip
         if RULE == FLAT:
-            # w_ptr is a single 1.0 (``single_one``).
-            w = tl.load(w_ptr + tl.zeros((BLOCK_O, BLOCK_K), tl.int32),
-                        mask=mask_o[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
+            w = _load_ones(w_ptr, mask_o[:, None] & mask_k[None, :])
         else:
             w = tl.load(
                 w_ptr + offs_o[:, None] * IN + offs_k[None, :],
@@ -302,7 +299,7 @@ def linear_relevance(
     flat_saved = [t.reshape(n_rows, n_out).contiguous() for t in saved]
     flat_saved += [flat_saved[0]] * (3 - len(flat_saved))
     if spec.code in (WSQUARE.value, FLAT.value):
-        # Input-independent: computed once per call for one virtual row of ones, broadcast.
+        # Input-independent: computed once per call for one row of ones, broadcast.
         ones_row = x2d[:1]
         (denominator,) = _launch_forward(ones_row, weight, bias, spec, 1, denominator=True)
     else:
