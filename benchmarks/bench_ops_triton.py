@@ -21,7 +21,9 @@ Run on a GPU machine, unattended::
 
     python benchmarks/bench_ops_triton.py --out bench_ops_triton.csv
 
-Without CUDA it prints why and exits 0.
+Without CUDA it prints why and exits 0. ``--device cpu --smoke`` runs the whole script on a few
+tiny layer shapes under ``TRITON_INTERPRET=1`` instead (wall-clock medians, no memory column):
+the test suite does so, so that the GPU run does not find the script broken.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import argparse
 import csv
 import functools
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,6 +87,16 @@ LAYERS = [
 ]
 
 
+# Tiny shapes for --smoke (CPU, Triton's interpreter): odd sizes, a stride, a mixed-sign first
+# layer, and both layer kinds.
+SMOKE_LAYERS = [
+    Layer("smoke.first_conv", "conv", 3, 5, 9, 3, 1, 1, first=True),
+    Layer("smoke.strided_conv", "conv", 5, 6, 7, 3, 2, 1),
+    Layer("smoke.pointwise_conv", "conv", 6, 4, 5, 1),
+    Layer("smoke.linear", "linear", 33, 17),
+]
+
+
 def rules_for(layer: Layer) -> list[str]:
     """The rules a composite would put on this layer (zB and flat only on the first one)."""
     if layer.first:
@@ -90,8 +104,8 @@ def rules_for(layer: Layer) -> list[str]:
     return ["epsilon", "zplus", "alphabeta", "gamma"]
 
 
-def make_inputs(layer: Layer, batch: int, dtype: torch.dtype):
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def make_inputs(layer: Layer, batch: int, dtype: torch.dtype, device: str = "cuda"):
+    gen = torch.Generator(device=device).manual_seed(0)
     if layer.kind == "conv":
         x_shape = (batch, layer.in_features, layer.size, layer.size)
         w_shape = (layer.out_features, layer.in_features, layer.kernel, layer.kernel)
@@ -99,11 +113,11 @@ def make_inputs(layer: Layer, batch: int, dtype: torch.dtype):
         x_shape = (batch, layer.in_features)
         w_shape = (layer.out_features, layer.in_features)
     fan_in = w_shape[1] * layer.kernel * layer.kernel
-    x = torch.randn(x_shape, device="cuda", generator=gen)
+    x = torch.randn(x_shape, device=device, generator=gen)
     if not layer.first:
         x = x.clamp_(min=0)
-    w = torch.randn(w_shape, device="cuda", generator=gen) / fan_in**0.5
-    b = torch.randn(layer.out_features, device="cuda", generator=gen) * 0.1
+    w = torch.randn(w_shape, device=device, generator=gen) / fan_in**0.5
+    b = torch.randn(layer.out_features, device=device, generator=gen) * 0.1
     return x.to(dtype), w.to(dtype), b.to(dtype)
 
 
@@ -172,8 +186,24 @@ def providers(layer: Layer, rule: str):
     }
 
 
-def peak_extra_memory(step: Callable[[], torch.Tensor]) -> int:
-    """Bytes allocated at peak during one call, beyond what was allocated before it."""
+def cpu_bench(step: Callable[[], torch.Tensor], rounds: int = 3) -> list[float]:
+    """Median, 20th and 80th percentile in ms of ``rounds`` calls after one: ``do_bench``'s
+    quantiles on a CPU, where it cannot run."""
+    step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    cuts = statistics.quantiles(times, n=10, method="inclusive")
+    return [statistics.median(times), cuts[1], cuts[7]]
+
+
+def peak_extra_memory(step: Callable[[], torch.Tensor]) -> int | None:
+    """Bytes allocated at peak during one call, beyond what was allocated before it (None on a
+    CPU: torch counts no peak there)."""
+    if not torch.cuda.is_available():
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -191,17 +221,22 @@ def describe(layer: Layer, batch: int) -> str:
 
 def run(args: argparse.Namespace) -> list[dict]:
     import triton
-    from triton.testing import do_bench
 
-    device_name = torch.cuda.get_device_name()
+    cuda = args.device == "cuda"
+    if cuda:
+        from triton.testing import do_bench
+
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = "cpu (Triton interpreter)"
     version = f"torch {torch.__version__}, triton {triton.__version__}"
     rows = []
-    for layer in LAYERS:
+    for layer in SMOKE_LAYERS if args.smoke else LAYERS:
         if args.filter and args.filter not in layer.name:
             continue
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
-            x, w, b = make_inputs(layer, args.batch, dtype)
+            x, w, b = make_inputs(layer, args.batch, dtype, args.device)
             if layer.kind == "conv":
                 z = F.conv2d(x, w, b, layer.stride, layer.padding)
             else:
@@ -214,12 +249,16 @@ def run(args: argparse.Namespace) -> list[dict]:
                 scale = relevance["reference"].float().abs().max().clamp(min=1e-30)
                 deviation = ((relevance["triton"].float() - relevance["reference"].float()).abs()
                              .max() / scale).item()  # fmt: skip
-                torch.cuda.synchronize()  # a faulting kernel is named here, not in a timing
+                if cuda:
+                    torch.cuda.synchronize()  # a faulting kernel is named here, not in a timing
                 del relevance
                 times = {}
                 for name, step in steps.items():
                     call = functools.partial(step, x, w, b, r)
-                    p50, p20, p80 = do_bench(call, quantiles=QUANTILES)
+                    if cuda:
+                        p50, p20, p80 = do_bench(call, quantiles=QUANTILES)
+                    else:
+                        p50, p20, p80 = cpu_bench(call)
                     times[name] = p50
                     memory = peak_extra_memory(call)
                     base = {
@@ -228,8 +267,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                         "device": device_name, "version": version,
                     }  # fmt: skip
                     rows.append({**base, "metric": "time_ms", "p50": p50, "p20": p20, "p80": p80})
-                    rows.append({**base, "metric": "peak_extra_mib", "p50": memory / 2**20,
-                                 "p20": "", "p80": ""})  # fmt: skip
+                    if memory is not None:
+                        rows.append({**base, "metric": "peak_extra_mib", "p50": memory / 2**20,
+                                     "p20": "", "p80": ""})  # fmt: skip
                 print(
                     f"{layer.name:28s} {dtype_name:4s} {rule:9s} "
                     f"grad {times['gradient']:7.3f} ms  triton {times['triton']:7.3f} "
@@ -242,7 +282,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rows.append({**base, "provider": "triton-vs-reference", "metric": "max_rel_dev",
                              "p50": deviation, "p20": "", "p80": ""})  # fmt: skip
             del x, w, b, z, r
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -252,8 +293,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16")
     parser.add_argument("--filter", default="", help="only layers whose name contains this")
     parser.add_argument("--out", default="bench_ops_triton.csv", help="CSV file to write")
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: the kernels under TRITON_INTERPRET=1, a check of the script, not a measurement",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few tiny layer shapes instead of VGG16's/ResNet50's"
+    )
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error(
+                "--device cpu runs the Triton kernels in Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before starting Python"
+            )
+    elif not torch.cuda.is_available():
         print("bench_ops_triton: no CUDA device; nothing to measure (run it on a GPU machine).")
         return 0
     rows = run(args)

@@ -5,12 +5,15 @@ compiler)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from relprop import _native
 
@@ -134,3 +137,36 @@ def test_broken_build_guard(allow_no_native):
     else:
         assert result.returncode == 1, result.stdout + result.stderr
         assert "1 failed" in result.stdout
+
+
+def _parameter_names(entry) -> list[str]:
+    """Keyword names of a pybind11 function, read off the signature line of its docstring."""
+    signature = entry.__doc__.splitlines()[0]
+    return re.findall(r"[(,]\s*(\w+):", signature)
+
+
+def test_cuda_entries_take_the_cpu_twins_arguments_plus_the_launch(monkeypatch):
+    # The Python glue builds one keyword dict for both twins and adds the launch keywords for
+    # CUDA (relprop/ops/*.py: `**_native.cuda_launch_args(...)`, a workspace for the pools). No
+    # test here can call a CUDA entry, so a keyword that drifts between the twins would first
+    # fail on a GPU; this compares the compiled signatures instead.
+    if not _native.native_available():
+        pytest.skip(f"relprop._C did not load: {_native.native_error()}")
+    if not _native.cuda_compiled():
+        pytest.skip("relprop._C was built without its CUDA kernels")
+    module = _native.native()
+    cpu_entries = sorted(n for n in dir(module) if n.endswith("_cpu"))
+    assert cpu_entries == [
+        "adaptive_avg_pool2d_relevance_cpu", "avg_pool2d_relevance_cpu",
+        "max_pool_relevance_cpu", "paired_shares_cpu", "stabilized_divide_cpu",
+    ]  # fmt: skip
+    # The launch keywords as the glue makes them, with torch's stream queries stubbed (no GPU).
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=0))
+    launch = list(_native.cuda_launch_args(torch.zeros(1)))
+    for cpu_name in cpu_entries:
+        name = cpu_name.removesuffix("_cpu")
+        cpu = _parameter_names(getattr(module, cpu_name))
+        cuda = _parameter_names(getattr(module, f"{name}_cuda"))
+        workspace = ["workspace"] if "pool" in name else []
+        assert cuda == cpu + workspace + launch, (name, cpu, cuda)

@@ -21,7 +21,7 @@ using cuda_detail::DeviceGuard;
 using cuda_detail::elementwise_blocks;
 using cuda_detail::kElementwiseThreads;
 using cuda_detail::load;
-using cuda_detail::store;
+using cuda_detail::store_share;
 
 // The relevance's factor (x of the layer above, when the relevance arrives as c · x) is read only
 // when kFactor: the product is formed here instead of in a pass of its own before the division.
@@ -40,7 +40,7 @@ __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ nu
     if (kMask == SignMask::Positive) keep = keep && load(reference, i) > C(0);
     if (kMask == SignMask::Negative) keep = keep && load(reference, i) < C(0);
     const C value = kFactor ? load(numerator, i) * load(factor, i) : load(numerator, i);
-    store(out, i, keep ? (scale * value) / stabilized : C(0));
+    store_share(out, i, keep ? (scale * value) / stabilized : C(0));
   }
 }
 

@@ -23,7 +23,7 @@ using cuda_detail::DeviceGuard;
 using cuda_detail::elementwise_blocks;
 using cuda_detail::kElementwiseThreads;
 using cuda_detail::load;
-using cuda_detail::store;
+using cuda_detail::store_share;
 
 // z_weight · z rounded on its own, as the reference and the CPU twin round it: nvcc would
 // otherwise contract the product and the subtraction after it into one FMA, and where that
@@ -60,8 +60,8 @@ __global__ void paired_shares_kernel(int64_t numel, int64_t inner,
     // Sample n's shares are the rows (n, 0, ·) and (n, 1, ·) of the (samples, 2, inner) output.
     const int64_t sample = i / inner;
     const int64_t at = i + sample * inner;
-    store(out, at, keep_first ? (p.scale * r) / stab_first : C(0));
-    store(out, at + inner, keep_second ? (p.second_scale * r) / stab_second : C(0));
+    store_share(out, at, keep_first ? (p.scale * r) / stab_first : C(0));
+    store_share(out, at + inner, keep_second ? (p.second_scale * r) / stab_second : C(0));
   }
 }
 

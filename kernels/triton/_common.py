@@ -193,6 +193,18 @@ def _divide(r, d, e):
 
 
 @triton.jit
+def _share_operand(s, w):
+    """The fp32 share ``s`` as an operand of the product with ``w``, in ``w``'s dtype; for
+    float16 saturated at ±65504 first, as ``relprop::stabilized_divide`` stores it: an infinite
+    share (a denominator near 0, e.g. α-β's ``z⁻`` where every negative weight meets a zero
+    input) times a zero weight would be NaN in the product."""
+    if w.dtype == tl.float16:
+        # Comparisons, not tl.minimum/maximum: those may return the other operand for a NaN.
+        s = tl.where(s > 65504.0, 65504.0, tl.where(s < -65504.0, -65504.0, s))
+    return s.to(w.dtype)
+
+
+@triton.jit
 def _forward_accumulate(
     acc0,
     acc1,
@@ -400,12 +412,12 @@ def _relevance_accumulate(
     3.6 compiled into wrong results for 16-bit γ on an H100.
     """
     if RULE == EPSILON:
-        acc_a = tl.dot(s_up.to(w.dtype), w, acc_a, input_precision=PRECISION)
+        acc_a = tl.dot(_share_operand(s_up, w), w, acc_a, input_precision=PRECISION)
     elif RULE == WSQUARE:
-        acc_a = tl.dot(s_up.to(w.dtype), w * w, acc_a, input_precision=PRECISION)
+        acc_a = tl.dot(_share_operand(s_up, w), w * w, acc_a, input_precision=PRECISION)
     elif RULE == FLAT:
         # ``w`` is a loaded tile of ones here (see ``single_one``).
-        acc_a = tl.dot(s_up.to(w.dtype), w, acc_a, input_precision=PRECISION)
+        acc_a = tl.dot(_share_operand(s_up, w), w, acc_a, input_precision=PRECISION)
     else:
         if RULE == GAMMA:
             w_a = (w + p0 * _positive(w)).to(w.dtype)
@@ -413,7 +425,7 @@ def _relevance_accumulate(
         else:
             w_a = _positive(w)
             w_b = _negative(w)
-        s_up_w = s_up.to(w.dtype)
+        s_up_w = _share_operand(s_up, w)
         acc_a = tl.dot(s_up_w, w_a, acc_a, input_precision=PRECISION)
         if RULE == ZBOX:
             acc_b = tl.dot(s_up_w, w_b, acc_b, input_precision=PRECISION)
@@ -421,7 +433,7 @@ def _relevance_accumulate(
             if X_MIXED:
                 acc_b = tl.dot(s_up_w, w_b, acc_b, input_precision=PRECISION)
         if DOWN_STREAM:
-            s_down_w = s_down.to(w.dtype)
+            s_down_w = _share_operand(s_down, w)
             acc_a = tl.dot(s_down_w, w_b, acc_a, input_precision=PRECISION)
             if X_MIXED:
                 acc_b = tl.dot(s_down_w, w_a, acc_b, input_precision=PRECISION)

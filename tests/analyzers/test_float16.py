@@ -85,3 +85,37 @@ def test_other_dtypes_are_not_scaled():
     assert scale.flatten().tolist() == [2.0**8 / 4, 1.0]  # ceil(log2 3) = 2; a zero row keeps 1
     tiny = program._float16_range_scale(torch.tensor([[1e-5]]).half())
     assert tiny.item() == 2.0**10  # capped: the output layer's R / z is the factor itself
+
+
+def _dead_inhibitor_model() -> nn.Module:
+    """Channel 0 of the first convolution never fires (zero weights, negative bias), and unit 0
+    of the second has its only negative weight on that channel and a positive bias: its ``z⁻``
+    is exactly 0, so α-β's share ``R / stab(z⁻, 1e-6)`` is ~1e6·R, past float16's range."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 10),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].weight[0] = 0.0
+        model[0].bias[0] = -1.0
+        model[2].weight[0] = model[2].weight[0].abs()
+        model[2].weight[0, 0] = -model[2].weight[0, 0]
+        model[2].bias[0] = model[2].bias[0].abs() + 0.1
+    return model
+
+
+@pytest.mark.parametrize(
+    "backend", ["native", "reference", pytest.param("triton", marks=pytest.mark.interpret)]
+)
+def test_float16_share_past_the_range_is_not_nan(backend, monkeypatch):
+    """An infinite share would make ``inf · 0 = NaN`` in the transposed product, and the NaN
+    would spread over the whole heatmap; saturated at 65504 the zero inputs and weights zero it,
+    as in float64 (the oracle)."""
+    model = _dead_inhibitor_model()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    composite = relprop.composites.EpsilonAlpha2Beta1
+    truth = _relevance(model, x, torch.float64, composite, monkeypatch, "reference")
+    half = _relevance(model, x, torch.float16, composite, monkeypatch, backend)
+    assert torch.isfinite(half).all()
+    assert _cosine(half, truth) > 0.999

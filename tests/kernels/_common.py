@@ -25,6 +25,11 @@ RULES = [
     ("zbox", [-4.0, 4.0, 1e-6]),
 ]
 RULE_IDS = [f"{rule}{params}" for rule, params in RULES]
+# One parameter set per rule, the first listed: the full rule (α-β with β ≠ 0, z⁺ with its bias).
+# (``dict(RULES)`` would keep the last, α-β with β = 0, which runs no second stream.)
+FULL_PARAMS: dict[str, list[float]] = {}
+for _rule, _params in RULES:
+    FULL_PARAMS.setdefault(_rule, _params)
 
 
 def _div(r: torch.Tensor, d: torch.Tensor, e: float) -> torch.Tensor:

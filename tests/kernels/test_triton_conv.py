@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tests.kernels._common import (
     CAN_RUN,
     DEVICE,
+    FULL_PARAMS,
     RULE_IDS,
     RULES,
     assert_flash_close,
@@ -131,7 +132,7 @@ def test_more_geometries_match_float64_reference(geometry, rule, params):
 @pytest.mark.parametrize("rule", ["epsilon", "gamma", "alphabeta"])
 def test_several_tiles_per_dimension(rule):
     """More pixels, channels and outputs than one 16-wide tile, so every loop runs repeatedly."""
-    params = dict(RULES)[rule]
+    params = FULL_PARAMS[rule]
     tensors, geometry = make_case((8, 34, 5, 6), 34, (2, 2, 1, 1, 2), False, True, seed=2)
     check_against_reference(tensors, geometry, rule, params)
 
@@ -140,7 +141,7 @@ def test_several_tiles_per_dimension(rule):
 @pytest.mark.interpret
 @pytest.mark.parametrize("rule", ["gamma", "alphabeta", "zbox"])
 def test_two_runs_are_bitwise_equal(rule):
-    params = dict(RULES)[rule]
+    params = FULL_PARAMS[rule]
     tensors, geometry = make_case((2, 5, 7, 9), 6, (3, 2, 1, 2, 1), False, True, seed=3)
     tensors = _as(tensors, torch.float32)
     first, second = (run_kernels(tensors, geometry, rule, params) for _ in range(2))
@@ -178,7 +179,7 @@ def test_rejects_mismatched_groups():
 @pytest.mark.parametrize("nonneg", [False, True], ids=["mixed", "nonneg"])
 def test_float16_matches_float64_reference(nonneg, rule):
     """16-bit inputs take their own forward for α-β (z⁻ = z − z⁺ from fp32 accumulators)."""
-    params = dict(RULES)[rule]
+    params = FULL_PARAMS[rule]
     tensors, geometry = make_case((2, 5, 7, 9), 6, (3, 2, 1, 1, 1), nonneg, True, seed=8)
     check_against_reference(tensors, geometry, rule, params, dtype=torch.float16, ulps=2.0)
 

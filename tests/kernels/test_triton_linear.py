@@ -12,6 +12,7 @@ import torch
 from tests.kernels._common import (
     CAN_RUN,
     DEVICE,
+    FULL_PARAMS,
     RULE_IDS,
     RULES,
     assert_flash_close,
@@ -97,7 +98,7 @@ def test_matches_float64_reference(batch_shape, n_in, n_out, nonneg, with_bias, 
 @pytest.mark.interpret
 @pytest.mark.parametrize("rule", ["gamma", "alphabeta", "epsilon"])
 def test_two_runs_are_bitwise_equal(rule):
-    params = dict(RULES)[rule]
+    params = FULL_PARAMS[rule]
     x, w, b, relevance = _as(make_case((19,), 37, 21, False, True, rule, seed=3), torch.float32)
     runs = []
     for _ in range(2):
@@ -147,7 +148,7 @@ def test_rejects_wrong_params_and_dtypes():
 @pytest.mark.parametrize("nonneg", [False, True], ids=["mixed", "nonneg"])
 def test_float16_matches_float64_reference(nonneg, rule):
     """16-bit inputs take their own forward for α-β (z⁻ = z − z⁺ from fp32 accumulators)."""
-    params = dict(RULES)[rule]
+    params = FULL_PARAMS[rule]
     case = make_case((3,), 37, 21, nonneg, True, rule, seed=8)
     check_against_reference(case, rule, params, dtype=torch.float16, ulps=2.0)
 
@@ -158,10 +159,38 @@ def test_float16_gamma_where_plain_torch_overflows():
     """The GPU test's γ case: plain torch in float16 overflows to NaN here (its shares leave the
     range), the kernel (float32 inside) stays finite and within a few ulps of the float64 truth."""
     rule = "gamma"
-    params = dict(RULES)[rule]
+    params = FULL_PARAMS[rule]
     case = make_case((67,), 300, 130, True, True, rule, seed=5)
     _, torch_low = reference(*_as(case, torch.float16), rule, params)
     assert not torch.isfinite(torch_low).all()
+    check_against_reference(case, rule, params, dtype=torch.float16, ulps=2.0)
+
+
+def dead_inhibitor_case(seed: int = 3):
+    """A non-negative input whose first 5 features are 0 for every sample and a unit 0 whose
+    negative weights (and bias) all sit there: its ``z⁻`` is exactly 0, and α-β's share
+    ``R/stab(0, 1e-6)`` is past float16's range (~1e6)."""
+    x, w, b, relevance = make_case((4,), 23, 9, True, True, "alphabeta", seed)
+    x[:, :5] = 0.0
+    w[0, 5:] = w[0, 5:].abs()
+    b[0] = b[0].abs()
+    relevance[:, 0] = 1.0 + relevance[:, 0].abs()
+    return [x, w, b, relevance]
+
+
+@needs_triton
+@pytest.mark.interpret
+def test_float16_share_past_the_range_does_not_make_nan():
+    """Stored in float16 an overflowed share is inf, and the transposed product gives
+    ``inf · 0 = NaN`` for every input of the unit. The kernels saturate it at 65504 (as
+    ``relprop::stabilized_divide`` does), which the zero inputs and weights then zero exactly,
+    as in float64."""
+    rule, params = "alphabeta", [2.0, 1.0, 1e-6, 1.0]
+    case = dead_inhibitor_case()
+    saved_truth, _ = reference(*_as(_as(case, torch.float16), torch.float64), rule, params)
+    assert (saved_truth[2][:, 0] == 0).all()  # z⁻ of unit 0
+    _, torch_low = reference(*_as(case, torch.float16), rule, params)
+    assert not torch.isfinite(torch_low).all()  # the case is real: plain float16 torch has NaN
     check_against_reference(case, rule, params, dtype=torch.float16, ulps=2.0)
 
 

@@ -63,9 +63,11 @@ def assert_matches_oracle(actual: torch.Tensor, expected: torch.Tensor, dtype) -
     zero = expected == 0
     assert torch.equal(actual[zero], torch.zeros_like(actual[zero]))
     assert not torch.signbit(actual[zero]).any()
-    # Quotients beyond the dtype's range are ±inf in it (float16 overflows past 65504).
+    # Quotients beyond the dtype's range: float16 saturates at ±65504 (an infinite share would
+    # make NaN in the transposed product), the others are ±inf.
     overflow = torch.isinf(expected.to(dtype))
-    assert torch.equal(actual[overflow], expected.to(dtype).double()[overflow])
+    stored = expected.clamp(-65504, 65504) if dtype == torch.float16 else expected
+    assert torch.equal(actual[overflow], stored.to(dtype).double()[overflow])
     actual, expected = actual[~overflow], expected[~overflow]
     tiny = 2.0**-24 if dtype == torch.float16 else 0.0  # float16 subnormal spacing
     error = (actual - expected).abs()
@@ -238,6 +240,20 @@ def test_half_precision_is_computed_in_float32(backend, dtype):
     n, d, reference = sample((5, 23), dtype)
     out = elementwise.stabilized_divide(n, d, 0.25, 1.5, reference, -1)
     assert_matches_oracle(out, oracle(n, d, 0.25, 1.5, reference, -1), dtype)
+
+
+def test_float16_shares_saturate_instead_of_overflowing(backend):
+    # 1 / stab(0, 1e-9) is 1e9 in float32, past float16's 65504: stored as ±65504, never ±inf,
+    # so that a zero weight or input still zeroes it in the product (inf · 0 would be NaN). A NaN
+    # stays a NaN. Oracle: float64, clamped to float16's range by hand.
+    n = torch.tensor([1.0, -1.0, 3.0, 1.0, float("nan"), 2.0], dtype=torch.float16)
+    d = torch.tensor([0.0, 0.0, 1e-5, -1e-5, 1.0, 4.0], dtype=torch.float16)
+    out = elementwise.stabilized_divide(n, d, 1e-9)
+    assert out.dtype == torch.float16
+    assert out[[0, 1, 2, 3, 5]].tolist() == [65504.0, -65504.0, 65504.0, -65504.0, 0.5]
+    assert out[4].isnan()
+    products = out[:4].unsqueeze(0) * torch.zeros(1, 4, dtype=torch.float16)
+    assert torch.equal(products, torch.zeros_like(products))
 
 
 def test_invalid_arguments_are_refused():

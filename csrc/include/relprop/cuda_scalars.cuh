@@ -47,6 +47,19 @@ __device__ __forceinline__ void store(T* p, int64_t i, typename Compute<T>::type
   p[i] = from_compute<T>(v);
 }
 
+// A share R / stab(z) stored in T: float16 saturates at ±65504 instead of overflowing to ±inf,
+// as the reference does (relprop/ops/elementwise.py): an infinite share times a zero weight is
+// NaN in the transposed product. Comparisons keep a NaN a NaN (fminf/fmaxf would not).
+template <typename T>
+__device__ __forceinline__ void store_share(T* p, int64_t i, typename Compute<T>::type v) {
+  store(p, i, v);
+}
+template <>
+__device__ __forceinline__ void store_share<__half>(__half* p, int64_t i, float v) {
+  constexpr float kHalfMax = 65504.0f;
+  p[i] = __float2half(v > kHalfMax ? kHalfMax : (v < -kHalfMax ? -kHalfMax : v));
+}
+
 // Threads per block of the element-wise kernels, and a grid bound: enough resident blocks to
 // saturate the memory system of any current GPU (a grid-stride loop covers the rest) without
 // launching millions of short-lived blocks.

@@ -29,6 +29,7 @@ from relprop.ops._backend import call_op
 from relprop.ops.elementwise import (
     stabilized_divide_kernel,
     stabilized_divide_op,
+    stabilized_divide_reference,
 )
 from relprop.ops.paired_shares import (
     paired_shares_kernel,
@@ -84,17 +85,13 @@ def check_rule(rule: str, params: Sequence[float]) -> None:
         )
 
 
-def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
-    """``d + ε·(sign(d) + [d = 0])``: zero (also −0.0) counts as positive, as in Zennit."""
-    return denominator + epsilon * (torch.sign(denominator) + (denominator == 0).to(denominator))
-
-
 def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
-    """``numerator / stab(denominator, ε)``; with ε = 0 a zero denominator gives zero."""
-    if epsilon == 0:
-        safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
-        return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
-    return numerator / stabilize(denominator, epsilon)
+    """``numerator / stab(denominator, ε)`` by the reference of ``relprop::stabilized_divide``
+    (broadcasting): 0 where the stabilised denominator is 0 (ε = 0), 16-bit dtypes computed in
+    float32 and float16 saturated at ±65504 (docs/ops.md). In float16 arithmetic ε = 1e-9 rounds
+    to 0 and a zero denominator gave ``0/0 = NaN``, and an overflowed share ``inf · 0 = NaN`` in
+    the transposed product; the rules' reference and the kernels now agree there."""
+    return stabilized_divide_reference(numerator, denominator, epsilon)
 
 
 def divide_fast(

@@ -19,7 +19,11 @@ Tensor? sign_reference, int sign, Tensor? factor=None) -> Tensor``
     input) is divided without being formed first.
 
 ``-0.0`` is a zero like ``+0.0`` and is stabilised to ``+ε`` (``copysign(ε, d)`` would give
-``−ε``). float16 and bfloat16 are computed in float32 and rounded once.
+``−ε``). float16 and bfloat16 are computed in float32 and rounded once; a float16 result beyond
+float16's range saturates at ±65504 instead of becoming ±inf. A share that large comes from a
+denominator near zero, e.g. α-β's ``z⁻`` of a unit whose every negative weight meets a zero
+input: in float32 the transposed product multiplies it by those zeros and gets 0, but an
+infinite share gives ``inf · 0 = NaN`` for every input of the unit.
 
 The reference is the ``default`` kernel (any device); the ``cpu`` kernel runs the OpenMP loop of
 ``csrc/cpu/elementwise.cpp`` (float32, float64) and the ``cuda`` kernel
@@ -40,6 +44,15 @@ from relprop import _native
 
 # float16 and bfloat16 are computed in float32, as the CUDA kernel does.
 _COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def to_share_dtype(share: Tensor, dtype: torch.dtype) -> Tensor:
+    """``share`` (computed in float32 or float64) rounded to ``dtype``; for float16 saturated at
+    ±65504 first, as the kernels store it (see the module: an infinite share makes NaN)."""
+    if dtype == torch.float16:
+        share = share.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+    return share.to(dtype)
 
 
 def check_elementwise_arguments(
@@ -96,7 +109,7 @@ def stabilized_divide_reference(
     if sign_reference is not None:
         keep &= sign_reference > 0 if sign > 0 else sign_reference < 0
     out = torch.where(keep, scale * n / stabilized, n.new_zeros(()))
-    return out.to(numerator.dtype).contiguous()
+    return to_share_dtype(out, numerator.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

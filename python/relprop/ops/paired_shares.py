@@ -24,7 +24,8 @@ so that one transposed product with the two weight sets stacked along the output
 happens inside the product's reduction. ``stab(d, e) = d + e·(sign(d) + [d = 0])`` as in
 :mod:`relprop.ops.elementwise`. float16 / bfloat16 are computed in float32: the product
 ``z_weight·z`` is rounded to the compute dtype before ``zp`` is subtracted, the difference is not
-rounded to the storage dtype before its division, and each share is rounded once.
+rounded to the storage dtype before its division, and each share is rounded once (float16
+saturated at ±65504, as in ``relprop::stabilized_divide``).
 
 The reference is the ``default`` kernel (any device); the ``cpu`` kernel runs the OpenMP loop of
 ``csrc/cpu/paired_shares.cpp`` (float32, float64; equal to the reference bitwise) and the
@@ -39,7 +40,11 @@ import torch
 from torch import Tensor
 
 from relprop import _native
-from relprop.ops.elementwise import check_elementwise_arguments, stabilized_divide_reference
+from relprop.ops.elementwise import (
+    check_elementwise_arguments,
+    stabilized_divide_reference,
+    to_share_dtype,
+)
 
 # float16 and bfloat16 are computed in float32, as the CUDA kernel does.
 _COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -77,7 +82,7 @@ def paired_shares_reference(
     second = stabilized_divide_reference(
         r, second_denominator, epsilon, second_scale, reference, -1
     )
-    return torch.cat([first, second], dim=1).to(relevance.dtype)
+    return to_share_dtype(torch.cat([first, second], dim=1), relevance.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

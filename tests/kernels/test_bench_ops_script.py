@@ -1,0 +1,71 @@
+"""``benchmarks/bench_ops_triton.py`` runs end to end, so that a GPU session does not find it
+broken: on tiny layer shapes in Triton's interpreter (``--device cpu --smoke``). Oracle for the
+numbers it reports: its Triton relevance against relprop's reference of the same op."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from tests.kernels._common import DEVICE, needs_triton
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_ops_triton.py"
+PROVIDERS = ("gradient", "triton", "native", "reference")
+# Largest |triton − reference| over max |reference| the script may report: a few ulps of the
+# dtype (float16's shares are saturated alike on both paths, docs/ops.md).
+MAX_DEVIATION = {"fp32": 1e-5, "fp16": 1e-2}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_ops_triton", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU session runs the script itself, compiled")
+def test_smoke_run_writes_every_row_and_the_kernels_match_the_reference(tmp_path):
+    bench = _load_script()
+    out = tmp_path / "bench_ops.csv"
+    argv = [
+        "--device",
+        "cpu",
+        "--smoke",
+        "--batch",
+        "2",
+        "--dtypes",
+        "fp32,fp16",
+        "--out",
+        str(out),
+    ]
+    assert bench.main(argv) == 0
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    expected = {
+        (layer.name, rule, dtype, provider)
+        for layer in bench.SMOKE_LAYERS
+        for rule in bench.rules_for(layer)
+        for dtype in MAX_DEVIATION
+        for provider in PROVIDERS
+    }
+    times = {(r["layer"], r["rule"], r["dtype"], r["provider"]): r for r in rows
+             if r["metric"] == "time_ms"}  # fmt: skip
+    assert set(times) == expected
+    assert all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in times.values())
+    deviations = [r for r in rows if r["metric"] == "max_rel_dev"]
+    assert len(deviations) == len(expected) // len(PROVIDERS)
+    for row in deviations:
+        assert float(row["p50"]) <= MAX_DEVIATION[row["dtype"]], row
+
+
+def test_cpu_device_needs_the_interpreter(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit):
+        _load_script().main(["--device", "cpu", "--smoke"])
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err
