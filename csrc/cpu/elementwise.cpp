@@ -30,8 +30,9 @@ void divide_range(const T* __restrict numerator, const T* __restrict factor,
   for (int64_t i = begin; i < end; ++i) {
     const T stabilized = stabilize_denominator(denominator[i], epsilon);
     // Parenthesised as in the reference (python/relprop/ops/elementwise.py): equal bitwise.
+    // A zero factor (x = 0) makes a zero relevance x · c even where c overflowed: inf · 0 is NaN.
     const T quotient =
-        kFactor ? (scale * (numerator[i] * factor[i])) / stabilized
+        kFactor ? (scale * (factor[i] == T(0) ? T(0) : numerator[i] * factor[i])) / stabilized
                 : (scale * numerator[i]) / stabilized;
     // `&`, not `&&`: a short-circuit would make the reference load conditional.
     bool keep = stabilized != T(0);

@@ -28,7 +28,8 @@ void shares_range(const T* __restrict relevance, const T* __restrict factor, con
                   T* __restrict second, int64_t begin, int64_t end) {
 #pragma omp simd
   for (int64_t j = begin; j < end; ++j) {
-    const T r = kFactor ? relevance[j] * factor[j] : relevance[j];
+    // A zero factor (x = 0) makes a zero relevance x · c even where c overflowed: inf · 0 is NaN.
+    const T r = kFactor ? (factor[j] == T(0) ? T(0) : relevance[j] * factor[j]) : relevance[j];
     const T stab_first = stabilize_denominator(zp[j], p.epsilon);
     // Parenthesised as in the reference (python/relprop/ops/paired_shares.py): equal bitwise.
     const T stab_second = stabilize_denominator(p.z_weight * z[j] - zp[j], p.epsilon);

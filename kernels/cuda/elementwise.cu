@@ -39,7 +39,10 @@ __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ nu
     bool keep = stabilized != C(0);
     if (kMask == SignMask::Positive) keep = keep && load(reference, i) > C(0);
     if (kMask == SignMask::Negative) keep = keep && load(reference, i) < C(0);
-    const C value = kFactor ? load(numerator, i) * load(factor, i) : load(numerator, i);
+    // A zero factor (x = 0) makes a zero relevance x · c even where c overflowed (float16): inf ·
+    // 0 is NaN.
+    const C f = kFactor ? load(factor, i) : C(1);
+    const C value = kFactor ? (f == C(0) ? C(0) : load(numerator, i) * f) : load(numerator, i);
     store_share(out, i, keep ? (scale * value) / stabilized : C(0));
   }
 }

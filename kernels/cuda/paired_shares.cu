@@ -45,7 +45,10 @@ __global__ void paired_shares_kernel(int64_t numel, int64_t inner,
   using C = typename Compute<T>::type;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const C r = kFactor ? load(relevance, i) * load(factor, i) : load(relevance, i);
+    // A zero factor (x = 0) makes a zero relevance x · c even where c overflowed (float16): inf ·
+    // 0 is NaN.
+    const C f = kFactor ? load(factor, i) : C(1);
+    const C r = kFactor ? (f == C(0) ? C(0) : load(relevance, i) * f) : load(relevance, i);
     const C output = load(z, i);
     const C modified = load(zp, i);
     const C stab_first = stabilize_denominator(modified, p.epsilon);

@@ -89,8 +89,10 @@ def test_other_dtypes_are_not_scaled():
 
 def _dead_inhibitor_model() -> nn.Module:
     """Channel 0 of the first convolution never fires (zero weights, negative bias), and unit 0
-    of the second has its only negative weight on that channel and a positive bias: its ``z⁻``
-    is exactly 0, so α-β's share ``R / stab(z⁻, 1e-6)`` is ~1e6·R, past float16's range."""
+    of the second has its only negative weights on that channel and a positive bias: its ``z⁻``
+    is exactly 0, so α-β's share ``R / stab(z⁻, 1e-6)`` is ~1e6·R, past float16's range. The
+    weights on the dead channel are large (×16, as folded batch norms make them), so even the
+    saturated share times them overflows ``c = Wᵀs`` there, where ``x = 0``."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
@@ -102,6 +104,7 @@ def _dead_inhibitor_model() -> nn.Module:
         model[2].weight[0] = model[2].weight[0].abs()
         model[2].weight[0, 0] = -model[2].weight[0, 0]
         model[2].bias[0] = model[2].bias[0].abs() + 0.1
+        model[2].weight[:, 0] *= 16.0
     return model
 
 
@@ -110,8 +113,8 @@ def _dead_inhibitor_model() -> nn.Module:
 )
 def test_float16_share_past_the_range_is_not_nan(backend, monkeypatch):
     """An infinite share would make ``inf · 0 = NaN`` in the transposed product, and the NaN
-    would spread over the whole heatmap; saturated at 65504 the zero inputs and weights zero it,
-    as in float64 (the oracle)."""
+    would spread over the whole heatmap; saturated at 65504, and with ``x · c`` taken as 0 where
+    ``x = 0``, the zero inputs and weights zero it, as in float64 (the oracle)."""
     model = _dead_inhibitor_model()
     x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
     composite = relprop.composites.EpsilonAlpha2Beta1

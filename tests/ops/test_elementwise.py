@@ -256,6 +256,18 @@ def test_float16_shares_saturate_instead_of_overflowing(backend):
     assert torch.equal(products, torch.zeros_like(products))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_factor_gives_zero_whatever_the_numerator(backend, dtype):
+    # A relevance c · x is 0 where x is: also where c overflowed (float16 c = Wᵀs past 65504)
+    # and inf · 0 would be NaN. The oracle is that definition, not the IEEE product.
+    n = torch.tensor([float("inf"), -float("inf"), float("nan"), 2.0, 3.0], dtype=dtype)
+    factor = torch.tensor([0.0, -0.0, 0.0, 0.5, 0.0], dtype=dtype)
+    d = torch.full_like(n, 2.0)
+    out = elementwise.stabilized_divide(n, d, 0.25, 1.0, None, 1, factor)
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 0.0, 1.0 / 2.25, 0.0], dtype=dtype))
+    assert not torch.signbit(out).any()
+
+
 def test_invalid_arguments_are_refused():
     n = torch.randn(3, 4)
     with pytest.raises(ValueError, match="shape"):

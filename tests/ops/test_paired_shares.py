@@ -121,6 +121,18 @@ def test_half_precision_is_computed_in_float32(backend, dtype):
             assert (out.abs() == 65504).any() and torch.isfinite(out).all()
 
 
+def test_zero_factor_gives_zero_shares_whatever_the_relevance(backend):
+    # As for relprop::stabilized_divide: R = relevance · factor is 0 where the factor (x) is,
+    # also for a relevance that overflowed (inf · 0 would be NaN).
+    relevance = torch.tensor([[float("inf"), -float("inf"), float("nan"), 3.0]])
+    factor = torch.tensor([[0.0, 0.0, -0.0, 0.5]])
+    z = torch.tensor([[2.0, 2.0, 2.0, 2.0]])
+    zp = torch.tensor([[3.0, 3.0, 3.0, 3.0]])
+    out = shares_ops.paired_shares(relevance, z, zp, 0.0, 2.0, -1.0, 1.0, False, factor)
+    assert out.tolist() == [[0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.5]]
+    assert not torch.signbit(out).any()
+
+
 def test_one_stacked_transposed_product_gives_the_rules_bracket(backend):
     """The reason the op exists: with the two weight sets stacked along the output channels, one
     transposed convolution of the paired shares is α·W⁺ᵀ(R/z⁺) − β·W⁻ᵀ(R/z⁻) (α-β) and

@@ -41,6 +41,7 @@ from relprop.ops._layer_rules import (
     prefers_factor,
     read_mark,
     stamp_mark,
+    times_factor,
 )
 from relprop.rules.base import Rule
 
@@ -68,8 +69,9 @@ class InputProduct:
     factor: Tensor
 
     def formed(self) -> Tensor:
-        """``coefficient · factor`` as a new tensor (the coefficient may be shared)."""
-        return self.coefficient * self.factor
+        """``coefficient · factor`` as a new tensor (the coefficient may be shared); in float16
+        0 where the factor is (:func:`~relprop.ops._layer_rules.times_factor`)."""
+        return times_factor(self.coefficient, self.factor)
 
 
 Relevance = Tensor | InputProduct

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from relprop.ops._backend import call_op
 from relprop.ops.elementwise import (
+    product_with_factor,
     stabilized_divide_kernel,
     stabilized_divide_op,
     stabilized_divide_reference,
@@ -92,6 +93,24 @@ def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
     to 0 and a zero denominator gave ``0/0 = NaN``, and an overflowed share ``inf · 0 = NaN`` in
     the transposed product; the rules' reference and the kernels now agree there."""
     return stabilized_divide_reference(numerator, denominator, epsilon)
+
+
+def times_factor(relevance: Tensor, factor: Tensor) -> Tensor:
+    """``relevance · factor``: a relevance ``c · x`` formed. In float16 exactly 0 where the
+    factor is, also where ``c`` overflowed (docs/ops.md: a saturated share times large weights;
+    ``inf · 0`` is NaN); other dtypes skip that pass, their ``c`` does not overflow."""
+    if relevance.dtype == torch.float16:
+        return product_with_factor(relevance, factor)
+    return relevance * factor
+
+
+def times_input_in_place(c: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x · c`` written into ``c`` (or ``out``), 0 where ``x`` is in float16 (as
+    :func:`times_factor`)."""
+    product = c.mul_(x) if out is None else torch.mul(c, x, out=out)
+    if product.dtype == torch.float16:
+        product.masked_fill_(x == 0, 0)
+    return product
 
 
 def divide_fast(
@@ -231,14 +250,19 @@ def relevance_reference(
     """
     check_rule(rule, params)
     if relevance_factor is not None:
-        relevance = relevance * relevance_factor
+        relevance = times_factor(relevance, relevance_factor)
     if not times_input:
         return _input_coefficient_reference(lin, x, weight, bias, saved, relevance, rule, params)
     fwd, tr = lin.forward, lin.transpose
     saved = complete_saved(lin, x, weight, bias, saved, rule, params)
     z = saved[0]
+
+    def times(a: Tensor, c: Tensor) -> Tensor:
+        # a · c, in float16 0 where a is, also where c overflowed (docs/ops.md).
+        return times_factor(c, a)
+
     if rule == "epsilon":
-        return x * tr(divide(relevance, z, params[0]), weight, x)
+        return times(x, tr(divide(relevance, z, params[0]), weight, x))
     if rule == "wsquare":
         w2 = weight * weight
         d = fwd(torch.ones_like(x), w2, None if bias is None else bias * bias)
@@ -251,24 +275,24 @@ def relevance_reference(
     wp, wn = weight.clamp(min=0), weight.clamp(max=0)
     if rule == "zplus":
         s = divide(relevance, saved[1], params[0])
-        return xp * tr(s, wp, x) + xn * tr(s, wn, x)
+        return times(xp, tr(s, wp, x)) + times(xn, tr(s, wn, x))
     if rule == "alphabeta":
         alpha, beta, eps = params[0], params[1], params[2]
         sp = divide(relevance, saved[1], eps)
         sn = divide(relevance, saved[2], eps)
-        activator = xp * tr(sp, wp, x) + xn * tr(sp, wn, x)
-        inhibitor = xp * tr(sn, wn, x) + xn * tr(sn, wp, x)
+        activator = times(xp, tr(sp, wp, x)) + times(xn, tr(sp, wn, x))
+        inhibitor = times(xp, tr(sn, wn, x)) + times(xn, tr(sn, wp, x))
         return alpha * activator - beta * inhibitor
     if rule == "gamma":
         w_up, w_down, _, _ = _gamma_weights(weight, bias, params[0])
         sp = divide(relevance * (z > 0), saved[1], params[1])
         sn = divide(relevance * (z < 0), saved[2], params[1])
-        return xp * (tr(sp, w_up, x) + tr(sn, w_down, x)) + xn * (
-            tr(sp, w_down, x) + tr(sn, w_up, x)
+        return times(xp, tr(sp, w_up, x) + tr(sn, w_down, x)) + times(
+            xn, tr(sp, w_down, x) + tr(sn, w_up, x)
         )
     low, high = torch.full_like(x, params[0]), torch.full_like(x, params[1])
     s = divide(relevance, saved[1], params[2])
-    return x * tr(s, weight, x) - low * tr(s, wp, x) - high * tr(s, wn, x)
+    return times(x, tr(s, weight, x)) - low * tr(s, wp, x) - high * tr(s, wn, x)
 
 
 # Rules whose input relevance is ``x · c`` (for z⁺, α-β and γ when ``x ≥ 0``, where the ``x⁻``
@@ -564,12 +588,12 @@ def relevance_fast(
     if not times_input and not input_product:
         raise _input_product_error(rule)
     if relevance_factor is not None and not divides_factor(rule, lin.stacks_weights, input_product):
-        relevance, relevance_factor = relevance * relevance_factor, None
+        relevance, relevance_factor = times_factor(relevance, relevance_factor), None
     factor = relevance_factor
 
     def finish(c: Tensor) -> Tensor:
         # The transposed product is a fresh tensor: scale it by x in place, no extra buffer.
-        return c.mul_(x) if times_input else c
+        return times_input_in_place(c, x) if times_input else c
 
     tr = lin.transpose
     if rule == "flat":
@@ -908,7 +932,7 @@ def _alphabeta_nonnegative(
             c.add_(inhibitor)
     if not times_input:
         return c
-    return c.mul_(x) if out is None else torch.mul(c, x, out=out)
+    return times_input_in_place(c, x, out)
 
 
 def _flat_fast(lin: LinearMap, x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
@@ -956,7 +980,7 @@ def relevance_by_backend(
             # The fused kernel ends with the product with x; c alone is the native path's.
             return relevance_fast(lin, x, weight, bias, saved, relevance, rule, params, *extra)
         if relevance_factor is not None:
-            relevance = relevance * relevance_factor
+            relevance = times_factor(relevance, relevance_factor)
         return triton_relevance()(x, weight, bias, list(saved), relevance, rule, list(params))
     if backend == "reference":
         return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params, *extra)

@@ -16,7 +16,9 @@ Tensor? sign_reference, int sign, Tensor? factor=None) -> Tensor``
     wherever ``sign · sign_reference > 0`` fails (``sign`` is +1 or −1). With ``factor`` the
     numerator is ``numerator · factor``, formed inside the same pass: a relevance that arrives as
     ``c · x`` (the input relevance of the layer above, before its product with that layer's
-    input) is divided without being formed first.
+    input) is divided without being formed first. That product is exactly +0 where the factor
+    is 0, whatever the numerator: ``x = 0`` gives no relevance even where ``c`` overflowed
+    float16 (see below).
 
 ``-0.0`` is a zero like ``+0.0`` and is stabilised to ``+ε`` (``copysign(ε, d)`` would give
 ``−ε``). float16 and bfloat16 are computed in float32 and rounded once; a float16 result beyond
@@ -45,6 +47,13 @@ from relprop import _native
 # float16 and bfloat16 are computed in float32, as the CUDA kernel does.
 _COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def product_with_factor(coefficient: Tensor, factor: Tensor) -> Tensor:
+    """``coefficient · factor``, exactly +0 where the factor is 0: a relevance ``x · c`` is 0
+    where ``x`` is, also where ``c`` overflowed float16 (``inf · 0`` would be NaN; see the
+    module)."""
+    return torch.where(factor == 0, coefficient.new_zeros(()), coefficient * factor)
 
 
 def to_share_dtype(share: Tensor, dtype: torch.dtype) -> Tensor:
@@ -101,7 +110,7 @@ def stabilized_divide_reference(
     compute = _COMPUTE_DTYPES.get(numerator.dtype, numerator.dtype)
     n, d = numerator.to(compute), denominator.to(compute)
     if factor is not None:
-        n = n * factor.to(compute)
+        n = product_with_factor(n, factor.to(compute))
     # d < 0 is false for -0.0, so negative zero gets +ε like +0.0.
     shift = torch.where(d < 0, d.new_tensor(-epsilon), d.new_tensor(epsilon))
     stabilized = d + shift

@@ -17,7 +17,7 @@ float second_scale, float z_weight, bool sign_masks, Tensor? factor=None) -> Ten
     ``second_scale·R / stab(z_weight·z − zp, ε)``, each exactly 0 where its stabilised
     denominator is 0 and, with ``sign_masks``, where ``z > 0`` (first) or ``z < 0`` (second)
     fails; ``R = relevance · factor`` (``factor`` formed in the same pass, as in
-    ``relprop::stabilized_divide``). α-β is ``(α, −β, 1, False)``, γ ``(1, 1, 2 + γ, True)``,
+    ``relprop::stabilized_divide``, and +0 where the factor is 0). α-β is ``(α, −β, 1, False)``, γ ``(1, 1, 2 + γ, True)``,
 
 so that one transposed product with the two weight sets stacked along the output channels
 (``[W⁺; W⁻]``, ``[W + γW⁺; W + γW⁻]``) gives the bracket above: the sum of the two products
@@ -42,6 +42,7 @@ from torch import Tensor
 from relprop import _native
 from relprop.ops.elementwise import (
     check_elementwise_arguments,
+    product_with_factor,
     stabilized_divide_reference,
     to_share_dtype,
 )
@@ -74,7 +75,7 @@ def paired_shares_reference(
     compute = _COMPUTE_DTYPES.get(relevance.dtype, relevance.dtype)
     r = relevance.to(compute)
     if factor is not None:
-        r = r * factor.to(compute)
+        r = product_with_factor(r, factor.to(compute))
     z_c, zp_c = z.to(compute), zp.to(compute)
     reference = z_c if sign_masks else None
     first = stabilized_divide_reference(r, zp_c, epsilon, scale, reference, 1)
