@@ -86,13 +86,30 @@ def check_rule(rule: str, params: Sequence[float]) -> None:
         )
 
 
+def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
+    """``d + ε·(sign(d) + [d = 0])``: zero (also −0.0) counts as positive, as in Zennit."""
+    return denominator + epsilon * (torch.sign(denominator) + (denominator == 0).to(denominator))
+
+
 def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
-    """``numerator / stab(denominator, ε)`` by the reference of ``relprop::stabilized_divide``
-    (broadcasting): 0 where the stabilised denominator is 0 (ε = 0), 16-bit dtypes computed in
-    float32 and float16 saturated at ±65504 (docs/ops.md). In float16 arithmetic ε = 1e-9 rounds
-    to 0 and a zero denominator gave ``0/0 = NaN``, and an overflowed share ``inf · 0 = NaN`` in
-    the transposed product; the rules' reference and the kernels now agree there."""
-    return stabilized_divide_reference(numerator, denominator, epsilon)
+    """``numerator / stab(denominator, ε)`` (broadcasting); with ε = 0 a zero denominator gives
+    zero.
+
+    16-bit dtypes go through the reference of ``relprop::stabilized_divide``: computed in
+    float32, float16 saturated at ±65504 (docs/ops.md). In float16 arithmetic ε = 1e-9 rounds to
+    0 and a zero denominator gave ``0/0 = NaN``, and an overflowed share ``inf · 0 = NaN`` in the
+    transposed product. float32 and float64 keep the one pass over the numerator (the
+    stabilisation runs at the denominator's size, often a broadcast row).
+    """
+    if numerator.dtype in _SIXTEEN_BIT or denominator.dtype in _SIXTEEN_BIT:
+        return stabilized_divide_reference(numerator, denominator, epsilon)
+    if epsilon == 0:
+        safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+        return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
+    return numerator / stabilize(denominator, epsilon)
+
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 def times_factor(relevance: Tensor, factor: Tensor) -> Tensor:
