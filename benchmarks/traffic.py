@@ -178,6 +178,36 @@ def extrapolate(small: Counts, large: Counts, n_small: int, n_large: int, n: int
     return out
 
 
+def count_methods(
+    model_name: str,
+    methods: list[str],
+    providers: list[str],
+    count_batches: tuple[int, int],
+    batch: int,
+    size: int,
+) -> list[tuple[str, Counts]]:
+    """``(case key, counts at batch)`` of each method and provider on ``model_name`` (float32,
+    CPU), the gradient first; counted at ``count_batches`` and extrapolated to ``batch``."""
+    device, dtype = torch.device("cpu"), torch.float32
+    n_small, n_large = count_batches
+    model = run.make_model(model_name, device, dtype)
+    results: list[tuple[str, Counts]] = []
+    for case in run.plan_cases(methods, providers, ["default"]):
+        try:
+            per_batch = []
+            for n in (n_small, n_large):
+                x = run.make_input(n, size, device, dtype)
+                call = run.build_call(case, model_name, model, x)
+                call()  # warm-up: tracing and caches are not the method's steady work
+                per_batch.append(count(call))
+                del call, x
+        except run.NotApplicable as err:
+            print(f"{case.key}: n/a ({err})")
+            continue
+        results.append((case.key, extrapolate(*per_batch, n_small, n_large, batch)))
+    return results
+
+
 def roofline_seconds(counts: Counts, peak_flops: float, bandwidth: float) -> float:
     """Σ over op classes of max(FLOPs / peak, bytes / bandwidth)."""
     return sum(max(c.flops / peak_flops, c.bytes / bandwidth) for c in counts.ops.values())
@@ -214,28 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     providers = [p for p in args.providers.split(",") if p]
     peak, bandwidth = args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12
-    device, dtype = torch.device("cpu"), torch.float32
     print(
         f"# Counted work, batch {args.batch} (counted at {n_small} and {n_large}), "
         f"3×{args.size}×{args.size}, float32; roofline at {args.peak_tflops:g} TFLOP/s and "
         f"{args.bandwidth_tbs:g} TB/s\n"
     )
     for model_name in args.models.split(","):
-        model = run.make_model(model_name, device, dtype)
-        results: list[tuple[str, Counts]] = []
-        for case in run.plan_cases(methods, providers, ["default"]):
-            try:
-                per_batch = []
-                for n in (n_small, n_large):
-                    x = run.make_input(n, args.size, device, dtype)
-                    call = run.build_call(case, model_name, model, x)
-                    call()  # warm-up: tracing and caches are not the method's steady work
-                    per_batch.append(count(call))
-                    del call, x
-            except run.NotApplicable as err:
-                print(f"{case.key}: n/a ({err})")
-                continue
-            results.append((case.key, extrapolate(*per_batch, n_small, n_large, args.batch)))
+        results = count_methods(
+            model_name, methods, providers, (n_small, n_large), args.batch, args.size
+        )
         base = results[0][1]
         base_time = roofline_seconds(base, peak, bandwidth)
         print(f"## {model_name}\n")
