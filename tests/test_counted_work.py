@@ -14,32 +14,22 @@ Counting is deterministic: these are not timings.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from tests._benchmarks import load_benchmark
 
-TRAFFIC = Path(__file__).resolve().parents[1] / "benchmarks" / "traffic.py"
-METHODS = ["gradient", "lrp.epsilon", "EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1"]
-FLOOR = {"lrp.epsilon": 1.0, "EpsilonPlusFlat": 1.5, "EpsilonGammaBox": 1.5,
-         "EpsilonAlpha2Beta1": 2.0}  # fmt: skip
-FLOORED = {"vgg16": list(FLOOR), "resnet50": ["lrp.epsilon", "EpsilonPlusFlat"]}
-
-
-def _traffic():
-    spec = importlib.util.spec_from_file_location("relprop_traffic", TRAFFIC)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+# Methods whose FLOP floor (``run.FLOOR``, issue 3's) each model is held to.
+FLOORED = {
+    "vgg16": ["lrp.epsilon", "EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1"],
+    "resnet50": ["lrp.epsilon", "EpsilonPlusFlat"],
+}
 
 
 @pytest.fixture(scope="module", params=["vgg16", "resnet50"])
 def ratios(request):
     """``{method: (FLOPs, bytes, peak)}`` as multiples of the gradient's."""
-    traffic = _traffic()
-    results = traffic.count_methods(request.param, METHODS, ["relprop"], (2, 4), 64, 64)
+    traffic = load_benchmark("traffic.py")
+    methods = list(traffic.run.FLOOR)  # the gradient first
+    results = traffic.count_methods(request.param, methods, ["relprop"], (2, 4), 64, 64)
     (base_key, base), *rest = results
     assert base_key.startswith("gradient")
     out = {}
@@ -49,24 +39,24 @@ def ratios(request):
             counts.total("bytes") / base.total("bytes"),
             counts.peak_bytes / base.peak_bytes,
         )
-    assert sorted(out) == sorted(FLOOR)
-    return request.param, out
+    assert sorted(out) == sorted(methods[1:])
+    return request.param, out, traffic.run.FLOOR
 
 
 def test_products_stay_at_the_flop_floor(ratios):
-    model, by_method = ratios
+    model, by_method, floor = ratios
     for method in FLOORED[model]:
         flops = by_method[method][0]
-        assert flops <= FLOOR[method] * 1.005, (model, method, flops)
+        assert flops <= floor[method] * 1.005, (model, method, flops)
     assert by_method["lrp.epsilon"][0] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_epsilon_moves_no_more_bytes_than_the_gradient(ratios):
-    model, by_method = ratios
+    model, by_method, _ = ratios
     assert by_method["lrp.epsilon"][1] <= 1.0, model
 
 
 def test_peak_memory_within_issue_3s_target(ratios):
-    model, by_method = ratios
+    model, by_method, _ = ratios
     for method, (_, _, peak) in by_method.items():
         assert peak <= 1.2, (model, method, peak)

@@ -5,45 +5,25 @@ numbers it reports: its Triton relevance against relprop's reference of the same
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from tests._benchmarks import load_benchmark
 from tests.kernels._common import DEVICE, needs_triton
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_ops_triton.py"
 PROVIDERS = ("gradient", "triton", "native", "reference")
 # Largest |triton − reference| over max |reference| the script may report: a few ulps of the
 # dtype (float16's shares are saturated alike on both paths, docs/ops.md).
 MAX_DEVIATION = {"fp32": 1e-5, "fp16": 1e-2}
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_ops_triton", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @needs_triton
 @pytest.mark.interpret
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU session runs the script itself, compiled")
 def test_smoke_run_writes_every_row_and_the_kernels_match_the_reference(tmp_path):
-    bench = _load_script()
+    bench = load_benchmark("bench_ops_triton.py")
     out = tmp_path / "bench_ops.csv"
-    argv = [
-        "--device",
-        "cpu",
-        "--smoke",
-        "--batch",
-        "2",
-        "--dtypes",
-        "fp32,fp16",
-        "--out",
-        str(out),
-    ]
+    argv = ["--device", "cpu", "--smoke", "--batch", "2", "--dtypes", "fp32,fp16"]
+    argv += ["--out", str(out)]
     assert bench.main(argv) == 0
     with out.open() as handle:
         rows = list(csv.DictReader(handle))
@@ -67,5 +47,5 @@ def test_smoke_run_writes_every_row_and_the_kernels_match_the_reference(tmp_path
 def test_cpu_device_needs_the_interpreter(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SystemExit):
-        _load_script().main(["--device", "cpu", "--smoke"])
+        load_benchmark("bench_ops_triton.py").main(["--device", "cpu", "--smoke"])
     assert "TRITON_INTERPRET=1" in capsys.readouterr().err

@@ -91,6 +91,10 @@ def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
     return denominator + epsilon * (torch.sign(denominator) + (denominator == 0).to(denominator))
 
 
+# Dtypes whose divisions the reference computes in float32 (relprop.ops.elementwise).
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
 def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
     """``numerator / stab(denominator, ε)`` (broadcasting); with ε = 0 a zero denominator gives
     zero.
@@ -107,9 +111,6 @@ def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
         safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
         return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
     return numerator / stabilize(denominator, epsilon)
-
-
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 def times_factor(relevance: Tensor, factor: Tensor) -> Tensor:
