@@ -83,6 +83,35 @@ def test_linear_fast_matches_reference(rule, params, nonnegative, with_bias):
         torch.testing.assert_close(r, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_float16_mixed_sign_input_with_a_dead_inhibitor_is_finite(monkeypatch, backend):
+    """A first layer (x of both signs): unit 0's negative weights meet only x ≤ 0 and its
+    positive weights only x ≥ 0, so its α-β ``z⁻ = W⁻x⁺ + W⁺x⁻`` is exactly 0 and the share
+    saturates; with large weights ``c`` then overflows where ``x⁺`` or ``x⁻`` is 0, and
+    ``[x⁺, x⁻] · c`` must be 0 there, not ``0 · inf = NaN``. Oracle: float64 (docs/ops.md)."""
+    monkeypatch.setenv("RELPROP_BACKEND", backend)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    x[:, :5] = -x[:, :5].abs()
+    x[:, 5:] = x[:, 5:].abs()
+    w = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    w[0, :5] = -16 * w[0, :5].abs()
+    w[0, 5:] = 16 * w[0, 5:].abs()
+    b = torch.zeros(4, dtype=torch.float64)
+    params = [2.0, 1.0, 1e-6, 1.0]
+    relevance = torch.rand(3, 4, generator=g, dtype=torch.float64) + 1.0
+    truth = linear.linear_relevance_reference(
+        x, w, b, linear.linear_forward_reference(x, w, b, "alphabeta", params),
+        relevance, "alphabeta", params,
+    )  # fmt: skip
+    half = [t.half() for t in (x, w, b, relevance)]
+    saved = linear.linear_forward(*half[:3], "alphabeta", params)
+    assert (saved[2][:, 0] == 0).all()  # z⁻ of unit 0: its share is past float16's range
+    got = linear.linear_relevance(*half[:3], saved, half[3], "alphabeta", params)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), truth, rtol=0, atol=2e-3 * truth.abs().max().item())
+
+
 @pytest.mark.parametrize("rule,params", RULES)
 @pytest.mark.parametrize("nonnegative", [False, True])
 @pytest.mark.parametrize("backend", ["native", "reference"])

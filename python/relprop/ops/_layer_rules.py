@@ -845,7 +845,7 @@ def _mixed_input_relevance(
         term = tr(share, stacked, both)
         del share
         c = term if c is None else c.add_(term)
-    both.mul_(c)
+    both = times_input_in_place(c, both)
     return torch.add(both[:, :channels], both[:, channels:])
 
 
