@@ -199,11 +199,8 @@ def cpu_bench(step: Callable[[], torch.Tensor], rounds: int = 3) -> list[float]:
     return [statistics.median(times), cuts[1], cuts[7]]
 
 
-def peak_extra_memory(step: Callable[[], torch.Tensor]) -> int | None:
-    """Bytes allocated at peak during one call, beyond what was allocated before it (None on a
-    CPU: torch counts no peak there)."""
-    if not torch.cuda.is_available():
-        return None
+def peak_extra_memory(step: Callable[[], torch.Tensor]) -> int:
+    """Bytes allocated at peak during one call, beyond what was allocated before it."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -260,7 +257,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     else:
                         p50, p20, p80 = cpu_bench(call)
                     times[name] = p50
-                    memory = peak_extra_memory(call)
+                    # A CPU has no peak counter to read: no memory row there.
+                    memory = peak_extra_memory(call) if cuda else None
                     base = {
                         "op": f"{layer.kind}_relevance", "provider": name, "layer": layer.name,
                         "shape": describe(layer, args.batch), "rule": rule, "dtype": dtype_name,

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from relprop.ops._backend import call_op
 from relprop.ops.elementwise import (
+    COMPUTE_DTYPES,
     product_with_factor,
     stabilized_divide_kernel,
     stabilized_divide_op,
@@ -91,10 +92,6 @@ def stabilize(denominator: Tensor, epsilon: float) -> Tensor:
     return denominator + epsilon * (torch.sign(denominator) + (denominator == 0).to(denominator))
 
 
-# Dtypes whose divisions the reference computes in float32 (relprop.ops.elementwise).
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-
-
 def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
     """``numerator / stab(denominator, ε)`` (broadcasting); with ε = 0 a zero denominator gives
     zero.
@@ -105,7 +102,7 @@ def divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
     transposed product. float32 and float64 keep the one pass over the numerator (the
     stabilisation runs at the denominator's size, often a broadcast row).
     """
-    if numerator.dtype in _SIXTEEN_BIT or denominator.dtype in _SIXTEEN_BIT:
+    if numerator.dtype in COMPUTE_DTYPES or denominator.dtype in COMPUTE_DTYPES:
         return stabilized_divide_reference(numerator, denominator, epsilon)
     if epsilon == 0:
         safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
@@ -274,13 +271,9 @@ def relevance_reference(
     fwd, tr = lin.forward, lin.transpose
     saved = complete_saved(lin, x, weight, bias, saved, rule, params)
     z = saved[0]
-
-    def times(a: Tensor, c: Tensor) -> Tensor:
-        # a · c, in float16 0 where a is, also where c overflowed (docs/ops.md).
-        return times_factor(c, a)
-
+    # Each x · c below is times_factor(c, x): in float16 0 where x is, also where c overflowed.
     if rule == "epsilon":
-        return times(x, tr(divide(relevance, z, params[0]), weight, x))
+        return times_factor(tr(divide(relevance, z, params[0]), weight, x), x)
     if rule == "wsquare":
         w2 = weight * weight
         d = fwd(torch.ones_like(x), w2, None if bias is None else bias * bias)
@@ -293,24 +286,24 @@ def relevance_reference(
     wp, wn = weight.clamp(min=0), weight.clamp(max=0)
     if rule == "zplus":
         s = divide(relevance, saved[1], params[0])
-        return times(xp, tr(s, wp, x)) + times(xn, tr(s, wn, x))
+        return times_factor(tr(s, wp, x), xp) + times_factor(tr(s, wn, x), xn)
     if rule == "alphabeta":
         alpha, beta, eps = params[0], params[1], params[2]
         sp = divide(relevance, saved[1], eps)
         sn = divide(relevance, saved[2], eps)
-        activator = times(xp, tr(sp, wp, x)) + times(xn, tr(sp, wn, x))
-        inhibitor = times(xp, tr(sn, wn, x)) + times(xn, tr(sn, wp, x))
+        activator = times_factor(tr(sp, wp, x), xp) + times_factor(tr(sp, wn, x), xn)
+        inhibitor = times_factor(tr(sn, wn, x), xp) + times_factor(tr(sn, wp, x), xn)
         return alpha * activator - beta * inhibitor
     if rule == "gamma":
         w_up, w_down, _, _ = _gamma_weights(weight, bias, params[0])
         sp = divide(relevance * (z > 0), saved[1], params[1])
         sn = divide(relevance * (z < 0), saved[2], params[1])
-        return times(xp, tr(sp, w_up, x) + tr(sn, w_down, x)) + times(
-            xn, tr(sp, w_down, x) + tr(sn, w_up, x)
+        return times_factor(tr(sp, w_up, x) + tr(sn, w_down, x), xp) + times_factor(
+            tr(sp, w_down, x) + tr(sn, w_up, x), xn
         )
     low, high = torch.full_like(x, params[0]), torch.full_like(x, params[1])
     s = divide(relevance, saved[1], params[2])
-    return times(x, tr(s, weight, x)) - low * tr(s, wp, x) - high * tr(s, wn, x)
+    return times_factor(tr(s, weight, x), x) - low * tr(s, wp, x) - high * tr(s, wn, x)
 
 
 # Rules whose input relevance is ``x · c`` (for z⁺, α-β and γ when ``x ≥ 0``, where the ``x⁻``

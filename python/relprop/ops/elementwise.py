@@ -45,7 +45,7 @@ from torch import Tensor
 from relprop import _native
 
 # float16 and bfloat16 are computed in float32, as the CUDA kernel does.
-_COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
@@ -107,7 +107,7 @@ def stabilized_divide_reference(
     """``scale · (numerator · factor) / stab(denominator, ε)`` as a torch composition (see the
     module)."""
     _check_sign(sign_reference, sign)
-    compute = _COMPUTE_DTYPES.get(numerator.dtype, numerator.dtype)
+    compute = COMPUTE_DTYPES.get(numerator.dtype, numerator.dtype)
     n, d = numerator.to(compute), denominator.to(compute)
     if factor is not None:
         n = product_with_factor(n, factor.to(compute))

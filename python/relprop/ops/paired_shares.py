@@ -41,14 +41,12 @@ from torch import Tensor
 
 from relprop import _native
 from relprop.ops.elementwise import (
+    COMPUTE_DTYPES,
     check_elementwise_arguments,
     product_with_factor,
     stabilized_divide_reference,
     to_share_dtype,
 )
-
-# float16 and bfloat16 are computed in float32, as the CUDA kernel does.
-_COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _stacked_shape(relevance: Tensor) -> tuple[int, ...]:
@@ -72,7 +70,7 @@ def paired_shares_reference(
 ) -> Tensor:
     """``[scale·R / stab(zp, ε), second_scale·R / stab(z_weight·z − zp, ε)]`` along dim 1 (sign
     masked by ``z``) as a torch composition (see the module)."""
-    compute = _COMPUTE_DTYPES.get(relevance.dtype, relevance.dtype)
+    compute = COMPUTE_DTYPES.get(relevance.dtype, relevance.dtype)
     r = relevance.to(compute)
     if factor is not None:
         r = product_with_factor(r, factor.to(compute))
