@@ -16,7 +16,7 @@ al., "Layer-Wise Relevance Propagation: An Overview" (2019).
 
 # No ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises a
 # ``tl.constexpr`` parameter only by its evaluated annotation, not by the string it would become.
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -213,7 +213,7 @@ def _conv2d_relevance_kernel(
     tl.store(out_ptr + offs_x, relevance.to(out_ptr.dtype.element_ty), mask=mask_x)
 
 
-def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+def _pair(value: Union[int, tuple[int, ...], list[int]]) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     first, second = value

@@ -114,6 +114,15 @@ def strides4(tensor: Tensor) -> tuple[int, int, int, int]:
     return (stride[0], stride[1], stride[2], stride[3])
 
 
+def on_cuda(tensor: Tensor) -> bool:
+    """Whether the native kernel for ``tensor`` is the CUDA entry point (else the CPU twin).
+
+    The ops ask this rather than ``tensor.device`` themselves, so that the test suite can run the
+    CUDA kernels' sources on the CPU (tests/cuda_emulation) through the ops' own CUDA branch.
+    """
+    return tensor.device.type == "cuda"
+
+
 def cuda_launch_args(tensor: Tensor) -> dict[str, int]:
     """``stream`` and ``device`` arguments of a CUDA entry point for work on ``tensor``."""
     if not cuda_compiled():
@@ -132,7 +141,7 @@ def runs_native(tensor: Tensor) -> bool:
     backend = forced_backend()
     if backend == "reference":
         return False
-    cuda = tensor.device.type == "cuda"
+    cuda = on_cuda(tensor)
     if tensor.dtype not in (CUDA_DTYPES if cuda else CPU_DTYPES):
         return False
     if backend == "native":

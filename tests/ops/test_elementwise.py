@@ -12,16 +12,10 @@ import warnings
 
 import pytest
 import torch
+from tests.ops._backends import CUDA, needs_native, use_backend
 
 from relprop import _native
 from relprop.ops import elementwise
-
-NATIVE = _native.native_available()
-CUDA = torch.cuda.is_available()
-needs_native = pytest.mark.skipif(
-    not NATIVE, reason=f"relprop._C did not load ({_native.native_error()})"
-)
-BACKENDS = [pytest.param("native", marks=needs_native), "reference"]
 
 # Largest relative error of one element: stab, scale·n and the division each round once (plus
 # float32(ε)), so a few units of roundoff; float16 and bfloat16 are computed in float32 and
@@ -32,12 +26,6 @@ RTOL = {
     torch.float16: 2.0**-10,
     torch.bfloat16: 2.0**-7,
 }
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("RELPROP_BACKEND", request.param)
-    return request.param
 
 
 def generator(seed: int = 1234) -> torch.Generator:
@@ -236,7 +224,8 @@ def test_strided_inputs(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_computed_in_float32(backend, dtype):
-    # On the CPU both backends take the reference, which computes in float32 and rounds once.
+    # The CUDA kernel and the reference compute in float32 and round once (the CPU twin takes
+    # float32 and float64 only, so `native` runs the reference here).
     n, d, reference = sample((5, 23), dtype)
     out = elementwise.stabilized_divide(n, d, 0.25, 1.5, reference, -1)
     assert_matches_oracle(out, oracle(n, d, 0.25, 1.5, reference, -1), dtype)
@@ -312,26 +301,19 @@ def _opcheck_samples():
     ]
 
 
-@pytest.mark.parametrize("backend_name", ["native", "reference"])
 @pytest.mark.parametrize("case", range(4))
-def test_opcheck(monkeypatch, backend_name, case):
-    if backend_name == "native" and not NATIVE:
-        pytest.skip(f"relprop._C did not load ({_native.native_error()})")
-    monkeypatch.setenv("RELPROP_BACKEND", backend_name)
+def test_opcheck(backend, case):
     torch.library.opcheck(elementwise.stabilized_divide_op, _opcheck_samples()[case])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sign", [0, 1, -1])
-def test_cuda_kernel_matches_the_oracle(monkeypatch, dtype, sign):
-    if not _native.cuda_compiled():
-        pytest.fail("relprop._C was built without its CUDA kernels")
-    monkeypatch.setenv("RELPROP_BACKEND", "native")
-    n, d, reference = (t.cuda() for t in sample((3, 16384 * 5 + 7), dtype, seed=21))
+def test_cuda_kernel_matches_the_oracle(cuda_device, dtype, sign):
+    # Emulated, each thread runs in turn on the CPU: fewer (still several blocks of) elements.
+    shape = (3, 16384 * 5 + 7) if cuda_device.type == "cuda" else (3, 2053)
+    n, d, reference = (t.to(cuda_device) for t in sample(shape, dtype, seed=21))
     reference_arg = None if sign == 0 else reference
-    factor = sample((3, 16384 * 5 + 7), dtype, seed=22)[0].abs().cuda()
+    factor = sample(shape, dtype, seed=22)[0].abs().to(cuda_device)
     for epsilon, factor_arg in ((0.0, None), (0.25, None), (0.25, factor)):
         out = elementwise.stabilized_divide(
             n, d, epsilon, -1.5, reference_arg, sign or 1, factor_arg
@@ -349,6 +331,6 @@ def test_cuda_kernel_matches_the_oracle(monkeypatch, dtype, sign):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("case", range(4))
 def test_opcheck_cuda(monkeypatch, case):
-    monkeypatch.setenv("RELPROP_BACKEND", "native")
+    use_backend("cuda", monkeypatch)
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_samples()[case])
     torch.library.opcheck(elementwise.stabilized_divide_op, args)

@@ -13,7 +13,7 @@ import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,8 @@ class InputProduct:
         return times_factor(self.coefficient, self.factor)
 
 
-Relevance = Tensor | InputProduct
+# typing.Union, not `|`: a module-level alias is evaluated, and Python 3.9 has no `type | type`.
+Relevance = Union[Tensor, InputProduct]
 
 
 def formed(relevance: Relevance) -> Tensor:

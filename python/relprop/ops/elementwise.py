@@ -157,7 +157,7 @@ def _stabilized_divide_native(
         "out": _native.pointer(out),
     }
     module = _native.native()
-    if numerator.device.type == "cuda":
+    if _native.on_cuda(numerator):
         module.stabilized_divide_cuda(
             dtype=_native.dtype_code(numerator, _native.CUDA_DTYPES),
             **_native.cuda_launch_args(numerator),

@@ -122,7 +122,7 @@ def _paired_shares_native(
         "out": _native.pointer(out),
     }
     module = _native.native()
-    if relevance.device.type == "cuda":
+    if _native.on_cuda(relevance):
         module.paired_shares_cuda(
             dtype=_native.dtype_code(relevance, _native.CUDA_DTYPES),
             **_native.cuda_launch_args(relevance),

@@ -128,7 +128,7 @@ def _max_pool_native(relevance: Tensor, indices: Tensor, input_size: Sequence[in
         "out": _native.pointer(out),
     }
     module = _native.native()
-    if relevance.device.type == "cuda":
+    if _native.on_cuda(relevance):
         # Four int32: the range of the winners' offsets from their windows (see pool.cu).
         workspace = torch.empty(4, dtype=torch.int32, device=relevance.device)
         module.max_pool_relevance_cuda(
@@ -157,7 +157,7 @@ def _avg_native(x: Tensor, relevance: Tensor, stabilizer: float, cpu_entry, cuda
         out=_native.pointer(out),
         **geometry,
     )
-    if x.device.type == "cuda":
+    if _native.on_cuda(x):
         # One share R / stab(z) / divisor per output, in the kernels' accumulation type.
         share_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         workspace = torch.empty(r4.numel(), dtype=share_dtype, device=x.device)

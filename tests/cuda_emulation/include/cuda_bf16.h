@@ -1,0 +1,31 @@
+// Host stand-in for <cuda_bf16.h> (tests/cuda_emulation): the bfloat16 storage type and the two
+// conversions relprop's kernels use, with the device's semantics — float → bfloat16 rounds to
+// nearest even and keeps NaN a NaN.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+struct __nv_bfloat16 {
+  std::uint16_t bits = 0;
+};
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const std::uint32_t bits = std::uint32_t(h.bits) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  __nv_bfloat16 out;
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    out.bits = std::uint16_t((bits >> 16) | 0x0040u);  // quiet NaN, sign kept
+  } else {
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // round the dropped half-word to nearest even
+    out.bits = std::uint16_t(bits >> 16);
+  }
+  return out;
+}
