@@ -178,6 +178,34 @@ def extrapolate(small: Counts, large: Counts, n_small: int, n_large: int, n: int
     return out
 
 
+def count_batches_of_methods(
+    model_name: str,
+    methods: list[str],
+    providers: list[str],
+    count_batches: tuple[int, int],
+    size: int,
+) -> list[tuple[str, Counts, Counts]]:
+    """``(case key, counts at the smaller batch, counts at the larger)`` of each method and
+    provider on ``model_name`` (float32, CPU), the gradient first."""
+    device, dtype = torch.device("cpu"), torch.float32
+    model = run.make_model(model_name, device, dtype)
+    results: list[tuple[str, Counts, Counts]] = []
+    for case in run.plan_cases(methods, providers, ["default"]):
+        try:
+            per_batch = []
+            for n in count_batches:
+                x = run.make_input(n, size, device, dtype)
+                call = run.build_call(case, model_name, model, x)
+                call()  # warm-up: tracing is not the method's steady work
+                per_batch.append(count(call))
+                del call, x
+        except run.NotApplicable as err:
+            print(f"{case.key}: n/a ({err})")
+            continue
+        results.append((case.key, *per_batch))
+    return results
+
+
 def count_methods(
     model_name: str,
     methods: list[str],
@@ -188,24 +216,11 @@ def count_methods(
 ) -> list[tuple[str, Counts]]:
     """``(case key, counts at batch)`` of each method and provider on ``model_name`` (float32,
     CPU), the gradient first; counted at ``count_batches`` and extrapolated to ``batch``."""
-    device, dtype = torch.device("cpu"), torch.float32
     n_small, n_large = count_batches
-    model = run.make_model(model_name, device, dtype)
-    results: list[tuple[str, Counts]] = []
-    for case in run.plan_cases(methods, providers, ["default"]):
-        try:
-            per_batch = []
-            for n in (n_small, n_large):
-                x = run.make_input(n, size, device, dtype)
-                call = run.build_call(case, model_name, model, x)
-                call()  # warm-up: tracing and caches are not the method's steady work
-                per_batch.append(count(call))
-                del call, x
-        except run.NotApplicable as err:
-            print(f"{case.key}: n/a ({err})")
-            continue
-        results.append((case.key, extrapolate(*per_batch, n_small, n_large, batch)))
-    return results
+    counted = count_batches_of_methods(model_name, methods, providers, count_batches, size)
+    return [
+        (key, extrapolate(small, large, n_small, n_large, batch)) for key, small, large in counted
+    ]
 
 
 def roofline_seconds(counts: Counts, peak_flops: float, bandwidth: float) -> float:

@@ -341,15 +341,42 @@ def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
     return outputs
 
 
-def _check_geometry(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
+def _check_geometry(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> tuple[int, int]:
+    """Refuse what the kernels would read out of bounds; return the output's (OH, OW)."""
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"conv2d takes x (N, C, H, W) and weight (O, C/groups, kh, kw); got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
-    if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups != 0:
+    if groups < 1 or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups != 0:
         raise ValueError(
             f"channels do not match groups={groups}: x {tuple(x.shape)}, weight "
             f"{tuple(weight.shape)}"
         )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"conv2d needs stride ≥ 1, dilation ≥ 1 and padding ≥ 0; got stride {stride}, "
+            f"dilation {dilation}, padding {padding}"
+        )
+    size = tuple(
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i]
+        + 1
+        for i in range(2)
+    )
+    if min(size) < 1:
+        raise ValueError(
+            f"the kernel {tuple(weight.shape[2:])} (dilation {dilation}) does not fit the padded "
+            f"input {tuple(x.shape[2:])} (padding {padding})"
+        )
+    return size
 
 
 def conv2d_forward(
@@ -389,9 +416,10 @@ def conv2d_forward(
         ``zpos, zneg`` (gamma) or ``zb`` (zbox), each shaped like z.
     """
     check_tensors(x, weight, bias)
-    _check_geometry(x, weight, groups)
-    spec = parse_rule(rule, params)
     geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    _check_geometry(x, weight, bias, *geometry)
+    spec = parse_rule(rule, params)
+    bias = None if bias is None else bias.contiguous()  # read at unit stride
     return _launch_forward(
         x.contiguous(), weight.contiguous(), bias, geometry, spec, 1 + spec.n_aux, False
     )
@@ -428,13 +456,18 @@ def conv2d_relevance(
         transposed convolution for ``epsilon``; the other rules as tabulated in ``docs/ops.md``.
     """
     check_tensors(x, weight, bias, relevance, *saved)
-    _check_geometry(x, weight, groups)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    out_size = _check_geometry(x, weight, bias, stride, padding, dilation, groups)
     spec = parse_rule(rule, params)
     if len(saved) != 1 + spec.n_aux:
         raise ValueError(f"rule {rule!r} expects {1 + spec.n_aux} saved tensors, got {len(saved)}")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    z_shape = (x.shape[0], weight.shape[0], *out_size)
+    for name, t in [("relevance", relevance), *((f"saved[{i}]", t) for i, t in enumerate(saved))]:
+        if tuple(t.shape) != z_shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; the output's is {z_shape}")
     x = x.contiguous()
     weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # read at unit stride
     n, c, h, w = x.shape
     o, c_group, kh, kw = weight.shape
     oh, ow = relevance.shape[2], relevance.shape[3]

@@ -225,6 +225,17 @@ def _launch_forward(x2d, weight, bias, spec, n_outputs, denominator):
     return outputs
 
 
+def _check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Refuse what the kernels would read out of bounds."""
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear takes x (..., in) and weight (out, in); got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+
+
 def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -254,8 +265,10 @@ def linear_forward(
         ``zpos, zneg`` (gamma) or ``zb`` (zbox), each shaped like z.
     """
     check_tensors(x, weight, bias)
+    _check_shapes(x, weight, bias)
     spec = parse_rule(rule, params)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    bias = None if bias is None else bias.contiguous()  # read at unit stride
     outputs = _launch_forward(
         x2d, weight.contiguous(), bias, spec, 1 + spec.n_aux, denominator=False
     )
@@ -289,12 +302,18 @@ def linear_relevance(
         the other rules as tabulated in ``docs/ops.md``.
     """
     check_tensors(x, weight, bias, relevance, *saved)
+    _check_shapes(x, weight, bias)
     spec = parse_rule(rule, params)
     if len(saved) != 1 + spec.n_aux:
         raise ValueError(f"rule {rule!r} expects {1 + spec.n_aux} saved tensors, got {len(saved)}")
+    z_shape = (*x.shape[:-1], weight.shape[0])
+    for name, t in [("relevance", relevance), *((f"saved[{i}]", t) for i, t in enumerate(saved))]:
+        if tuple(t.shape) != z_shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; the output's is {z_shape}")
     n_in = x.shape[-1]
     x2d = x.reshape(-1, n_in).contiguous()
     weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # read at unit stride
     n_rows, n_out = x2d.shape[0], weight.shape[0]
     flat_saved = [t.reshape(n_rows, n_out).contiguous() for t in saved]
     flat_saved += [flat_saved[0]] * (3 - len(flat_saved))

@@ -209,9 +209,25 @@ class WithLSTM(nn.Module):
         return self.head(out[:, -1])
 
 
+class WithPoolIndices(nn.Module):
+    """Unpacks ``(output, indices)`` from a max pool: relprop once indexed that pair as if it
+    were the pooled tensor, and explained the first sample's output for every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled, _ = self.pool(torch.relu(self.conv(x)))
+        return self.head(pooled.mean((-2, -1)))
+
+
 UNSUPPORTED = [
     ("sort", WithSorter, (2, 6), "block.2", "Sorter"),
     ("lstm", WithLSTM, (2, 5, 6), "encoder", "LSTM"),
+    ("pool-indices", WithPoolIndices, (3, 3, 8, 8), "pool", "MaxPool2d"),
 ]
 
 
@@ -229,3 +245,48 @@ def test_unsupported_layer_names_path_and_type(case, build, shape, path, type_na
     assert path in message and type_name in message
     # The way out: a rule in a composite, or the gradient fallback.
     assert re.search(r"composite|rule|gradient", message, re.IGNORECASE)
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+
+
+@pytest.mark.parametrize(
+    ("reparametrize", "kind"),
+    [
+        (lambda m: nn.utils.spectral_norm(m[0]), "spectral_norm"),
+        (lambda m: torch.nn.utils.prune.l1_unstructured(m[0], "weight", amount=0.5), "prune"),
+    ],
+    ids=["spectral-norm", "prune"],
+)
+def test_weights_kept_up_to_date_by_a_hook_are_refused(reparametrize, kind):
+    """Legacy reparametrizations recompute ``module.weight`` in a forward pre-hook, which relprop
+    does not run: the weight it would read is the one of the last forward."""
+    model = _mlp()
+    reparametrize(model)
+    with pytest.raises(relprop.UnsupportedLayerError, match=kind) as info:
+        relprop.create_analyzer("lrp.epsilon", model).analyze(torch.randn(2, 6).double())
+    assert "'0'" in str(info.value) and "parametrizations" in str(info.value)
+
+
+def test_parametrized_weights_are_read_as_they_are_now():
+    # The parametrization API computes the weight on access: relprop explains that weight.
+    model = _mlp()
+    nn.utils.parametrizations.weight_norm(model[0])
+    with torch.no_grad():
+        model[0].parametrizations.weight.original0.mul_(2.0)  # a training step, say
+    plain = _mlp()
+    with torch.no_grad():
+        plain[0].weight.copy_(model[0].weight)
+    x = seeded_normal((2, 6), seed=34, dtype=torch.float64)
+    expected = relprop.create_analyzer("lrp.epsilon", plain).analyze(x)
+    actual = relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_other_forward_hooks_are_named_in_a_warning():
+    model = _mlp()
+    model[2].register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.warns(UserWarning, match=r"'2'.*forward hooks"):
+        relprop.create_analyzer("lrp.epsilon", model).analyze(torch.randn(2, 6).double())

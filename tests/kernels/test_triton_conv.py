@@ -192,3 +192,57 @@ def test_float16_matches_float64_reference(nonneg, rule):
 def test_half_precision_on_gpu(nonneg, rule, params, dtype):
     tensors, geometry = make_case((4, 64, 29, 31), 96, (3, 2, 1, 1, 1), nonneg, True, seed=5)
     check_against_reference(tensors, geometry, rule, params, dtype=dtype, ulps=2.0)
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize("rule", ["epsilon", "alphabeta", "zbox"])
+def test_strided_and_expanded_biases(rule):
+    """As for the linear kernels: a bias that is a strided view or an expanded scalar gives what
+    its contiguous copy gives (checked against float64 elsewhere)."""
+    tensors, geometry = make_case((2, 5, 7, 9), 6, FULL_GEOMETRIES["k3s2p1d2g1"], False, True, 7)
+    x, w, b, relevance = _as(tensors, torch.float32)
+    params = FULL_PARAMS[rule]
+    for strided in (torch.stack([b, b + 1], dim=1)[:, 0], b[:1].expand(6)):
+        assert not strided.is_contiguous()
+        saved, r_in = run_kernels([x, w, strided, relevance], geometry, rule, params)
+        saved_copy, r_copy = run_kernels([x, w, strided.contiguous(), relevance], geometry, rule,
+                                         params)  # fmt: skip
+        assert all(torch.equal(a, c) for a, c in zip(saved, saved_copy))
+        assert torch.equal(r_in, r_copy)
+
+
+@needs_triton
+@pytest.mark.interpret
+def test_refuses_shapes_it_would_read_out_of_bounds():
+    tensors, geometry = make_case((2, 5, 7, 9), 6, FULL_GEOMETRIES["k3s2p1d2g1"], False, True, 8)
+    x, w, b, relevance = _as(tensors, torch.float32)
+    stride, _, dilation, groups = geometry
+    with pytest.raises(ValueError, match="bias"):
+        conv.conv2d_forward(x, w, b[:3], *geometry, "epsilon", [0.1])
+    with pytest.raises(ValueError, match="padding"):
+        conv.conv2d_forward(x, w, b, stride, [-1, 0], dilation, groups, "epsilon", [0.1])
+    saved = conv.conv2d_forward(x, w, b, *geometry, "epsilon", [0.1])
+    for wrong in (relevance[..., :-1], relevance[:1]):
+        with pytest.raises(ValueError, match="relevance"):
+            conv.conv2d_relevance(x, w, b, saved, wrong, *geometry, "epsilon", [0.1])
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize("rule", ["alphabeta", "zbox", "gamma"])
+def test_the_op_completes_lean_saved_for_the_kernel(monkeypatch, rule):
+    """docs/ops.md: the relevance op takes ``saved`` as ``[]`` or ``[z]`` too (one more product
+    instead of the memory); on the Triton backend the missing entries are recomputed for the
+    kernel, which reads every one."""
+    from relprop.ops import conv as conv_ops
+
+    monkeypatch.setenv("RELPROP_BACKEND", "triton")
+    tensors, geometry = make_case((2, 5, 7, 9), 6, FULL_GEOMETRIES["k3s2p1d2g1"], True, True, 9)
+    x, w, b, relevance = _as(tensors, torch.float32)
+    params = FULL_PARAMS[rule]
+    saved = conv_ops.conv2d_forward(x, w, b, *geometry, rule, params)
+    full = conv_ops.conv2d_relevance(x, w, b, saved, relevance, *geometry, rule, params)
+    for lean in (saved[:1], []):
+        got = conv_ops.conv2d_relevance(x, w, b, lean, relevance, *geometry, rule, params)
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6 * full.abs().max().item())

@@ -202,3 +202,36 @@ def test_float16_share_past_the_range_does_not_make_nan():
 def test_half_precision_on_gpu(nonneg, rule, params, dtype):
     case = make_case((67,), 300, 130, nonneg, True, rule, seed=5)
     check_against_reference(case, rule, params, dtype=dtype, ulps=2.0)
+
+
+@needs_triton
+@pytest.mark.interpret
+@pytest.mark.parametrize("rule", ["epsilon", "alphabeta", "zbox"])
+def test_strided_and_expanded_biases(rule):
+    """A bias need not be contiguous (``nn.Parameter(t[::2])`` is legal, a folded BatchNorm's
+    alias keeps its strides); the kernels once read it at unit stride, past its elements. It
+    gives what its contiguous copy gives (checked against float64 elsewhere)."""
+    x, w, b, relevance = _as(make_case((3,), 5, 4, False, True, rule, seed=5), torch.float32)
+    params = FULL_PARAMS[rule]
+    for strided in (torch.stack([b, b + 1], dim=1)[:, 0], b[:1].expand(4)):
+        assert not strided.is_contiguous()
+        for bias in (strided, strided.contiguous()):
+            saved = linear.linear_forward(x, w, bias, rule, params)
+            r_in = linear.linear_relevance(x, w, bias, saved, relevance, rule, params)
+            if bias is strided:
+                first = saved, r_in
+        assert all(torch.equal(a, c) for a, c in zip(first[0], saved))
+        assert torch.equal(first[1], r_in)
+
+
+@needs_triton
+@pytest.mark.interpret
+def test_refuses_shapes_it_would_read_out_of_bounds():
+    x, w, b, relevance = _as(make_case((2,), 5, 4, False, True, "epsilon", seed=6), torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        linear.linear_forward(x, w[:, :3], b, "epsilon", [0.1])
+    with pytest.raises(ValueError, match="bias"):
+        linear.linear_forward(x, w, b[:2], "epsilon", [0.1])
+    saved = linear.linear_forward(x, w, b, "epsilon", [0.1])
+    with pytest.raises(ValueError, match="relevance"):
+        linear.linear_relevance(x, w, b, saved, relevance[:, :3], "epsilon", [0.1])

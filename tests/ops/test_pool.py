@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tests.ops._backends import CUDA, needs_native, use_backend
 
+import relprop
 from relprop import _native
 from relprop.ops import pool
 
@@ -405,3 +406,42 @@ def test_opcheck_cuda(monkeypatch, case):
     op, args = _opcheck_samples()[case]
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(op, args)
+
+
+def test_float16_zero_inputs_get_zero_even_under_saturated_shares(backend):
+    # Zero windows under relevance: every share is R / stab(0, 1e-6), saturated at 65504 in
+    # float16, and where windows overlap their sum overflows. The relevance x · Σ shares is 0
+    # where x is (docs/ops.md), not 0 · inf = NaN. (A w² or flat rule above sends relevance to
+    # zero activations.)
+    x = torch.zeros(1, 2, 2, 2, dtype=torch.float16)
+    x[0, 1] = 0.5
+    relevance = torch.ones(1, 2, 3, 3, dtype=torch.float16)
+    adaptive = pool.adaptive_avg_pool_relevance(x, relevance, (3, 3), STABILIZER)
+    overlapping = pool.avg_pool_relevance(x, relevance[..., :1, :1], 2, 1, 0, False, True, None,
+                                          STABILIZER)  # fmt: skip
+    for out in (adaptive, overlapping):
+        assert torch.isfinite(out).all()
+        assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))
+    z_rule = z_rule_oracle(lambda t: F.adaptive_avg_pool2d(t, (3, 3)), x, relevance, STABILIZER)
+    assert_close_to_oracle(adaptive, z_rule, rtol=2e-3)
+
+
+@pytest.mark.parametrize("output_size", [(None, 2), (3, None), 2])
+def test_adaptive_pool_sizes_with_none_in_an_analysis(backend, output_size):
+    """``nn.AdaptiveAvgPool2d((None, 2))`` keeps the input's height: the analysis resolves the
+    size as torch does. Oracle: LRP-0 on a bias-free ReLU net is gradient × input."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1, bias=False), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(output_size), torch.nn.Flatten(), torch.nn.LazyLinear(4, bias=False),
+    ).double()  # fmt: skip
+    x = torch.rand(2, 2, 5, 6, generator=generator(), dtype=torch.float64) + 0.5
+    model(x)  # materialises the lazy layer
+    model.eval()
+    with torch.no_grad():
+        model[0].weight.abs_()  # pooled z far above the pool's stabilizer (1e-6)
+    relevance = relprop.create_analyzer("lrp.z", model).analyze(x, neuron_selection=[0, 3])
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    (grad,) = torch.autograd.grad(out[[0, 1], [0, 3]].sum(), xg)
+    assert_close_to_oracle(relevance, grad * x, rtol=1e-5)

@@ -117,7 +117,7 @@ class Analyzer:
         except RuntimeError as err:
             message = str(err).split("\n")[0]
             raise AnalyzerInputError(
-                f"the model cannot take an input of shape {tuple(x.shape)}: {message}"
+                f"the model failed on an input of shape {tuple(x.shape)}: {message}"
             ) from err
 
     def _selection_mask(self, output: Tensor, neuron_selection: NeuronSelection) -> Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from relprop.analyzers.base import Analyzer, NeuronSelection
-from relprop.errors import TraceError
+from relprop.errors import AnalyzerInputError, TraceError
 from relprop.graph.trace import check_no_softmax_output, trace
 
 POSTPROCESS = (None, "abs", "square")
@@ -64,13 +64,21 @@ class Gradient(Analyzer):
     ) -> tuple[Tensor, Tensor]:
         """Gradient of the selected outputs at ``x``; returns (gradient, selection mask)."""
         self._check_model()
+        if torch.is_inference_mode_enabled():
+            raise AnalyzerInputError(
+                f"{type(self).__name__} differentiates the model, which autograd cannot do under "
+                "torch.inference_mode(); call analyze outside it (torch.no_grad() is fine)"
+            )
         forward = self._forward_fn()
-        inp = x.detach().requires_grad_(True)
+        # The model sees a copy of the leaf it is differentiated at: a model whose first op works
+        # in place on its input (nn.ReLU(inplace=True)) must not write into the leaf, and an
+        # inference tensor x cannot be made to require grad itself.
+        leaf = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            output = self._run_model(forward, inp)
+            output = self._run_model(forward, leaf.clone())
             if mask is None:
                 mask = self._selection_mask(output.detach(), neuron_selection)
-            (grad,) = torch.autograd.grad(output, inp, grad_outputs=mask)
+            (grad,) = torch.autograd.grad(output, leaf, grad_outputs=mask)
         return grad, mask
 
     def _analyze(self, x, neuron_selection):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from relprop.analyzers.base import Analyzer, NeuronSelection
+from relprop.analyzers.base import Analyzer, NeuronSelection, preserved_state
 from relprop.composites import Composite
 from relprop.graph.plan import Plan, PlanBuilder
 from relprop.graph.program import Program
-from relprop.graph.trace import trace
+from relprop.graph.trace import check_module_hooks, trace
 
 
 class LRP(Analyzer):
@@ -51,9 +51,14 @@ class LRP(Analyzer):
         return self._get_program().plan
 
     def _get_program(self) -> Program:
+        # Hooks may come and go between calls: checked every time (a walk over the modules).
+        check_module_hooks(self.model)
         if self._program is None:
-            gm = trace(self.model, self.composite.leaf_types())
-            self._program = Program(PlanBuilder(gm, self.composite).build(), gm)
+            # Traced as analyze runs the model, in eval mode: a `self.training` branch (an
+            # auxiliary head, dropout) must not enter the plan when `plan` is read first.
+            with preserved_state(self.model):
+                gm = trace(self.model, self.composite.leaf_types())
+                self._program = Program(PlanBuilder(gm, self.composite).build(), gm)
         return self._program
 
     def _analyze(self, x: Tensor, neuron_selection: NeuronSelection) -> Tensor:
@@ -69,7 +74,7 @@ class LRP(Analyzer):
 
     def forward(self, x: Tensor) -> Tensor:
         """The model's output computed by relprop's steps (folded BatchNorms included)."""
-        with torch.no_grad():
+        with torch.no_grad(), preserved_state(self.model):
             return self._get_program().forward(x)
 
 

@@ -17,10 +17,14 @@ from relprop.ops._layer_rules import keep_derived_weights
 class FoldedParameters:
     """Weight and bias of a dense/conv layer, with the BatchNorms that follow it folded in.
 
-    The folded tensors are recomputed only when a source parameter changed (its version counter
-    moved), so analyzing many batches pays for the fold once, and a model trained between two
-    calls is never explained with stale weights. The same holds for what the rules derive from
-    the weight (``ops._layer_rules.DERIVED_WEIGHTS_MARK``).
+    Read afresh in every pass (:meth:`forget`, called as an analysis starts), then kept for the
+    rest of it: a model changed between two calls is never explained with stale weights, also
+    where the change leaves no trace on the parameters. A tensor's version counter moves on
+    in-place writes through autograd, but not on writes through ``.data`` or a NumPy view, nor
+    under fused optimizer kernels (``Adam(fused=True)``), so it cannot tell. The same holds for
+    what the rules derive from the weight (``ops._layer_rules.DERIVED_WEIGHTS_MARK``), kept on
+    the tensors this returns, which are new in each pass. Within a pass, a source changed in
+    place (its version moved) is folded again.
     """
 
     def __init__(self, layer: nn.Module, batch_norms: list[nn.Module] | None = None) -> None:
@@ -37,16 +41,28 @@ class FoldedParameters:
             ]
         return tensors
 
+    def forget(self) -> None:
+        """Drop the folded tensors: the next :meth:`get` reads the parameters again."""
+        self._key = None
+        self._value = None
+
+    def _key_now(self) -> tuple:
+        return tuple(
+            (t.data_ptr(), None if t.is_inference() else t._version) for t in self._sources()
+        )
+
+    def _keep(self, value: tuple[Tensor, Tensor | None]) -> None:
+        self._value = value
+        self._key = self._key_now()
+        # The rules' derived weights (W⁺, W + γW⁺, ...) are kept on these tensors, which are
+        # the analyzer's own (detached aliases or folded copies, never the user's parameters),
+        # until the next fold.
+        keep_derived_weights(value[0])
+
     def get(self) -> tuple[Tensor, Tensor | None]:
         """The (weight, bias) to use, detached from autograd."""
-        key = tuple((t.data_ptr(), t._version) for t in self._sources())
-        if key != self._key or self._value is None:
-            self._value = self._fold()
-            self._key = key
-            # The rules' derived weights (W⁺, W + γW⁺, ...) are kept on these tensors, which
-            # are the analyzer's own (detached aliases or folded copies, never the user's
-            # parameters), until the next fold.
-            keep_derived_weights(self._value[0])
+        if self._value is None or self._key_now() != self._key:
+            self._keep(self._fold())
         return self._value
 
     def _fold(self) -> tuple[Tensor, Tensor | None]:
@@ -63,6 +79,39 @@ class FoldedParameters:
             weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
             bias = shift if bias is None else bias * scale + shift
         return weight, bias
+
+
+def fold_all(folds: list[FoldedParameters]) -> None:
+    """Fold every layer afresh for a new pass.
+
+    A layer followed by one affine BatchNorm (every torchvision model's) gets its per-channel
+    scale ``γ/√(σ² + ε)`` and shift ``β − μ·scale`` from a few multi-tensor launches shared by
+    all such layers (``torch._foreach_*``), then one product for its weight (and one for its
+    bias): on ResNet50 about 60 launches per pass instead of eight per layer. Other layers fold
+    on their own when first used.
+    """
+    for fold in folds:
+        fold.forget()
+    batched = [
+        f for f in folds if len(f.batch_norms) == 1 and f.batch_norms[0].affine and can_fold(
+            f.batch_norms[0])
+    ]  # fmt: skip
+    if not batched:
+        return
+    bns = [f.batch_norms[0] for f in batched]
+    scales = torch._foreach_add([bn.running_var.detach() for bn in bns], [bn.eps for bn in bns])
+    torch._foreach_sqrt_(scales)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, [bn.weight.detach() for bn in bns])
+    shifts = torch._foreach_addcmul(
+        [bn.bias.detach() for bn in bns], [bn.running_mean.detach() for bn in bns], scales, -1
+    )
+    for fold, scale, shift in zip(batched, scales, shifts):
+        weight = fold.layer.weight.detach()
+        weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+        bias = fold.layer.bias
+        bias = shift if bias is None else torch.addcmul(shift, bias.detach(), scale)
+        fold._keep((weight, bias))
 
 
 def can_fold(bn: nn.Module) -> bool:

@@ -530,11 +530,12 @@ class AdaptiveAvgPoolLayer(Layer):
         return out, x
 
     def relevance(self, saved, relevance):
-        size = self.output_size
-        if self.dims == 2:
-            size = _pair(size)
-            size = tuple(saved.shape[2 + i] if s is None else s for i, s in enumerate(size))
-        return [pool_ops.adaptive_avg_pool_relevance(saved, relevance, size, self.stabilizer)]
+        # The op resolves the size as torch does (an int for every axis, None keeps the input's).
+        return [
+            pool_ops.adaptive_avg_pool_relevance(
+                saved, relevance, self.output_size, self.stabilizer
+            )
+        ]
 
 
 def _triton_runs_on(device: torch.device) -> bool:

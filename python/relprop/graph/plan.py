@@ -346,6 +346,16 @@ class PlanBuilder:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             mapped = self.composite.rule_for(str(node.target), module, is_first)
+            max_pools = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+            if isinstance(module, max_pools) and module.return_indices:
+                # The step hands on the pooled tensor alone; the (output, indices) pair the model
+                # unpacks would be indexed as if it were that tensor (its first sample).
+                raise UnsupportedLayerError(
+                    f"module {node.target!r} of type {type(module).__name__} returns its indices "
+                    "(return_indices=True), which relprop does not map; build it with "
+                    "return_indices=False if the model does not use them, or explain with a "
+                    "gradient analyzer ('gradient', 'integrated_gradients')"
+                )
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 self._weight_step(node, step, module, folded["bns"].get(node.name, []), mapped)
             elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, fx
 
 from relprop.errors import AnalyzerInputError
+from relprop.graph.canonize import fold_all
 from relprop.graph.layers import InputProduct, formed, join
 from relprop.graph.plan import Plan
 from relprop.ops._layer_rules import transient_budget
@@ -71,9 +72,14 @@ class Program:
         saved: dict[str, object] = {}
         live: set[str] = set()
         output = None
+        # Weights are read afresh in every pass (graph/canonize.py says why).
+        fold_all([s.layer.params for s in self.plan.steps if hasattr(s.layer, "params")])
+        # The steps may keep marks (ops._layer_rules.stamp_mark) on their inputs: on an alias of
+        # the user's x, never on x itself, and none outlives the pass.
+        x_alias = x.detach()
         for i, step in enumerate(self.plan.steps):
             if step.op == "placeholder":
-                env[step.name] = x
+                env[step.name] = x_alias
                 live.add(step.name)
             elif step.op == "get_attr":
                 env[step.name] = _fetch_attr(self.gm, step.target)
@@ -85,9 +91,11 @@ class Program:
                 try:
                     value, ctx = step.layer.forward(args, kwargs)
                 except RuntimeError as err:
+                    # Most often the input does not fit the model (a shape, a channel count);
+                    # the message says which step failed and why, without presuming that.
                     raise AnalyzerInputError(
-                        f"the model cannot take an input of shape {tuple(x.shape)}: step "
-                        f"{step.path!r} ({step.kind}) failed with: {str(err).splitlines()[0]}"
+                        f"step {step.path!r} ({step.kind}) failed on an input of shape "
+                        f"{tuple(x.shape)}: {str(err).splitlines()[0]}"
                     ) from err
                 env[step.name] = value
                 if isinstance(value, Tensor) and any(n in live for n in step.leaves if n):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from relprop.errors import SoftmaxOutputError, TraceError
+from relprop.errors import SoftmaxOutputError, TraceError, UnsupportedLayerError
 
 SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
@@ -134,3 +135,55 @@ OPERATOR_NAMES = {
     operator.truediv: "truediv",
     operator.sub: "sub",
 }
+
+
+def _reparametrization(hook: object) -> str | None:
+    """The name of the weight reparametrization ``hook`` computes, or None for any other hook:
+    the legacy ones recompute ``module.weight`` in a forward pre-hook."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if isinstance(hook, SpectralNorm):
+        return "torch.nn.utils.spectral_norm"
+    if isinstance(hook, WeightNorm):
+        return "torch.nn.utils.weight_norm"
+    if isinstance(hook, prune.BasePruningMethod):
+        return "torch.nn.utils.prune"
+    return None
+
+
+def check_module_hooks(model: nn.Module) -> None:
+    """Refuse weights that only a forward hook brings up to date; warn about other hooks.
+
+    LRP runs relprop's own steps, not the modules' ``__call__``, so no module hook runs. A
+    reparametrization by pre-hook (legacy spectral or weight norm, pruning) leaves
+    ``module.weight`` as the last forward computed it, which would be explained instead of the
+    weight the model uses now. Other forward hooks may change what a module returns; relprop
+    explains the model without them.
+    """
+    others = []
+    for path, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            kind = _reparametrization(hook)
+            if kind is not None:
+                raise UnsupportedLayerError(
+                    f"module {path or type(model).__name__!r} of type {type(module).__name__} is "
+                    f"reparametrized by {kind}, which recomputes its weight in a forward hook; "
+                    "relprop runs no module hooks and would read a stale weight. Use the "
+                    "parametrization API instead (torch.nn.utils.parametrizations.spectral_norm "
+                    "or .weight_norm; relprop reads those weights as they are now), or remove the "
+                    "hook first (torch.nn.utils.remove_spectral_norm, remove_weight_norm, "
+                    "prune.remove)"
+                )
+        if module._forward_pre_hooks or module._forward_hooks:
+            others.append(path or type(model).__name__)
+    if others:
+        warnings.warn(
+            f"relprop: modules {', '.join(repr(p) for p in others[:5])}"
+            f"{' and more' if len(others) > 5 else ''} have forward hooks; LRP runs relprop's "
+            "own steps, not the modules, so these hooks do not run and what they change in a "
+            "module's output is not explained",
+            UserWarning,
+            stacklevel=4,
+        )

@@ -359,7 +359,13 @@ def _input_coefficient_reference(
 
 def stamp_mark(t: Tensor, name: str, value: object = True) -> None:
     """Remember ``value`` on ``t`` under attribute ``name`` for ``t`` as it is now: the mark holds
-    until ``t`` changes in place (its version moves on)."""
+    until ``t`` changes in place (its version moves on).
+
+    Inference tensors (made under ``torch.inference_mode``) have no version counter, so nothing
+    could tell that one changed: they get no mark, and whatever a mark would spare is computed.
+    """
+    if t.is_inference():
+        return
     setattr(t, name, (t._version, value))
 
 
@@ -992,7 +998,9 @@ def relevance_by_backend(
             return relevance_fast(lin, x, weight, bias, saved, relevance, rule, params, *extra)
         if relevance_factor is not None:
             relevance = times_factor(relevance, relevance_factor)
-        return triton_relevance()(x, weight, bias, list(saved), relevance, rule, list(params))
+        # The kernels read every saved tensor; lean saved ([] or [z]) is completed first.
+        saved = complete_saved(lin, x, weight, bias, saved, rule, params)
+        return triton_relevance()(x, weight, bias, saved, relevance, rule, list(params))
     if backend == "reference":
         return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params, *extra)
     return relevance_fast(lin, x, weight, bias, saved, relevance, rule, params, *extra)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from relprop import _native
-from relprop.ops._layer_rules import divide
+from relprop.ops._layer_rules import divide, times_factor
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -87,7 +87,7 @@ def avg_pool2d_relevance_reference(
     spread = torch.ops.aten.avg_pool2d_backward(
         share, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
     )
-    return x * spread
+    return times_factor(spread, x)
 
 
 def adaptive_avg_pool2d_relevance_reference(
@@ -96,7 +96,7 @@ def adaptive_avg_pool2d_relevance_reference(
     """z-rule relevance of ``adaptive_avg_pool2d``: ``x · Pᵀ(R / stab(P x, e))``."""
     z = F.adaptive_avg_pool2d(x, output_size)
     share = divide(relevance, z, stabilizer)
-    return x * torch.ops.aten._adaptive_avg_pool2d_backward(share, x)
+    return times_factor(torch.ops.aten._adaptive_avg_pool2d_backward(share, x), x)
 
 
 # ---------------------------------------------------------------------------------------------
