@@ -92,10 +92,7 @@ def fold_all(folds: list[FoldedParameters]) -> None:
     """
     for fold in folds:
         fold.forget()
-    batched = [
-        f for f in folds if len(f.batch_norms) == 1 and f.batch_norms[0].affine and can_fold(
-            f.batch_norms[0])
-    ]  # fmt: skip
+    batched = [f for f in folds if len(f.batch_norms) == 1 and _affine(f.batch_norms[0])]
     if not batched:
         return
     bns = [f.batch_norms[0] for f in batched]
@@ -112,6 +109,10 @@ def fold_all(folds: list[FoldedParameters]) -> None:
         bias = fold.layer.bias
         bias = shift if bias is None else torch.addcmul(shift, bias.detach(), scale)
         fold._keep((weight, bias))
+
+
+def _affine(bn: nn.Module) -> bool:
+    return can_fold(bn) and bn.affine
 
 
 def can_fold(bn: nn.Module) -> bool:
