@@ -208,3 +208,30 @@ def test_random_analyzer_is_random_noise_of_the_input_shape():
     relevance = relprop.create_analyzer("random", model).analyze(x)
     assert relevance.shape == x.shape
     assert relevance.std() > 0 and not torch.equal(relevance, x)
+
+
+class SizeArithmetic(torch.nn.Module):
+    """Sizes computed in forward: ``view(n, c * h * w)`` and a channel half ``shape[1] // 2``."""
+
+    def __init__(self, flatten: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(2 * 36, 3)
+        self.flatten = flatten
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(x))
+        if self.flatten:
+            return self.fc(torch.flatten(h[:, :2], 1))
+        h = h[:, : h.shape[1] // 2]
+        return self.fc(h.view(h.size(0), h.size(1) * h.size(2) * h.size(3)))
+
+
+def test_arithmetic_on_sizes_is_not_taken_for_a_tensor_op():
+    """``h.size(1) * h.size(2)`` multiplies Python ints; it was refused as a product of two
+    tensors. Oracle: the same model written with ``flatten`` and a constant slice."""
+    x = seeded_normal((2, 3, 6, 6), seed=45, dtype=torch.float32)
+    expected = relprop.create_analyzer("lrp.epsilon", SizeArithmetic(flatten=True)).analyze(x)
+    actual = relprop.create_analyzer("lrp.epsilon", SizeArithmetic()).analyze(x)
+    assert torch.equal(actual, expected)

@@ -290,3 +290,39 @@ def test_other_forward_hooks_are_named_in_a_warning():
     model[2].register_forward_hook(lambda module, args, out: out * 2)
     with pytest.warns(UserWarning, match=r"'2'.*forward hooks"):
         relprop.create_analyzer("lrp.epsilon", model).analyze(torch.randn(2, 6).double())
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [[2.7, 2.7], 2.0, torch.tensor([True, False]), "2", [True, False], torch.tensor([0.0, 1.0])],
+    ids=["float-list", "float", "bool-tensor", "string", "bool-list", "float-tensor"],
+)
+def test_selection_that_is_not_an_integer_is_refused(model, x, selection):
+    # Once taken as int(v): 2.7 → 2, True → 1, '2' → index 2 (by its characters).
+    analyzer = relprop.create_analyzer("lrp.epsilon", model, neuron_selection_mode="index")
+    with pytest.raises(relprop.AnalyzerInputError, match="neuron_selection"):
+        analyzer.analyze(x, neuron_selection=selection)
+
+
+def test_numpy_integers_select_as_ints_do(model, x):
+    import numpy as np
+
+    analyzer = relprop.create_analyzer("lrp.epsilon", model, neuron_selection_mode="index")
+    expected = analyzer.analyze(x, neuron_selection=[3, 1])
+    for selection in (np.array([3, 1]), [np.int64(3), np.int32(1)], torch.tensor([3, 1])):
+        assert torch.equal(analyzer.analyze(x, neuron_selection=selection), expected)
+    single = analyzer.analyze(x, neuron_selection=3)
+    assert torch.equal(analyzer.analyze(x, neuron_selection=np.int64(3)), single)
+    assert torch.equal(analyzer.analyze(x, neuron_selection=np.array(3)), single)
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compiled", "AveragedModel"])
+def test_wrapped_models_are_explained_as_the_model_they_run(model, x, wrap):
+    """A wrapper cannot be traced itself; relprop traces the module it runs."""
+    wrapped = {
+        "DataParallel": nn.DataParallel,
+        "compiled": torch.compile,
+        "AveragedModel": torch.optim.swa_utils.AveragedModel,
+    }[wrap](model)
+    expected = relprop.create_analyzer("lrp.epsilon_plus", model).analyze(x)
+    assert torch.equal(relprop.create_analyzer("lrp.epsilon_plus", wrapped).analyze(x), expected)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -135,26 +136,41 @@ class Analyzer:
         return mask.reshape(output.shape)
 
 
+def _is_integer(value: object) -> bool:
+    """A Python or NumPy integer, not a bool (``True`` is an int to Python, not an index)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _selection_index(selection: NeuronSelection, n: int, k: int, device) -> Tensor:
-    if isinstance(selection, bool):
-        raise AnalyzerInputError(f"neuron_selection must be an int or a sequence, got {selection}")
-    if isinstance(selection, int):
-        values = [selection] * n
-    elif isinstance(selection, Tensor):
-        if selection.is_floating_point() or selection.dim() > 1:
+    expected = (
+        "neuron_selection must be an int, a sequence of ints or an integer tensor/array (one "
+        "index per sample)"
+    )
+    if isinstance(selection, np.ndarray):
+        if selection.dtype.kind not in "iu" or selection.ndim > 1:
             raise AnalyzerInputError(
-                f"neuron_selection tensor must be integer of shape ({n},) or a scalar, got dtype "
-                f"{selection.dtype} shape {tuple(selection.shape)}"
+                f"{expected}; got an array of dtype {selection.dtype} and shape {selection.shape}"
+            )
+        selection = int(selection) if selection.ndim == 0 else selection.tolist()
+    if _is_integer(selection):
+        values = [int(selection)] * n
+    elif isinstance(selection, Tensor):
+        if selection.is_floating_point() or selection.is_complex() or selection.dtype == torch.bool:
+            raise AnalyzerInputError(f"{expected}; got a tensor of dtype {selection.dtype}")
+        if selection.dim() > 1:
+            raise AnalyzerInputError(
+                f"{expected}; got a tensor of shape {tuple(selection.shape)}, expected ({n},)"
             )
         values = [int(selection)] * n if selection.dim() == 0 else selection.tolist()
+    elif (
+        isinstance(selection, Sequence)
+        and not isinstance(selection, (str, bytes))
+        and all(_is_integer(v) for v in selection)
+    ):
+        values = [int(v) for v in selection]
     else:
-        try:
-            values = [int(v) for v in selection]
-        except (TypeError, ValueError) as err:
-            raise AnalyzerInputError(
-                f"neuron_selection must be an int, a sequence of ints or an integer tensor, got "
-                f"{selection!r}"
-            ) from err
+        # Floats (2.7 would be truncated), bools, strings ('2' would be read as digits).
+        raise AnalyzerInputError(f"{expected}; got {selection!r}")
     if len(values) != n:
         raise AnalyzerInputError(
             f"neuron_selection has {len(values)} indices but the batch has {n} samples; give one "

@@ -215,6 +215,7 @@ class PlanBuilder:
                 "input tensor. Wrap the model so that forward(x) takes one tensor"
             )
         folded = self._fold_batch_norms()
+        self._meta: set[str] = set()  # nodes whose values are sizes, not tensors
         steps: list[Step] = []
         first_layer = None
         for node in gm.graph.nodes:
@@ -244,6 +245,8 @@ class PlanBuilder:
                     first_layer = node.name
                     is_first = True
                 self._classify(node, step, folded, is_first)
+            if step.kind == "meta":
+                self._meta.add(node.name)
             steps.append(step)
         self._fuse_relus({s.name: s for s in steps})
         return Plan(steps, placeholders[0].name, out.name, first_layer)
@@ -423,6 +426,13 @@ class PlanBuilder:
             return
         target = node.target
         is_method = node.op == "call_method"
+        inputs = node.all_input_nodes
+        if inputs and all(n.name in self._meta for n in inputs):
+            # Arithmetic on sizes (h.size(1) * h.size(2), x.shape[1] // 2): Python numbers that
+            # carry no relevance, whatever the operator.
+            step.kind = "meta"
+            step.layer = L.PassLayer(self._callable(node))
+            return
         if (not is_method and target in ACTIVATION_FUNCTIONS) or (
             is_method and target in ACTIVATION_METHODS
         ):

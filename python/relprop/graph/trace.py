@@ -30,6 +30,20 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module a wrapper runs, which is what relprop traces: ``nn.DataParallel``'s,
+    ``DistributedDataParallel``'s and ``swa_utils.AveragedModel``'s ``.module``, a
+    ``torch.compile``d module's ``_orig_mod`` (none of them can be traced themselves)."""
+    while True:
+        inner = getattr(model, "module", None) if isinstance(
+            model, (nn.DataParallel, nn.parallel.DistributedDataParallel,
+                    torch.optim.swa_utils.AveragedModel)
+        ) else getattr(model, "_orig_mod", None)  # fmt: skip
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def trace(model: nn.Module, extra_leaf_types: tuple[type, ...] = ()) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule that shares the model's submodules (no copy).
 
@@ -40,6 +54,7 @@ def trace(model: nn.Module, extra_leaf_types: tuple[type, ...] = ()) -> fx.Graph
     extra_leaf_types : tuple of type
         Module types to keep whole (those a composite maps to a rule by type).
     """
+    model = unwrapped(model)
     tracer = _Tracer(extra_leaf_types)
     try:
         graph = tracer.trace(model)
