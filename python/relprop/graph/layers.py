@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Union
 
@@ -44,12 +44,6 @@ from relprop.ops._layer_rules import (
     times_factor,
 )
 from relprop.rules.base import Rule
-
-
-def _pair(value: int | Sequence[int], dims: int = 2) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * dims
-    return tuple(int(v) for v in value)
 
 
 @dataclass(frozen=True)

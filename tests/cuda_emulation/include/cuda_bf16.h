@@ -4,22 +4,19 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+
+#include "relprop_emulation_bits.h"
 
 struct __nv_bfloat16 {
   std::uint16_t bits = 0;
 };
 
 inline float __bfloat162float(__nv_bfloat16 h) {
-  const std::uint32_t bits = std::uint32_t(h.bits) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
+  return relprop_emulation::bits_float(std::uint32_t(h.bits) << 16);
 }
 
 inline __nv_bfloat16 __float2bfloat16(float f) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
+  std::uint32_t bits = relprop_emulation::float_bits(f);
   __nv_bfloat16 out;
   if ((bits & 0x7fffffffu) > 0x7f800000u) {
     out.bits = std::uint16_t((bits >> 16) | 0x0040u);  // quiet NaN, sign kept

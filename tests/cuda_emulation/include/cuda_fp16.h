@@ -4,7 +4,8 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+
+#include "relprop_emulation_bits.h"
 
 struct __half {
   std::uint16_t bits = 0;
@@ -14,25 +15,19 @@ inline float __half2float(__half h) {
   const std::uint32_t sign = std::uint32_t(h.bits & 0x8000u) << 16;
   const std::uint32_t exponent = (h.bits >> 10) & 0x1fu;
   const std::uint32_t mantissa = h.bits & 0x3ffu;
-  std::uint32_t bits;
   if (exponent == 0x1fu) {
-    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, NaN (payload kept)
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);  // rebias 15 → 127
-  } else {
-    // Zero or subnormal: mantissa · 2^-24 is exact in float.
-    float magnitude = float(mantissa) * (1.0f / 16777216.0f);
-    std::memcpy(&bits, &magnitude, sizeof bits);
-    bits |= sign;
+    return relprop_emulation::bits_float(sign | 0x7f800000u | (mantissa << 13));  // inf, NaN
   }
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
+  if (exponent != 0) {  // rebias 15 → 127
+    return relprop_emulation::bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  }
+  // Zero or subnormal: mantissa · 2^-24 is exact in float.
+  const float magnitude = float(mantissa) * (1.0f / 16777216.0f);
+  return relprop_emulation::bits_float(relprop_emulation::float_bits(magnitude) | sign);
 }
 
 inline __half __float2half(float f) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
+  const std::uint32_t bits = relprop_emulation::float_bits(f);
   const std::uint16_t sign = std::uint16_t((bits >> 16) & 0x8000u);
   std::uint32_t magnitude = bits & 0x7fffffffu;
   __half out;
@@ -43,12 +38,8 @@ inline __half __float2half(float f) {
   } else if (magnitude < 0x38800000u) {
     // Below 2^-14: a half subnormal (or zero). Adding 0.5 puts the value's bits where a float's
     // last place is 2^-24, the half subnormal spacing, so the FPU's own rounding is the half's.
-    float shifted;
-    std::memcpy(&shifted, &magnitude, sizeof shifted);
-    shifted += 0.5f;
-    std::uint32_t shifted_bits;
-    std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
-    out.bits = std::uint16_t(sign | (shifted_bits - 0x3f000000u));
+    const float shifted = relprop_emulation::bits_float(magnitude) + 0.5f;
+    out.bits = std::uint16_t(sign | (relprop_emulation::float_bits(shifted) - 0x3f000000u));
   } else {
     // Normal: rebias the exponent (127 → 15) and round the 13 dropped bits to nearest even.
     const std::uint32_t odd = (magnitude >> 13) & 1u;
