@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,6 +185,13 @@ def _unsupported(node: fx.Node, gm: fx.GraphModule, what: str) -> UnsupportedLay
         "it in a module and map that module type to relprop.rules.Pass() in a composite if it is "
         "element-wise, or explain with a gradient analyzer ('gradient', 'integrated_gradients')"
     )
+
+
+def _pair(value: int | Sequence[int], dims: int = 2) -> tuple[int, ...]:
+    """A module's int-or-tuple geometry argument as a ``dims``-tuple."""
+    if isinstance(value, int):
+        return (value,) * dims
+    return tuple(int(v) for v in value)
 
 
 def _bind(node: fx.Node, names: list[str], defaults: dict) -> dict:
@@ -575,9 +583,9 @@ class PlanBuilder:
                 pad = module.padding
             expand = (lambda v: (1, v[0])) if dims == 1 else (lambda v: tuple(v))
             geometry = {
-                "stride": list(expand(L._pair(module.stride, dims))),
-                "padding": list((0, pad[0]) if dims == 1 else L._pair(pad, 2)),
-                "dilation": list(expand(L._pair(module.dilation, dims))),
+                "stride": list(expand(_pair(module.stride, dims))),
+                "padding": list((0, pad[0]) if dims == 1 else _pair(pad, 2)),
+                "dilation": list(expand(_pair(module.dilation, dims))),
                 "groups": module.groups,
             }
             kind = f"conv{dims}d"
