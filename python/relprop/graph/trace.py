@@ -34,11 +34,13 @@ def unwrapped(model: nn.Module) -> nn.Module:
     """The module a wrapper runs, which is what relprop traces: ``nn.DataParallel``'s,
     ``DistributedDataParallel``'s and ``swa_utils.AveragedModel``'s ``.module``, a
     ``torch.compile``d module's ``_orig_mod`` (none of them can be traced themselves)."""
+    wrappers = (
+        nn.DataParallel,
+        nn.parallel.DistributedDataParallel,
+        torch.optim.swa_utils.AveragedModel,
+    )
     while True:
-        inner = getattr(model, "module", None) if isinstance(
-            model, (nn.DataParallel, nn.parallel.DistributedDataParallel,
-                    torch.optim.swa_utils.AveragedModel)
-        ) else getattr(model, "_orig_mod", None)  # fmt: skip
+        inner = getattr(model, "module" if isinstance(model, wrappers) else "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner

@@ -91,7 +91,6 @@ struct Warp {
   int lane = 0;
   bool shuffled = false;  // a lane of this launch reached a shuffle
   bool direct = false;    // lanes run as plain calls, without fibers
-  unsigned int first_thread = 0;
   const std::function<void()>* body = nullptr;
 };
 
@@ -110,7 +109,6 @@ inline void lane_entry() {
 inline void run_warp(unsigned int first_thread, int lanes) {
   Warp& w = warp();
   w.lanes = lanes;
-  w.first_thread = first_thread;
   for (int l = 0; l < lanes; ++l) {
     getcontext(&w.lane_context[l]);
     w.lane_context[l].uc_stack.ss_sp = w.stacks.data() + l * kLaneStackBytes;
