@@ -52,9 +52,7 @@ def _relevance(model_name, composite, dtype, monkeypatch, backend: str):
 def test_as_close_to_float64_as_the_reference(dtype, model_name, composite, monkeypatch):
     truth, _ = _relevance(model_name, composite, torch.float64, monkeypatch, "reference")
     # The baseline is the same composition without the CUDA kernels (the CPU twins; in 16 bits,
-    # which they do not take, the ops' references): the native path computes α-β's z⁻ as
-    # z − z⁺ (one product fewer), which on few inputs per unit (SmallCNN1d's grouped
-    # convolution) costs digits against the reference analysis and its own z⁻.
+    # which they do not take, the ops' references).
     baseline, _ = _relevance(model_name, composite, dtype, monkeypatch, "native")
     emulated, module = _relevance(model_name, composite, dtype, monkeypatch, "cuda-emulated")
     assert sum(module.calls.values()) > 0
