@@ -10,6 +10,7 @@ PLoS ONE 2015; Montavon et al., Pattern Recognition 2017; Montavon et al., Expla
 
 # No ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises a
 # ``tl.constexpr`` parameter only by its evaluated annotation, not by the string it would become.
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -38,6 +39,9 @@ _RULES = {
 }
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton decides at ``@triton.jit`` time, from this variable, whether a kernel is interpreted; the
+# kernels of this package are decorated when it is imported, just after this line runs.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,13 @@ def check_tensors(*tensors: Optional[torch.Tensor]) -> None:
     """Raise unless all tensors share a supported dtype and a device the kernels can run on."""
     present = [t for t in tensors if t is not None]
     dtype, device = present[0].dtype, present[0].device
+    if device.type != "cuda" and not INTERPRETED:
+        # Else Triton's own error: "0 active drivers ([]). There should only be one."
+        raise ValueError(
+            f"the Triton kernels run on CUDA tensors, or on the CPU under Triton's interpreter "
+            f"(TRITON_INTERPRET=1 set before triton is first imported); got tensors on {device}. "
+            f"On the CPU use the native backend (unset RELPROP_BACKEND, or set it to native)"
+        )
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"Triton LRP kernels take float32, float16 or bfloat16, got {dtype}")
     for t in present:

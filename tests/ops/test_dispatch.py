@@ -125,3 +125,22 @@ def test_profiles_name_the_op_called_as_a_function():
         _backend.call_op(conv_ops.conv2d_forward, conv_ops.forward_kernel, *args)
     keys = [event.key for event in prof.key_averages()]
     assert "relprop::conv2d_forward" in keys, keys
+
+
+def test_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
+    """Forced onto Triton with CPU tensors outside the interpreter, an analysis fails with what
+    the kernels need and the way out, not Triton's "0 active drivers ([]). There should only be
+    one." (The suite itself runs Triton interpreted on a CPU, so that mode is patched in.)"""
+    from tests.oracles.nets import tiny_cnn
+
+    import relprop
+    from relprop._kernels.triton import _common
+
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    monkeypatch.setenv("RELPROP_BACKEND", "triton")
+    analyzer = relprop.create_analyzer("lrp.epsilon", tiny_cnn())
+    with pytest.raises(ValueError) as raised:
+        analyzer.analyze(torch.randn(1, 3, 8, 7))
+    message = str(raised.value)
+    assert "CUDA tensors" in message and "TRITON_INTERPRET=1" in message, message
+    assert "native" in message and "cpu" in message, message
