@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from relprop.ops._layer_rules import keep_derived_weights
+from relprop.ops._layer_rules import DerivedWeights, keep_derived_weights
 
 
 class FoldedParameters:
@@ -23,8 +23,13 @@ class FoldedParameters:
     in-place writes through autograd, but not on writes through ``.data`` or a NumPy view, nor
     under fused optimizer kernels (``Adam(fused=True)``), so it cannot tell. The same holds for
     what the rules derive from the weight (``ops._layer_rules.DERIVED_WEIGHTS_MARK``), kept on
-    the tensors this returns, which are new in each pass. Within a pass, a source changed in
-    place (its version moved) is folded again.
+    the tensors this returns. Within a pass, a source changed in place (its version moved) is
+    folded again.
+
+    A new pass writes its folded weight and derived weights into the memory of the previous
+    pass's (:class:`~relprop.ops._layer_rules.DerivedWeights` says why): nothing reads them once
+    a pass is over, and the folded weight is relprop's own copy (a layer without a BatchNorm
+    gets a detached alias of its weight, which is never written).
     """
 
     def __init__(self, layer: nn.Module, batch_norms: list[nn.Module] | None = None) -> None:
@@ -32,6 +37,10 @@ class FoldedParameters:
         self.batch_norms = list(batch_norms or [])
         self._key: tuple | None = None
         self._value: tuple[Tensor, Tensor | None] | None = None
+        # The previous pass's derived weights and folded weight (None for an alias): memory the
+        # next pass reuses.
+        self._store: DerivedWeights | None = None
+        self._folded_weight: Tensor | None = None
 
     def _sources(self) -> list[Tensor]:
         tensors = [self.layer.weight] + ([self.layer.bias] if self.layer.bias is not None else [])
@@ -51,18 +60,27 @@ class FoldedParameters:
             (t.data_ptr(), None if t.is_inference() else t._version) for t in self._sources()
         )
 
-    def _keep(self, value: tuple[Tensor, Tensor | None]) -> None:
+    def _keep(self, value: tuple[Tensor, Tensor | None], folded: bool, new_pass: bool) -> None:
         self._value = value
         self._key = self._key_now()
+        self._folded_weight = value[0] if folded else None
         # The rules' derived weights (W⁺, W + γW⁺, ...) are kept on these tensors, which are
         # the analyzer's own (detached aliases or folded copies, never the user's parameters),
-        # until the next fold.
-        keep_derived_weights(value[0])
+        # until the next fold. A refold within a pass leaves the pass's earlier ones alone.
+        self._store = keep_derived_weights(value[0], self._store if new_pass else None)
+
+    def weight_buffer(self, like: Tensor) -> Tensor | None:
+        """The previous pass's folded weight, to fold into again, where it fits ``like``."""
+        old = self._folded_weight
+        if old is None or old.shape != like.shape or old.dtype != like.dtype:
+            return None
+        return old if old.device == like.device else None
 
     def get(self) -> tuple[Tensor, Tensor | None]:
         """The (weight, bias) to use, detached from autograd."""
         if self._value is None or self._key_now() != self._key:
-            self._keep(self._fold())
+            new_pass = self._value is None
+            self._keep(self._fold(), folded=bool(self.batch_norms), new_pass=new_pass)
         return self._value
 
     def _fold(self) -> tuple[Tensor, Tensor | None]:
@@ -104,11 +122,12 @@ def fold_all(folds: list[FoldedParameters]) -> None:
         [bn.bias.detach() for bn in bns], [bn.running_mean.detach() for bn in bns], scales, -1
     )
     for fold, scale, shift in zip(batched, scales, shifts):
-        weight = fold.layer.weight.detach()
-        weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+        source = fold.layer.weight.detach()
+        scale_view = scale.view(-1, *([1] * (source.dim() - 1)))
+        weight = torch.mul(source, scale_view, out=fold.weight_buffer(source))
         bias = fold.layer.bias
         bias = shift if bias is None else torch.addcmul(shift, bias.detach(), scale)
-        fold._keep((weight, bias))
+        fold._keep((weight, bias), folded=True, new_pass=True)
 
 
 def _affine(bn: nn.Module) -> bool:

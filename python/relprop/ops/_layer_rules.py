@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -161,39 +160,73 @@ def _negative(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-# Set by the engine on the weights it hands the ops (graph/canonize.FoldedParameters): a dict,
-# stamped with the weight's version, that keeps what the rules derive from the weight (W⁺,
-# [W⁺; W⁻], W + γW⁺, ...) from one analysis to the next. Deriving them costs a few passes over
-# the weights per layer and analysis: at batch 2 and 64² images that was a third of a ResNet18's
-# γ or α-β analysis on CPU, and on a GPU it is three or four small launches per layer. They
-# live as long as the analyzer's weights (up to twice the convolutions' weights for α-β); a
-# weight changed in place stales the mark, and the engine folds new weights anyway.
+# Set by the engine on the weights it hands the ops (graph/canonize.FoldedParameters): a
+# DerivedWeights, stamped with the weight's version, that keeps what the rules derive from the
+# weight (W⁺, [W⁺; W⁻], W + γW⁺, ...) for the rest of the analysis. Every analysis derives them
+# anew (a model can change in ways no version counter sees: graph/canonize.py), but into the
+# memory the previous analysis of the same layer derived them in.
 DERIVED_WEIGHTS_MARK = "_relprop_derived_weights"
 
 
-def keep_derived_weights(weight: Tensor) -> None:
-    """Let the rules keep what they derive from ``weight`` on it (see DERIVED_WEIGHTS_MARK)."""
-    stamp_mark(weight, DERIVED_WEIGHTS_MARK, {})
+class DerivedWeights(dict):
+    """What the rules derived from one analysis's weight of a layer (key → tensor), and the
+    tensors the previous analysis derived for that layer (spares), whose memory new ones reuse.
+
+    Deriving writes a few passes over the weights per layer and analysis. Into fresh memory, on a
+    CPU, each pass also faults in every page of it: ResNet18's convolution weights multiplied
+    into new tensors took 65 ms, into the previous ones 15 ms, and a whole EpsilonGammaBox
+    analysis of one 32×32 image spent most of its time so. (CUDA's caching allocator hands back
+    recently freed memory anyway; there the reuse changes nothing.) Spares are matched by shape,
+    dtype and device, so a rule parameter changed between analyses reuses them too.
+    """
+
+    def __init__(self, previous: DerivedWeights | None = None) -> None:
+        super().__init__()
+        self._spares: list[Tensor] = [] if previous is None else list(previous.values())
+
+    def buffer(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A spare of ``shape`` with the dtype and device of ``like`` (removed from the spares),
+        or new memory."""
+        for index, spare in enumerate(self._spares):
+            if spare.shape == shape and spare.dtype == like.dtype and spare.device == like.device:
+                return self._spares.pop(index)
+        return like.new_empty(shape)
 
 
-def _derived(weight: Tensor, key: tuple, make: Callable[[], Any]) -> Any:
-    """``make()``, kept on ``weight`` under ``key`` where the engine allows it (and the weight is
-    unchanged since); callers only read what it returns."""
+def keep_derived_weights(weight: Tensor, previous: DerivedWeights | None = None) -> DerivedWeights:
+    """Let the rules keep what they derive from ``weight`` on it (see DERIVED_WEIGHTS_MARK),
+    reusing the memory of ``previous``: the store of the layer's previous analysis, whose
+    tensors nothing may read any more."""
+    store = DerivedWeights(previous)
+    stamp_mark(weight, DERIVED_WEIGHTS_MARK, store)
+    return store
+
+
+def _derived(
+    weight: Tensor, key: tuple, shape: Sequence[int], make: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``make(out)``, which writes into ``out`` (a tensor of ``shape``, the weight's dtype and
+    device) and returns it, kept on ``weight`` under ``key`` where the engine allows it (and the
+    weight is unchanged since); callers only read what it returns."""
     store = read_mark(weight, DERIVED_WEIGHTS_MARK)
     if store is None:
-        return make()
+        return make(weight.new_empty(tuple(shape)))
     value = store.get(key)
     if value is None:
-        value = store[key] = make()
+        value = store[key] = make(store.buffer(tuple(shape), weight))
     return value
 
 
 def _positive_weight(weight: Tensor) -> Tensor:
-    return _derived(weight, ("positive",), lambda: weight.clamp(min=0))
+    return _derived(
+        weight, ("positive",), weight.shape, lambda out: torch.clamp(weight, min=0, out=out)
+    )
 
 
 def _negative_weight(weight: Tensor) -> Tensor:
-    return _derived(weight, ("negative",), lambda: weight.clamp(max=0))
+    return _derived(
+        weight, ("negative",), weight.shape, lambda out: torch.clamp(weight, max=0, out=out)
+    )
 
 
 def _gamma_weights(
@@ -459,14 +492,18 @@ def _gamma_shifted(
     weight: Tensor, bias: Tensor | None, gamma: float, up: bool
 ) -> tuple[Tensor, Tensor | None]:
     """``W + γW⁺`` and ``b + γb⁺`` (``up``), or ``W + γW⁻`` and ``b + γb⁻``."""
-    shifted = _derived(weight, ("gamma", gamma, up), lambda: _gamma_shift(weight, gamma, up))
+    shifted = _derived(
+        weight, ("gamma", gamma, up), weight.shape, lambda out: _gamma_shift(weight, gamma, up, out)
+    )
     return shifted, None if bias is None else _gamma_shift(bias, gamma, up)
 
 
 def _gamma_shift(t: Tensor, gamma: float, up: bool, out: Tensor | None = None) -> Tensor:
-    """``t + γt⁺`` (``up``) or ``t + γt⁻``, into ``out`` if given; torch.add with alpha is one
-    pass over the weights instead of two (ResNet50 has 25M of them)."""
-    return torch.add(t, t.clamp(min=0) if up else t.clamp(max=0), alpha=gamma, out=out)
+    """``t + γt⁺`` (``up``) or ``t + γt⁻``, into ``out`` if given: the clamped ``t`` is written
+    there and ``t`` added to it with alpha, two passes and no temporary (ResNet50 has 25M
+    weights)."""
+    out = torch.clamp(t, min=0 if up else None, max=None if up else 0, out=out)
+    return torch.add(t, out, alpha=gamma, out=out)
 
 
 def complete_saved(
@@ -770,12 +807,14 @@ def _zbox_denominator(lin: LinearMap, x: Tensor, weight: Tensor, low: float, hig
         bounds_weight = _derived(
             weight,
             ("zbox", low, high),
-            lambda: torch.cat(
+            (weight.shape[0], 2 * weight.shape[1], *weight.shape[2:]),
+            lambda out: torch.cat(
                 [
                     weight,
                     _positive_weight(weight).mul(-low).sub_(_negative_weight(weight).mul(high)),
                 ],
                 dim=1,
+                out=out,
             ),
         )
         return lin.forward(torch.cat([x, torch.ones_like(x)], dim=1), bounds_weight, None)
@@ -834,7 +873,8 @@ def _mixed_input_relevance(
         stacked = _derived(
             weight,
             ("mixed", rule, tuple(params), index),
-            lambda a=on_positive, b=on_negative: torch.cat([a, b], dim=1),
+            (weight.shape[0], 2 * weight.shape[1], *weight.shape[2:]),
+            lambda out, a=on_positive, b=on_negative: torch.cat([a, b], dim=1, out=out),
         )
         denominator = saved[1 + index] if saved else lin.forward(both, stacked, term_bias)
         share = divide_fast(
@@ -852,9 +892,9 @@ def _stacked_weights(weight: Tensor, gamma: float | None = None) -> Tensor:
     """``[W⁺; W⁻]`` (``gamma`` None) or ``[W + γW⁺; W + γW⁻]``, each set written straight into
     its half of one buffer stacked along the output dim (no copy to form the stack)."""
 
-    def make() -> Tensor:
-        outputs = weight.shape[0]
-        both = weight.new_empty((2 * outputs, *weight.shape[1:]))
+    outputs = weight.shape[0]
+
+    def make(both: Tensor) -> Tensor:
         for half, up in ((both[:outputs], True), (both[outputs:], False)):
             if gamma is None:
                 torch.clamp(weight, min=0 if up else None, max=None if up else 0, out=half)
@@ -862,7 +902,7 @@ def _stacked_weights(weight: Tensor, gamma: float | None = None) -> Tensor:
                 _gamma_shift(weight, gamma, up, out=half)
         return both
 
-    return _derived(weight, ("stacked", gamma), make)
+    return _derived(weight, ("stacked", gamma), (2 * outputs, *weight.shape[1:]), make)
 
 
 def _signed_weights(weight: Tensor, stacked: bool) -> tuple[Tensor, Tensor, Tensor | None]:
