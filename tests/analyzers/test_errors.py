@@ -326,3 +326,152 @@ def test_wrapped_models_are_explained_as_the_model_they_run(model, x, wrap):
     }[wrap](model)
     expected = relprop.create_analyzer("lrp.epsilon_plus", model).analyze(x)
     assert torch.equal(relprop.create_analyzer("lrp.epsilon_plus", wrapped).analyze(x), expected)
+
+
+# -- advice that works: following the way out of a refusal never leads to another refusal ------
+
+
+def _conv_model(conv: nn.Module, between: nn.Module | None = None) -> nn.Module:
+    torch.manual_seed(5)
+    layers = [conv] + ([between] if between is not None else []) + [nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+def test_batchnorm_without_running_statistics_says_why_and_its_advice_works(x):
+    model = _conv_model(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    message = str(info.value)
+    assert "'1'" in message and "BatchNorm2d" in message and "track_running_stats" in message
+    # The advice: pass relevance through it by name, as the message spells it.
+    assert "name_map={'1': relprop.rules.Pass()}" in message
+    composite = relprop.composites.Composite(name_map={"1": relprop.rules.Pass()})
+    analyzer = relprop.create_analyzer("lrp", model, composite=composite)
+    relevance = analyzer.analyze(x)
+    assert relevance.shape == x.shape and bool(torch.isfinite(relevance).all())
+    # The plan runs the model as it is: the batch's own statistics.
+    with torch.no_grad():
+        torch.testing.assert_close(analyzer.forward(x), model(x))
+    assert analyzer.plan.rules()["1"] == "Pass"
+
+
+@pytest.mark.parametrize(
+    ("conv", "explicit"),
+    [
+        (nn.Conv2d(3, 4, 3, padding="same"), nn.Conv2d(3, 4, 3, padding=1)),
+        (
+            nn.Conv2d(3, 4, (3, 5), padding="same", dilation=2),
+            nn.Conv2d(3, 4, (3, 5), padding=(2, 4), dilation=2),
+        ),
+        (nn.Conv2d(3, 4, 2, padding="same", dilation=2), nn.Conv2d(3, 4, 2, padding=1, dilation=2)),
+    ],
+    ids=["3x3", "3x5-dilated", "2x2-dilation-2"],
+)
+def test_symmetric_same_padding_is_the_explicit_padding(x, conv, explicit):
+    """'same' padding was refused with advice to map the convolution to Pass, which a layer with
+    weights cannot take: where 'same' pads both sides alike it is that explicit padding."""
+    same = _conv_model(conv)
+    plain = _conv_model(explicit)
+    plain.load_state_dict(same.state_dict())
+    x = x.double()
+    expected = relprop.create_analyzer("lrp.epsilon_plus_flat", plain.double()).analyze(x)
+    actual = relprop.create_analyzer("lrp.epsilon_plus_flat", same.double()).analyze(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_same_padding_of_a_1d_convolution():
+    torch.manual_seed(6)
+    same = nn.Sequential(
+        nn.Conv1d(2, 4, 5, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(28, 3)
+    )
+    plain = nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(28, 3))
+    plain.load_state_dict(same.state_dict())
+    x = seeded_normal((2, 2, 7), seed=35, dtype=torch.float64)
+    expected = relprop.create_analyzer("lrp.epsilon", plain.double().eval()).analyze(x)
+    actual = relprop.create_analyzer("lrp.epsilon", same.double().eval()).analyze(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("conv", "words"),
+    [
+        (nn.Conv2d(3, 4, 4, padding="same"), "padding='same'"),
+        (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+        (nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
+    ],
+    ids=["same-even-kernel", "reflect", "circular"],
+)
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_refused_convolution_padding_offers_no_pass_mapping(x, conv, words):
+    """The advice was to map the convolution to Pass, which is refused in turn (a layer with
+    weights has no pass-through); now it names what does work."""
+    model = _conv_model(conv)
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    message = str(info.value)
+    assert "'0'" in message and "Conv2d" in message and words in message
+    assert "Pass" not in message
+    assert "'gradient'" in message
+    relevance = relprop.create_analyzer("gradient", model).analyze(x)
+    assert relevance.shape == x.shape
+
+
+def test_layer_with_weights_mapped_to_pass_is_told_to_map_a_rule(x):
+    model = _conv_model(nn.Conv2d(3, 4, 3, padding=1))
+    composite = relprop.composites.Composite(name_map={"0": relprop.rules.Pass()})
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    message = str(info.value)
+    assert "'0'" in message and "Conv2d" in message and "cannot pass relevance" in message
+    # Not the advice to map it to Pass, which is what was refused.
+    assert "Pass())" not in message
+    assert "name_map={'0': relprop.rules.Epsilon()}" in message
+    composite = relprop.composites.Composite(name_map={"0": relprop.rules.Epsilon()})
+    assert relprop.create_analyzer("lrp", model, composite=composite).analyze(x).shape == x.shape
+
+
+class _InnerSoftmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(6, 8)
+        self.attention = nn.Softmax(dim=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.dense(x) * 2.0 + self.attention(self.dense(x)))
+
+
+def test_softmax_inside_the_network_advice_works():
+    torch.manual_seed(7)
+    model = _InnerSoftmax().eval()
+    x = seeded_normal((2, 6), seed=36, dtype=torch.float32)
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    message = str(info.value)
+    assert "'attention'" in message and "Softmax" in message
+    assert "layer_map=[(Softmax, relprop.rules.Pass())]" in message
+    composite = relprop.composites.Composite(layer_map=[(nn.Softmax, relprop.rules.Pass())])
+    assert relprop.create_analyzer("lrp", model, composite=composite).analyze(x).shape == x.shape
+
+
+class _ScaledAdd(nn.Module):
+    def __init__(self, rewritten: bool) -> None:
+        super().__init__()
+        self.left, self.right, self.head = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+        self.rewritten = rewritten
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.left(x), self.right(x)
+        return self.head(a + 0.5 * b if self.rewritten else torch.add(a, b, alpha=0.5))
+
+
+def test_add_with_alpha_advice_works():
+    torch.manual_seed(8)
+    model = _ScaledAdd(rewritten=False).eval()
+    x = seeded_normal((2, 6), seed=37, dtype=torch.float32)
+    with pytest.raises(relprop.UnsupportedLayerError, match=r"alpha != 1") as info:
+        relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    assert "a + alpha * b" in str(info.value)
+    rewritten = _ScaledAdd(rewritten=True).eval()
+    rewritten.load_state_dict(model.state_dict())
+    assert relprop.create_analyzer("lrp.epsilon", rewritten).analyze(x).shape == x.shape

@@ -159,17 +159,28 @@ def _module_path(node: fx.Node) -> str:
     return f"{inner}:{name}" if inner else str(name)
 
 
-def _unsupported(node: fx.Node, gm: fx.GraphModule, what: str) -> UnsupportedLayerError:
+def _unsupported(
+    node: fx.Node, gm: fx.GraphModule, what: str, way_out: str | None = None
+) -> UnsupportedLayerError:
+    """The error for ``node``, naming where it is, its type, ``what`` is wrong and the way out.
+
+    ``way_out`` replaces the general advice (map an element-wise module to ``Pass``, or use a
+    gradient analyzer) where that advice would lead to another refusal: a layer with weights, or
+    a configuration relprop refuses whatever the composite says.
+    """
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         type_name = type(module).__name__
+        if way_out is None:
+            way_out = (
+                "If it is element-wise (its output shaped like its input), map it to "
+                f"relprop.rules.Pass() in a composite: relprop.create_analyzer('lrp', model, "
+                f"composite=relprop.composites.Composite(layer_map=[({type_name}, "
+                f"relprop.rules.Pass())])); otherwise {_GRADIENT_WAY_OUT}"
+            )
         return UnsupportedLayerError(
             f"module {node.target!r} of type {type(module).__module__}.{type_name} has no "
-            f"relevance mapping in relprop ({what}). If it is element-wise, map it in a "
-            f"composite: relprop.composites.Composite(layer_map=[({type_name}, "
-            "relprop.rules.Pass())]); otherwise explain with a gradient analyzer ('gradient', "
-            "'input_t_gradient', 'integrated_gradients', 'smoothgrad'), which runs any "
-            "differentiable layer"
+            f"relevance mapping in relprop ({what}). {way_out}"
         )
     stack = node.meta.get("nn_module_stack") or {}
     where = ""
@@ -179,12 +190,44 @@ def _unsupported(node: fx.Node, gm: fx.GraphModule, what: str) -> UnsupportedLay
         where = (
             f" inside module {path!r} of type {getattr(module_type, '__module__', '')}.{type_name}"
         )
+    if way_out is None:
+        way_out = (
+            "Rewrite it with supported layers; or, if it is element-wise, wrap it in a module of "
+            "your own and map that module type to relprop.rules.Pass() in a composite; or "
+            f"{_GRADIENT_WAY_OUT}"
+        )
     return UnsupportedLayerError(
         f"{node.op} {getattr(node.target, '__name__', node.target)!r}{where} "
-        f"has no relevance mapping in relprop ({what}). Rewrite it with supported layers, wrap "
-        "it in a module and map that module type to relprop.rules.Pass() in a composite if it is "
-        "element-wise, or explain with a gradient analyzer ('gradient', 'integrated_gradients')"
+        f"has no relevance mapping in relprop ({what}). {way_out}"
     )
+
+
+_GRADIENT_WAY_OUT = (
+    "explain with a gradient analyzer ('gradient', 'input_t_gradient', 'integrated_gradients', "
+    "'smoothgrad'), which runs any differentiable layer"
+)
+
+
+# A module of the user's own mapped to Pass hands all relevance to its first tensor argument.
+_TWO_OPERANDS_WAY_OUT = (
+    "If all relevance should go to the first operand (the second one a normalisation or a gate), "
+    "compute it in a module of your own, e.g. forward(self, a, b) returning a * b, and map that "
+    "module type to relprop.rules.Pass() in a composite; or " + _GRADIENT_WAY_OUT
+)
+
+
+def _same_padding(module: nn.Module, dims: int) -> tuple[int, ...] | None:
+    """The explicit zero padding equal to ``padding='same'``, or None where it is asymmetric.
+
+    torch pads ``dilation·(k − 1)`` in total per dimension, the odd one on the far side; relprop's
+    convolution takes one padding per dimension for both sides, so only even totals map.
+    """
+    totals = [
+        d * (k - 1) for d, k in zip(_pair(module.dilation, dims), _pair(module.kernel_size, dims))
+    ]
+    if any(total % 2 for total in totals):
+        return None
+    return tuple(total // 2 for total in totals)
 
 
 def _pair(value: int | Sequence[int], dims: int = 2) -> tuple[int, ...]:
@@ -416,11 +459,30 @@ class PlanBuilder:
                 step.kind, step.rule = "identity", Pass()
                 step.layer = L.PassLayer(_identity)
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if not can_fold(module):
-                    raise _unsupported(node, gm, "BatchNorm without running statistics")
-                # Not after a dense/conv layer: Zennit's choice, relevance passes through.
-                step.kind, step.rule = "batchnorm", Pass()
-                step.layer = L.PassLayer(_batch_norm_eval(module))
+                if can_fold(module):
+                    # Not after a dense/conv layer: Zennit's choice, relevance passes through.
+                    step.kind, step.rule = "batchnorm", Pass()
+                    step.layer = L.PassLayer(_batch_norm_eval(module))
+                elif isinstance(mapped, Pass):
+                    # The user's choice: relevance passes through, and the forward normalises
+                    # with the batch's own statistics, as the model does in eval mode.
+                    step.kind, step.rule = "batchnorm (batch statistics)", mapped
+                    step.layer = L.PassLayer(module)
+                else:
+                    raise _unsupported(
+                        node,
+                        gm,
+                        "BatchNorm without running statistics: track_running_stats=False "
+                        "normalises every batch with its own mean and variance, also in eval "
+                        "mode, so it cannot be folded into the layer before it",
+                        "Give it running statistics (build it with track_running_stats=True and "
+                        "run training batches to estimate them); or pass relevance through it "
+                        "unchanged, normalising with the batch's statistics as the model does: "
+                        "relprop.create_analyzer('lrp', model, composite=relprop.composites."
+                        f"Composite(name_map={{{str(node.target)!r}: relprop.rules.Pass()}})) "
+                        "(a preset composite takes the same name_map); or "
+                        f"{_GRADIENT_WAY_OUT}",
+                    )
             elif isinstance(module, (nn.Flatten, nn.Unflatten)):
                 step.kind = "reshape"
                 step.layer = L.MovementLayer(module, reshape_only=True)
@@ -428,7 +490,16 @@ class PlanBuilder:
                 step.kind, step.rule = "mapped", mapped
                 step.layer = L.PassLayer(module)
             elif is_softmax(node, gm):
-                raise _unsupported(node, gm, "a softmax inside the network")
+                type_name = type(module).__name__
+                raise _unsupported(
+                    node,
+                    gm,
+                    "a softmax inside the network has no LRP rule",
+                    "To pass relevance through it unchanged, map it in a composite: "
+                    "relprop.create_analyzer('lrp', model, composite=relprop.composites."
+                    f"Composite(layer_map=[({type_name}, relprop.rules.Pass())])); or "
+                    f"{_GRADIENT_WAY_OUT}",
+                )
             else:
                 raise _unsupported(node, gm, "not a layer relprop knows")
             return
@@ -545,7 +616,14 @@ class PlanBuilder:
             step.kind = "meta"
             step.layer = L.PassLayer(getattr)
         elif is_softmax(node, gm):
-            raise _unsupported(node, gm, "a softmax inside the network")
+            raise _unsupported(
+                node,
+                gm,
+                "a softmax inside the network has no LRP rule",
+                "To pass relevance through it unchanged, call an nn.Softmax module instead and "
+                "map it in a composite: relprop.composites.Composite(layer_map=[(nn.Softmax, "
+                f"relprop.rules.Pass())]); or {_GRADIENT_WAY_OUT}",
+            )
         else:
             raise _unsupported(node, gm, "an operation relprop does not map")
 
@@ -563,24 +641,48 @@ class PlanBuilder:
     def _weight_step(self, node, step, module, bns, mapped) -> None:
         rule = mapped if isinstance(mapped, Rule) else self.composite.default_rule()
         if isinstance(mapped, Pass):
-            raise _unsupported(node, self.gm, "a layer with weights cannot pass relevance through")
+            raise _unsupported(
+                node,
+                self.gm,
+                "the composite maps it to Pass, but a layer with weights cannot pass relevance "
+                "through",
+                "Map it to an LRP rule instead, e.g. relprop.composites.Composite(name_map="
+                f"{{{str(node.target)!r}: relprop.rules.Epsilon()}}) (or ZPlus, AlphaBeta, Gamma, "
+                "Flat, WSquare, ZBox from relprop.rules), or drop it from the map to get the "
+                "composite's default rule",
+            )
         geometry = None
         dims = 2
         kind = "linear"
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             dims = 1 if isinstance(module, nn.Conv1d) else 2
-            if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                if isinstance(module.padding, str) and module.padding == "valid":
-                    pad = (0,) * dims
-                else:
+            pad = module.padding
+            if module.padding_mode != "zeros":
+                raise _unsupported(
+                    node,
+                    self.gm,
+                    f"padding_mode={module.padding_mode!r}: its border repeats input values, and "
+                    "relprop's convolution rules take zero padding only",
+                    "No composite maps it (a layer with weights needs an LRP rule, and the rules "
+                    f"pad with zeros): {_GRADIENT_WAY_OUT}; or, if zero padding suits the model "
+                    "(retrained, or as an approximation), build the layer with "
+                    "padding_mode='zeros'",
+                )
+            if pad == "valid":
+                pad = (0,) * dims
+            elif pad == "same":
+                pad = _same_padding(module, dims)
+                if pad is None:
                     raise _unsupported(
                         node,
                         self.gm,
-                        f"padding={module.padding!r}, padding_mode={module.padding_mode!r}; "
-                        "relprop supports explicit zero padding",
+                        f"padding='same' with kernel_size={module.kernel_size} and dilation="
+                        f"{module.dilation} pads one more on the far side than on the near one, "
+                        "and relprop's convolution pads both sides alike",
+                        "No composite maps it (a layer with weights needs an LRP rule). Use an "
+                        "odd kernel size, where 'same' padding is symmetric and relprop maps it; "
+                        f"or {_GRADIENT_WAY_OUT}",
                     )
-            else:
-                pad = module.padding
             expand = (lambda v: (1, v[0])) if dims == 1 else (lambda v: tuple(v))
             geometry = {
                 "stride": list(expand(_pair(module.stride, dims))),
@@ -603,7 +705,13 @@ class PlanBuilder:
     def _sum_step(self, node, step, stabilizer) -> None:
         live = [a for a in node.args[:2] if isinstance(a, fx.Node) and not self._is_constant(a)]
         if node.kwargs.get("alpha", 1) != 1:
-            raise _unsupported(node, self.gm, "add/sub with alpha != 1")
+            raise _unsupported(
+                node,
+                self.gm,
+                "add/sub with alpha != 1",
+                "Write it as a sum with a scaled operand, a + alpha * b (or a - alpha * b): "
+                "relprop maps the product with a constant and the sum",
+            )
         fn = self._callable(node)
         if len(live) < 2:
             # x + constant: the constant acts as a bias, relevance passes to x.
@@ -626,7 +734,9 @@ class PlanBuilder:
             step.layer = L.PassLayer(fn, index)
             return
         if is_div:
-            raise _unsupported(node, self.gm, "division of two tensors")
+            raise _unsupported(
+                node, self.gm, "division of two tensors has no LRP rule", _TWO_OPERANDS_WAY_OUT
+            )
         gates = [self._is_gate(a) for a in operands]
         if gates.count(True) != 1:
             raise _unsupported(
@@ -634,6 +744,7 @@ class PlanBuilder:
                 self.gm,
                 "a product of two tensors where neither (or both) is a sigmoid gate; relprop "
                 "gives all relevance of 'signal * gate' to the signal",
+                _TWO_OPERANDS_WAY_OUT,
             )
         step.kind, step.rule = "gate", Pass()
         step.layer = L.GateLayer(signal_index=gates.index(False))
