@@ -475,3 +475,73 @@ def test_add_with_alpha_advice_works():
     rewritten = _ScaledAdd(rewritten=True).eval()
     rewritten.load_state_dict(model.state_dict())
     assert relprop.create_analyzer("lrp.epsilon", rewritten).analyze(x).shape == x.shape
+
+
+# -- Pass mapped onto a module that changes the shape -------------------------------------------
+
+
+def _pooled_model() -> nn.Module:
+    torch.manual_seed(9)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    ("path", "type_name"),
+    [("2", "MaxPool2d"), ("3", "AvgPool2d"), ("4", "Flatten")],
+    ids=["max-pool", "avg-pool", "flatten"],
+)
+def test_pass_on_a_shape_changing_layer_is_refused_by_name(x, path, type_name):
+    """Was silently ignored: the module kept its own rule whatever the map said."""
+    composite = relprop.composites.Composite(name_map={path: relprop.rules.Pass()})
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer("lrp", _pooled_model(), composite=composite).analyze(x)
+    message = str(info.value)
+    assert f"'{path}'" in message and type_name in message and "Pass" in message
+    assert "shape" in message and "Remove it from the composite" in message
+
+
+class _Upsampled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.grow = nn.Upsample(scale_factor=2)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.grow(torch.relu(self.conv(x)))).mean((-2, -1)))
+
+
+@pytest.mark.parametrize("by", ["name", "type"])
+def test_pass_on_an_unknown_module_that_changes_the_shape_names_it(x, by):
+    """Crashed in the max pool below it, with a shape error naming no module of the model."""
+    torch.manual_seed(10)
+    model = _Upsampled().eval()
+    composite = relprop.composites.Composite(
+        name_map={"grow": relprop.rules.Pass()} if by == "name" else None,
+        layer_map=[(nn.Upsample, relprop.rules.Pass())] if by == "type" else (),
+    )
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    message = str(info.value)
+    assert "'grow'" in message and "Upsample" in message and "Pass" in message
+    assert "(2, 4, 8, 8)" in message and "(2, 4, 16, 16)" in message
+    assert "gradient" in message
+
+
+def test_pass_on_an_element_wise_module_of_ones_own_still_runs(x):
+    class Scale(nn.Module):
+        def forward(self, t: Tensor) -> Tensor:
+            return 2.0 * t
+
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Scale(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    composite = relprop.composites.Composite(layer_map=[(Scale, relprop.rules.Pass())])
+    assert relprop.create_analyzer("lrp", model, composite=composite).analyze(x).shape == x.shape

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from relprop.errors import UnsupportedLayerError
 from relprop.graph.canonize import FoldedParameters
 from relprop.ops import conv as conv_ops
 from relprop.ops import linear as linear_ops
@@ -337,6 +338,32 @@ class PassLayer(Layer):
         out: list[Tensor | None] = [None] * (self.live_index + 1)
         out[self.live_index] = relevance
         return out
+
+
+class MappedPassLayer(PassLayer):
+    """A module the user's composite maps to ``Pass``: relevance goes through unchanged, which
+    only makes sense where the output has the input's shape (an element-wise module)."""
+
+    def __init__(self, module: Callable[..., Any], path: str) -> None:
+        super().__init__(module)
+        self.path = path
+
+    def forward(self, args, kwargs):
+        out, saved = super().forward(args, kwargs)
+        x = args[0] if args else None
+        # Checked on every pass (a tuple comparison): the shapes are only known as inputs come.
+        if not isinstance(out, Tensor) or not isinstance(x, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            given = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise UnsupportedLayerError(
+                f"module {self.path!r} of type {type(self.fn).__name__} is mapped to "
+                f"relprop.rules.Pass() in the composite, but it turns an input of shape {given} "
+                f"into {got}: Pass hands relevance through unchanged and needs an output shaped "
+                "like the input (an element-wise module). Remove it from the composite's maps "
+                "and rewrite it with layers relprop maps, or explain with a gradient analyzer "
+                "('gradient', 'input_t_gradient', 'integrated_gradients', 'smoothgrad')"
+            )
+        return out, saved
 
 
 class MovementLayer(Layer):

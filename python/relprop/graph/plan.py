@@ -42,6 +42,19 @@ ACTIVATION_MODULES = (
     nn.Softplus,
     nn.PReLU,
 )
+# Modules relprop maps whose output is shaped unlike their input: never a pass-through.
+SHAPE_CHANGING_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Unflatten,
+)
 IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 ACTIVATION_FUNCTIONS = {
     F.relu,
@@ -410,6 +423,15 @@ class PlanBuilder:
                     "return_indices=False if the model does not use them, or explain with a "
                     "gradient analyzer ('gradient', 'integrated_gradients')"
                 )
+            if isinstance(mapped, Pass) and isinstance(module, SHAPE_CHANGING_MODULES):
+                raise UnsupportedLayerError(
+                    f"module {node.target!r} of type {type(module).__name__} is mapped to "
+                    "relprop.rules.Pass() in the composite, but it changes the shape of its input "
+                    "(Pass hands relevance through unchanged, which needs an output shaped like "
+                    "the input). Remove it from the composite's maps: relprop gives it its own "
+                    "rule (winner-takes-all for max pooling, the z-rule for average pooling, "
+                    "relevance moved with the values for a reshape)"
+                )
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 self._weight_step(node, step, module, folded["bns"].get(node.name, []), mapped)
             elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
@@ -488,7 +510,7 @@ class PlanBuilder:
                 step.layer = L.MovementLayer(module, reshape_only=True)
             elif isinstance(mapped, Pass):
                 step.kind, step.rule = "mapped", mapped
-                step.layer = L.PassLayer(module)
+                step.layer = L.MappedPassLayer(module, str(node.target))
             elif is_softmax(node, gm):
                 type_name = type(module).__name__
                 raise _unsupported(
