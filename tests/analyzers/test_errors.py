@@ -545,3 +545,33 @@ def test_pass_on_an_element_wise_module_of_ones_own_still_runs(x):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), Scale(), nn.Flatten(), nn.Linear(144, 3)).eval()
     composite = relprop.composites.Composite(layer_map=[(Scale, relprop.rules.Pass())])
     assert relprop.create_analyzer("lrp", model, composite=composite).analyze(x).shape == x.shape
+
+
+# -- an output without a batch dimension ---------------------------------------------------------
+
+
+class _Reduced(nn.Module):
+    def __init__(self, keep_batch_axis: bool) -> None:
+        super().__init__()
+        self.body = SmallCNN(bias=True)
+        self.keep_batch_axis = keep_batch_axis
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.body(x)
+        return logits.sum(0, keepdim=True) if self.keep_batch_axis else logits.sum()
+
+
+@pytest.mark.parametrize("name", [*ANALYZERS, "integrated_gradients"])
+@pytest.mark.parametrize(
+    ("keep_batch_axis", "shape"), [(False, "()"), (True, "(1, 5)")], ids=["scalar", "batch-summed"]
+)
+def test_output_without_one_row_per_sample_is_refused(x, name, keep_batch_axis, shape):
+    """A scalar output raised a bare IndexError; one summed over the batch was explained as if
+    its single row were the first sample's."""
+    torch.manual_seed(12)
+    model = _Reduced(keep_batch_axis).train()
+    with pytest.raises(relprop.AnalyzerInputError) as info:
+        relprop.create_analyzer(name, model).analyze(x)
+    message = str(info.value)
+    assert shape in message and "batch of 2" in message and "per sample" in message
+    assert all(m.training for m in model.modules())

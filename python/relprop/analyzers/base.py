@@ -121,8 +121,20 @@ class Analyzer:
                 f"the model failed on an input of shape {tuple(x.shape)}: {message}"
             ) from err
 
-    def _selection_mask(self, output: Tensor, neuron_selection: NeuronSelection) -> Tensor:
+    def _selection_mask(
+        self, output: Tensor, neuron_selection: NeuronSelection, batch_size: int
+    ) -> Tensor:
         """A 0/1 mask shaped like ``output`` marking the selected neurons of each sample."""
+        if output.dim() == 0 or output.shape[0] != batch_size:
+            # A scalar (loss-like .sum() or .mean()) or an output reduced over the batch: no
+            # output belongs to one sample, so there is nothing per sample to explain.
+            raise AnalyzerInputError(
+                f"the model returns a tensor of shape {tuple(output.shape)} for a batch of "
+                f"{batch_size}; an attribution target needs one output row per sample (the "
+                "batch dimension first, e.g. logits of shape (N, classes)). Return the "
+                "per-sample outputs, e.g. .sum(dim=1) instead of .sum(), or wrap the model so "
+                "that forward keeps the batch dimension"
+            )
         flat = output.reshape(output.shape[0], -1)
         n, k = flat.shape
         if self.neuron_selection_mode == "all":

@@ -77,7 +77,7 @@ class Gradient(Analyzer):
         with torch.enable_grad():
             output = self._run_model(forward, leaf.clone())
             if mask is None:
-                mask = self._selection_mask(output.detach(), neuron_selection)
+                mask = self._selection_mask(output.detach(), neuron_selection, x.shape[0])
             (grad,) = torch.autograd.grad(output, leaf, grad_outputs=mask)
         return grad, mask
 

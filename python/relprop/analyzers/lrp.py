@@ -65,7 +65,7 @@ class LRP(Analyzer):
         program = self._get_program()
 
         def start(output: Tensor) -> Tensor:
-            mask = self._selection_mask(output, neuron_selection)
+            mask = self._selection_mask(output, neuron_selection, x.shape[0])
             value = output.clamp(min=0) if self.start_from_positive_output else output
             return value * mask
 
