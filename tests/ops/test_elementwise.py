@@ -334,3 +334,21 @@ def test_opcheck_cuda(monkeypatch, case):
     use_backend("cuda", monkeypatch)
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_samples()[case])
     torch.library.opcheck(elementwise.stabilized_divide_op, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("operand", ["denominator", "sign_reference", "factor"])
+def test_the_op_refuses_operands_of_another_shape(monkeypatch, backend, operand):
+    """Called as an op (torch.ops.relprop.stabilized_divide), the reference broadcast a batch-1
+    operand against a batch-2 numerator and the native kernel read past its end."""
+    if backend == "native" and not _native.native_available():
+        pytest.skip("needs relprop._C")
+    use_backend(backend, monkeypatch)
+    numerator = torch.randn(2, 3)
+    operands = {"denominator": torch.randn(2, 3), "sign_reference": None, "factor": None}
+    operands[operand] = torch.randn(1, 3)
+    with pytest.raises(ValueError, match=rf"{operand} has shape \(1, 3\)"):
+        torch.ops.relprop.stabilized_divide(
+            numerator, operands["denominator"], 1e-6, 1.0, operands["sign_reference"], 1,
+            operands["factor"],
+        )  # fmt: skip

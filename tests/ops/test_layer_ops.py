@@ -362,3 +362,64 @@ def test_alphabeta_on_few_inputs_per_unit_is_as_precise_as_the_reference(kind):
     fast_error = torch.linalg.vector_norm(torch.cat(fast_errors))
     reference_error = torch.linalg.vector_norm(torch.cat(reference_errors))
     assert fast_error <= 2 * reference_error, (fast_error, reference_error)
+
+
+def _batch_one(t: torch.Tensor) -> torch.Tensor:
+    return t[:1].clone()
+
+
+@pytest.mark.parametrize("rule,params", RULES)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("which", ["relevance", "saved", "factor"])
+def test_reference_refuses_a_relevance_of_another_batch(rule, params, kind, which):
+    """Plain PyTorch broadcast a batch-1 relevance (or saved tensor, or factor) against a batch-2
+    input and returned relevance for both samples; the fast paths refuse that call."""
+    torch.manual_seed(1)
+    if kind == "linear":
+        x, w, b = _inputs(True, (2, 6)), torch.randn(4, 6, dtype=torch.float64), None
+        ref = linear.linear_forward_reference(x, w, b, rule, params)
+
+        def run(saved, relevance, factor):
+            return linear.linear_relevance_reference(
+                x, w, b, saved, relevance, rule, params, factor
+            )
+    else:
+        x = _inputs(True, (2, 3, 5, 5))
+        w, b = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+        geometry = ([1, 1], [1, 1], [1, 1], 1)
+        ref = conv.conv2d_forward_reference(x, w, b, *geometry, rule, params)
+
+        def run(saved, relevance, factor):
+            return conv.conv2d_relevance_reference(
+                x, w, b, saved, relevance, *geometry, rule, params, factor
+            )
+
+    relevance, factor = torch.randn_like(ref[0]), None
+    run(ref, relevance, factor)  # the shapes that fit are taken
+    if which == "relevance":
+        relevance = _batch_one(relevance)
+    elif which == "saved":
+        ref = [_batch_one(ref[0]), *ref[1:]]
+    else:
+        factor = _batch_one(torch.rand_like(ref[0]))
+    with pytest.raises(ValueError, match=r"has shape \(1, 4"):
+        run(ref, relevance, factor)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_reference_forward_refuses_an_input_that_does_not_fit(kind):
+    if kind == "linear":
+        with pytest.raises(ValueError, match=r"\(2, 5\) and \(4, 6\)"):
+            linear.linear_forward_reference(
+                torch.randn(2, 5), torch.randn(4, 6), None, "epsilon", [0.0]
+            )
+        with pytest.raises(ValueError, match=r"bias has shape \(3,\)"):
+            linear.linear_forward_reference(
+                torch.randn(2, 6), torch.randn(4, 6), torch.randn(3), "epsilon", [0.0]
+            )
+    else:
+        with pytest.raises(ValueError, match="groups=1"):
+            conv.conv2d_forward_reference(
+                torch.randn(2, 2, 5, 5), torch.randn(4, 3, 3, 3), None, [1, 1], [0, 0], [1, 1],
+                1, "epsilon", [0.0],
+            )  # fmt: skip

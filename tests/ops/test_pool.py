@@ -445,3 +445,17 @@ def test_adaptive_pool_sizes_with_none_in_an_analysis(backend, output_size):
     out = model(xg)
     (grad,) = torch.autograd.grad(out[[0, 1], [0, 3]].sum(), xg)
     assert_close_to_oracle(relevance, grad * x, rtol=1e-5)
+
+
+def test_references_refuse_a_relevance_of_another_batch():
+    """The references broadcast a batch-1 relevance against a batch-2 input (or failed inside
+    scatter_add with a message about its index); the public wrappers refuse it."""
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    r = torch.rand(1, 3, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"avg_pool2d_relevance.*\(1, 3, 3, 3\)"):
+        pool.avg_pool2d_relevance_reference(x, r, [2, 2], [2, 2], [0, 0], False, True, None, 1e-6)
+    with pytest.raises(ValueError, match=r"adaptive_avg_pool2d_relevance.*\(1, 3, 3, 3\)"):
+        pool.adaptive_avg_pool2d_relevance_reference(x, r, [3, 3], 1e-6)
+    _, indices = F.max_pool2d(x, 2, return_indices=True)
+    with pytest.raises(ValueError, match=r"max_pool_relevance.*\(1, 3, 3, 3\)"):
+        pool.max_pool_relevance_reference(r, indices, [6, 6])

@@ -73,6 +73,34 @@ class LinearMap:
     # concatenated along dim 1 and sums, so ``Aᵀs + Bᵀt`` is one product of ``[s, t]`` with
     # ``[A; B]``. (Groups would pair each slice of channels with the wrong weights.)
     stacks_weights: bool = False
+    # The output's shape for an input and a weight of these shapes; raises ValueError where they
+    # do not fit. None: the reference checks only that its tensors agree with one another.
+    output_shape: Callable[[tuple[int, ...], tuple[int, ...]], tuple[int, ...]] | None = None
+
+
+def check_shapes(
+    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, **outputs: Tensor | None
+) -> None:
+    """Raise ``ValueError`` unless ``x``, ``weight`` and ``bias`` fit and every tensor of
+    ``outputs`` (the relevance, the saved pre-activations, ...) has the layer output's shape.
+
+    The reference is plain PyTorch, which would broadcast a relevance of batch 1 against an
+    input of batch 2 and return a plausible-looking result; the fast paths refuse such a call,
+    and so must the truth they are tested against. Shapes only: no tensor value is read.
+    """
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    given = {name: tuple(t.shape) for name, t in outputs.items() if t is not None}
+    if lin.output_shape is not None:
+        expected = tuple(lin.output_shape(tuple(x.shape), tuple(weight.shape)))
+        source = f"the output's for x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+    elif given:
+        source, expected = next(iter(given.items()))
+    else:
+        return
+    for name, shape in given.items():
+        if shape != expected:
+            raise ValueError(f"{name} has shape {shape}; {source} is {expected}")
 
 
 def check_rule(rule: str, params: Sequence[float]) -> None:
@@ -255,6 +283,7 @@ def forward_reference(
 ) -> list[Tensor]:
     """``[z, *aux]`` of ``rule`` for the layer ``(weight, bias)`` at input ``x``."""
     check_rule(rule, params)
+    check_shapes(lin, x, weight, bias)
     fwd = lin.forward
     z = fwd(x, weight, bias)
     if rule in ("epsilon", "wsquare", "flat"):
@@ -297,6 +326,10 @@ def relevance_reference(
     for ``x ≥ 0``; :data:`INPUT_PRODUCT_RULES`).
     """
     check_rule(rule, params)
+    check_shapes(
+        lin, x, weight, bias, relevance=relevance, relevance_factor=relevance_factor,
+        **{f"saved[{i}]": t for i, t in enumerate(saved)},
+    )  # fmt: skip
     if relevance_factor is not None:
         relevance = times_factor(relevance, relevance_factor)
     if not times_input:

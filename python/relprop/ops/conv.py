@@ -85,7 +85,32 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
             .contiguous()
         )
 
-    return rules.LinearMap(forward, transpose, flat_relevance, stacks_weights=groups == 1)
+    def output_shape(x_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(x_shape) != 4 or len(weight_shape) != 4:
+            raise ValueError(
+                f"conv2d takes x (N, C, H, W) and weight (O, C/groups, kh, kw); got {x_shape} and "
+                f"{weight_shape}"
+            )
+        if x_shape[1] != weight_shape[1] * groups or weight_shape[0] % groups:
+            raise ValueError(
+                f"channels do not match groups={groups}: x {x_shape}, weight {weight_shape}"
+            )
+        size = tuple(
+            (x_shape[2 + i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1)
+            // stride[i]
+            + 1
+            for i in range(2)
+        )
+        if min(size) < 1:
+            raise ValueError(
+                f"the kernel {weight_shape[2:]} (dilation {dilation}) does not fit the padded "
+                f"input {x_shape[2:]} (padding {padding})"
+            )
+        return (x_shape[0], weight_shape[0], *size)
+
+    return rules.LinearMap(
+        forward, transpose, flat_relevance, stacks_weights=groups == 1, output_shape=output_shape
+    )
 
 
 def _map(stride, padding, dilation, groups) -> rules.LinearMap:

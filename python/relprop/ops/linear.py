@@ -28,11 +28,20 @@ def _flat_relevance(x: Tensor, weight: Tensor, relevance: Tensor, eps: float) ->
     return share.expand(*relevance.shape[:-1], x.shape[-1]).contiguous()
 
 
+def _output_shape(x_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(weight_shape) != 2 or not x_shape or x_shape[-1] != weight_shape[1]:
+        raise ValueError(
+            f"linear takes x (..., in) and weight (out, in); got {x_shape} and {weight_shape}"
+        )
+    return (*x_shape[:-1], weight_shape[0])
+
+
 DENSE_MAP = rules.LinearMap(
     forward=F.linear,
     transpose=_transpose,
     flat_relevance=_flat_relevance,
     stacks_weights=True,
+    output_shape=_output_shape,
 )
 
 

@@ -57,6 +57,13 @@ def max_pool_relevance_reference(
     relevance: Tensor, indices: Tensor, input_size: Sequence[int]
 ) -> Tensor:
     """Winner-takes-all relevance, ``(N, C, *input_size)``, by a scatter-add onto the indices."""
+    # scatter_add_ takes an index smaller than its source; the fast paths refuse that too.
+    if relevance.shape != indices.shape or relevance.dim() != 2 + len(input_size):
+        raise ValueError(
+            f"max_pool_relevance: relevance {tuple(relevance.shape)} and indices "
+            f"{tuple(indices.shape)} must both be (N, C, *out), out with as many dimensions as "
+            f"the input size {tuple(input_size)}"
+        )
     batch, channels = relevance.shape[:2]
     plane = 1
     for size in input_size:
@@ -83,6 +90,7 @@ def avg_pool2d_relevance_reference(
     z = F.avg_pool2d(
         x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
     )
+    _check_relevance_shape(relevance, z.shape, "avg_pool2d_relevance")
     share = divide(relevance, z, stabilizer)
     spread = torch.ops.aten.avg_pool2d_backward(
         share, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
@@ -95,6 +103,7 @@ def adaptive_avg_pool2d_relevance_reference(
 ) -> Tensor:
     """z-rule relevance of ``adaptive_avg_pool2d``: ``x · Pᵀ(R / stab(P x, e))``."""
     z = F.adaptive_avg_pool2d(x, output_size)
+    _check_relevance_shape(relevance, z.shape, "adaptive_avg_pool2d_relevance")
     share = divide(relevance, z, stabilizer)
     return times_factor(torch.ops.aten._adaptive_avg_pool2d_backward(share, x), x)
 
