@@ -14,6 +14,7 @@ from typing import Any, Union
 from torch import nn
 
 from relprop.rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, ZBox, ZPlus
+from relprop.rules.base import check_non_negative
 
 Convolution = (nn.Conv1d, nn.Conv2d)
 Dense = (nn.Linear,)
@@ -50,6 +51,7 @@ class Composite:
         self.layer_map = list(layer_map)
         self.first_map = list(first_map)
         self.name_map = _normalise_name_map(name_map)
+        check_non_negative(type(self).__name__, stabilizer=stabilizer)
         self.stabilizer = stabilizer
         self.default = default
         for _, rule in [*self.layer_map, *self.first_map, *self.name_map.items()]:

@@ -575,3 +575,61 @@ def test_output_without_one_row_per_sample_is_refused(x, name, keep_batch_axis, 
     message = str(info.value)
     assert shape in message and "batch of 2" in message and "per sample" in message
     assert all(m.training for m in model.modules())
+
+
+# -- rule parameters out of range -------------------------------------------------------------
+
+R = relprop.rules
+
+
+@pytest.mark.parametrize(
+    ("build", "name", "value"),
+    [
+        (lambda: R.Epsilon(epsilon=-1e-6), "epsilon", "-1e-06"),
+        (lambda: R.Epsilon(epsilon=float("nan")), "epsilon", "nan"),
+        (lambda: R.Epsilon(epsilon=float("inf")), "epsilon", "inf"),
+        (lambda: R.Gamma(gamma=-0.25), "gamma", "-0.25"),
+        (lambda: R.Gamma(stabilizer=-1e-6), "stabilizer", "-1e-06"),
+        (lambda: R.ZPlus(stabilizer=-1e-6), "stabilizer", "-1e-06"),
+        (lambda: R.ZPlusFast(stabilizer=float("nan")), "stabilizer", "nan"),
+        (lambda: R.Flat(stabilizer=-1.0), "stabilizer", "-1.0"),
+        (lambda: R.WSquare(stabilizer=-1.0), "stabilizer", "-1.0"),
+        (lambda: R.AlphaBeta(stabilizer=-1e-6), "stabilizer", "-1e-06"),
+        (lambda: R.ZBox(stabilizer=-1e-6), "stabilizer", "-1e-06"),
+        (lambda: R.Norm(stabilizer=-1e-6), "stabilizer", "-1e-06"),
+        (lambda: relprop.composites.Composite(stabilizer=-1e-6), "stabilizer", "-1e-06"),
+        (lambda: relprop.composites.EpsilonGammaBox(gamma=-1.0), "gamma", "-1.0"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_negative_or_non_finite_rule_parameter_is_refused(build, name, value):
+    """Were accepted: a negative ε or stabiliser pulls denominators towards zero (one of −ε
+    becomes an exact zero), a NaN makes every relevance NaN."""
+    with pytest.raises(ValueError) as info:
+        build()
+    message = str(info.value)
+    assert f"{name}={value}" in message and f"{name} >= 0" in message
+
+
+@pytest.mark.parametrize(
+    ("analyzer", "kwargs", "words"),
+    [
+        ("lrp.epsilon", {"epsilon": -0.1}, "epsilon=-0.1"),
+        ("lrp.epsilon_IB", {"epsilon": -0.1}, "epsilon=-0.1"),
+        ("lrp.gamma", {"gamma": -0.5}, "gamma=-0.5"),
+        ("lrp.sequential_preset_a", {"epsilon": -0.1}, "epsilon=-0.1"),
+        ("lrp.alpha_beta", {"alpha": float("nan"), "beta": 1.0}, "alpha=nan"),
+        ("lrp.bounded", {"low": 0.0, "high": float("inf")}, "high=inf"),
+        ("smoothgrad", {"noise_scale": float("nan")}, "nan"),
+    ],
+)
+def test_analyzer_parameter_out_of_range_is_refused(model, analyzer, kwargs, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        relprop.create_analyzer(analyzer, model, **kwargs)
+
+
+def test_zero_epsilon_and_gamma_stay_valid(model, x):
+    """ε = 0 is LRP-0 (the Z rule), γ = 0 is LRP-ε: the boundary is allowed."""
+    z = relprop.create_analyzer("lrp.z", model).analyze(x)
+    assert torch.equal(relprop.create_analyzer("lrp.epsilon", model, epsilon=0.0).analyze(x), z)
+    assert relprop.create_analyzer("lrp.gamma", model, gamma=0.0).analyze(x).shape == x.shape

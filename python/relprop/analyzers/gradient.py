@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -141,8 +142,8 @@ class SmoothGrad(Gradient):
         super().__init__(model, postprocess, neuron_selection_mode)
         if int(augment_by_n) < 1:
             raise ValueError(f"augment_by_n must be at least 1, got {augment_by_n}")
-        if noise_scale < 0:
-            raise ValueError(f"noise_scale must be non-negative, got {noise_scale}")
+        if not noise_scale >= 0 or math.isinf(noise_scale):  # NaN fails the comparison
+            raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale}")
         self.augment_by_n = int(augment_by_n)
         self.noise_scale = float(noise_scale)
         self.seed = seed

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from relprop.rules.base import Rule
+from relprop.rules.base import Rule, check_non_negative
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,16 @@ class AlphaBeta(Rule):
     use_bias: bool = True
 
     def __post_init__(self) -> None:
-        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-9:
+        # Written so that NaN fails too (every comparison with NaN is false).
+        finite = math.isfinite(self.alpha) and math.isfinite(self.beta)
+        if not (finite and self.alpha >= 0 and self.beta >= 0) or not (
+            abs(self.alpha - self.beta - 1.0) <= 1e-9
+        ):
             raise ValueError(
-                f"AlphaBeta needs alpha >= 0, beta >= 0 and alpha - beta = 1 so that relevance is "
+                f"AlphaBeta needs finite alpha >= 0, beta >= 0 with alpha - beta = 1 so that relevance is "
                 f"conserved; got alpha={self.alpha}, beta={self.beta} (e.g. alpha=2, beta=1)"
             )
+        check_non_negative("AlphaBeta", stabilizer=self.stabilizer)
 
     def op(self) -> tuple[str, list[float]]:
         return "alphabeta", [

@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+
+def check_non_negative(owner: str, meaning: str = "", **values: float) -> None:
+    """Raise ``ValueError`` naming ``owner``, the parameter and its value unless each of
+    ``values`` is a finite number ≥ 0.
+
+    A negative stabiliser pulls denominators towards zero instead of away from it (a
+    denominator of −ε·sign becomes an exact zero, one of −ε/2 changes sign); a NaN or an infinity
+    turns every relevance it touches into NaN. ``meaning`` says what the smallest value means.
+    """
+    for name, value in values.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(
+                f"{owner} needs {name} >= 0 (a finite number{meaning}); got {name}={value!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,9 @@ class Norm:
     """
 
     stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_non_negative("Norm", stabilizer=self.stabilizer)
 
     def describe(self) -> str:
         return f"Norm(stabilizer={self.stabilizer:g})"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relprop.rules.base import Rule
+from relprop.rules.base import Rule, check_non_negative
 
 
 @dataclass(frozen=True)
@@ -18,13 +18,18 @@ class Epsilon(Rule):
     Parameters
     ----------
     epsilon : float
-        Added to the denominator with its sign (zero counts as positive).
+        Added to the denominator with its sign (zero counts as positive); ε ≥ 0.
     use_bias : bool
         False ignores the bias in the denominator (iNNvestigate's ``epsilon_IB``).
     """
 
     epsilon: float = 1e-6
     use_bias: bool = True
+
+    def __post_init__(self) -> None:
+        check_non_negative(
+            type(self).__name__, "; 0 is LRP-0, relprop.rules.Z", epsilon=self.epsilon
+        )
 
     def op(self) -> tuple[str, list[float]]:
         return "epsilon", [float(self.epsilon)]

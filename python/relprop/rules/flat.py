@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relprop.rules.base import Rule
+from relprop.rules.base import Rule, check_non_negative
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,9 @@ class Flat(Rule):
     """
 
     stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_non_negative(type(self).__name__, stabilizer=self.stabilizer)
 
     def op(self) -> tuple[str, list[float]]:
         return "flat", [float(self.stabilizer)]
@@ -30,6 +33,9 @@ class WSquare(Rule):
     """
 
     stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_non_negative(type(self).__name__, stabilizer=self.stabilizer)
 
     def op(self) -> tuple[str, list[float]]:
         return "wsquare", [float(self.stabilizer)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relprop.rules.base import Rule
+from relprop.rules.base import Rule, check_non_negative
 
 
 @dataclass(frozen=True)
@@ -19,13 +19,18 @@ class Gamma(Rule):
     Parameters
     ----------
     gamma : float
-        Weight of the added positive part; γ = 0 is LRP-ε with ε = ``stabilizer``.
+        Weight of the added positive part, γ ≥ 0; γ = 0 is LRP-ε with ε = ``stabilizer``.
     stabilizer : float
-        Added to the denominators with their sign.
+        Added to the denominators with their sign; ≥ 0.
     """
 
     gamma: float = 0.25
     stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        # γ < 0 would favour the negative contributions and can make the denominators vanish.
+        check_non_negative("Gamma", "; 0 is LRP-ε", gamma=self.gamma)
+        check_non_negative("Gamma", stabilizer=self.stabilizer)
 
     def op(self) -> tuple[str, list[float]]:
         return "gamma", [float(self.gamma), float(self.stabilizer)]

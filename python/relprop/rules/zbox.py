@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from relprop.rules.base import Rule
+from relprop.rules.base import Rule, check_non_negative
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,14 @@ class ZBox(Rule):
     stabilizer: float = 1e-6
 
     def __post_init__(self) -> None:
-        if not self.low < self.high:
-            raise ValueError(f"ZBox needs low < high, got low={self.low}, high={self.high}")
+        # Infinite bounds make inf · 0 = NaN in the denominators; NaN fails every comparison.
+        finite = math.isfinite(self.low) and math.isfinite(self.high)
+        if not (finite and self.low < self.high):
+            raise ValueError(
+                f"ZBox needs finite bounds with low < high (the smallest and largest input "
+                f"value), got low={self.low}, high={self.high}"
+            )
+        check_non_negative("ZBox", stabilizer=self.stabilizer)
 
     def op(self) -> tuple[str, list[float]]:
         return "zbox", [float(self.low), float(self.high), float(self.stabilizer)]

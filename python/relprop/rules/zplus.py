@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relprop.rules.base import Rule
+from relprop.rules.base import Rule, check_non_negative
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class ZPlus(Rule):
 
     stabilizer: float = 1e-6
     use_bias: bool = True
+
+    def __post_init__(self) -> None:
+        check_non_negative(type(self).__name__, stabilizer=self.stabilizer)
 
     def op(self) -> tuple[str, list[float]]:
         return "zplus", [float(self.stabilizer), 1.0 if self.use_bias else 0.0]
