@@ -15,6 +15,7 @@ from relprop.errors import (
     SoftmaxOutputError,
     TraceError,
     UnknownAnalyzerError,
+    UnknownLayerNameError,
     UnsupportedLayerError,
 )
 from relprop.graph.trace import model_wo_softmax
@@ -28,6 +29,7 @@ __all__ = [
     "SoftmaxOutputError",
     "TraceError",
     "UnknownAnalyzerError",
+    "UnknownLayerNameError",
     "UnsupportedLayerError",
     "__version__",
     "analyzer_names",

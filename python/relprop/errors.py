@@ -26,6 +26,11 @@ class UnknownAnalyzerError(RelpropError, ValueError):
     """``create_analyzer`` was given a name it does not know; the message lists the valid ones."""
 
 
+class UnknownLayerNameError(RelpropError, ValueError):
+    """A composite's ``name_map`` names no layer of the model (a typo, or a container); the
+    message lists the names and the closest layer paths."""
+
+
 class BackendError(RelpropError):
     """No implementation of a layer op could run (``RELPROP_BACKEND=auto`` found none that
     works for a layer's shape); the message names the layer signature and each failure."""

@@ -633,3 +633,48 @@ def test_zero_epsilon_and_gamma_stay_valid(model, x):
     z = relprop.create_analyzer("lrp.z", model).analyze(x)
     assert torch.equal(relprop.create_analyzer("lrp.epsilon", model, epsilon=0.0).analyze(x), z)
     assert relprop.create_analyzer("lrp.gamma", model, gamma=0.0).analyze(x).shape == x.shape
+
+
+# -- name_map keys that name no layer -----------------------------------------------------------
+
+
+class _Named(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+        self.classifier = nn.Linear(64, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def test_name_map_typo_is_refused_with_close_names(x):
+    """Was silently ignored: the misspelt layer got the default rule."""
+    torch.manual_seed(13)
+    composite = relprop.composites.Composite(
+        name_map={"featurs.0": relprop.rules.Flat(), "features.2": relprop.rules.ZPlus()}
+    )
+    with pytest.raises(relprop.UnknownLayerNameError) as info:
+        relprop.create_analyzer("lrp", _Named().eval(), composite=composite).analyze(x)
+    message = str(info.value)
+    assert "'featurs.0'" in message and "did you mean 'features.0'" in message
+    assert "'features.2'" not in message.split("did you mean")[0]  # the valid key is not blamed
+    assert isinstance(info.value, ValueError)
+
+
+def test_name_map_key_naming_a_container_lists_its_layers(x):
+    torch.manual_seed(14)
+    composite = relprop.composites.Composite(name_map={"features": relprop.rules.ZPlus()})
+    with pytest.raises(relprop.UnknownLayerNameError) as info:
+        relprop.create_analyzer("lrp", _Named().eval(), composite=composite).analyze(x)
+    message = str(info.value)
+    assert "'features' is a Sequential" in message and "'features.0', 'features.1'" in message
+
+
+def test_name_map_of_existing_layers_runs(x):
+    torch.manual_seed(15)
+    model = _Named().eval()
+    composite = relprop.composites.EpsilonPlus(name_map={"features.0": relprop.rules.Flat()})
+    analyzer = relprop.create_analyzer("lrp", model, composite=composite)
+    assert analyzer.analyze(x).shape == x.shape
+    assert analyzer.plan.rules()["features.0"].startswith("Flat")

@@ -9,7 +9,7 @@ from relprop.analyzers.base import Analyzer, NeuronSelection, preserved_state
 from relprop.composites import Composite
 from relprop.graph.plan import Plan, PlanBuilder
 from relprop.graph.program import Program
-from relprop.graph.trace import check_module_hooks, trace
+from relprop.graph.trace import check_module_hooks, trace, unwrapped
 
 
 class LRP(Analyzer):
@@ -58,7 +58,8 @@ class LRP(Analyzer):
             # auxiliary head, dropout) must not enter the plan when `plan` is read first.
             with preserved_state(self.model):
                 gm = trace(self.model, self.composite.leaf_types())
-                self._program = Program(PlanBuilder(gm, self.composite).build(), gm)
+                builder = PlanBuilder(gm, self.composite, unwrapped(self.model))
+                self._program = Program(builder.build(), gm)
         return self._program
 
     def _analyze(self, x: Tensor, neuron_selection: NeuronSelection) -> Tensor:

@@ -7,6 +7,7 @@ a table, so users see which rule hits which layer and which op runs it.
 from __future__ import annotations
 
 import copy
+import difflib
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from relprop._native import native_available
-from relprop.errors import UnsupportedLayerError
+from relprop.errors import UnknownLayerNameError, UnsupportedLayerError
 from relprop.graph import layers as L
 from relprop.graph.canonize import FoldedParameters, can_fold
 from relprop.graph.trace import OPERATOR_NAMES, check_no_softmax_output, is_softmax, output_node
@@ -263,13 +264,16 @@ def _bind(node: fx.Node, names: list[str], defaults: dict) -> dict:
 class PlanBuilder:
     """Turns a traced GraphModule and a composite into a :class:`Plan`."""
 
-    def __init__(self, gm: fx.GraphModule, composite) -> None:
+    def __init__(self, gm: fx.GraphModule, composite, model: nn.Module | None = None) -> None:
         self.gm = gm
         self.composite = composite
+        # The traced model itself: its module paths name what a name_map key may have meant.
+        self.model = model
 
     def build(self) -> Plan:
         gm = self.gm
         check_no_softmax_output(gm)
+        self._check_name_map()
         out = output_node(gm.graph)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -314,6 +318,39 @@ class PlanBuilder:
             steps.append(step)
         self._fuse_relus({s.name: s for s in steps})
         return Plan(steps, placeholders[0].name, out.name, first_layer)
+
+    def _check_name_map(self) -> None:
+        """Refuse name_map keys that name no layer the plan will look up: silently ignored, a
+        typo left its layer to the default rule."""
+        names = getattr(self.composite, "name_map", None) or {}
+        layers = [str(n.target) for n in self.gm.graph.nodes if n.op == "call_module"]
+        unknown = [name for name in names if name not in layers]
+        if not unknown:
+            return
+        modules = dict((self.model or self.gm).named_modules())
+        problems = []
+        for name in unknown:
+            if name in modules:
+                inner = [p for p in layers if p.startswith(f"{name}.")] if name else layers
+                problem = (
+                    f"{name!r} is a {type(modules[name]).__name__} that the traced forward does "
+                    "not run as one layer"
+                )
+                if inner:
+                    problem += f"; map its layers instead: {', '.join(map(repr, inner[:6]))}"
+                    problem += ", ..." if len(inner) > 6 else ""
+            else:
+                problem = f"{name!r} names no module of the model"
+                close = difflib.get_close_matches(name, layers, n=3, cutoff=0.5)
+                if close:
+                    problem += f" (did you mean {' or '.join(map(repr, close))}?)"
+            problems.append(problem)
+        raise UnknownLayerNameError(
+            f"the composite's name_map has {len(unknown)} key(s) naming no layer of the model: "
+            f"{'; '.join(problems)}. Keys are module paths as model.named_modules() gives them; "
+            f"the model's layers are {', '.join(map(repr, layers[:12]))}"
+            f"{', ...' if len(layers) > 12 else ''}"
+        )
 
     # -- ReLU fusion ----------------------------------------------------------------------
 
