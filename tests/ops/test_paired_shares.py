@@ -205,3 +205,18 @@ def test_opcheck_cuda(monkeypatch, case):
     use_backend("cuda", monkeypatch)
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_samples()[case])
     torch.library.opcheck(shares_ops.paired_shares_op, args)
+
+
+@pytest.mark.parametrize("operand", ["z", "zp", "factor"])
+def test_the_op_refuses_operands_of_another_shape(backend, operand):
+    """Called as an op (torch.ops.relprop.paired_shares, not the checking wrapper), the
+    reference broadcast a batch-1 operand against a batch-2 relevance and the kernels read past
+    its end (inf and garbage in the second sample's shares)."""
+    relevance, z, zp, factor = sample((2, 3), torch.float32, seed=8)
+    operands = {"z": z, "zp": zp, "factor": factor}
+    operands[operand] = operands[operand][:1].clone()
+    with pytest.raises(ValueError, match=rf"{operand} has shape \(1, 3\)"):
+        torch.ops.relprop.paired_shares(
+            relevance, operands["z"], operands["zp"], 1e-6, 2.0, -1.0, 1.0, False,
+            operands["factor"],
+        )  # fmt: skip
