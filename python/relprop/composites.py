@@ -73,6 +73,25 @@ class Composite:
                 return rule
         return None
 
+    def rule_entry_for_unweighted(self, path: str, module: nn.Module) -> str | None:
+        """The map entry that gives a rule of layers with weights to ``module`` (which has none),
+        described for an error message, or None.
+
+        A type entry matches only where it names a type that is no weight layer's base (an entry
+        for ``nn.Module`` means "whatever can take it", not this module).
+        """
+        if isinstance(self.name_map.get(path), Rule):
+            return f"name_map[{path!r}] = {self.name_map[path]!r}"
+        for label, entries in (("layer_map", self.layer_map), ("first_map", self.first_map)):
+            for types, rule in entries:
+                if not isinstance(rule, Rule):
+                    continue
+                for t in types if isinstance(types, tuple) else (types,):
+                    named = isinstance(module, t) and not any(issubclass(w, t) for w in WeightLayer)
+                    if named:
+                        return f"the {label} entry ({t.__name__}, {rule!r})"
+        return None
+
     def default_rule(self) -> Rule:
         """The rule of layers with weights that no map covers."""
         return self.default if self.default is not None else Epsilon(epsilon=self.stabilizer)

@@ -31,6 +31,12 @@ class UnknownLayerNameError(RelpropError, ValueError):
     message lists the names and the closest layer paths."""
 
 
+class RuleMappingError(RelpropError, ValueError):
+    """A composite gives a rule of layers with weights (ε, z⁺, α-β, γ, …) to a module without
+    weights (a pooling, an activation, a BatchNorm), where it would be ignored; the message names
+    the module, the map entry and the way out."""
+
+
 class BackendError(RelpropError):
     """No implementation of a layer op could run (``RELPROP_BACKEND=auto`` found none that
     works for a layer's shape); the message names the layer signature and each failure."""

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from tests.oracles.nets import SmallCNN, seeded_normal
+from tests.oracles.nets import SmallCNN, bn_sequential, seeded_normal
 from torch import Tensor, nn
 
 import relprop
@@ -678,3 +678,44 @@ def test_name_map_of_existing_layers_runs(x):
     analyzer = relprop.create_analyzer("lrp", model, composite=composite)
     assert analyzer.analyze(x).shape == x.shape
     assert analyzer.plan.rules()["features.0"].startswith("Flat")
+
+
+@pytest.mark.parametrize(
+    "make, maps, names",
+    [
+        (SmallCNN, {"name_map": {"pool1": relprop.rules.Epsilon()}}, ["'pool1'", "name_map"]),
+        (SmallCNN, {"name_map": {"relu2": relprop.rules.ZPlus()}}, ["'relu2'", "name_map"]),
+        (
+            SmallCNN,
+            {"layer_map": [(nn.AvgPool2d, relprop.rules.Epsilon(0.1))]},
+            ["'pool2'", "layer_map entry (AvgPool2d"],
+        ),
+        # A BatchNorm folded into the conv before it.
+        (bn_sequential, {"name_map": {"1": relprop.rules.Gamma(0.25)}}, ["'1'", "BatchNorm2d"]),
+    ],
+    ids=["max-pool-by-name", "relu-by-name", "avg-pool-by-type", "folded-batchnorm"],
+)
+def test_a_weight_rule_on_a_module_without_weights_is_refused(make, maps, names):
+    """The rule would be ignored (the module keeps relprop's own rule), and the user would
+    believe it applied: refused with the module, the entry and what to do."""
+    composite = relprop.composites.Composite(**maps)
+    analyzer = relprop.create_analyzer("lrp", make(), composite=composite)
+    with pytest.raises(relprop.RuleMappingError) as raised:
+        analyzer.analyze(seeded_normal((2, 3, 8, 8), seed=1, dtype=torch.float32))
+    message = str(raised.value)
+    for name in names:
+        assert name in message, message
+    assert "remove the entry" in message and "Pass()" in message, message
+
+
+def test_a_broad_type_entry_applies_where_it_can():
+    """An entry for nn.Module means every module that can take the rule: the layers with weights
+    get it and nothing is refused (the same relevance as the rule on every such layer)."""
+    x = seeded_normal((2, 3, 8, 8), seed=2, dtype=torch.float32)
+    rule = relprop.rules.Epsilon(0.01)
+    broad = relprop.composites.Composite(layer_map=[(nn.Module, rule)])
+    got = relprop.create_analyzer("lrp", SmallCNN(), composite=broad).analyze(x)
+    expected = relprop.create_analyzer(
+        "lrp", SmallCNN(), composite=relprop.composites.uniform(rule)
+    ).analyze(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

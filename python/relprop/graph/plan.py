@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from relprop._native import native_available
-from relprop.errors import UnknownLayerNameError, UnsupportedLayerError
+from relprop.errors import RuleMappingError, UnknownLayerNameError, UnsupportedLayerError
 from relprop.graph import layers as L
 from relprop.graph.canonize import FoldedParameters, can_fold
 from relprop.graph.trace import OPERATOR_NAMES, check_no_softmax_output, is_softmax, output_node
@@ -304,6 +304,7 @@ class PlanBuilder:
             elif node.op == "get_attr":
                 step.kind = "constant"
             elif node.name in folded.get("absorbed", {}):
+                self._check_no_rule_on_unweighted(node)
                 step.kind = "batchnorm (folded)"
                 step.layer = L.PassLayer(_identity)
                 step.impl = f"folded into {folded['absorbed'][node.name]}"
@@ -436,6 +437,23 @@ class PlanBuilder:
             absorbed[node.name] = prev.name
         return {"bns": params, "absorbed": absorbed}
 
+    def _check_no_rule_on_unweighted(self, node: fx.Node) -> None:
+        """Refuse a composite entry that gives module ``node`` (no Linear or convolution) a rule
+        of those layers: it would be ignored, and the user would believe it applied."""
+        module = self.gm.get_submodule(node.target)
+        entry = self.composite.rule_entry_for_unweighted(str(node.target), module)
+        if entry is None:
+            return
+        raise RuleMappingError(
+            f"module {node.target!r} of type {type(module).__name__} is no Linear, Conv1d or "
+            f"Conv2d, but {entry} gives it a rule of those layers, which it would ignore. "
+            "relprop gives other modules their own rule (winner-takes-all for max pooling, the "
+            "z-rule for average pooling and sums, BatchNorm folded into the layer before it, "
+            "relevance passed through activations): remove the entry; for a block of your own, "
+            "map the layers inside it (by their type, or by their paths); map "
+            "relprop.rules.Pass() to hand relevance through an element-wise module of your own"
+        )
+
     def _has_weights(self, node: fx.Node) -> bool:
         if node.op != "call_module":
             return False
@@ -450,6 +468,8 @@ class PlanBuilder:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             mapped = self.composite.rule_for(str(node.target), module, is_first)
+            if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                self._check_no_rule_on_unweighted(node)
             max_pools = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
             if isinstance(module, max_pools) and module.return_indices:
                 # The step hands on the pooled tensor alone; the (output, indices) pair the model
