@@ -406,6 +406,34 @@ def test_reference_refuses_a_relevance_of_another_batch(rule, params, kind, whic
         run(ref, relevance, factor)
 
 
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("rule,params", [RULES[0], RULES[6], RULES[8]], ids=str)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_every_backend_names_the_tensor_of_another_batch(monkeypatch, backend, rule, params, kind):
+    """The fast paths refused a batch-1 relevance too, but from an inner op
+    ("relprop::stabilized_divide: denominator has shape (2, 4), numerator (1, 4)"): they now
+    check as the reference does, naming the tensor and the output's shape."""
+    monkeypatch.setenv("RELPROP_BACKEND", backend)
+    torch.manual_seed(2)
+    if kind == "linear":
+        x, w, b = torch.rand(2, 6), torch.randn(4, 6), torch.randn(4)
+        saved = linear.linear_forward(x, w, b, rule, params)
+
+        def run(relevance):
+            return linear.linear_relevance(x, w, b, saved[:1], relevance, rule, params)
+    else:
+        x, w, b = torch.rand(2, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4)
+        geometry = ([1, 1], [1, 1], [1, 1], 1)
+        saved = conv.conv2d_forward(x, w, b, *geometry, rule, params)
+
+        def run(relevance):
+            return conv.conv2d_relevance(x, w, b, saved[:1], relevance, *geometry, rule, params)
+
+    run(torch.randn_like(saved[0]))  # the shapes that fit are taken
+    with pytest.raises(ValueError, match=r"^relevance has shape \(1, 4.*the output's for x"):
+        run(_batch_one(torch.randn_like(saved[0])))
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_reference_forward_refuses_an_input_that_does_not_fit(kind):
     if kind == "linear":

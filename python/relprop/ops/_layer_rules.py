@@ -1086,6 +1086,14 @@ def relevance_by_backend(
 ) -> Tensor:
     """Run the relevance of ``rule`` on ``backend`` (``triton_relevance()`` binds the kernel)."""
     extra = (relevance_factor, times_input)
+    if backend == "reference":
+        return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params, *extra)
+    # As the reference does (shapes only): the fast paths' own errors for a relevance of another
+    # batch came from an inner op (relprop::stabilized_divide), naming none of these tensors.
+    check_shapes(
+        lin, x, weight, bias, relevance=relevance, relevance_factor=relevance_factor,
+        **{f"saved[{i}]": t for i, t in enumerate(saved)},
+    )  # fmt: skip
     if backend == "triton" and x.dtype in TRITON_DTYPES:
         if not times_input:
             # The fused kernel ends with the product with x; c alone is the native path's.
@@ -1095,8 +1103,6 @@ def relevance_by_backend(
         # The kernels read every saved tensor; lean saved ([] or [z]) is completed first.
         saved = complete_saved(lin, x, weight, bias, saved, rule, params)
         return triton_relevance()(x, weight, bias, saved, relevance, rule, list(params))
-    if backend == "reference":
-        return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params, *extra)
     return relevance_fast(lin, x, weight, bias, saved, relevance, rule, params, *extra)
 
 
