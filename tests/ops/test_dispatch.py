@@ -137,6 +137,8 @@ def test_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
     from relprop._kernels.triton import _common
 
     monkeypatch.setattr(_common, "INTERPRETED", False)
+    # As on a machine without a GPU (this one, in CI): no driver to launch with.
+    monkeypatch.setattr(_common, "has_active_driver", lambda: False)
     monkeypatch.setenv("RELPROP_BACKEND", "triton")
     analyzer = relprop.create_analyzer("lrp.epsilon", tiny_cnn())
     with pytest.raises(ValueError) as raised:
