@@ -6,6 +6,7 @@ top of the root conftest, whenever no CUDA device is visible.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -63,3 +64,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+    failure = _interpreter_failure()
+    if failure is not None:
+        skip_interpret = pytest.mark.skip(reason=failure)
+        for item in items:
+            if "interpret" in item.keywords:
+                item.add_marker(skip_interpret)
+
+
+def _interpreter_failure() -> str | None:
+    """Why Triton's interpreter cannot run the kernels in this environment (Triton 3.0's beside
+    NumPy 2, say), or None: there its tests skip with that reason instead of failing on garbage."""
+    if importlib.util.find_spec("triton") is None:  # the kernel tests' ``needs_triton`` skips
+        return None
+    from relprop._kernels.triton._common import interpreter_failure
+
+    return interpreter_failure()

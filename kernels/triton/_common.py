@@ -10,11 +10,13 @@ PLoS ONE 2015; Montavon et al., Pattern Recognition 2017; Montavon et al., Expla
 
 # No ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises a
 # ``tl.constexpr`` parameter only by its evaluated annotation, not by the string it would become.
+import functools
 import os
 import re
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -132,6 +134,53 @@ def check_tensors(*tensors: Optional[torch.Tensor]) -> None:
                 f"all tensors must share dtype and device; got {t.dtype} on {t.device} "
                 f"beside {dtype} on {device}"
             )
+    if is_interpreted(device):
+        failure = interpreter_failure()
+        if failure is not None:
+            from relprop.errors import BackendError
+
+            raise BackendError(
+                f"{failure}; install a NumPy that this Triton supports (numpy<2 for Triton 3.0 "
+                "and 3.1), or unset RELPROP_BACKEND to run the native CPU path"
+            )
+
+
+@triton.jit
+def _interpreter_probe_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    # What every kernel here does: a loop bounded by a runtime size, masked loads and stores.
+    for start in range(0, n, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets, mask=mask), mask=mask)
+
+
+@functools.cache
+def interpreter_failure() -> Optional[str]:
+    """Why Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run the kernels in this
+    process, or None when it can (or when there is no interpreter to ask: on a GPU).
+
+    The interpreters of Triton 3.0 (torch 2.4's) and 3.1 were compiled against NumPy 1: beside
+    NumPy 2 their native loads and stores read the wrong bytes, and every kernel returns garbage
+    without an error. Those up to 3.2 at least also turn a runtime size into a loop bound with
+    ``int()`` of a one-element array, which NumPy 2.4 refuses. A copy through the interpreter,
+    once per process, finds either.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    src = torch.arange(5, dtype=torch.float32)
+    dst = torch.zeros_like(src)
+    try:
+        _interpreter_probe_kernel[(1,)](src, dst, src.numel(), BLOCK=4)
+    except Exception as err:  # noqa: BLE001 — any failure means the kernels cannot run
+        found = f"a copy kernel raised {type(err).__name__}: {err}"
+    else:
+        if torch.equal(src, dst):
+            return None
+        found = f"a copy kernel wrote {dst.tolist()} for {src.tolist()}"
+    return (
+        f"Triton {triton.__version__}'s interpreter cannot run the kernels beside NumPy "
+        f"{np.__version__} ({found})"
+    )
 
 
 def has_active_driver() -> bool:

@@ -19,10 +19,13 @@ import inspect
 import textwrap
 
 import pytest
+import torch
 import triton.language as tl
 from triton.runtime.jit import KernelInterface
 
 from relprop._kernels.triton import _common, conv, linear
+from relprop.errors import BackendError
+from relprop.graph.layers import _triton_runs_on
 
 
 def _jit_functions():
@@ -71,3 +74,15 @@ def test_no_chain_of_three_boolean_operands(name):
     assert not chains, (
         f"{name}: Triton 3.0 rejects these; pair the operands with parentheses: {chains}"
     )
+
+
+def test_a_broken_interpreter_is_refused_with_the_way_out(monkeypatch):
+    # Triton 3.0's interpreter beside NumPy 2 returns garbage without an error; whichever
+    # environment runs this, the kernels must refuse to run on such an interpreter and
+    # RELPROP_BACKEND=auto must not measure them there.
+    reason = "Triton 3.0.0's interpreter cannot run the kernels beside NumPy 2.2.6 (a copy ...)"
+    monkeypatch.setattr(_common, "interpreter_failure", lambda: reason)
+    x, weight = torch.ones(2, 3), torch.ones(4, 3)
+    with pytest.raises(BackendError, match=r"NumPy 2\.2\.6 .*numpy<2 .*unset RELPROP_BACKEND"):
+        linear.linear_forward(x, weight, None, "epsilon", [0.1])
+    assert not _triton_runs_on(torch.device("cpu"))

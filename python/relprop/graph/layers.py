@@ -561,10 +561,17 @@ class AdaptiveAvgPoolLayer(Layer):
 
 def _triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: a GPU, or the CPU under
-    ``TRITON_INTERPRET=1`` (the interpreter; far slower, but then a candidate like any other)."""
+    ``TRITON_INTERPRET=1`` (the interpreter; far slower, but then a candidate like any other)
+    where that interpreter works with this NumPy (Triton 3.0's needs NumPy 1)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda":
+        return True
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    from relprop._kernels.triton._common import interpreter_failure
+
+    return interpreter_failure() is None
 
 
 def _keep_nonnegative_mark(x: Any, out: Any) -> None:
