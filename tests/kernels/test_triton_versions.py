@@ -21,6 +21,7 @@ import textwrap
 import pytest
 import torch
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import KernelInterface
 
 from relprop._kernels.triton import _common, conv, linear
@@ -32,8 +33,12 @@ def _jit_functions():
     for module in (_common, conv, linear):
         for name, value in vars(module).items():
             # A JITFunction, or under TRITON_INTERPRET=1 an InterpretedFunction: both wrap ``fn``.
+            # (Triton 3.0's InterpretedFunction is no KernelInterface; later ones are.)
             function = getattr(value, "fn", None)
-            if isinstance(value, KernelInterface) and function.__module__ == module.__name__:
+            if (
+                isinstance(value, (KernelInterface, InterpretedFunction))
+                and function.__module__ == module.__name__
+            ):
                 yield f"{module.__name__.rsplit('.', 1)[1]}.{name}", value
 
 
