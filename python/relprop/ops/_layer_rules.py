@@ -201,11 +201,12 @@ class DerivedWeights(dict):
     tensors the previous analysis derived for that layer (spares), whose memory new ones reuse.
 
     Deriving writes a few passes over the weights per layer and analysis. Into fresh memory, on a
-    CPU, each pass also faults in every page of it: ResNet18's convolution weights multiplied
-    into new tensors took 65 ms, into the previous ones 15 ms, and a whole EpsilonGammaBox
-    analysis of one 32×32 image spent most of its time so. (CUDA's caching allocator hands back
-    recently freed memory anyway; there the reuse changes nothing.) Spares are matched by shape,
-    dtype and device, so a rule parameter changed between analyses reuses them too.
+    CPU, each pass also faults in the pages it writes: ResNet18 at batch 2, 64², two threads, was
+    10–20 % faster for EpsilonGammaBox and α-β with the reuse, and where memory is busy (other
+    processes) page faults cost far more (one 32×32 image: EpsilonGammaBox 185 → 99 ms; docs/ops.md
+    has the numbers). CUDA's caching allocator hands back recently freed memory anyway; there
+    the reuse changes nothing. Spares are matched by shape, dtype and device, so a rule
+    parameter changed between analyses reuses them too.
     """
 
     def __init__(self, previous: DerivedWeights | None = None) -> None:
