@@ -351,14 +351,8 @@ def _check_geometry(
     groups: int,
 ) -> tuple[int, int]:
     """Refuse what the kernels would read out of bounds; return the output's (OH, OW)."""
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"conv2d takes x (N, C, H, W) and weight (O, C/groups, kh, kw); got "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
-    if groups < 1 or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups != 0:
-        raise ValueError(
-            f"channels do not match groups={groups}: x {tuple(x.shape)}, weight "
-            f"{tuple(weight.shape)}"
-        )
+    from relprop.ops.conv import conv2d_output_shape
+
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
@@ -366,17 +360,8 @@ def _check_geometry(
             f"conv2d needs stride ≥ 1, dilation ≥ 1 and padding ≥ 0; got stride {stride}, "
             f"dilation {dilation}, padding {padding}"
         )
-    size = tuple(
-        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i]
-        + 1
-        for i in range(2)
-    )
-    if min(size) < 1:
-        raise ValueError(
-            f"the kernel {tuple(weight.shape[2:])} (dilation {dilation}) does not fit the padded "
-            f"input {tuple(x.shape[2:])} (padding {padding})"
-        )
-    return size
+    shape = conv2d_output_shape(x.shape, weight.shape, stride, padding, dilation, groups)
+    return shape[2], shape[3]
 
 
 def conv2d_forward(

@@ -48,6 +48,40 @@ def _shape_carrier(x_shape, s: Tensor) -> Tensor:
     return s.new_zeros(()).expand(x_shape)
 
 
+def conv2d_output_shape(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> tuple[int, ...]:
+    """``(N, O, OH, OW)`` of a 2-D convolution of ``x`` by ``weight``; ``ValueError`` naming the
+    mismatch where they do not fit (ranks, channels and groups, a kernel larger than the padded
+    input). Shapes only: the references, the map's shape check and the Triton kernels share it."""
+    x_shape, weight_shape = tuple(x_shape), tuple(weight_shape)
+    if len(x_shape) != 4 or len(weight_shape) != 4:
+        raise ValueError(
+            f"conv2d takes x (N, C, H, W) and weight (O, C/groups, kh, kw); got {x_shape} and "
+            f"{weight_shape}"
+        )
+    if groups < 1 or x_shape[1] != weight_shape[1] * groups or weight_shape[0] % groups:
+        raise ValueError(
+            f"channels do not match groups={groups}: x {x_shape}, weight {weight_shape}"
+        )
+    size = tuple(
+        (x_shape[2 + i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1) // stride[i]
+        + 1
+        for i in range(2)
+    )
+    if min(size) < 1:
+        raise ValueError(
+            f"the kernel {weight_shape[2:]} (dilation {list(dilation)}) does not fit the padded "
+            f"input {x_shape[2:]} (padding {list(padding)})"
+        )
+    return (x_shape[0], weight_shape[0], *size)
+
+
 @lru_cache(maxsize=256)
 def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
     """The convolution with this geometry as a :class:`~relprop.ops._layer_rules.LinearMap`."""
@@ -86,27 +120,7 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
         )
 
     def output_shape(x_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> tuple[int, ...]:
-        if len(x_shape) != 4 or len(weight_shape) != 4:
-            raise ValueError(
-                f"conv2d takes x (N, C, H, W) and weight (O, C/groups, kh, kw); got {x_shape} and "
-                f"{weight_shape}"
-            )
-        if x_shape[1] != weight_shape[1] * groups or weight_shape[0] % groups:
-            raise ValueError(
-                f"channels do not match groups={groups}: x {x_shape}, weight {weight_shape}"
-            )
-        size = tuple(
-            (x_shape[2 + i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1)
-            // stride[i]
-            + 1
-            for i in range(2)
-        )
-        if min(size) < 1:
-            raise ValueError(
-                f"the kernel {weight_shape[2:]} (dilation {dilation}) does not fit the padded "
-                f"input {x_shape[2:]} (padding {padding})"
-            )
-        return (x_shape[0], weight_shape[0], *size)
+        return conv2d_output_shape(x_shape, weight_shape, stride, padding, dilation, groups)
 
     return rules.LinearMap(
         forward, transpose, flat_relevance, stacks_weights=groups == 1, output_shape=output_shape
