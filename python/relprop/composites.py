@@ -103,6 +103,11 @@ class Composite:
             types.extend(t if isinstance(t, tuple) else (t,))
         return tuple(types)
 
+    def leaf_names(self) -> frozenset[str]:
+        """Module paths ``name_map`` maps to ``Pass``: the tracer keeps them whole, so that a
+        block of one's own (whose inside relprop may not map) passes relevance through as one."""
+        return frozenset(path for path, rule in self.name_map.items() if isinstance(rule, Pass))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

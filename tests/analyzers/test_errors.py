@@ -719,3 +719,32 @@ def test_a_broad_type_entry_applies_where_it_can():
         "lrp", SmallCNN(), composite=relprop.composites.uniform(rule)
     ).analyze(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+class _ErfGate(nn.Module):
+    """An element-wise block of one's own whose inside relprop does not map (erf)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 0.5 * torch.erf(x)
+
+
+def _gated_net() -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), _ErfGate(), nn.Flatten(), nn.Linear(256, 3)
+    )
+
+
+def test_a_block_mapped_to_pass_by_name_is_kept_whole():
+    """name_map={'2': Pass()} on a block of one's own: the trace keeps it whole, as a type entry
+    does, instead of decomposing it (which left the key naming no traced layer and the erf
+    inside unmapped). Oracle: the same block mapped to Pass by its type."""
+    x = seeded_normal((2, 3, 8, 8), seed=6, dtype=torch.float32)
+    with pytest.raises(relprop.UnsupportedLayerError, match="erf"):
+        relprop.create_analyzer("lrp.epsilon", _gated_net()).analyze(x)
+    by_name = relprop.composites.EpsilonPlus(name_map={"2": relprop.rules.Pass()})
+    by_type = relprop.composites.EpsilonPlus(layer_map=[(_ErfGate, relprop.rules.Pass())])
+    got = relprop.create_analyzer("lrp", _gated_net(), composite=by_name).analyze(x)
+    expected = relprop.create_analyzer("lrp", _gated_net(), composite=by_type).analyze(x)
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -57,7 +57,7 @@ class LRP(Analyzer):
             # Traced as analyze runs the model, in eval mode: a `self.training` branch (an
             # auxiliary head, dropout) must not enter the plan when `plan` is read first.
             with preserved_state(self.model):
-                gm = trace(self.model, self.composite.leaf_types())
+                gm = trace(self.model, self.composite.leaf_types(), self.composite.leaf_names())
                 builder = PlanBuilder(gm, self.composite, unwrapped(self.model))
                 self._program = Program(builder.build(), gm)
         return self._program

@@ -340,6 +340,10 @@ class PlanBuilder:
                 if inner:
                     problem += f"; map its layers instead: {', '.join(map(repr, inner[:6]))}"
                     problem += ", ..." if len(inner) > 6 else ""
+                problem += (
+                    " (or map it to relprop.rules.Pass(), which keeps it whole, if it is "
+                    "element-wise)"
+                )
             else:
                 problem = f"{name!r} names no module of the model"
                 close = difflib.get_close_matches(name, layers, n=3, cutoff=0.5)

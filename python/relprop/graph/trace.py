@@ -20,12 +20,17 @@ _LEAF_CLASS_NAMES = {"StochasticDepth"}
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, extra_leaf_types: tuple[type, ...] = ()) -> None:
+    def __init__(
+        self, extra_leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         self.extra_leaf_types = extra_leaf_types
+        self.leaf_names = leaf_names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m).__name__ in _LEAF_CLASS_NAMES or isinstance(m, self.extra_leaf_types):
+            return True
+        if module_qualified_name in self.leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -46,7 +51,11 @@ def unwrapped(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def trace(model: nn.Module, extra_leaf_types: tuple[type, ...] = ()) -> fx.GraphModule:
+def trace(
+    model: nn.Module,
+    extra_leaf_types: tuple[type, ...] = (),
+    leaf_names: frozenset[str] = frozenset(),
+) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule that shares the model's submodules (no copy).
 
     Parameters
@@ -55,9 +64,11 @@ def trace(model: nn.Module, extra_leaf_types: tuple[type, ...] = ()) -> fx.Graph
         The user's model. It is not modified.
     extra_leaf_types : tuple of type
         Module types to keep whole (those a composite maps to a rule by type).
+    leaf_names : frozenset of str
+        Module paths to keep whole (those a composite's ``name_map`` maps to ``Pass``).
     """
     model = unwrapped(model)
-    tracer = _Tracer(extra_leaf_types)
+    tracer = _Tracer(extra_leaf_types, leaf_names)
     try:
         graph = tracer.trace(model)
     except Exception as err:  # fx raises many kinds of errors on untraceable Python
