@@ -91,21 +91,14 @@ def _check_sign(sign_reference: Tensor | None, sign: int) -> None:
         raise ValueError(f"stabilized_divide: sign must be +1 or -1 with a reference, got {sign}")
 
 
-def _check_shapes(
-    numerator: Tensor, denominator: Tensor, sign_reference: Tensor | None, factor: Tensor | None
-) -> None:
-    """The op takes operands of one shape: the reference would broadcast a mismatch and the
-    native kernels read every operand at the numerator's size (past the end of a smaller one).
-    A comparison of shapes per operand, cheap enough for every call of the engine."""
-    others = (denominator, sign_reference, factor)
-    if any(t is not None and t.shape != numerator.shape for t in others):
-        check_elementwise_arguments(
-            "relprop::stabilized_divide",
-            ("numerator", numerator),
-            denominator=denominator,
-            sign_reference=sign_reference,
-            factor=factor,
-        )
+def refuse_other_shapes(op: str, first: tuple[str, Tensor], **others: Tensor | None) -> None:
+    """Raise (as :func:`check_elementwise_arguments`) unless every operand has the shape of
+    ``first``. An op takes operands of one shape: the reference would broadcast a mismatch and the
+    native kernels read every operand at the first one's size (past the end of a smaller one). A
+    comparison of shapes per operand, cheap enough for every call of the engine."""
+    shape = first[1].shape
+    if any(t is not None and t.shape != shape for t in others.values()):
+        check_elementwise_arguments(op, first, **others)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +194,10 @@ def _stabilized_divide_native(
     ),
 )
 def stabilized_divide_op(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None):
-    _check_shapes(numerator, denominator, sign_reference, factor)
+    refuse_other_shapes(
+        "relprop::stabilized_divide", ("numerator", numerator),
+        denominator=denominator, sign_reference=sign_reference, factor=factor,
+    )  # fmt: skip
     return stabilized_divide_reference(
         numerator, denominator, epsilon, scale, sign_reference, sign, factor
     )
@@ -217,7 +213,10 @@ def stabilized_divide_kernel(
     numerator, denominator, epsilon, scale, sign_reference, sign, factor=None
 ):
     _check_sign(sign_reference, sign)
-    _check_shapes(numerator, denominator, sign_reference, factor)
+    refuse_other_shapes(
+        "relprop::stabilized_divide", ("numerator", numerator),
+        denominator=denominator, sign_reference=sign_reference, factor=factor,
+    )  # fmt: skip
     same_dtype = all(
         t is None or t.dtype == numerator.dtype for t in (denominator, sign_reference, factor)
     )

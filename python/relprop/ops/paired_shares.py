@@ -44,6 +44,7 @@ from relprop.ops.elementwise import (
     COMPUTE_DTYPES,
     check_elementwise_arguments,
     product_with_factor,
+    refuse_other_shapes,
     stabilized_divide_reference,
     to_share_dtype,
 )
@@ -51,16 +52,6 @@ from relprop.ops.elementwise import (
 
 def _stacked_shape(relevance: Tensor) -> tuple[int, ...]:
     return (relevance.shape[0], 2 * relevance.shape[1], *relevance.shape[2:])
-
-
-def _check_shapes(relevance: Tensor, z: Tensor, zp: Tensor, factor: Tensor | None) -> None:
-    """The op takes operands of one shape: the reference would broadcast a mismatch and the
-    native kernels read every operand at the relevance's size (past the end of a smaller one).
-    A comparison of shapes per operand, cheap enough for every call of the engine."""
-    if any(t is not None and t.shape != relevance.shape for t in (z, zp, factor)):
-        check_elementwise_arguments(
-            "relprop::paired_shares", ("relevance", relevance), z=z, zp=zp, factor=factor
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +150,9 @@ def _paired_shares_native(
 def paired_shares_op(
     relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None
 ):
-    _check_shapes(relevance, z, zp, factor)
+    refuse_other_shapes(
+        "relprop::paired_shares", ("relevance", relevance), z=z, zp=zp, factor=factor
+    )
     return paired_shares_reference(
         relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor
     )
@@ -174,7 +167,9 @@ def _(relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, fact
 def paired_shares_kernel(
     relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None
 ):
-    _check_shapes(relevance, z, zp, factor)
+    refuse_other_shapes(
+        "relprop::paired_shares", ("relevance", relevance), z=z, zp=zp, factor=factor
+    )
     args = (relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor)
     same_dtype = all(t is None or t.dtype == relevance.dtype for t in (z, zp, factor))
     if not same_dtype or not _native.runs_native(relevance):
