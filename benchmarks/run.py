@@ -403,7 +403,10 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    from relprop import _native
+
+    # relprop's CPU element-wise loops: "avx2" or "baseline" (relprop._native.cpu_isa).
+    return f"{cpu} ({torch.get_num_threads()} threads; relprop loops {_native.cpu_isa()})"
 
 
 def rows_of(cases: list[Case], batch: int) -> list[dict]:

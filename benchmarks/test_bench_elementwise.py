@@ -22,15 +22,23 @@ called as a function) against the torch composition on the small tensors of a ba
 where the cost per call, not per byte, decides: the composition was used below 65 536 elements
 while every op call paid the dispatcher.
 
+Each group also has ``relprop baseline``: the same native kernel with its loop's baseline copy
+(SSE2 on x86-64) instead of the AVX2 copy the module picks where the CPU has it
+(csrc/include/relprop/cpu_isa.h); on a machine without AVX2 the two rows are the same code.
+
 The machine is shared and the work memory-bound: compare medians within one run.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import Tensor
 
+from relprop import _native
 from relprop.ops._layer_rules import divide_fast
 from relprop.ops.elementwise import stabilized_divide, stabilized_divide_reference
 from relprop.ops.paired_shares import paired_shares, paired_shares_reference
@@ -41,6 +49,22 @@ ROUNDS = 7
 SHAPE = (4, 64, 224, 224)
 EPSILON = 1e-6
 BETA = 1.0
+
+
+@contextlib.contextmanager
+def loops_for(provider: str) -> Iterator[None]:
+    """The CPU loops' instruction set for ``provider``: the baseline copy for ``relprop
+    baseline``, the module's own choice otherwise."""
+    if provider != "relprop baseline":
+        yield
+        return
+    module = _native.native()
+    previous = module.cpu_isa()
+    module.set_cpu_isa("baseline")
+    try:
+        yield
+    finally:
+        module.set_cpu_isa(previous)
 
 
 def _torch_divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
@@ -83,16 +107,17 @@ def activations() -> tuple[Tensor, Tensor]:
     return relevance, z
 
 
-@pytest.mark.parametrize("provider", ["relprop", "torch"])
+@pytest.mark.parametrize("provider", ["relprop", "relprop baseline", "torch"])
 @pytest.mark.parametrize("term", list(TERMS))
 def test_stabilized_divide(benchmark, monkeypatch, activations, term: str, provider: str) -> None:
     monkeypatch.delenv("RELPROP_BACKEND", raising=False)
     relevance, z = activations
     composed, fused = TERMS[term]
-    call = fused if provider == "relprop" else composed
+    call = composed if provider == "torch" else fused
     benchmark.group = f"stabilized_divide {term} {'x'.join(map(str, SHAPE))}"
     benchmark.extra_info.update(term=term, provider=provider)
-    result = benchmark.pedantic(call, args=(relevance, z), rounds=ROUNDS, warmup_rounds=1)
+    with loops_for(provider):
+        result = benchmark.pedantic(call, args=(relevance, z), rounds=ROUNDS, warmup_rounds=1)
     assert result.shape == SHAPE and bool(torch.isfinite(result).all())
 
 
@@ -107,7 +132,7 @@ def _two_divisions(r, z, zp, factor, scale, second_scale, z_weight, masks):
     return first, stabilized_divide(r, second, EPSILON, second_scale, reference, -1, factor)
 
 
-@pytest.mark.parametrize("provider", ["relprop", "two divisions", "torch"])
+@pytest.mark.parametrize("provider", ["relprop", "relprop baseline", "two divisions", "torch"])
 @pytest.mark.parametrize("rule", list(PAIRS))
 def test_paired_shares(benchmark, monkeypatch, activations, rule: str, provider: str) -> None:
     monkeypatch.delenv("RELPROP_BACKEND", raising=False)
@@ -117,12 +142,14 @@ def test_paired_shares(benchmark, monkeypatch, activations, rule: str, provider:
     params = PAIRS[rule]
     call = {
         "relprop": lambda: paired_shares(relevance, z, zp, EPSILON, *params, factor),
+        "relprop baseline": lambda: paired_shares(relevance, z, zp, EPSILON, *params, factor),
         "two divisions": lambda: _two_divisions(relevance, z, zp, factor, *params),
         "torch": lambda: paired_shares_reference(relevance, z, zp, EPSILON, *params, factor),
     }[provider]
     benchmark.group = f"paired_shares {rule} {'x'.join(map(str, SHAPE))}"
     benchmark.extra_info.update(rule=rule, provider=provider)
-    result = benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=1)
+    with loops_for(provider):
+        result = benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=1)
     shares = torch.cat(result, dim=1) if isinstance(result, tuple) else result
     assert shares.shape == (SHAPE[0], 2 * SHAPE[1], *SHAPE[2:])
     assert bool(torch.isfinite(shares).all())
@@ -133,16 +160,16 @@ def test_paired_shares(benchmark, monkeypatch, activations, rule: str, provider:
 SMALL_SHAPES = [(1, 2048, 1, 1), (1, 512, 7, 7), (1, 64, 16, 16), (1, 256, 16, 16)]
 
 
-@pytest.mark.parametrize("provider", ["relprop", "torch"])
+@pytest.mark.parametrize("provider", ["relprop", "relprop baseline", "torch"])
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_small_divide(benchmark, monkeypatch, shape, provider: str) -> None:
     monkeypatch.delenv("RELPROP_BACKEND", raising=False)
     generator = torch.Generator().manual_seed(2)
     relevance, z, factor = (torch.randn(shape, generator=generator) for _ in range(3))
-    call = divide_fast if provider == "relprop" else stabilized_divide_reference
+    call = stabilized_divide_reference if provider == "torch" else divide_fast
     benchmark.group = f"small divide {'x'.join(map(str, shape))}"
     benchmark.extra_info.update(provider=provider)
-    with torch.no_grad():  # as the engine runs it
+    with torch.no_grad(), loops_for(provider):  # no_grad: as the engine runs it
         result = benchmark.pedantic(
             call, args=(relevance, z, EPSILON, 1.0, None, 1, factor), rounds=200, warmup_rounds=5
         )

@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "relprop/cpu_isa.h"
 #include "relprop/elementwise.h"
 #include "relprop/paired_shares.h"
 #include "relprop/pool.h"
@@ -88,6 +89,34 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       "Number of CUDA devices visible to the module's runtime (0 without a driver or GPU).");
+
+  m.def(
+      "cpu_isa", []() { return cpu_isa_name(cpu_isa()); },
+      "The instruction set the CPU element-wise loops run with: 'avx2' or 'baseline'.");
+
+  m.def(
+      "cpu_isas",
+      []() {
+        py::list names;
+        for (const CpuIsa isa : {CpuIsa::Baseline, CpuIsa::Avx2}) {
+          if (cpu_isa_supported(isa)) names.append(cpu_isa_name(isa));
+        }
+        return names;
+      },
+      "The instruction sets this build and machine can run the CPU element-wise loops with.");
+
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) {
+        for (const CpuIsa isa : {CpuIsa::Baseline, CpuIsa::Avx2}) {
+          if (name == cpu_isa_name(isa)) return set_cpu_isa(isa);
+        }
+        throw std::invalid_argument("set_cpu_isa: unknown instruction set '" + name +
+                                    "'; expected 'baseline' or 'avx2'");
+      },
+      py::arg("name"),
+      "Run the CPU element-wise loops with this instruction set ('baseline' or 'avx2'; both give "
+      "the same bits). Raises ValueError where the machine or build cannot.");
 
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
 

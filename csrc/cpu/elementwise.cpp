@@ -3,12 +3,15 @@
 // The work is memory-bound: one pass reads the numerator, the denominator and (optionally) a factor
 // of the numerator and the sign reference and writes the result, where the torch composition makes five to eight passes. OpenMP
 // threads take contiguous runs of chunks; inside a chunk the loop is branch-free (selects only), so
-// -O3 vectorises it. Every element is computed on its own: results do not depend on the thread
-// count.
+// -O3 vectorises it, once for the baseline target and once for AVX2 (relprop/cpu_isa.h picks one
+// at run time; both give the same bits). Every element is computed on its own: results do not
+// depend on the thread count.
 #include "relprop/elementwise.h"
 
 #include <stdexcept>
 #include <string>
+
+#include "relprop/cpu_isa.h"
 
 namespace relprop {
 namespace {
@@ -23,9 +26,10 @@ constexpr int64_t kParallelThreshold = 4 * kChunk;
 // -fno-trapping-math, which changes no result, only whether FP exception flags are preserved):
 // with it GCC sinks the division into a branch on `keep` and will not if-convert it back.
 template <typename T, SignMask kMask, bool kFactor>
-void divide_range(const T* __restrict numerator, const T* __restrict factor,
-                  const T* __restrict denominator, const T* __restrict reference, T epsilon,
-                  T scale, T* __restrict out, int64_t begin, int64_t end) {
+RELPROP_ALWAYS_INLINE void divide_loop(const T* __restrict numerator, const T* __restrict factor,
+                                       const T* __restrict denominator,
+                                       const T* __restrict reference, T epsilon, T scale,
+                                       T* __restrict out, int64_t begin, int64_t end) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const T stabilized = stabilize_denominator(denominator[i], epsilon);
@@ -42,16 +46,44 @@ void divide_range(const T* __restrict numerator, const T* __restrict factor,
   }
 }
 
+// The loop compiled for each instruction set (always_inline: the AVX2 copy vectorises the loop's
+// body with its own target).
+template <typename T, SignMask kMask, bool kFactor>
+void divide_range_baseline(const T* numerator, const T* factor, const T* denominator,
+                           const T* reference, T epsilon, T scale, T* out, int64_t begin,
+                           int64_t end) {
+  divide_loop<T, kMask, kFactor>(numerator, factor, denominator, reference, epsilon, scale, out,
+                                 begin, end);
+}
+
+#if RELPROP_CPU_AVX2
+template <typename T, SignMask kMask, bool kFactor>
+RELPROP_TARGET_AVX2 void divide_range_avx2(const T* numerator, const T* factor,
+                                           const T* denominator, const T* reference, T epsilon,
+                                           T scale, T* out, int64_t begin, int64_t end) {
+  divide_loop<T, kMask, kFactor>(numerator, factor, denominator, reference, epsilon, scale, out,
+                                 begin, end);
+}
+#endif
+
+template <typename T, SignMask kMask, bool kFactor>
+auto divide_range_for_cpu() {
+#if RELPROP_CPU_AVX2
+  if (cpu_isa() == CpuIsa::Avx2) return &divide_range_avx2<T, kMask, kFactor>;
+#endif
+  return &divide_range_baseline<T, kMask, kFactor>;
+}
+
 template <typename T, SignMask kMask, bool kFactor>
 void divide_all(int64_t numel, const T* numerator, const T* factor, const T* denominator,
                 const T* reference, T epsilon, T scale, T* out) {
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  const auto divide_range = divide_range_for_cpu<T, kMask, kFactor>();
 #pragma omp parallel for schedule(static) if (numel >= kParallelThreshold)
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const int64_t begin = chunk * kChunk;
     const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
-    divide_range<T, kMask, kFactor>(numerator, factor, denominator, reference, epsilon, scale,
-                                    out, begin, end);
+    divide_range(numerator, factor, denominator, reference, epsilon, scale, out, begin, end);
   }
 }
 

@@ -4,12 +4,15 @@
 // factor, z and zp and writes both shares, where the torch composition makes the second
 // denominator and two divisions, and the two transposed products after them an addition.
 // OpenMP threads take runs of one sample's elements; the inner loop is branch-free (selects
-// only), so -O3 vectorises it (compiled with -fno-trapping-math, see CMakeLists.txt). Every
-// element is computed on its own: results do not depend on the thread count.
+// only), so -O3 vectorises it (compiled with -fno-trapping-math, see CMakeLists.txt), once for
+// the baseline target and once for AVX2 (relprop/cpu_isa.h picks one at run time; both give the
+// same bits). Every element is computed on its own: results do not depend on the thread count.
 #include "relprop/paired_shares.h"
 
 #include <stdexcept>
 #include <string>
+
+#include "relprop/cpu_isa.h"
 
 namespace relprop {
 namespace {
@@ -23,9 +26,10 @@ struct Scalars {
 };
 
 template <typename T, bool kFactor, bool kMasks>
-void shares_range(const T* __restrict relevance, const T* __restrict factor, const T* __restrict z,
-                  const T* __restrict zp, Scalars<T> p, T* __restrict first,
-                  T* __restrict second, int64_t begin, int64_t end) {
+RELPROP_ALWAYS_INLINE void shares_loop(const T* __restrict relevance, const T* __restrict factor,
+                                       const T* __restrict z, const T* __restrict zp,
+                                       Scalars<T> p, T* __restrict first, T* __restrict second,
+                                       int64_t begin, int64_t end) {
 #pragma omp simd
   for (int64_t j = begin; j < end; ++j) {
     // A zero factor (x = 0) makes a zero relevance x · c even where c overflowed: inf · 0 is NaN.
@@ -47,11 +51,36 @@ void shares_range(const T* __restrict relevance, const T* __restrict factor, con
   }
 }
 
+// The loop compiled for each instruction set, as in csrc/cpu/elementwise.cpp.
+template <typename T, bool kFactor, bool kMasks>
+void shares_range_baseline(const T* relevance, const T* factor, const T* z, const T* zp,
+                           Scalars<T> p, T* first, T* second, int64_t begin, int64_t end) {
+  shares_loop<T, kFactor, kMasks>(relevance, factor, z, zp, p, first, second, begin, end);
+}
+
+#if RELPROP_CPU_AVX2
+template <typename T, bool kFactor, bool kMasks>
+RELPROP_TARGET_AVX2 void shares_range_avx2(const T* relevance, const T* factor, const T* z,
+                                           const T* zp, Scalars<T> p, T* first, T* second,
+                                           int64_t begin, int64_t end) {
+  shares_loop<T, kFactor, kMasks>(relevance, factor, z, zp, p, first, second, begin, end);
+}
+#endif
+
+template <typename T, bool kFactor, bool kMasks>
+auto shares_range_for_cpu() {
+#if RELPROP_CPU_AVX2
+  if (cpu_isa() == CpuIsa::Avx2) return &shares_range_avx2<T, kFactor, kMasks>;
+#endif
+  return &shares_range_baseline<T, kFactor, kMasks>;
+}
+
 template <typename T, bool kFactor, bool kMasks>
 void shares_all(int64_t samples, int64_t inner, const T* relevance, const T* factor, const T* z,
                 const T* zp, Scalars<T> p, T* out) {
   const int64_t chunks_per_sample = (inner + kChunk - 1) / kChunk;
   const int64_t chunks = samples * chunks_per_sample;
+  const auto shares_range = shares_range_for_cpu<T, kFactor, kMasks>();
 #pragma omp parallel for schedule(static) if (samples * inner >= kParallelThreshold)
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const int64_t sample = chunk / chunks_per_sample;
@@ -59,8 +88,8 @@ void shares_all(int64_t samples, int64_t inner, const T* relevance, const T* fac
     const int64_t end = begin + kChunk < inner ? begin + kChunk : inner;
     const int64_t in = sample * inner;
     T* first = out + 2 * in;
-    shares_range<T, kFactor, kMasks>(relevance + in, kFactor ? factor + in : factor, z + in,
-                                     zp + in, p, first, first + inner, begin, end);
+    shares_range(relevance + in, kFactor ? factor + in : factor, z + in, zp + in, p, first,
+                 first + inner, begin, end);
   }
 }
 

@@ -52,6 +52,13 @@ def cuda_compiled() -> bool:
     return _module is not None and bool(_module.cuda_compiled())
 
 
+def cpu_isa() -> str | None:
+    """The instruction set the CPU twins' element-wise loops run with (``'avx2'`` where the
+    machine has it, else ``'baseline'``), or None without ``relprop._C``. Both give bitwise the
+    same results; csrc/include/relprop/cpu_isa.h says why there are two."""
+    return None if _module is None else str(_module.cpu_isa())
+
+
 def native() -> ModuleType:
     """The compiled module; raises RuntimeError naming the import failure when it is missing."""
     if _module is None:

@@ -28,6 +28,29 @@ KERNELS = [pytest.param("native", marks=needs_native), "cuda-emulated"]
 CUDA_KERNELS = [pytest.param("cuda", marks=needs_cuda), "cuda-emulated"]
 
 
+# The instruction sets the CPU twins' element-wise loops are compiled for and this machine runs
+# (csrc/include/relprop/cpu_isa.h): "baseline" everywhere, "avx2" on x86 machines that have it.
+NATIVE_ISAS = list(_native.native().cpu_isas()) if NATIVE else []
+
+
+class _CpuIsaSwitch:
+    """``isa``: the loops' instruction set, as an attribute, so that ``monkeypatch.setattr``
+    sets it for one test and puts the previous one back after it."""
+
+    @property
+    def isa(self) -> str:
+        return _native.native().cpu_isa()
+
+    @isa.setter
+    def isa(self, name: str) -> None:
+        _native.native().set_cpu_isa(name)
+
+
+def use_cpu_isa(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the CPU twins' element-wise loops with instruction set ``name`` for one test."""
+    monkeypatch.setattr(_CpuIsaSwitch(), "isa", name)
+
+
 def use_backend(name: str, monkeypatch: pytest.MonkeyPatch) -> torch.device:
     """Make the ops take implementation ``name`` for one test; the device its tensors go to."""
     if name == "cuda-emulated":

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from tests.ops._backends import CUDA, needs_native, use_backend
+from tests.ops._backends import CUDA, NATIVE_ISAS, needs_native, use_backend, use_cpu_isa
 
 from relprop import _native
 from relprop.ops import elementwise
@@ -188,6 +188,72 @@ def test_native_equals_the_reference_bitwise(monkeypatch, dtype, masked, with_fa
     monkeypatch.setenv("RELPROP_BACKEND", "reference")
     expected = elementwise.stabilized_divide(n, d, 1e-6, -0.5, reference, 1, factor)
     assert torch.equal(native, expected)
+
+
+def with_special_values(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """``t`` with infinities, the largest finite values and subnormals spread through it (from
+    ``offset`` on, so that operands get them at different places); NaN stays out: its payload is
+    not part of the contract."""
+    info = torch.finfo(t.dtype)
+    flat = t.clone().view(-1)
+    flat[offset::13] = float("inf")
+    flat[offset + 3 :: 17] = -float("inf")
+    flat[offset + 5 :: 19] = info.max
+    flat[offset + 7 :: 23] = info.smallest_normal / 8  # subnormal
+    flat[offset + 9 :: 29] = -info.smallest_normal / 3
+    return flat.view_as(t)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", NATIVE_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("length", [37, 5 * 16384 + 13], ids=["tail", "threads"])
+def test_every_cpu_instruction_set_equals_the_reference_bitwise(monkeypatch, isa, dtype, length):
+    """The CPU loop is compiled for the baseline target and for AVX2 (one picked at run time,
+    csrc/include/relprop/cpu_isa.h): each copy gives the reference's bits, on a vector tail and on
+    the multithreaded chunks, for every mask and with a factor, with infinities, the largest
+    finite values and subnormals among the operands."""
+    use_cpu_isa(isa, monkeypatch)
+    n, d, reference = sample((length,), dtype, seed=31)
+    n, d = with_special_values(n, 0), with_special_values(d, 2)
+    factor = with_special_values(sample((length,), dtype, seed=32)[0].abs(), 4)
+    cases = [
+        (0.0, 1.0, None, 1, None),
+        (1e-6, -0.5, reference, 1, None),
+        (0.25, 2.0, reference, -1, factor),
+        (1e-6, 1.0, None, 1, factor),
+    ]
+    for epsilon, scale, sign_reference, sign, factor_arg in cases:
+        args = (n, d, epsilon, scale, sign_reference, sign, factor_arg)
+        expected = elementwise.stabilized_divide_reference(*args)
+        actual = elementwise._stabilized_divide_native(*args)
+        assert _native.cpu_isa() == isa
+        # Bit patterns, not values: -0.0 must stay -0.0, and inf · 0 must not become NaN.
+        bits = torch.int32 if dtype == torch.float32 else torch.int64
+        assert torch.equal(actual.view(bits), expected.view(bits)), (epsilon, scale, sign)
+
+
+@needs_native
+def test_the_loops_use_avx2_where_the_machine_has_it():
+    """The module picks the AVX2 copy exactly where the CPU reports AVX2 (read here from
+    /proc/cpuinfo, or from torch's own dispatch where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next(line for line in info if line.startswith("flags")).split()
+        has_avx2 = "avx2" in flags
+    except (OSError, StopIteration):
+        has_avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert _native.cpu_isa() == ("avx2" if has_avx2 else "baseline")
+    assert NATIVE_ISAS == (["baseline", "avx2"] if has_avx2 else ["baseline"])
+
+
+@needs_native
+def test_an_unknown_instruction_set_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'.*'baseline' or 'avx2'"):
+        _native.native().set_cpu_isa("sse9")
+    if "avx2" not in NATIVE_ISAS:
+        with pytest.raises(ValueError, match="cannot run 'avx2'.*supported: baseline"):
+            _native.native().set_cpu_isa("avx2")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

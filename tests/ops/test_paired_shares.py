@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.ops._backends import CUDA, needs_native, use_backend
-from tests.ops.test_elementwise import assert_matches_oracle, oracle
+from tests.ops._backends import CUDA, NATIVE_ISAS, needs_native, use_backend, use_cpu_isa
+from tests.ops.test_elementwise import assert_matches_oracle, oracle, with_special_values
 
 from relprop.ops import paired_shares as shares_ops
 from relprop.ops.conv import conv_map
@@ -78,6 +78,26 @@ def test_native_equals_the_reference_bitwise(monkeypatch, dtype, with_factor):
         args = (relevance, z, zp, *case, factor)
         native = shares_ops.paired_shares(*args)
         assert torch.equal(native, shares_ops.paired_shares_reference(*args)), case
+
+
+@needs_native
+@pytest.mark.parametrize("isa", NATIVE_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 37), (3, 2 * 16384 + 13)], ids=["tail", "threads"])
+def test_every_cpu_instruction_set_equals_the_reference_bitwise(monkeypatch, isa, dtype, shape):
+    """Both compiled copies of the CPU loop (baseline and AVX2, csrc/include/relprop/cpu_isa.h)
+    give the reference's bits for every rule case, with and without a factor, with infinities,
+    the largest finite values and subnormals among the operands."""
+    use_cpu_isa(isa, monkeypatch)
+    relevance, z, zp, factor = sample(shape, dtype, seed=41)
+    relevance, z, zp = (with_special_values(t, k) for k, t in enumerate((relevance, z, zp)))
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    for case in RULE_CASES:
+        for factor_arg in (None, with_special_values(factor, 3)):
+            args = (relevance, z, zp, *case, factor_arg)
+            expected = shares_ops.paired_shares_reference(*args)
+            actual = shares_ops._paired_shares_native(*args)
+            assert torch.equal(actual.view(bits), expected.view(bits)), case
 
 
 @needs_native
