@@ -247,6 +247,34 @@ def test_unsupported_layer_names_path_and_type(case, build, shape, path, type_na
     assert re.search(r"composite|rule|gradient", message, re.IGNORECASE)
 
 
+class SwappedHalves(nn.Module):
+    """Takes a split's parts by a slice, not each by a constant index."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat(x.chunk(2, dim=1)[::-1], dim=1)
+
+
+def test_split_parts_not_taken_by_index_are_refused_with_the_way_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), SwappedHalves(), nn.Linear(8, 3)).eval()
+    x = seeded_normal((2, 6), seed=33, dtype=torch.float32)
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    message = str(info.value)
+    assert "'2'" in message and "SwappedHalves" in message and "chunk" in message
+    assert "a, b = x.chunk(2, dim=1)" in message
+
+    class ByIndex(nn.Module):  # the way out the message gives
+        def forward(self, x: Tensor) -> Tensor:
+            a, b = x.chunk(2, dim=1)
+            return torch.cat([b, a], dim=1)
+
+    fixed = nn.Sequential(model[0], model[1], ByIndex(), model[3]).eval()
+    assert torch.equal(fixed(x), model(x))
+    relevance = relprop.create_analyzer("lrp.epsilon", fixed).analyze(x)
+    assert relevance.shape == x.shape and bool(torch.isfinite(relevance).all())
+
+
 def _mlp() -> nn.Sequential:
     torch.manual_seed(4)
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.oracles.nets import DenseReLU, SmallCNN, SmallCNN1d, seeded_normal, seeded_uniform
+from tests.oracles.nets import (
+    DenseReLU,
+    SmallCNN,
+    SmallCNN1d,
+    SplitShuffleCNN,
+    seeded_normal,
+    seeded_uniform,
+)
 from torch import Tensor, nn
 
 import relprop
@@ -52,6 +59,8 @@ LRP0_NETS = [
     ("cnn2d_avgpool", lambda: SmallCNN(bias=True, avg_pool=True), (3, 8, 8), 1e-5),
     ("cnn1d", lambda: SmallCNN1d(bias=True), (5, 123), 1e-5),
     ("dense", lambda: DenseReLU(bias=True), (24,), EXACT),
+    # chunk, split, tensor_split, unbind and a channel shuffle: relevance moves with the values.
+    ("splits", lambda: SplitShuffleCNN(bias=True), (3, 6, 6), EXACT),
 ]
 
 

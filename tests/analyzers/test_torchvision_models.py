@@ -14,7 +14,14 @@ from torch import nn
 
 import relprop
 
-ARCHITECTURES = ["vgg16", "resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0"]
+ARCHITECTURES = [
+    "vgg16",
+    "resnet50",
+    "densenet121",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "shufflenet_v2_x0_5",  # x.chunk(2, dim=1) and a channel shuffle in every block
+]
 
 
 def _build(name: str) -> nn.Module:

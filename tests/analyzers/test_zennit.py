@@ -17,6 +17,7 @@ import zennit.rules as zr
 from tests.oracles.nets import (
     SmallCNN,
     SmallCNN1d,
+    SplitShuffleCNN,
     bn_sequential,
     randomize_batchnorm,
     seeded_uniform,
@@ -56,6 +57,8 @@ SMALL_NETS = [
     ("cnn1d", lambda: SmallCNN1d(bias=True), (5, 123), "none"),
     ("sequential_bn", bn_sequential, (3, 8, 8), "sequential_bn"),
     ("resnet_basic_block", small_resnet, (3, 32, 32), "resnet"),
+    # Zennit's hooks see only the layers; the splits and shuffles between them pass its gradient.
+    ("splits", lambda: SplitShuffleCNN(bias=True), (3, 6, 6), "none"),
 ]
 
 # (id, relprop composite builder, Zennit composite builder taking canonizers)

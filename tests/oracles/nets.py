@@ -168,3 +168,34 @@ class DenseReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc3(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+
+
+class SplitShuffleCNN(nn.Module):
+    """Every way to split a tensor into parts, with the parts recombined: ``chunk`` (ShuffleNet's
+    two branches), a channel shuffle (view, transpose, view), ``torch.split`` with sizes,
+    ``torch.tensor_split`` along the height (halves swapped), ``unbind`` (two channels stacked
+    back in reverse). Parts and indices are all taken by constant index. ReLU convs with biases;
+    input ``(N, 3, 6, 6)``, 4 classes."""
+
+    def __init__(self, bias: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+        self.conv3 = nn.Conv2d(5, 5, 1, bias=bias)
+        self.fc1 = nn.Linear(10 * 6 * 6, 12, bias=bias)
+        self.fc2 = nn.Linear(12, 4, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.conv1(x))
+        kept, branch = x.chunk(2, dim=1)
+        x = torch.cat((kept, torch.relu(self.conv2(branch))), dim=1)
+        n, c, h, w = x.size()
+        x = torch.transpose(x.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, c, h, w)
+        first, rest = torch.split(x, [3, 5], dim=1)
+        x = torch.cat([first, torch.relu(self.conv3(rest))], dim=1)
+        top, bottom = torch.tensor_split(x, 2, dim=2)
+        x = torch.cat([bottom, top], dim=2)
+        one, two = x[:, :2].unbind(1)
+        x = torch.cat([x, torch.stack([two, one], dim=1)], dim=1)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))

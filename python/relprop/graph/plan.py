@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,10 @@ MOVEMENT_METHODS = {
     "movedim",
     "repeat",
 }
+# Ops that split a tensor into a tuple of views; each part the model takes (x.chunk(2, 1)[0], or
+# `a, b = x.chunk(2, 1)`) becomes one movement step from the split's input.
+SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
+SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
 MEAN_FUNCTIONS = {torch.mean, torch.sum}
@@ -158,6 +162,31 @@ class Plan:
     def rules(self) -> dict[str, str]:
         """Module path → rule description, for every step with a rule."""
         return {s.path: s.rule.describe() for s in self.steps if s.rule is not None}
+
+
+def _is_split(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in SPLIT_METHODS
+    return node.op == "call_function" and node.target in SPLIT_FUNCTIONS
+
+
+def _split_of(node: fx.Node) -> fx.Node | None:
+    """The split whose part ``node`` takes (``getitem(split, i)`` with a constant int ``i``)."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    source, index = node.args
+    if isinstance(source, fx.Node) and _is_split(source) and isinstance(index, int):
+        return source
+    return None
+
+
+def _part_of(split: Callable[..., Any], index: int) -> Callable[..., Any]:
+    """``split(*args, **kwargs)[index]``: one part of a split as an op of the split's input."""
+
+    def part(*args: Any, **kwargs: Any) -> Any:
+        return split(*args, **kwargs)[index]
+
+    return part
 
 
 def _node_leaves(args: tuple, kwargs: dict) -> list[str | None]:
@@ -297,7 +326,21 @@ class PlanBuilder:
                 _module_path(node),
                 "",
             )
-            if node.op == "placeholder":
+            split = _split_of(node)
+            if _is_split(node):
+                self._check_split_users(node)
+                # Its parts are steps of their own (below); the tuple itself carries no
+                # relevance.
+                step.kind = "split"
+                step.layer = L.PassLayer(self._callable(node))
+            elif split is not None:
+                # Part `index` of a split, taken straight from the split's input: relevance
+                # moves back into that part of it.
+                step.args, step.kwargs = split.args, split.kwargs
+                step.leaves = _node_leaves(split.args, split.kwargs)
+                step.kind = "movement"
+                step.layer = L.MovementLayer(_part_of(self._callable(split), node.args[1]))
+            elif node.op == "placeholder":
                 step.kind = "input"
             elif node.op == "output":
                 step.kind = "output"
@@ -319,6 +362,20 @@ class PlanBuilder:
             steps.append(step)
         self._fuse_relus({s.name: s for s in steps})
         return Plan(steps, placeholders[0].name, out.name, first_layer)
+
+    def _check_split_users(self, node: fx.Node) -> None:
+        """A split's tuple must only be indexed by constants (``a, b = x.chunk(2, 1)``); a tuple
+        passed on whole (``torch.cat(x.chunk(2, 1))``) has no relevance of its own to go back."""
+        for user in node.users:
+            if _split_of(user) is None:
+                raise _unsupported(
+                    node,
+                    self.gm,
+                    f"its parts go on as one tuple (to {_module_path(user)!r}), not each taken "
+                    "by a constant index",
+                    "Take the parts by index (`a, b = x.chunk(2, dim=1)`) and pass them on as "
+                    f"tensors; or {_GRADIENT_WAY_OUT}",
+                )
 
     def _check_name_map(self) -> None:
         """Refuse name_map keys that name no layer the plan will look up: silently ignored, a
