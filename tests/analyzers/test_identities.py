@@ -11,6 +11,7 @@ import pytest
 import torch
 from tests.oracles.nets import (
     DenseReLU,
+    LayerNormNet,
     SmallCNN,
     SmallCNN1d,
     SplitShuffleCNN,
@@ -92,6 +93,49 @@ def test_input_times_gradient_analyzer(net_id, build, shape, tolerance):
     assert _relative(actual, expected) <= EXACT
 
 
+def test_layer_norm_lrp0_is_gradient_times_input_with_sigma_fixed():
+    """LRP-0 through LayerNorms (a functional one over NHWC channels, an ``nn.LayerNorm`` over
+    features) is gradient × input of the same net with each σ detached (the LN-rule, Ali et al.,
+    2022), and measurably not the plain gradient × input, which differentiates σ."""
+    model = _amplified(LayerNormNet(bias=True).double().eval())
+    oracle = LayerNormNet(bias=True, sigma_fixed=True).double().eval()
+    oracle.load_state_dict(model.state_dict())
+    x = seeded_normal((3, 3, 5, 5), seed=11)
+    with torch.no_grad():
+        assert torch.allclose(oracle(x), model(x), rtol=1e-12, atol=1e-12)
+        selection = model(x).argmax(dim=1)
+    expected = _gradient_times_input(oracle, x, selection)
+    lrp0 = relprop.create_analyzer("lrp.z", model).analyze(x)
+    # The LayerNorms' z-rule carries the composite's stabiliser (1e-6), as sums and pools do.
+    assert _relative(lrp0, expected) <= 1e-5
+    assert _relative(lrp0, _gradient_times_input(model, x, selection)) > 1e-2
+
+
+def test_layer_norm_mapped_to_pass_hands_relevance_through(monkeypatch):
+    """``Pass`` for ``nn.LayerNorm`` (AttnLRP's identity rule) replaces the LN-rule there: the
+    relevance leaving the LayerNorm is the relevance that reached it."""
+    model = _amplified(LayerNormNet(bias=True).double().eval())
+    x = seeded_normal((2, 3, 5, 5), seed=13)
+    composite = relprop.composites.Composite(
+        default=relprop.rules.Epsilon(epsilon=0.0),
+        layer_map=[(nn.LayerNorm, relprop.rules.Pass())],
+    )
+    analyzer = relprop.create_analyzer("lrp", model, composite=composite)
+    step = next(s for s in analyzer.plan.steps if s.name == "norm")
+    assert isinstance(step.rule, relprop.rules.Pass)
+    seen = []
+    original = step.layer.relevance
+
+    def spy(saved, relevance):
+        out = original(saved, relevance)
+        seen.append((relevance, out[0]))
+        return out
+
+    monkeypatch.setattr(step.layer, "relevance", spy)
+    analyzer.analyze(x)
+    assert len(seen) == 1 and seen[0][1] is seen[0][0]
+
+
 # Conservation Σ_i R_i = f_c(x) on bias-free ReLU nets with max pooling (winner takes all conserves).
 # Why each rule conserves layer by layer, given every denominator is far from zero:
 # - z, ε→0, γ: Σ_i q_ij = z_j (γ: z_j + γΣz_ij^±, the denominator itself) when there is no bias;
@@ -116,6 +160,8 @@ CONSERVING_RULES = [
 CONSERVING_NETS = [
     ("cnn2d", lambda: SmallCNN(bias=False, avg_pool=False), (3, 8, 8)),
     ("dense", lambda: DenseReLU(bias=False), (24,)),
+    # LayerNorms with σ held fixed: Σ R_x = Σ R_y without a bias (graph/layers.LayerNormLayer).
+    ("layernorm", lambda: LayerNormNet(bias=False), (3, 5, 5)),
 ]
 
 

@@ -21,6 +21,7 @@ ARCHITECTURES = [
     "mobilenet_v2",
     "efficientnet_b0",
     "shufflenet_v2_x0_5",  # x.chunk(2, dim=1) and a channel shuffle in every block
+    "convnext_tiny",  # LayerNorms (nn.LayerNorm, and F.layer_norm on NHWC), layer scale, GELU
 ]
 
 

@@ -8,6 +8,7 @@ checked by name, and each module is used once (Captum's LRP requires it).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
@@ -199,3 +200,54 @@ class SplitShuffleCNN(nn.Module):
         one, two = x[:, :2].unbind(1)
         x = torch.cat([x, torch.stack([two, one], dim=1)], dim=1)
         return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def layer_norm_sigma_fixed(
+    x: Tensor, dims: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """LayerNorm over the last ``dims`` dims with ``σ`` detached from autograd: its gradient is
+    the LN-rule's Jacobian (the oracle side of ``LayerNormNet(sigma_fixed=True)``)."""
+    axes = tuple(range(-dims, 0))
+    centred = x - x.mean(dim=axes, keepdim=True)
+    sigma = torch.sqrt(x.var(dim=axes, unbiased=False, keepdim=True) + eps).detach()
+    out = centred / sigma
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+class LayerNormNet(nn.Module):
+    """ConvNeXt's two LayerNorms in a ReLU net: a functional one over the channels of an NHWC
+    view (torchvision's ``LayerNorm2d``: permute, ``F.layer_norm``, permute) and an
+    ``nn.LayerNorm`` over a dense layer's features. With ``sigma_fixed`` both are computed by
+    :func:`layer_norm_sigma_fixed` instead (same values, σ detached). Input ``(N, 3, 5, 5)``,
+    4 classes."""
+
+    def __init__(self, bias: bool = True, sigma_fixed: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.sigma_fixed = sigma_fixed
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=bias)
+        self.norm2d_weight = nn.Parameter(1.0 + 0.5 * torch.randn(6))
+        self.norm2d_bias = nn.Parameter(0.3 * torch.randn(6)) if bias else None
+        self.fc1 = nn.Linear(6 * 5 * 5, 10, bias=bias)
+        self.norm = nn.LayerNorm(10, bias=bias)
+        with torch.no_grad():
+            self.norm.weight.normal_(1.0, 0.5)
+            if bias:
+                self.norm.bias.normal_(0.0, 0.3)
+        self.fc2 = nn.Linear(10, 4, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x).permute(0, 2, 3, 1)
+        if self.sigma_fixed:
+            x = layer_norm_sigma_fixed(x, 1, self.norm2d_weight, self.norm2d_bias, 1e-6)
+        else:
+            x = F.layer_norm(x, (6,), self.norm2d_weight, self.norm2d_bias, 1e-6)
+        x = torch.relu(x.permute(0, 3, 1, 2))
+        x = self.fc1(torch.flatten(x, 1))
+        if self.sigma_fixed:
+            x = layer_norm_sigma_fixed(x, 1, self.norm.weight, self.norm.bias, self.norm.eps)
+        else:
+            x = self.norm(x)
+        return self.fc2(torch.relu(x))

@@ -32,6 +32,7 @@ from relprop.ops._backend import (
     running_on,
 )
 from relprop.ops._layer_rules import (
+    COMPUTE_DTYPES,
     INPUT_PRODUCT_RULES,
     TRITON_DTYPES,
     _is_nonnegative,
@@ -422,6 +423,60 @@ class NormLayer(Layer):
         grads = _vjp(self.fn, args, kwargs, share)
         tensors = _flat_tensors(args, kwargs)
         return [None if g is None else g * t for g, t in zip(grads, tensors)]
+
+
+class LayerNormArguments(NamedTuple):
+    """What ``F.layer_norm`` takes: the input, the normalised trailing shape, the affine weight
+    and bias (or None) and the variance's ε."""
+
+    x: Tensor
+    normalized_shape: tuple[int, ...]
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+
+class LayerNormLayer(Layer):
+    """LayerNorm under the z-rule with its scale ``1/σ`` held fixed: the LN-rule.
+
+    ``y = γ ⊙ (x − μ(x)) / σ + β``, normalised over the trailing ``normalized_shape``. With σ
+    taken as a constant of the input (not differentiated), ``y`` is linear in ``x`` plus ``β``,
+    and the z-rule on it, ``R_x = x ⊙ Jᵀ(R / stab(y))``, is in closed form
+    ``x ⊙ (g − mean(g))`` with ``g = γ ⊙ s / σ`` and ``s = R / stab(y)``: relevance is conserved
+    up to the bias's share, ``Σ R_x = Σ s ⊙ (y − β)``. Differentiating through σ instead (plain
+    gradient × input) breaks conservation (Ali et al., 2022, *XAI for Transformers: Better
+    Explanations through Conservative Propagation*, ICML, which proposes holding σ fixed;
+    AttnLRP, Achtibat et al., 2024, ICML, does the same). Map the LayerNorm to ``Pass()`` in a
+    composite to hand relevance through unchanged instead (the identity rule).
+    """
+
+    def __init__(
+        self, arguments: Callable[[tuple, dict], LayerNormArguments], stabilizer: float
+    ) -> None:
+        self.arguments = arguments
+        self.stabilizer = stabilizer
+        self._weights: list[Tensor] = []
+
+    def forward(self, args, kwargs):
+        a = self.arguments(args, kwargs)
+        self._weights = [t for t in (a.weight, a.bias) if t is not None]
+        out = F.layer_norm(a.x, a.normalized_shape, a.weight, a.bias, a.eps)
+        return out, (a.x, a.weight, a.eps, len(a.normalized_shape), out)
+
+    def constants(self) -> list[Tensor]:
+        return list(self._weights)
+
+    def relevance(self, saved, relevance):
+        x, weight, eps, dims, out = saved
+        share = divide(formed(relevance), out, self.stabilizer)
+        # Statistics and shares of 16-bit tensors in float32, as the ops compute them.
+        compute = COMPUTE_DTYPES.get(x.dtype, x.dtype)
+        xc, share = x.to(compute), share.to(compute)
+        axes = tuple(range(-dims, 0))
+        sigma = torch.sqrt(xc.var(dim=axes, unbiased=False, keepdim=True) + eps)
+        g = share / sigma if weight is None else share * weight.to(compute) / sigma
+        g = g - g.mean(dim=axes, keepdim=True)
+        return [(xc * g).to(x.dtype)]
 
 
 class GateLayer(Layer):

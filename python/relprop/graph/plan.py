@@ -626,6 +626,9 @@ class PlanBuilder:
             elif isinstance(module, (nn.Flatten, nn.Unflatten)):
                 step.kind = "reshape"
                 step.layer = L.MovementLayer(module, reshape_only=True)
+            elif isinstance(module, nn.LayerNorm) and not isinstance(mapped, Pass):
+                step.kind, step.rule = "layer_norm (σ fixed)", Norm(stabilizer)
+                step.layer = L.LayerNormLayer(_layer_norm_module_arguments(module), stabilizer)
             elif isinstance(mapped, Pass):
                 step.kind, step.rule = "mapped", mapped
                 step.layer = L.MappedPassLayer(module, str(node.target))
@@ -687,6 +690,9 @@ class PlanBuilder:
             is_method and target in ("mul", "mul_", "div", "div_")
         ):
             self._mul_step(node, step)
+        elif not is_method and target in (F.layer_norm, torch.layer_norm):
+            step.kind, step.rule = "layer_norm (σ fixed)", Norm(stabilizer)
+            step.layer = L.LayerNormLayer(_layer_norm_function_arguments, stabilizer)
         elif (not is_method and target in MEAN_FUNCTIONS) or (is_method and target in MEAN_METHODS):
             step.kind, step.rule = "mean", Norm(stabilizer)
             step.layer = L.NormLayer(self._callable(node), stabilizer)
@@ -931,6 +937,34 @@ PASS_THROUGH_KINDS = {
     "gate",
     "scale",
 }
+
+
+def _layer_norm_module_arguments(module: nn.LayerNorm):
+    """An ``nn.LayerNorm`` step's ``F.layer_norm`` arguments (its parameters read at each run)."""
+
+    def arguments(args: tuple, kwargs: dict) -> L.LayerNormArguments:
+        weight = None if module.weight is None else module.weight.detach()
+        bias = None if module.bias is None else module.bias.detach()
+        return L.LayerNormArguments(
+            args[0], tuple(module.normalized_shape), weight, bias, module.eps
+        )
+
+    return arguments
+
+
+def _layer_norm_function_arguments(args: tuple, kwargs: dict) -> L.LayerNormArguments:
+    """``F.layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5)``'s arguments
+    as the traced call gave them."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = {**dict(zip(names, args)), **kwargs}
+    shape = bound["normalized_shape"]
+    return L.LayerNormArguments(
+        bound["input"],
+        (shape,) if isinstance(shape, int) else tuple(shape),
+        bound.get("weight"),
+        bound.get("bias"),
+        bound.get("eps", 1e-5),
+    )
 
 
 def _identity(x, *args, **kwargs):
