@@ -275,6 +275,57 @@ def test_split_parts_not_taken_by_index_are_refused_with_the_way_out():
     assert relevance.shape == x.shape and bool(torch.isfinite(relevance).all())
 
 
+class TokenMixer(nn.Module):
+    """Self-attention written out (q, k, v projections, softmax of q kᵀ, times v)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(6, 18)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return torch.softmax(q @ k.transpose(1, 2) / 6**0.5, dim=-1) @ v
+
+
+class SelfAttentionBlock(nn.Module):
+    def __init__(self, mixer: nn.Module) -> None:
+        super().__init__()
+        self.attention = mixer
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.attention(x)
+        out = out[0] if isinstance(out, tuple) else out
+        return self.head(out.mean(dim=1))
+
+
+class MultiheadSelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize(
+    ("mixer", "path"), [(TokenMixer, "attention"), (MultiheadSelfAttention, "attention.mha")]
+)
+def test_attention_is_refused_with_the_gradient_way_out_not_pass(mixer, path):
+    """Pass (or a softmax mapped to Pass) would keep each token's relevance in place: the advice
+    for attention is a gradient analyzer, whichever op inside it is refused first."""
+    torch.manual_seed(0)
+    model = SelfAttentionBlock(mixer()).eval()
+    x = seeded_normal((2, 4, 6), seed=33, dtype=torch.float32)
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    message = str(info.value)
+    assert repr(path) in message and "Attention mixes tokens" in message
+    assert "gradient analyzer" in message and "Pass())" not in message
+    gradient = relprop.create_analyzer("gradient", model).analyze(x)  # the way out works
+    assert gradient.shape == x.shape and gradient.abs().max() > 0
+
+
 def _mlp() -> nn.Sequential:
     torch.manual_seed(4)
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()

@@ -209,8 +209,13 @@ def _unsupported(
 
     ``way_out`` replaces the general advice (map an element-wise module to ``Pass``, or use a
     gradient analyzer) where that advice would lead to another refusal: a layer with weights, or
-    a configuration relprop refuses whatever the composite says.
+    a configuration relprop refuses whatever the composite says. In and around attention (by
+    module type, or a product of two activations) the advice is always the attention one.
     """
+    if _in_attention(node, gm) or _multiplies_two_activations(node):
+        # Whatever failed there (a softmax, a product of two activations), the general advice
+        # (Pass, a softmax mapped to Pass) would give a heatmap that ignores the token mixing.
+        way_out = _ATTENTION_WAY_OUT
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         type_name = type(module).__name__
@@ -245,9 +250,44 @@ def _unsupported(
     )
 
 
+def _in_attention(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` is an attention module or runs inside one (by type: ``nn.
+    MultiheadAttention``, or a class named ``*Attention*`` as torchvision's and timm's are)."""
+    types = [type(gm.get_submodule(node.target))] if node.op == "call_module" else []
+    types += [t for _, t in (node.meta.get("nn_module_stack") or {}).values()]
+    return any(
+        isinstance(t, type)
+        and (issubclass(t, nn.MultiheadAttention) or "attention" in t.__name__.lower())
+        for t in types
+    )
+
+
+_PRODUCT_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.baddbmm}
+_PRODUCT_METHODS = {"matmul", "bmm", "__matmul__"}
+
+
+def _multiplies_two_activations(node: fx.Node) -> bool:
+    """A matrix product of two tensors computed from the input (attention's ``q kᵀ`` and
+    ``softmax(·) v``), not of an activation and a constant."""
+    if node.op == "call_method":
+        is_product = node.target in _PRODUCT_METHODS
+    else:
+        is_product = node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS
+    computed = [a for a in node.all_input_nodes if a.op != "get_attr"]
+    return is_product and len(computed) >= 2
+
+
 _GRADIENT_WAY_OUT = (
     "explain with a gradient analyzer ('gradient', 'input_t_gradient', 'integrated_gradients', "
     "'smoothgrad'), which runs any differentiable layer"
+)
+
+_ATTENTION_WAY_OUT = (
+    "Attention mixes tokens with weights computed from the input (softmax(QKᵀ)V): relprop has no "
+    "LRP rule for it (transformers need rules for the softmax and the products of two "
+    "activations, as in AttnLRP, which relprop does not implement), and mapping it to "
+    "relprop.rules.Pass() would keep each token's relevance in place, which is not what the layer "
+    f"does. Instead, {_GRADIENT_WAY_OUT}"
 )
 
 
