@@ -11,6 +11,7 @@ import pytest
 import torch
 from tests.oracles.nets import (
     DenseReLU,
+    GroupNormNet,
     LayerNormNet,
     SmallCNN,
     SmallCNN1d,
@@ -93,22 +94,30 @@ def test_input_times_gradient_analyzer(net_id, build, shape, tolerance):
     assert _relative(actual, expected) <= EXACT
 
 
-def test_layer_norm_lrp0_is_gradient_times_input_with_sigma_fixed():
+@pytest.mark.parametrize("net", [LayerNormNet, GroupNormNet], ids=["layer_norm", "group_norm"])
+def test_normalisation_lrp0_is_gradient_times_input_with_sigma_fixed(net):
     """LRP-0 through LayerNorms (a functional one over NHWC channels, an ``nn.LayerNorm`` over
-    features) is gradient × input of the same net with each σ detached (the LN-rule, Ali et al.,
-    2022), and measurably not the plain gradient × input, which differentiates σ."""
-    model = _amplified(LayerNormNet(bias=True).double().eval())
-    oracle = LayerNormNet(bias=True, sigma_fixed=True).double().eval()
+    features) and GroupNorms (``nn.GroupNorm``, a functional one with a channel per group) is
+    gradient × input of the same net with each σ detached (the LN-rule, Ali et al., 2022), and
+    measurably not the plain gradient × input, which differentiates σ."""
+    model = _amplified(net(bias=True).double().eval())
+    oracle = net(bias=True, sigma_fixed=True).double().eval()
     oracle.load_state_dict(model.state_dict())
     x = seeded_normal((3, 3, 5, 5), seed=11)
     with torch.no_grad():
         assert torch.allclose(oracle(x), model(x), rtol=1e-12, atol=1e-12)
         selection = model(x).argmax(dim=1)
     expected = _gradient_times_input(oracle, x, selection)
-    lrp0 = relprop.create_analyzer("lrp.z", model).analyze(x)
-    # The LayerNorms' z-rule carries the composite's stabiliser (1e-6), as sums and pools do.
-    assert _relative(lrp0, expected) <= 1e-5
+    # The normalisations' z-rule carries the composite's stabiliser, as sums and pools do: 0 here
+    # for the exact identity (the default 1e-6 moves it by ~1e-5 where an output is near 0).
+    composite = relprop.composites.Composite(
+        default=relprop.rules.Epsilon(epsilon=0.0), stabilizer=0.0
+    )
+    lrp0 = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    assert _relative(lrp0, expected) <= EXACT
     assert _relative(lrp0, _gradient_times_input(model, x, selection)) > 1e-2
+    default = relprop.create_analyzer("lrp.z", model).analyze(x)
+    assert _relative(default, expected) <= 1e-4
 
 
 def test_layer_norm_mapped_to_pass_hands_relevance_through(monkeypatch):
@@ -160,8 +169,9 @@ CONSERVING_RULES = [
 CONSERVING_NETS = [
     ("cnn2d", lambda: SmallCNN(bias=False, avg_pool=False), (3, 8, 8)),
     ("dense", lambda: DenseReLU(bias=False), (24,)),
-    # LayerNorms with σ held fixed: Σ R_x = Σ R_y without a bias (graph/layers.LayerNormLayer).
+    # Layer/GroupNorms with σ held fixed: Σ R_x = Σ R_y without a bias (graph/layers.py).
     ("layernorm", lambda: LayerNormNet(bias=False), (3, 5, 5)),
+    ("groupnorm", lambda: GroupNormNet(bias=False), (3, 5, 5)),
 ]
 
 

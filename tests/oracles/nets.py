@@ -251,3 +251,51 @@ class LayerNormNet(nn.Module):
         else:
             x = self.norm(x)
         return self.fc2(torch.relu(x))
+
+
+def group_norm_sigma_fixed(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """GroupNorm with each group's ``σ`` detached from autograd (the oracle side of
+    ``GroupNormNet(sigma_fixed=True)``)."""
+    rows = x.reshape(x.shape[0], groups, -1)
+    centred = rows - rows.mean(dim=-1, keepdim=True)
+    sigma = torch.sqrt(rows.var(dim=-1, unbiased=False, keepdim=True) + eps).detach()
+    out = (centred / sigma).reshape(x.shape)
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+class GroupNormNet(nn.Module):
+    """An ``nn.GroupNorm`` (3 groups of 2 channels) after a conv and a functional
+    ``F.group_norm`` with one channel per group (InstanceNorm's statistics) after another, in a
+    ReLU net. With ``sigma_fixed`` both are :func:`group_norm_sigma_fixed` (same values, σ
+    detached). Input ``(N, 3, 5, 5)``, 4 classes."""
+
+    def __init__(self, bias: bool = True, sigma_fixed: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.sigma_fixed = sigma_fixed
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=bias)
+        self.norm1 = nn.GroupNorm(3, 6, affine=True)
+        with torch.no_grad():
+            self.norm1.weight.normal_(1.0, 0.5)
+            self.norm1.bias.normal_(0.0, 0.3) if bias else self.norm1.bias.zero_()
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1, bias=bias)
+        self.norm2_weight = nn.Parameter(1.0 + 0.5 * torch.randn(4))
+        self.fc = nn.Linear(4 * 5 * 5, 4, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        if self.sigma_fixed:
+            x = group_norm_sigma_fixed(x, 3, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        else:
+            x = self.norm1(x)
+        x = self.conv2(torch.relu(x))
+        if self.sigma_fixed:
+            x = group_norm_sigma_fixed(x, 4, self.norm2_weight, None, 1e-5)
+        else:
+            x = F.group_norm(x, 4, self.norm2_weight, None, 1e-5)
+        return self.fc(torch.flatten(torch.relu(x), 1))

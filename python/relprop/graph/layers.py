@@ -469,14 +469,67 @@ class LayerNormLayer(Layer):
     def relevance(self, saved, relevance):
         x, weight, eps, dims, out = saved
         share = divide(formed(relevance), out, self.stabilizer)
-        # Statistics and shares of 16-bit tensors in float32, as the ops compute them.
-        compute = COMPUTE_DTYPES.get(x.dtype, x.dtype)
-        xc, share = x.to(compute), share.to(compute)
-        axes = tuple(range(-dims, 0))
-        sigma = torch.sqrt(xc.var(dim=axes, unbiased=False, keepdim=True) + eps)
-        g = share / sigma if weight is None else share * weight.to(compute) / sigma
-        g = g - g.mean(dim=axes, keepdim=True)
-        return [(xc * g).to(x.dtype)]
+        return [_sigma_fixed_relevance(x, share, weight, eps, (*x.shape[:-dims], -1))]
+
+
+class GroupNormArguments(NamedTuple):
+    """What ``F.group_norm`` takes: the input ``(N, C, ...)``, the number of groups, the
+    per-channel affine weight and bias (or None) and the variance's ε."""
+
+    x: Tensor
+    num_groups: int
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+
+class GroupNormLayer(Layer):
+    """GroupNorm under the z-rule with each group's ``1/σ`` held fixed: the LN-rule of
+    :class:`LayerNormLayer` with the statistics of each sample's group of ``C/G`` channels
+    (InstanceNorm is ``G = C``, LayerNorm over ``(C, H, W)`` is ``G = 1``) and the affine weight
+    per channel."""
+
+    def __init__(
+        self, arguments: Callable[[tuple, dict], GroupNormArguments], stabilizer: float
+    ) -> None:
+        self.arguments = arguments
+        self.stabilizer = stabilizer
+        self._weights: list[Tensor] = []
+
+    def forward(self, args, kwargs):
+        x, groups, weight, bias, eps = self.arguments(args, kwargs)
+        self._weights = [t for t in (weight, bias) if t is not None]
+        out = F.group_norm(x, groups, weight, bias, eps)
+        return out, (x, groups, weight, eps, out)
+
+    def constants(self) -> list[Tensor]:
+        return list(self._weights)
+
+    def relevance(self, saved, relevance):
+        x, groups, weight, eps, out = saved
+        share = divide(formed(relevance), out, self.stabilizer)
+        if weight is not None:
+            # Per channel (dim 1), so the group view below can take the product.
+            weight = weight.reshape(1, -1, *([1] * (x.dim() - 2))).expand_as(x)
+        return [_sigma_fixed_relevance(x, share, weight, eps, (x.shape[0], groups, -1))]
+
+
+def _sigma_fixed_relevance(
+    x: Tensor, share: Tensor, weight: Tensor | None, eps: float, groups: tuple[int, ...]
+) -> Tensor:
+    """``x ⊙ (g − mean(g))`` with ``g = γ ⊙ share / σ``, mean and σ over the last dim of the
+    view ``groups`` (each normalised group in a row): the z-rule of a normalisation whose σ is
+    held fixed (:class:`LayerNormLayer`). ``weight`` is None or broadcasts to ``x``."""
+    # Statistics and shares of 16-bit tensors in float32, as the ops compute them.
+    compute = COMPUTE_DTYPES.get(x.dtype, x.dtype)
+    xc, g = x.to(compute), share.to(compute)
+    if weight is not None:
+        g = g * weight.to(compute)
+    rows, g_rows = xc.reshape(groups), g.reshape(groups)
+    sigma = torch.sqrt(rows.var(dim=-1, unbiased=False, keepdim=True) + eps)
+    g_rows = g_rows / sigma
+    g_rows = g_rows - g_rows.mean(dim=-1, keepdim=True)
+    return (rows * g_rows).reshape(x.shape).to(x.dtype)
 
 
 class GateLayer(Layer):

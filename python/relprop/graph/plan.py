@@ -669,6 +669,9 @@ class PlanBuilder:
             elif isinstance(module, nn.LayerNorm) and not isinstance(mapped, Pass):
                 step.kind, step.rule = "layer_norm (σ fixed)", Norm(stabilizer)
                 step.layer = L.LayerNormLayer(_layer_norm_module_arguments(module), stabilizer)
+            elif isinstance(module, nn.GroupNorm) and not isinstance(mapped, Pass):
+                step.kind, step.rule = "group_norm (σ fixed)", Norm(stabilizer)
+                step.layer = L.GroupNormLayer(_group_norm_module_arguments(module), stabilizer)
             elif isinstance(mapped, Pass):
                 step.kind, step.rule = "mapped", mapped
                 step.layer = L.MappedPassLayer(module, str(node.target))
@@ -733,6 +736,9 @@ class PlanBuilder:
         elif not is_method and target in (F.layer_norm, torch.layer_norm):
             step.kind, step.rule = "layer_norm (σ fixed)", Norm(stabilizer)
             step.layer = L.LayerNormLayer(_layer_norm_function_arguments, stabilizer)
+        elif not is_method and target in (F.group_norm, torch.group_norm):
+            step.kind, step.rule = "group_norm (σ fixed)", Norm(stabilizer)
+            step.layer = L.GroupNormLayer(_group_norm_function_arguments, stabilizer)
         elif (not is_method and target in MEAN_FUNCTIONS) or (is_method and target in MEAN_METHODS):
             step.kind, step.rule = "mean", Norm(stabilizer)
             step.layer = L.NormLayer(self._callable(node), stabilizer)
@@ -1001,6 +1007,31 @@ def _layer_norm_function_arguments(args: tuple, kwargs: dict) -> L.LayerNormArgu
     return L.LayerNormArguments(
         bound["input"],
         (shape,) if isinstance(shape, int) else tuple(shape),
+        bound.get("weight"),
+        bound.get("bias"),
+        bound.get("eps", 1e-5),
+    )
+
+
+def _group_norm_module_arguments(module: nn.GroupNorm):
+    """An ``nn.GroupNorm`` step's ``F.group_norm`` arguments (its parameters read at each run)."""
+
+    def arguments(args: tuple, kwargs: dict) -> L.GroupNormArguments:
+        weight = None if module.weight is None else module.weight.detach()
+        bias = None if module.bias is None else module.bias.detach()
+        return L.GroupNormArguments(args[0], module.num_groups, weight, bias, module.eps)
+
+    return arguments
+
+
+def _group_norm_function_arguments(args: tuple, kwargs: dict) -> L.GroupNormArguments:
+    """``F.group_norm(input, num_groups, weight=None, bias=None, eps=1e-5)``'s arguments as the
+    traced call gave them."""
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    bound = {**dict(zip(names, args)), **kwargs}
+    return L.GroupNormArguments(
+        bound["input"],
+        bound["num_groups"],
         bound.get("weight"),
         bound.get("bias"),
         bound.get("eps", 1e-5),
