@@ -299,31 +299,40 @@ class SelfAttentionBlock(nn.Module):
         return self.head(out.mean(dim=1))
 
 
-class MultiheadSelfAttention(nn.Module):
+@pytest.mark.parametrize("name", ["lrp.epsilon", "lrp.epsilon_plus_flat"])
+def test_attention_written_out_is_refused_with_the_way_out_not_pass(name):
+    """Pass (or a softmax mapped to Pass) would keep each token's relevance in place: the advice
+    for attention written out of matrix products is scaled_dot_product_attention or a gradient
+    analyzer."""
+    torch.manual_seed(0)
+    model = SelfAttentionBlock(TokenMixer()).eval()
+    x = seeded_normal((2, 4, 6), seed=33, dtype=torch.float32)
+    with pytest.raises(relprop.UnsupportedLayerError) as info:
+        relprop.create_analyzer(name, model).analyze(x)
+    message = str(info.value)
+    assert "'attention'" in message and "Attention mixes tokens" in message
+    assert "scaled_dot_product_attention" in message and "gradient analyzer" in message
+    assert "Pass())" not in message
+    gradient = relprop.create_analyzer("gradient", model).analyze(x)  # the way out works
+    assert gradient.shape == x.shape and gradient.abs().max() > 0
+
+
+class AttentionWeightsUsed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mha(x, x, x, need_weights=False)[0]
+        _, weights = self.mha(x, x, x)
+        return self.head(weights.mean(dim=1))
 
 
-@pytest.mark.parametrize(
-    ("mixer", "path"), [(TokenMixer, "attention"), (MultiheadSelfAttention, "attention.mha")]
-)
-def test_attention_is_refused_with_the_gradient_way_out_not_pass(mixer, path):
-    """Pass (or a softmax mapped to Pass) would keep each token's relevance in place: the advice
-    for attention is a gradient analyzer, whichever op inside it is refused first."""
+def test_attention_weights_used_downstream_are_refused():
     torch.manual_seed(0)
-    model = SelfAttentionBlock(mixer()).eval()
     x = seeded_normal((2, 4, 6), seed=33, dtype=torch.float32)
-    with pytest.raises(relprop.UnsupportedLayerError) as info:
-        relprop.create_analyzer("lrp.epsilon", model).analyze(x)
-    message = str(info.value)
-    assert repr(path) in message and "Attention mixes tokens" in message
-    assert "gradient analyzer" in message and "Pass())" not in message
-    gradient = relprop.create_analyzer("gradient", model).analyze(x)  # the way out works
-    assert gradient.shape == x.shape and gradient.abs().max() > 0
+    with pytest.raises(relprop.UnsupportedLayerError, match="'mha'.*out, _ = attention"):
+        relprop.create_analyzer("lrp.epsilon", AttentionWeightsUsed().eval()).analyze(x)
 
 
 def _mlp() -> nn.Sequential:

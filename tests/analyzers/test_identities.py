@@ -16,6 +16,7 @@ from tests.oracles.nets import (
     SmallCNN,
     SmallCNN1d,
     SplitShuffleCNN,
+    TinyViT,
     seeded_normal,
     seeded_uniform,
 )
@@ -118,6 +119,29 @@ def test_normalisation_lrp0_is_gradient_times_input_with_sigma_fixed(net):
     assert _relative(lrp0, _gradient_times_input(model, x, selection)) > 1e-2
     default = relprop.create_analyzer("lrp.z", model).analyze(x)
     assert _relative(default, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["MultiheadAttention", "sdpa"])
+def test_transformer_lrp0_is_gradient_times_input_with_attention_weights_fixed(sdpa):
+    """A transformer block (``nn.MultiheadAttention``, or ``F.scaled_dot_product_attention``
+    of q/k/v projections): LRP-0 equals gradient × input of the same net with the attention
+    weights held fixed (query and key detached; CP-LRP, Ali et al., 2022), each LayerNorm's σ
+    detached, and the GELU's gradient the identity rule's (``fn(x)/x``: relevance passes
+    through it). The plain gradient × input is far from it."""
+    model = TinyViT(sdpa=sdpa).double().eval()
+    oracle = TinyViT(sdpa=sdpa, oracle=True).double().eval()
+    oracle.load_state_dict(model.state_dict())
+    x = seeded_normal((3, 3, 6, 6), seed=11)
+    with torch.no_grad():
+        assert torch.allclose(oracle(x), model(x), rtol=1e-12, atol=1e-12)
+        selection = model(x).argmax(dim=1)
+    expected = _gradient_times_input(oracle, x, selection)
+    composite = relprop.composites.Composite(
+        default=relprop.rules.Epsilon(epsilon=0.0), stabilizer=0.0
+    )
+    lrp0 = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    assert _relative(lrp0, expected) <= EXACT
+    assert _relative(lrp0, _gradient_times_input(model, x, selection)) > 1e-1
 
 
 def test_layer_norm_mapped_to_pass_hands_relevance_through(monkeypatch):

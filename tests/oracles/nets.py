@@ -299,3 +299,76 @@ class GroupNormNet(nn.Module):
         else:
             x = F.group_norm(x, 4, self.norm2_weight, None, 1e-5)
         return self.fc(torch.flatten(torch.relu(x), 1))
+
+
+class _IdentityRuleGradient(torch.autograd.Function):
+    """``fn(x)`` whose gradient is ``fn(x) / x``: gradient × input then hands an element-wise
+    activation's output relevance to its input unchanged (the identity rule, as ``Pass``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn) -> Tensor:
+        out = fn(x)
+        ctx.save_for_backward(out / x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (ratio,) = ctx.saved_tensors
+        return grad * ratio, None
+
+
+class TinyViT(nn.Module):
+    """A one-block vision transformer: 2×2 patches of a ``(N, 3, 6, 6)`` image as 9 tokens of
+    width 8 after a class token, pre-norm attention (``nn.MultiheadAttention``, or q/k/v
+    projections into ``F.scaled_dot_product_attention`` with ``sdpa``) and a GELU MLP with
+    residuals, a final LayerNorm and a head on the class token; 4 classes.
+
+    ``oracle`` builds the same net for gradient × input under the rules relprop applies: each
+    LayerNorm's σ detached, the attention weights held fixed (query and key detached), and the
+    GELU's gradient the identity rule's.
+    """
+
+    def __init__(self, sdpa: bool = False, oracle: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.sdpa, self.oracle = sdpa, oracle
+        self.patches = nn.Conv2d(3, 8, 2, stride=2)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.ln_1, self.ln_2, self.ln = nn.LayerNorm(8), nn.LayerNorm(8), nn.LayerNorm(8)
+        if sdpa:
+            self.query, self.key, self.value = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        else:
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp_1, self.gelu, self.mlp_2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 4)
+        with torch.no_grad():
+            for norm in (self.ln_1, self.ln_2, self.ln):
+                norm.weight.normal_(1.0, 0.3)
+                norm.bias.normal_(0.0, 0.2)
+
+    def _norm(self, norm: nn.LayerNorm, x: Tensor) -> Tensor:
+        if self.oracle:
+            return layer_norm_sigma_fixed(x, 1, norm.weight, norm.bias, norm.eps)
+        return norm(x)
+
+    def _attend(self, h: Tensor) -> Tensor:
+        if self.sdpa:
+            n, t, _ = h.shape
+            q, k, v = (p(h).view(n, t, 2, 4).transpose(1, 2) for p in (self.query, self.key,
+                                                                       self.value))  # fmt: skip
+            if self.oracle:
+                q, k = q.detach(), k.detach()
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, 8)
+        if self.oracle:
+            return self.attention(h.detach(), h.detach(), h, need_weights=False)[0]
+        out, _ = self.attention(h, h, h, need_weights=False)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patches(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self._attend(self._norm(self.ln_1, x))
+        h = self.mlp_1(self._norm(self.ln_2, x))
+        h = _IdentityRuleGradient.apply(h, F.gelu) if self.oracle else self.gelu(h)
+        x = x + self.mlp_2(h)
+        return self.head(self._norm(self.ln, x)[:, 0])

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from relprop._native import native_available
 from relprop.errors import RuleMappingError, UnknownLayerNameError, UnsupportedLayerError
@@ -180,6 +180,27 @@ def _split_of(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _attention_with_fixed_weights(module: nn.MultiheadAttention) -> Callable[..., Any]:
+    """The attention ``module(query, key, value, ...)`` with its attention weights
+    ``softmax(QKᵀ/√d)`` held fixed: query and key are cut from autograd, so the vector-Jacobian
+    product (and the z-rule built on it) runs through the values alone."""
+
+    def run(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return module(query.detach(), key.detach(), value, *args, **kwargs)
+
+    return run
+
+
+def _sdpa_with_fixed_weights(query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):
+    """``F.scaled_dot_product_attention`` with its attention weights held fixed (see
+    :func:`_attention_with_fixed_weights`)."""
+    return F.scaled_dot_product_attention(query.detach(), key.detach(), value, *args, **kwargs)
+
+
 def _part_of(split: Callable[..., Any], index: int) -> Callable[..., Any]:
     """``split(*args, **kwargs)[index]``: one part of a split as an op of the split's input."""
 
@@ -283,11 +304,13 @@ _GRADIENT_WAY_OUT = (
 )
 
 _ATTENTION_WAY_OUT = (
-    "Attention mixes tokens with weights computed from the input (softmax(QKᵀ)V): relprop has no "
-    "LRP rule for it (transformers need rules for the softmax and the products of two "
-    "activations, as in AttnLRP, which relprop does not implement), and mapping it to "
+    "Attention mixes tokens with weights computed from the input (softmax(QKᵀ)V). relprop explains "
+    "nn.MultiheadAttention and F.scaled_dot_product_attention with those weights held fixed "
+    "(relevance goes back through the values, as in CP-LRP); attention written out of other ops "
+    "(matrix products of two activations, a softmax inside) has no rule, and mapping it to "
     "relprop.rules.Pass() would keep each token's relevance in place, which is not what the layer "
-    f"does. Instead, {_GRADIENT_WAY_OUT}"
+    "does. Compute it with F.scaled_dot_product_attention (or nn.MultiheadAttention); or "
+    f"{_GRADIENT_WAY_OUT}"
 )
 
 
@@ -367,7 +390,29 @@ class PlanBuilder:
                 "",
             )
             split = _split_of(node)
-            if _is_split(node):
+            attention = self._attention_part(node)
+            if self._attention_module(node) is not None:
+                self._check_attention(node)
+                # Its output (index 0) is a step of its own (below), computed from the
+                # attention's arguments; the (output, weights) tuple carries no relevance.
+                step.kind = "attention"
+                step.layer = L.PassLayer(_nothing)
+            elif attention is not None:
+                source, index = attention
+                step.args, step.kwargs = source.args, source.kwargs
+                step.leaves = _node_leaves(source.args, source.kwargs)
+                step.path = _module_path(source)
+                if index == 0:
+                    module = self._attention_module(source)
+                    step.kind, step.rule = "attention (A fixed)", Norm(self.composite.stabilizer)
+                    step.layer = L.NormLayer(
+                        _part_of(_attention_with_fixed_weights(module), 0),
+                        self.composite.stabilizer,
+                    )
+                else:
+                    step.kind = "attention weights (unused)"
+                    step.layer = L.PassLayer(_nothing)
+            elif _is_split(node):
                 self._check_split_users(node)
                 # Its parts are steps of their own (below); the tuple itself carries no
                 # relevance.
@@ -402,6 +447,38 @@ class PlanBuilder:
             steps.append(step)
         self._fuse_relus({s.name: s for s in steps})
         return Plan(steps, placeholders[0].name, out.name, first_layer)
+
+    def _attention_module(self, node: fx.Node) -> nn.MultiheadAttention | None:
+        if node.op != "call_module":
+            return None
+        module = self.gm.get_submodule(node.target)
+        return module if isinstance(module, nn.MultiheadAttention) else None
+
+    def _attention_part(self, node: fx.Node) -> tuple[fx.Node, int] | None:
+        """``(attention, i)`` where ``node`` is ``getitem(attention, i)`` of an
+        ``nn.MultiheadAttention``'s (output, weights) pair."""
+        if node.op != "call_function" or node.target is not operator.getitem:
+            return None
+        source, index = node.args
+        if isinstance(source, fx.Node) and self._attention_module(source) is not None:
+            return source, index
+        return None
+
+    def _check_attention(self, node: fx.Node) -> None:
+        """The (output, weights) pair must be unpacked; the weights must go unused (they carry
+        no relevance here)."""
+        self._check_no_rule_on_unweighted(node)
+        for user in node.users:
+            part = self._attention_part(user)
+            if part is None or part[1] not in (0, 1) or (part[1] == 1 and user.users):
+                raise _unsupported(
+                    node,
+                    self.gm,
+                    f"its (output, weights) pair goes on other than as `out, _ = attention(...)` "
+                    f"(to {_module_path(user)!r})",
+                    "Take its output by index (`out = attention(q, k, v)[0]`) and leave the "
+                    f"attention weights unused; or {_GRADIENT_WAY_OUT}",
+                )
 
     def _check_split_users(self, node: fx.Node) -> None:
         """A split's tuple must only be indexed by constants (``a, b = x.chunk(2, 1)``); a tuple
@@ -733,6 +810,9 @@ class PlanBuilder:
             is_method and target in ("mul", "mul_", "div", "div_")
         ):
             self._mul_step(node, step)
+        elif not is_method and target is F.scaled_dot_product_attention:
+            step.kind, step.rule = "attention (A fixed)", Norm(stabilizer)
+            step.layer = L.NormLayer(_sdpa_with_fixed_weights, stabilizer)
         elif not is_method and target in (F.layer_norm, torch.layer_norm):
             step.kind, step.rule = "layer_norm (σ fixed)", Norm(stabilizer)
             step.layer = L.LayerNormLayer(_layer_norm_function_arguments, stabilizer)
