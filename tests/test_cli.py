@@ -147,6 +147,28 @@ def test_explain_with_weights_and_module_spec_matches_default(tmp_path, capsys):
     _assert_clean_error(status, err, "unknown model 'vgg99'")
 
 
+def test_custom_model_module_in_the_working_directory_imports_from_the_console_script(
+    tmp_path, capsys, monkeypatch
+):
+    # The `relprop` console script's sys.path starts with its bin directory, not the working
+    # directory that `python -m relprop` puts first: the README gives both as the same command.
+    (tmp_path / "mynet.py").write_text(
+        "from relprop.models import MnistCNN as Net\n", encoding="utf-8"
+    )
+    weights = Path(models.__file__).parent / "data" / "mnist_cnn.pt"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys, "path", [p for p in sys.path if p not in ("", str(tmp_path), os.getcwd())]
+    )
+    monkeypatch.delitem(sys.modules, "mynet", raising=False)
+    status, _, err = _run(
+        capsys, "explain", "--model", f"{weights}:mynet:Net", "--method", "gradient",
+        "--limit", "1", "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert status == 0, err
+    assert str(tmp_path) not in sys.path
+
+
 def test_explain_into_existing_directory_keeps_other_files(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -336,3 +358,31 @@ def test_usage_errors_exit_2_without_running(capsys):
     assert cli.main([]) == 2
     assert cli.main(["explain", "--method", "gradient", "--out", "x", "--batch-size", "0"]) == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["explain", "--method", "lrp.epsilon", "--limit", "-3"],
+        ["explain", "--method", "lrp.epsilon", "--limit", "0"],
+        ["explain", "--method", "lrp.epsilon", "--scale", "-2"],
+        ["explain", "--method", "lrp.epsilon", "--clip", "5"],
+        ["explain", "--method", "lrp.epsilon", "--clip", "-0.5"],
+        ["evaluate", "--methods", "gradient", "--num-samples", "0"],
+        ["evaluate", "--methods", "gradient", "--steps", "-1"],
+        ["evaluate", "--methods", "gradient", "--patch", "0"],
+    ],
+)
+def test_bad_numeric_options_exit_2_without_running(tmp_path, capsys, argv):
+    status = cli.main([*argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["explain", "compare", "evaluate"])
+def test_generic_lrp_method_is_refused_with_a_message(tmp_path, capsys, command):
+    option = "--method" if command == "explain" else "--methods"
+    out = tmp_path / ("o.png" if command == "compare" else "o")
+    status, _, err = _run(capsys, command, option, "lrp", "--out", str(out))
+    _assert_clean_error(status, err, "'lrp'", "lrp.epsilon_plus_flat")

@@ -179,3 +179,21 @@ def test_every_method_beats_random_on_abpc_on_the_embedded_model():
         gain = scores - baseline
         standard_error = gain.std() / math.sqrt(len(gain))
         assert gain.mean() > 3 * standard_error, (method, gain.mean().item(), standard_error.item())
+
+
+def test_region_perturbation_runs_a_model_in_train_mode_as_in_eval_and_leaves_it_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.5),
+        nn.Flatten(), nn.Linear(3 * 8 * 8, 4),
+    ).train()  # fmt: skip
+    x = torch.rand(2, 1, 8, 8)
+    relevance = torch.rand_like(x)
+    stats = model[1].running_mean.clone()
+    curves = evaluate.region_perturbation(model, x, relevance, [0, 1], patch=4)
+    assert torch.equal(model[1].running_mean, stats), "BatchNorm statistics were updated"
+    assert model.training and model[1].training and model[3].training
+    model.eval()
+    torch.testing.assert_close(
+        curves, evaluate.region_perturbation(model, x, relevance, [0, 1], patch=4)
+    )

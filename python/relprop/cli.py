@@ -142,7 +142,8 @@ def _load_custom_model(spec: str) -> LoadedModel:
     if not path.is_file():
         raise CliError(f"model weights file not found: {weights}")
     try:
-        module = importlib.import_module(module_name)
+        with _working_directory_importable():
+            module = importlib.import_module(module_name)
     except ImportError as error:
         raise CliError(f"cannot import module {module_name!r} for --model: {error}") from None
     model_class = getattr(module, class_name, None)
@@ -159,6 +160,23 @@ def _load_custom_model(spec: str) -> LoadedModel:
             f"cannot load {weights} into {module_name}.{class_name}: {_first_line(error)}"
         ) from None
     return LoadedModel(model.eval(), f"{module_name}.{class_name} from {weights}")
+
+
+@contextlib.contextmanager
+def _working_directory_importable() -> Iterator[None]:
+    """Let ``--model``'s module be found in the working directory, as under ``python -m relprop``
+    (whose ``sys.path`` starts with it); the ``relprop`` console script's starts with its own
+    ``bin`` directory instead."""
+    cwd = os.getcwd()
+    if "" in sys.path or cwd in sys.path:
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(cwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +344,12 @@ def check_methods(methods: Sequence[str]) -> list[str]:
         raise CliError(f"unknown method {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
     if not methods:
         raise CliError("no method given")
+    if "lrp" in methods:
+        # The generic name needs a composite= or rule= object, which a command line cannot give.
+        raise CliError(
+            "method 'lrp' needs a composite or rule object and is for the Python API; on the "
+            "command line pick a preset, e.g. lrp.epsilon_plus_flat or lrp.epsilon"
+        )
     return list(methods)
 
 
@@ -676,6 +700,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _quantile(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a quantile in (0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``relprop``."""
     parser = argparse.ArgumentParser(
@@ -706,18 +737,26 @@ def build_parser() -> argparse.ArgumentParser:
     common(explain)
     explain.add_argument("--method", required=True, help="an analyzer name, e.g. lrp.epsilon")
     explain.add_argument("--out", required=True, type=Path, help="output directory")
-    explain.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
-    explain.add_argument("--scale", type=int, default=None, help="integer upscaling of heatmaps")
-    explain.add_argument("--clip", type=float, default=None, help="clip |R| at this quantile")
+    explain.add_argument(
+        "--limit", type=_positive_int, default=None, help="use only the first N inputs"
+    )
+    explain.add_argument(
+        "--scale", type=_positive_int, default=None, help="integer upscaling of heatmaps"
+    )
+    explain.add_argument("--clip", type=_quantile, default=None, help="clip |R| at this quantile")
     explain.set_defaults(run=cmd_explain)
 
     compare = commands.add_parser("compare", help="montage of inputs × methods")
     common(compare)
     compare.add_argument("--methods", default=",".join(COMPARE_METHODS), help="comma-separated")
     compare.add_argument("--out", required=True, type=Path, help="output PNG file")
-    compare.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
-    compare.add_argument("--scale", type=int, default=None, help="integer upscaling of tiles")
-    compare.add_argument("--clip", type=float, default=None, help="clip |R| at this quantile")
+    compare.add_argument(
+        "--limit", type=_positive_int, default=None, help="use only the first N inputs"
+    )
+    compare.add_argument(
+        "--scale", type=_positive_int, default=None, help="integer upscaling of tiles"
+    )
+    compare.add_argument("--clip", type=_quantile, default=None, help="clip |R| at this quantile")
     compare.set_defaults(run=cmd_compare)
 
     evaluate = commands.add_parser("evaluate", help="region perturbation: AOPC and ABPC")
@@ -726,13 +765,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, type=Path, help="output directory")
     evaluate.add_argument(
         "--num-samples",
-        type=int,
+        type=_positive_int,
         default=200,
         help="inputs to evaluate (default input: that many held-out digits, all classes)",
     )
-    evaluate.add_argument("--patch", type=int, default=None, help="patch side (default: side/7)")
     evaluate.add_argument(
-        "--steps", type=int, default=None, help="patches to perturb (default all)"
+        "--patch", type=_positive_int, default=None, help="patch side (default: side/7)"
+    )
+    evaluate.add_argument(
+        "--steps", type=_positive_int, default=None, help="patches to perturb (default all)"
     )
     evaluate.add_argument("--fill", choices=("zeros", "mean", "uniform", "blur"), default="zeros")
     evaluate.set_defaults(run=cmd_evaluate)

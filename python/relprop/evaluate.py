@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from relprop.analyzers.base import preserved_state
+
 __all__ = [
     "FILLS",
     "ORDERS",
@@ -235,14 +237,17 @@ def region_perturbation(
 
     jobs = [(n, k) for n in range(len(x)) for k in range(steps + 1)]
     scores = torch.empty(len(x), steps + 1, dtype=torch.float64)
-    for begin in range(0, len(jobs), batch_size):
-        chunk = jobs[begin : begin + batch_size]
-        samples = torch.tensor([n for n, _ in chunk], device=x.device)
-        done = torch.tensor([k for _, k in chunk], device=x.device).view(-1, 1, 1, 1)
-        perturbed = torch.where(pixel_step[samples] < done, filled[samples], x[samples])
-        outputs = model(perturbed)
-        picked = outputs.gather(1, targets[samples].view(-1, 1)).squeeze(1)
-        scores[samples.cpu(), done.flatten().cpu()] = picked.to("cpu", torch.float64)
+    # In eval mode, as the analyzers explain it: a model in train mode would otherwise update its
+    # BatchNorm statistics with every perturbed batch and draw new dropout masks on each call.
+    with preserved_state(model):
+        for begin in range(0, len(jobs), batch_size):
+            chunk = jobs[begin : begin + batch_size]
+            samples = torch.tensor([n for n, _ in chunk], device=x.device)
+            done = torch.tensor([k for _, k in chunk], device=x.device).view(-1, 1, 1, 1)
+            perturbed = torch.where(pixel_step[samples] < done, filled[samples], x[samples])
+            outputs = model(perturbed)
+            picked = outputs.gather(1, targets[samples].view(-1, 1)).squeeze(1)
+            scores[samples.cpu(), done.flatten().cpu()] = picked.to("cpu", torch.float64)
     return scores
 
 

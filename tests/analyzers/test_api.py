@@ -172,6 +172,25 @@ def _plan_line(plan: str, layer: str) -> str:
     return lines[0].lower()
 
 
+def test_innvestigate_defaults_of_alpha_beta_and_flat_until_idx():
+    model = SmallCNN(bias=True).double().eval()
+    x = seeded_uniform((2, 3, 8, 8), seed=61, low=-2.0, high=2.0, dtype=torch.float64)
+
+    def run(name, **kwargs):
+        return relprop.create_analyzer(name, model, **kwargs).analyze(x)
+
+    # One of α and β is enough, the other follows from α − β = 1 (iNNvestigate infers it).
+    torch.testing.assert_close(
+        run("lrp.alpha_beta", alpha=3), run("lrp.alpha_beta", alpha=3, beta=2)
+    )
+    torch.testing.assert_close(run("lrp.alpha_beta", beta=0), run("lrp.alpha_1_beta_0"))
+    # iNNvestigate's default until_layer_idx=None: Flat on the first layer only.
+    torch.testing.assert_close(
+        run("lrp.sequential_preset_b_flat_until_idx", until_layer_idx=None),
+        run("lrp.sequential_preset_b_flat"),
+    )
+
+
 def test_plan_names_every_layer_with_its_rule():
     model = SmallCNN(bias=True).eval()
     analyzer = relprop.create_analyzer("lrp", model, composite=relprop.composites.EpsilonPlusFlat())
@@ -235,3 +254,27 @@ def test_arithmetic_on_sizes_is_not_taken_for_a_tensor_op():
     expected = relprop.create_analyzer("lrp.epsilon", SizeArithmetic(flatten=True)).analyze(x)
     actual = relprop.create_analyzer("lrp.epsilon", SizeArithmetic()).analyze(x)
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "deconvnet"])
+def test_modified_relu_gradients_refuse_a_model_without_relus(name):
+    # iNNvestigate refuses these methods on non-ReLU networks; silently returning the plain
+    # gradient under the method's name would mislabel the result.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.LeakyReLU(0.1), torch.nn.Linear(8, 3)
+    ).double()
+    with pytest.raises(relprop.UnsupportedLayerError, match="no ReLU"):
+        relprop.create_analyzer(name, net).analyze(seeded_normal((2, 6), 3, torch.float64))
+
+
+def test_modified_relu_gradients_warn_about_other_nonlinearities():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+        torch.nn.Linear(8, 3),
+    ).double()  # fmt: skip
+    with pytest.warns(UserWarning, match="Tanh"):
+        relprop.create_analyzer("guided_backprop", net).analyze(
+            seeded_normal((2, 6), 3, torch.float64)
+        )

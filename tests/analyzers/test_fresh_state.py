@@ -183,3 +183,20 @@ def test_gradients_of_a_model_that_writes_its_input_in_place():
     assert torch.equal(x, original)
     expected = (original > 0) * model[1].weight[[0, 1]]
     torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize(
+    "name", ["lrp.epsilon", "lrp.epsilon_plus_flat", "guided_backprop", "deconvnet"]
+)
+def test_a_replaced_submodule_is_explained_not_the_old_one(name):
+    # Fine-tuning swaps the head after the analyzer was made: the traced plan must not keep
+    # running the module it bound at the first call.
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)
+    ).double().eval()  # fmt: skip
+    analyzer = relprop.create_analyzer(name, model)
+    analyzer.analyze(X)
+    model[3] = nn.Linear(4 * 8 * 8, 5).double()
+    expected = relprop.create_analyzer(name, model).analyze(X)
+    torch.testing.assert_close(analyzer.analyze(X), expected)

@@ -265,3 +265,12 @@ def test_unknown_determinism_setting_is_refused(monkeypatch):
     refused = pytest.raises(ValueError, match="RELPROP_DETERMINISTIC='maybe' is not a switch")
     with refused, deterministic_cudnn(active=True):
         pass
+
+
+@pytest.mark.parametrize("name", ["input_t_gradient", "integrated_gradients", "lrp.epsilon"])
+def test_relevance_of_an_input_requiring_grad_is_detached(name):
+    model = _prepared("eval", frozen=False)
+    x = _x().requires_grad_(True)
+    relevance = relprop.create_analyzer(name, model).analyze(x * 1.0)
+    assert not relevance.requires_grad and relevance.grad_fn is None
+    relevance.numpy()

@@ -71,7 +71,9 @@ class Analyzer:
                 "create the analyzer with neuron_selection_mode='index'"
             )
         with preserved_state(self.model), deterministic_cudnn(x.is_cuda):
-            return self._analyze(x, neuron_selection)
+            # Relevance is data, not part of the caller's graph: x ⊙ ∇ and (x − x̄) ⊙ ∫∇ would
+            # otherwise come back attached to x (requires_grad, .numpy() refused, graph kept).
+            return self._analyze(x.detach(), neuron_selection)
 
     def _analyze(self, x: Tensor, neuron_selection: NeuronSelection) -> Tensor:
         raise NotImplementedError

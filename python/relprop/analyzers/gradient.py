@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from relprop.analyzers.base import Analyzer, NeuronSelection
-from relprop.errors import AnalyzerInputError, TraceError
-from relprop.graph.trace import check_no_softmax_output, trace
+from relprop.errors import AnalyzerInputError, TraceError, UnsupportedLayerError
+from relprop.graph.trace import check_no_softmax_output, module_snapshot, same_modules, trace
 
 POSTPROCESS = (None, "abs", "square")
 INTEGRATION_RULES = (
@@ -231,6 +232,42 @@ class IntegratedGradients(Gradient):
         return delta * total
 
 
+# Non-linearities whose backward deconvnet and guided backprop leave as the plain gradient.
+_OTHER_ACTIVATION_MODULES = (
+    nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Tanh, nn.Sigmoid,
+)  # fmt: skip
+_OTHER_ACTIVATION_FUNCTIONS = frozenset({
+    F.leaky_relu, F.relu6, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.softplus, torch.tanh, torch.sigmoid, F.prelu, torch.clamp,
+    torch.clamp_min,
+})  # fmt: skip
+_OTHER_ACTIVATION_METHODS = frozenset({"tanh", "sigmoid", "clamp", "clamp_min", "clamp_"})
+
+
+def _activations(gm: fx.GraphModule) -> tuple[int, list[str]]:
+    """(number of ReLUs, descriptions of the other non-linearities) of a traced model."""
+    relus, others = 0, []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.ReLU):
+                relus += 1
+            elif isinstance(module, _OTHER_ACTIVATION_MODULES):
+                others.append(f"{node.target} ({type(module).__name__})")
+        elif node.op == "call_function":
+            if node.target in _ReLUReplaced.RELU_FUNCTIONS:
+                relus += 1
+            elif node.target in _OTHER_ACTIVATION_FUNCTIONS:
+                others.append(getattr(node.target, "__name__", str(node.target)))
+        elif node.op == "call_method":
+            if node.target in ("relu", "relu_"):
+                relus += 1
+            elif node.target in _OTHER_ACTIVATION_METHODS:
+                others.append(f".{node.target}()")
+    return relus, others
+
+
 class _ReLUReplaced(fx.Interpreter):
     """Runs the traced model with every ReLU's backward replaced (deconvnet, guided backprop)."""
 
@@ -285,10 +322,32 @@ class _ModifiedReLUGradient(Gradient):
     def __init__(self, model: nn.Module, neuron_selection_mode: str = "max_activation") -> None:
         super().__init__(model, None, neuron_selection_mode)
         self._gm: fx.GraphModule | None = None
+        self._traced_modules: tuple | None = None
 
     def _forward_fn(self):
-        if self._gm is None:
-            self._gm = trace(self.model)
+        # Traced again when a submodule was replaced since (the graph binds the old one).
+        modules = module_snapshot(self.model)
+        if self._gm is None or not same_modules(self._traced_modules, modules):
+            gm = trace(self.model)
+            relus, others = _activations(gm)
+            if relus == 0:
+                raise UnsupportedLayerError(
+                    f"{type(self).__name__} changes how ReLUs pass the gradient back, but "
+                    f"{type(self.model).__name__} has no ReLU (nn.ReLU, F.relu, torch.relu, "
+                    ".relu())"
+                    + (f"; its non-linearities are {', '.join(others[:5])}" if others else "")
+                    + ". The result would be the plain gradient: use 'gradient' for that"
+                )
+            if others:
+                warnings.warn(
+                    f"relprop: {type(self).__name__} modifies the backward pass of ReLUs only; "
+                    f"{', '.join(others[:5])}{' and more' if len(others) > 5 else ''} pass the "
+                    "plain gradient back",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._gm = gm
+            self._traced_modules = modules
         interpreter = _ReLUReplaced(self._gm, self.relu_function.apply)
         return lambda x: interpreter.run(x)
 

@@ -9,7 +9,13 @@ from relprop.analyzers.base import Analyzer, NeuronSelection, preserved_state
 from relprop.composites import Composite
 from relprop.graph.plan import Plan, PlanBuilder
 from relprop.graph.program import Program
-from relprop.graph.trace import check_module_hooks, trace, unwrapped
+from relprop.graph.trace import (
+    check_module_hooks,
+    module_snapshot,
+    same_modules,
+    trace,
+    unwrapped,
+)
 
 
 class LRP(Analyzer):
@@ -44,6 +50,7 @@ class LRP(Analyzer):
             )
         self.composite = composite
         self._program: Program | None = None
+        self._traced_modules: tuple | None = None
 
     @property
     def plan(self) -> Plan:
@@ -53,6 +60,11 @@ class LRP(Analyzer):
     def _get_program(self) -> Program:
         # Hooks may come and go between calls: checked every time (a walk over the modules).
         check_module_hooks(self.model)
+        # A submodule replaced since the trace (a new head, a swapped block) makes the plan stale:
+        # it would still run the old module's weights. Traced again then.
+        modules = module_snapshot(self.model)
+        if not same_modules(self._traced_modules, modules):
+            self._program = None
         if self._program is None:
             # Traced as analyze runs the model, in eval mode: a `self.training` branch (an
             # auxiliary head, dropout) must not enter the plan when `plan` is read first.
@@ -60,6 +72,7 @@ class LRP(Analyzer):
                 gm = trace(self.model, self.composite.leaf_types(), self.composite.leaf_names())
                 builder = PlanBuilder(gm, self.composite, unwrapped(self.model))
                 self._program = Program(builder.build(), gm)
+            self._traced_modules = modules
         return self._program
 
     def _analyze(self, x: Tensor, neuron_selection: NeuronSelection) -> Tensor:

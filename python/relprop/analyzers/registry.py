@@ -73,9 +73,12 @@ def _preset(conv_rule: Rule, flat_first: bool):
 
 
 def _preset_b_flat_until_idx(
-    until_layer_idx: int = 0, epsilon: float = PRESET_EPSILON_DEFAULT
+    until_layer_idx: int | None = None, epsilon: float = PRESET_EPSILON_DEFAULT
 ) -> C.Composite:
-    """Preset B, with Flat on the layers with weights numbered 0..until_layer_idx."""
+    """Preset B, with Flat on the layers with weights numbered 0..until_layer_idx (None, as in
+    iNNvestigate: the first layer only, i.e. ``lrp.sequential_preset_b_flat``)."""
+    if until_layer_idx is None:
+        until_layer_idx = 0
     return _IndexedComposite(
         until_layer_idx, Flat(), C.by_kind(AlphaBeta(2.0, 1.0), Epsilon(epsilon))
     )
@@ -113,7 +116,17 @@ def _bounded(low: float, high: float, epsilon: float = EPSILON_DEFAULT) -> C.Com
     return C.uniform(Epsilon(epsilon), first=ZBox(low, high))
 
 
-def _alpha_beta(alpha: float = 2.0, beta: float = 1.0, use_bias: bool = True) -> C.Composite:
+def _alpha_beta(
+    alpha: float | None = None, beta: float | None = None, use_bias: bool = True
+) -> C.Composite:
+    """α-β on every layer; as in iNNvestigate, one of α and β is enough (α − β = 1), and α = 2,
+    β = 1 when neither is given."""
+    if alpha is None and beta is None:
+        alpha, beta = 2.0, 1.0
+    elif beta is None:
+        beta = alpha - 1.0
+    elif alpha is None:
+        alpha = beta + 1.0
     return C.uniform(AlphaBeta(alpha, beta, use_bias=use_bias))
 
 

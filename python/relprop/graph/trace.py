@@ -51,6 +51,23 @@ def unwrapped(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def module_snapshot(model: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """The submodules a trace of ``model`` binds, by path: a graph traced from them is stale once
+    one is replaced (``model.fc = nn.Linear(...)``), which no weight read can notice."""
+    return tuple(unwrapped(model).named_modules())
+
+
+def same_modules(
+    a: tuple[tuple[str, nn.Module], ...] | None, b: tuple[tuple[str, nn.Module], ...]
+) -> bool:
+    """Whether two :func:`module_snapshot` s hold the same module objects at the same paths."""
+    return (
+        a is not None
+        and len(a) == len(b)
+        and all(pa == pb and ma is mb for (pa, ma), (pb, mb) in zip(a, b))
+    )
+
+
 def trace(
     model: nn.Module,
     extra_leaf_types: tuple[type, ...] = (),
