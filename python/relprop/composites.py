@@ -15,6 +15,7 @@ from torch import nn
 
 from relprop.rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, ZBox, ZPlus
 from relprop.rules.base import check_non_negative
+from relprop.rules.zbox import Bound
 
 Convolution = (nn.Conv1d, nn.Conv2d)
 Dense = (nn.Linear,)
@@ -151,12 +152,13 @@ class EpsilonPlusFlat(Composite):
 
 class EpsilonGammaBox(Composite):
     """z^B on the first convolution, γ on convolutions, ε on dense layers (Zennit's
-    ``EpsilonGammaBox``; Montavon et al., 2019)."""
+    ``EpsilonGammaBox``; Montavon et al., 2019). ``low``/``high``: numbers, or one value per
+    input channel such as ``(1, 3, 1, 1)`` tensors for normalised images (:class:`ZBox`)."""
 
     def __init__(
         self,
-        low: float = -3.0,
-        high: float = 3.0,
+        low: Bound = -3.0,
+        high: Bound = 3.0,
         epsilon: float = 1e-6,
         gamma: float = 0.25,
         stabilizer: float = 1e-6,

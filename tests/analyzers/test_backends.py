@@ -13,6 +13,11 @@ COMPOSITES = {
     "epsilon": lambda: relprop.composites.uniform(relprop.rules.Epsilon(1e-3)),
     "EpsilonPlusFlat": relprop.composites.EpsilonPlusFlat,
     "EpsilonGammaBox": lambda: relprop.composites.EpsilonGammaBox(low=-3.0, high=3.0),
+    # Per-channel bounds: the first layer's relevance runs in the unit box (ZBox.unit_box).
+    "EpsilonGammaBox per channel": lambda: relprop.composites.EpsilonGammaBox(
+        low=torch.tensor([-3.0, -2.5, -2.0]).view(1, 3, 1, 1),
+        high=torch.tensor([3.0, 2.0, 2.5]).view(1, 3, 1, 1),
+    ),
     "EpsilonAlpha2Beta1": relprop.composites.EpsilonAlpha2Beta1,
 }
 

@@ -335,6 +335,17 @@ def test_attention_weights_used_downstream_are_refused():
         relprop.create_analyzer("lrp.epsilon", AttentionWeightsUsed().eval()).analyze(x)
 
 
+def test_box_bounds_that_vary_within_a_channel_are_refused_naming_the_shape(model, x):
+    """z^B bounds per pixel cannot be folded into a convolution's shared weights: refused with
+    the shape to give instead (per-channel bounds work: test_zennit.py)."""
+    low, high = torch.full((1, 3, 8, 8), -2.0), torch.full((1, 3, 8, 8), 2.0)
+    composite = relprop.composites.EpsilonGammaBox(low=low, high=high)
+    with pytest.raises(ValueError, match=r"shape \(1, 3, 8, 8\).*\(1, 3, 1, 1\)"):
+        relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    with pytest.raises(ValueError, match="low < high"):
+        relprop.composites.EpsilonGammaBox(low=torch.tensor([0.0, 1.0]), high=0.5)
+
+
 def _mlp() -> nn.Sequential:
     torch.manual_seed(4)
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()

@@ -15,6 +15,7 @@ import torchvision
 import zennit.composites as zc
 import zennit.rules as zr
 from tests.oracles.nets import (
+    DenseReLU,
     SmallCNN,
     SmallCNN1d,
     SplitShuffleCNN,
@@ -256,6 +257,76 @@ def test_custom_first_map_float64():
     )
     expected = zennit_attribution(model, x, theirs)
     actual = relprop.create_analyzer("lrp", model, composite=ours).analyze(x)
+    assert relative_error(actual, expected) <= FLOAT64_TOLERANCE
+
+
+class GroupedFirstCNN(nn.Module):
+    """A first convolution with 3 groups (a channel per group), then a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, groups=3)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(6 * 8 * 8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.relu(self.conv1(x)), 1))
+
+
+# Per-channel bounds of normalised images (ImageNet's mean and std), as Zennit's examples pass
+# them to EpsilonGammaBox: (0 − mean)/std and (1 − mean)/std per channel.
+_MEAN = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+CHANNEL_LOW, CHANNEL_HIGH = (0 - _MEAN) / _STD, (1 - _MEAN) / _STD
+
+
+def _normalised_images(shape: tuple[int, ...], seed: int = 7) -> Tensor:
+    """Images in [0, 1], normalised per channel: inside the per-channel box."""
+    return (seeded_uniform(shape, seed=seed, low=0.0, high=1.0) - _MEAN) / _STD
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize(
+    ("net_id", "build", "canon"),
+    [
+        ("cnn2d", lambda: SmallCNN(bias=True), "none"),
+        ("sequential_bn", bn_sequential, "sequential_bn"),
+        ("grouped_first", GroupedFirstCNN, "none"),
+    ],
+    ids=["cnn2d", "sequential_bn", "grouped_first"],
+)
+def test_epsilon_gamma_box_with_per_channel_bounds_float64(monkeypatch, backend, net_id, build,
+                                                           canon):  # fmt: skip
+    """EpsilonGammaBox with the per-channel bounds of normalised images, as Zennit's examples
+    use it (``low``/``high`` of shape (1, 3, 1, 1))."""
+    monkeypatch.setenv("RELPROP_BACKEND", backend)
+    model = build().double().eval()
+    x = _normalised_images((2, 3, 8, 8))
+    ours = relprop.composites.EpsilonGammaBox(low=CHANNEL_LOW, high=CHANNEL_HIGH)
+    theirs = zc.EpsilonGammaBox(low=CHANNEL_LOW, high=CHANNEL_HIGH, canonizers=_canonizers(canon))
+    expected = zennit_attribution(model, x, theirs)
+    actual = relprop.create_analyzer("lrp", model, composite=ours).analyze(x)
+    assert relative_error(actual, expected) <= FLOAT64_TOLERANCE
+    # Not the scalar box of either end: the per-channel bounds matter.
+    scalar = relprop.composites.EpsilonGammaBox(low=float(CHANNEL_LOW.min()),
+                                                high=float(CHANNEL_HIGH.max()))  # fmt: skip
+    assert relative_error(relprop.create_analyzer("lrp", model, composite=scalar).analyze(x),
+                          expected) > 1e-3  # fmt: skip
+
+
+def test_bounded_dense_first_layer_with_per_feature_bounds_float64():
+    """z^B with one bound per input feature on a dense first layer (``lrp.bounded``)."""
+    model = DenseReLU(bias=True).double().eval()
+    low = (-1.0 - torch.arange(24, dtype=torch.float64) / 24).view(1, 24)
+    high = (1.0 + torch.arange(24, dtype=torch.float64) / 12).view(1, 24)
+    x = low + (high - low) * seeded_uniform((3, 24), seed=5, low=0.0, high=1.0)
+    theirs = zc.SpecialFirstLayerMapComposite(
+        layer_map=[*zc.layer_map_base(), (nn.Linear, zr.Epsilon(epsilon=1e-7))],
+        first_map=[(nn.Linear, zr.ZBox(low=low, high=high))],
+    )
+    expected = zennit_attribution(model, x, theirs)
+    actual = relprop.create_analyzer("lrp.bounded", model, low=low, high=high).analyze(x)
     assert relative_error(actual, expected) <= FLOAT64_TOLERANCE
 
 

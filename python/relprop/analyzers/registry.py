@@ -32,6 +32,7 @@ from relprop.rules import (
     ZPlus,
     ZPlusFast,
 )
+from relprop.rules.zbox import Bound
 
 # iNNvestigate's default ε for its epsilon analyzers and for its sequential presets.
 EPSILON_DEFAULT = 1e-7
@@ -105,14 +106,14 @@ def _deep_taylor(model: nn.Module, neuron_selection_mode: str = "max_activation"
 
 
 def _deep_taylor_bounded(
-    model: nn.Module, low: float, high: float, neuron_selection_mode: str = "max_activation"
+    model: nn.Module, low: Bound, high: Bound, neuron_selection_mode: str = "max_activation"
 ) -> DeepTaylor:
     return DeepTaylor(
         model, C.uniform(ZPlus(use_bias=False), first=ZBox(low, high)), neuron_selection_mode
     )
 
 
-def _bounded(low: float, high: float, epsilon: float = EPSILON_DEFAULT) -> C.Composite:
+def _bounded(low: Bound, high: Bound, epsilon: float = EPSILON_DEFAULT) -> C.Composite:
     return C.uniform(Epsilon(epsilon), first=ZBox(low, high))
 
 

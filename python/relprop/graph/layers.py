@@ -46,6 +46,7 @@ from relprop.ops._layer_rules import (
     times_factor,
 )
 from relprop.rules.base import Rule
+from relprop.rules.zbox import ZBox
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,10 @@ class WeightLayer(Layer):
         name, rule_params = self.rule.op()
         backend = layer_backend()
         lean = backend == "native"
-        fwd_name, fwd_params = PLAIN_FORWARD if lean else (name, rule_params)
+        # Per-channel z^B bounds: the relevance pass runs in the unit box (ZBox.unit_box) and
+        # computes its denominator there; the forward is the layer's own.
+        boxed = self._per_channel_box() is not None
+        fwd_name, fwd_params = PLAIN_FORWARD if lean or boxed else (name, rule_params)
         op_bias = None if self.rule.ignore_bias else bias
         if self.geometry is None:
             lead = x.shape[:-1]
@@ -235,7 +239,7 @@ class WeightLayer(Layer):
         # x_op is a view of x (flattened or unsqueezed): it is as non-negative as x.
         _keep_nonnegative_mark(x, x_op)
         z = saved[0]
-        if lean and name not in READS_Z:
+        if (lean and name not in READS_Z) or boxed:
             saved = []
         if op_bias is None and bias is not None:
             z = z + (bias if self.geometry is None else bias.view(1, -1, 1, 1))
@@ -275,9 +279,19 @@ class WeightLayer(Layer):
         with running_on(saved[-1]):
             return self._relevance(saved, relevance)
 
+    def _per_channel_box(self) -> ZBox | None:
+        rule = self.rule
+        return rule if isinstance(rule, ZBox) and rule.per_channel else None
+
     def _relevance(self, saved, relevance):
         x_op, w_op, op_bias, fwd, lead, _ = saved
         name, rule_params = self.rule.op()
+        box = self._per_channel_box()
+        if box is not None:
+            # Every z^B term in the unit box equals the term in x's box (ZBox), and so does
+            # the relevance of u = (x − l)/(h − l) that of x.
+            groups = 1 if self.geometry is None else self.geometry["groups"]
+            x_op, w_op = box.unit_box(x_op, w_op, groups)
         relevance, factor = unformed(relevance)
         # Leave the product with x to the layer below where the rule's relevance is x · c (on
         # the native path: the fused kernels end with the product).
