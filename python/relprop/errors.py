@@ -44,3 +44,14 @@ class BackendError(RelpropError):
 
 class TraceError(RelpropError):
     """The model could not be traced into a plan (e.g. data-dependent Python control flow)."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called here that points at the first frame
+    outside relprop (the user's line), however deep relprop's own frames are on the path."""
+    import sys
+
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "relprop":
+        level, frame = level + 1, frame.f_back
+    return level

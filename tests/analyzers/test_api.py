@@ -278,3 +278,80 @@ def test_modified_relu_gradients_warn_about_other_nonlinearities():
         relprop.create_analyzer("guided_backprop", net).analyze(
             seeded_normal((2, 6), 3, torch.float64)
         )
+
+
+def _small_mlp() -> torch.nn.Sequential:
+    torch.manual_seed(5)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    ).double().eval()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "ib_name"),
+    [("lrp.z", "lrp.z_IB"), ("lrp.epsilon", "lrp.epsilon_IB"),
+     ("lrp.alpha_beta", "lrp.alpha_2_beta_1_IB")],
+)  # fmt: skip
+def test_innvestigate_bias_keyword_selects_the_ib_variant(name, ib_name):
+    model, x = _small_mlp(), seeded_normal((3, 6), 8)
+    with_bias = relprop.create_analyzer(name, model, bias=True).analyze(x)
+    without = relprop.create_analyzer(name, model, bias=False).analyze(x)
+    assert torch.equal(without, relprop.create_analyzer(ib_name, model).analyze(x))
+    assert torch.equal(with_bias, relprop.create_analyzer(name, model).analyze(x))
+    assert not torch.equal(with_bias, without)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("smoothgrad", {"augment_by_n": 2.7}), ("smoothgrad", {"augment_by_n": True}),
+     ("integrated_gradients", {"steps": 2.5}), ("integrated_gradients", {"steps": 0})],
+)  # fmt: skip
+def test_counts_that_are_not_whole_numbers_are_refused(name, kwargs):
+    ((key, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=f"{key} must be a whole number >= 1, got {value!r}"):
+        relprop.create_analyzer(name, _small_mlp(), **kwargs)
+    assert relprop.create_analyzer("integrated_gradients", _small_mlp(), steps=4.0).steps == 4
+
+
+@pytest.mark.parametrize("baseline", [float("nan"), torch.tensor([0.0, float("inf")] * 3)])
+def test_a_non_finite_baseline_is_refused(baseline):
+    with pytest.raises(ValueError, match="reference_inputs must be finite"):
+        relprop.create_analyzer("integrated_gradients", _small_mlp(), reference_inputs=baseline)
+
+
+def test_random_stddev_scales_the_noise():
+    model, x = _small_mlp(), seeded_normal((3, 6), 8)
+    unit = relprop.create_analyzer("random", model, seed=4).analyze(x)
+    scaled = relprop.create_analyzer("random", model, seed=4, stddev=0.25).analyze(x)
+    torch.testing.assert_close(scaled, 0.25 * unit, rtol=0, atol=0)
+
+
+def _autograd_gradient(model, x: Tensor, selection: Tensor) -> Tensor:
+    x = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(x)[torch.arange(len(x)), selection].sum(), x)
+    return grad
+
+
+def test_postprocess_of_input_times_gradient_and_integrated_gradients():
+    """iNNvestigate's postprocess= on the gradients: x ⊙ |∇| and, for a two-point trapezoid,
+    (x − x̄) ⊙ (|∇(x̄)| + |∇(x)|)/2, against plain autograd."""
+    model, x = _small_mlp(), seeded_normal((3, 6), 8)
+    selection = model(x).argmax(dim=1)
+    grad = _autograd_gradient(model, x, selection)
+    itg = relprop.create_analyzer("input_t_gradient", model, postprocess="abs").analyze(x)
+    torch.testing.assert_close(itg, x * grad.abs())
+    baseline = torch.full_like(x, 0.5)
+    ig = relprop.create_analyzer(
+        "integrated_gradients", model, steps=2, reference_inputs=0.5, postprocess="square"
+    ).analyze(x, neuron_selection=selection)
+    at_baseline = _autograd_gradient(model, baseline, selection)
+    expected = (x - baseline) * (at_baseline**2 + grad**2) / 2
+    torch.testing.assert_close(ig, expected)
+
+
+def test_warnings_point_at_the_callers_line():
+    model = _small_mlp()
+    model[0].register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="forward hooks") as record:
+        relprop.create_analyzer("lrp.epsilon", model).analyze(seeded_normal((2, 6), 8))
+    assert record[0].filename == __file__

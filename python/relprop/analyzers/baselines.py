@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,26 +18,33 @@ class Input(Analyzer):
 
 
 class Random(Analyzer):
-    """Standard-normal noise of the input's shape: the floor any method must beat.
+    """Gaussian noise of the input's shape: the floor any method must beat.
 
     Parameters
     ----------
     seed : int, optional
         Seeds the noise.
+    stddev : float
+        Its standard deviation (iNNvestigate's keyword; 1 by default).
     """
 
     def __init__(
         self,
         model: nn.Module,
         seed: int | None = None,
+        stddev: float = 1.0,
         neuron_selection_mode: str = "max_activation",
     ) -> None:
         super().__init__(model, neuron_selection_mode)
+        if not (math.isfinite(stddev) and stddev > 0):
+            raise ValueError(f"stddev must be a finite number > 0, got {stddev!r}")
         self.seed = seed
+        self.stddev = float(stddev)
 
     def _analyze(self, x, neuron_selection):
         generator = None
         if self.seed is not None:
             generator = torch.Generator(device=x.device)
             generator.manual_seed(int(self.seed))
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return noise if self.stddev == 1.0 else noise * self.stddev

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from relprop.analyzers.base import Analyzer, NeuronSelection
-from relprop.errors import AnalyzerInputError, TraceError, UnsupportedLayerError
+from relprop.errors import (
+    AnalyzerInputError,
+    TraceError,
+    UnsupportedLayerError,
+    caller_stacklevel,
+)
 from relprop.graph.trace import check_no_softmax_output, module_snapshot, same_modules, trace
 
 POSTPROCESS = (None, "abs", "square")
@@ -23,6 +28,23 @@ INTEGRATION_RULES = (
     "riemann_middle",
     "gausslegendre",
 )
+
+
+def whole_number(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``; ``ValueError`` naming ``name`` for a
+    fraction (2.5 steps would silently become 2), a bool or anything below."""
+    is_number = isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, bool) or not is_number or value != int(value) or int(value) < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _postprocessed(grad: Tensor, postprocess: str | None) -> Tensor:
+    if postprocess == "abs":
+        return grad.abs()
+    if postprocess == "square":
+        return grad * grad
+    return grad
 
 
 class Gradient(Analyzer):
@@ -85,22 +107,29 @@ class Gradient(Analyzer):
 
     def _analyze(self, x, neuron_selection):
         grad, _ = self._gradient(x, neuron_selection)
-        if self.postprocess == "abs":
-            return grad.abs()
-        if self.postprocess == "square":
-            return grad * grad
-        return grad
+        return _postprocessed(grad, self.postprocess)
 
 
 class InputTimesGradient(Gradient):
-    """x ⊙ ∂y_c/∂x (Shrikumar et al., 2016, *Not Just a Black Box*)."""
+    """x ⊙ ∂y_c/∂x (Shrikumar et al., 2016, *Not Just a Black Box*).
 
-    def __init__(self, model: nn.Module, neuron_selection_mode: str = "max_activation") -> None:
-        super().__init__(model, None, neuron_selection_mode)
+    Parameters
+    ----------
+    postprocess : {None, "abs", "square"}
+        Applied to the gradient before the product with x (iNNvestigate's keyword).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        postprocess: str | None = None,
+        neuron_selection_mode: str = "max_activation",
+    ) -> None:
+        super().__init__(model, postprocess, neuron_selection_mode)
 
     def _analyze(self, x, neuron_selection):
         grad, _ = self._gradient(x, neuron_selection)
-        return x * grad
+        return x * _postprocessed(grad, self.postprocess)
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -141,11 +170,10 @@ class SmoothGrad(Gradient):
         neuron_selection_mode: str = "max_activation",
     ) -> None:
         super().__init__(model, postprocess, neuron_selection_mode)
-        if int(augment_by_n) < 1:
-            raise ValueError(f"augment_by_n must be at least 1, got {augment_by_n}")
+        augment_by_n = whole_number("augment_by_n", augment_by_n, 1)
         if not noise_scale >= 0 or math.isinf(noise_scale):  # NaN fails the comparison
             raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale}")
-        self.augment_by_n = int(augment_by_n)
+        self.augment_by_n = augment_by_n
         self.noise_scale = float(noise_scale)
         self.seed = seed
 
@@ -156,11 +184,7 @@ class SmoothGrad(Gradient):
         for _ in range(self.augment_by_n):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             grad, _ = self._gradient(x + self.noise_scale * noise, None, mask)
-            if self.postprocess == "abs":
-                grad = grad.abs()
-            elif self.postprocess == "square":
-                grad = grad * grad
-            total += grad
+            total += _postprocessed(grad, self.postprocess)
         return total / self.augment_by_n
 
 
@@ -172,11 +196,9 @@ def integration_points(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     """
     if rule not in INTEGRATION_RULES:
         raise ValueError(f"integration={rule!r} is not one of {', '.join(INTEGRATION_RULES)}")
-    n = int(steps)
+    n = whole_number("steps", steps, 1)
     if n < 2 and rule == "riemann_trapezoid":
         raise ValueError("riemann_trapezoid needs at least 2 steps")
-    if n < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
     if rule == "riemann_left":
         return np.linspace(0, 1 - 1 / n, n), np.full(n, 1 / n)
     if rule == "riemann_right":
@@ -204,6 +226,8 @@ class IntegratedGradients(Gradient):
     integration : str
         The quadrature: ``riemann_trapezoid`` (default; exact for a path linear in α),
         ``riemann_left``, ``riemann_right``, ``riemann_middle`` or ``gausslegendre``.
+    postprocess : {None, "abs", "square"}
+        Applied to each gradient on the path before it is integrated (iNNvestigate's keyword).
     """
 
     def __init__(
@@ -212,9 +236,16 @@ class IntegratedGradients(Gradient):
         steps: int = 64,
         reference_inputs: float | Tensor = 0.0,
         integration: str = "riemann_trapezoid",
+        postprocess: str | None = None,
         neuron_selection_mode: str = "max_activation",
     ) -> None:
-        super().__init__(model, None, neuron_selection_mode)
+        super().__init__(model, postprocess, neuron_selection_mode)
+        if not bool(torch.isfinite(torch.as_tensor(reference_inputs)).all()):
+            # A NaN baseline made every relevance NaN without a word (a NaN x is refused).
+            raise ValueError(
+                "reference_inputs must be finite (a baseline input such as 0 or a blurred "
+                "image); it holds NaN or inf"
+            )
         self.points, self.weights = integration_points(steps, integration)
         self.steps = int(steps)
         self.integration = integration
@@ -228,7 +259,7 @@ class IntegratedGradients(Gradient):
         total = torch.zeros_like(x)
         for alpha, weight in zip(self.points, self.weights):
             grad, _ = self._gradient(baseline + float(alpha) * delta, None, mask)
-            total += float(weight) * grad
+            total += float(weight) * _postprocessed(grad, self.postprocess)
         return delta * total
 
 
@@ -344,7 +375,7 @@ class _ModifiedReLUGradient(Gradient):
                     f"{', '.join(others[:5])}{' and more' if len(others) > 5 else ''} pass the "
                     "plain gradient back",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=caller_stacklevel(),
                 )
             self._gm = gm
             self._traced_modules = modules

@@ -118,10 +118,15 @@ def _bounded(low: Bound, high: Bound, epsilon: float = EPSILON_DEFAULT) -> C.Com
 
 
 def _alpha_beta(
-    alpha: float | None = None, beta: float | None = None, use_bias: bool = True
+    alpha: float | None = None,
+    beta: float | None = None,
+    use_bias: bool = True,
+    bias: bool | None = None,
 ) -> C.Composite:
     """α-β on every layer; as in iNNvestigate, one of α and β is enough (α − β = 1), and α = 2,
-    β = 1 when neither is given."""
+    β = 1 when neither is given. ``bias`` is iNNvestigate's name for ``use_bias``."""
+    if bias is not None:
+        use_bias = bias
     if alpha is None and beta is None:
         alpha, beta = 2.0, 1.0
     elif beta is None:
@@ -142,9 +147,12 @@ ANALYZERS: dict[str, Callable[..., Analyzer]] = {
     "deconvnet": Deconvnet,
     "guided_backprop": GuidedBackprop,
     "lrp": _generic_lrp,
-    "lrp.z": _uniform(lambda: Z()),
+    # bias=: iNNvestigate's keyword for relprop's use_bias (False: the _IB variant).
+    "lrp.z": _uniform(lambda bias=True: Z(use_bias=bias)),
     "lrp.z_IB": _uniform(lambda: Z(use_bias=False)),
-    "lrp.epsilon": _uniform(lambda epsilon=EPSILON_DEFAULT: Epsilon(epsilon)),
+    "lrp.epsilon": _uniform(
+        lambda epsilon=EPSILON_DEFAULT, bias=True: Epsilon(epsilon, use_bias=bias)
+    ),
     "lrp.epsilon_IB": _uniform(lambda epsilon=EPSILON_DEFAULT: Epsilon(epsilon, use_bias=False)),
     "lrp.w_square": _uniform(lambda: WSquare()),
     "lrp.flat": _uniform(lambda: Flat()),

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from relprop.errors import SoftmaxOutputError, TraceError, UnsupportedLayerError
+from relprop.errors import (
+    SoftmaxOutputError,
+    TraceError,
+    UnsupportedLayerError,
+    caller_stacklevel,
+)
 
 SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
@@ -230,5 +235,5 @@ def check_module_hooks(model: nn.Module) -> None:
             "own steps, not the modules, so these hooks do not run and what they change in a "
             "module's output is not explained",
             UserWarning,
-            stacklevel=4,
+            stacklevel=caller_stacklevel(),
         )
