@@ -414,10 +414,10 @@ class PlanBuilder:
                     step.layer = L.PassLayer(_nothing)
             elif _is_split(node):
                 self._check_split_users(node)
-                # Its parts are steps of their own (below); the tuple itself carries no
-                # relevance.
+                # Its parts are steps of their own (below), each computed from the split's
+                # input; the tuple itself is never needed.
                 step.kind = "split"
-                step.layer = L.PassLayer(self._callable(node))
+                step.layer = L.PassLayer(_nothing)
             elif split is not None:
                 # Part `index` of a split, taken straight from the split's input: relevance
                 # moves back into that part of it.
