@@ -95,6 +95,27 @@ def test_input_times_gradient_analyzer(net_id, build, shape, tolerance):
     assert _relative(actual, expected) <= EXACT
 
 
+def _lrp0_and_gradient_times_input(
+    model: nn.Module, oracle: nn.Module, x: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(LRP-0 of model, gradient × input of oracle, gradient × input of model)`` for the
+    selected outputs; ``oracle`` (given model's parameters here) computes the same values with
+    some quantities detached, and LRP-0 runs with a zero stabiliser everywhere."""
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(oracle(x), model(x), rtol=1e-12, atol=1e-12)
+        selection = model(x).argmax(dim=1)
+    composite = relprop.composites.Composite(
+        default=relprop.rules.Epsilon(epsilon=0.0), stabilizer=0.0
+    )
+    lrp0 = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    return (
+        lrp0,
+        _gradient_times_input(oracle, x, selection),
+        _gradient_times_input(model, x, selection),
+    )
+
+
 @pytest.mark.parametrize("net", [LayerNormNet, GroupNormNet], ids=["layer_norm", "group_norm"])
 def test_normalisation_lrp0_is_gradient_times_input_with_sigma_fixed(net):
     """LRP-0 through LayerNorms (a functional one over NHWC channels, an ``nn.LayerNorm`` over
@@ -103,20 +124,13 @@ def test_normalisation_lrp0_is_gradient_times_input_with_sigma_fixed(net):
     measurably not the plain gradient × input, which differentiates σ."""
     model = _amplified(net(bias=True).double().eval())
     oracle = net(bias=True, sigma_fixed=True).double().eval()
-    oracle.load_state_dict(model.state_dict())
     x = seeded_normal((3, 3, 5, 5), seed=11)
-    with torch.no_grad():
-        assert torch.allclose(oracle(x), model(x), rtol=1e-12, atol=1e-12)
-        selection = model(x).argmax(dim=1)
-    expected = _gradient_times_input(oracle, x, selection)
-    # The normalisations' z-rule carries the composite's stabiliser, as sums and pools do: 0 here
-    # for the exact identity (the default 1e-6 moves it by ~1e-5 where an output is near 0).
-    composite = relprop.composites.Composite(
-        default=relprop.rules.Epsilon(epsilon=0.0), stabilizer=0.0
-    )
-    lrp0 = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
+    lrp0, expected, plain = _lrp0_and_gradient_times_input(model, oracle, x)
     assert _relative(lrp0, expected) <= EXACT
-    assert _relative(lrp0, _gradient_times_input(model, x, selection)) > 1e-2
+    assert _relative(lrp0, plain) > 1e-2
+    # The normalisations' z-rule carries the composite's stabiliser, as sums and pools do (0 in
+    # the helper for the exact identity): the default 1e-6 moves it by ~1e-5 where an output
+    # is near 0.
     default = relprop.create_analyzer("lrp.z", model).analyze(x)
     assert _relative(default, expected) <= 1e-4
 
@@ -130,18 +144,11 @@ def test_transformer_lrp0_is_gradient_times_input_with_attention_weights_fixed(s
     through it). The plain gradient × input is far from it."""
     model = TinyViT(sdpa=sdpa).double().eval()
     oracle = TinyViT(sdpa=sdpa, oracle=True).double().eval()
-    oracle.load_state_dict(model.state_dict())
-    x = seeded_normal((3, 3, 6, 6), seed=11)
-    with torch.no_grad():
-        assert torch.allclose(oracle(x), model(x), rtol=1e-12, atol=1e-12)
-        selection = model(x).argmax(dim=1)
-    expected = _gradient_times_input(oracle, x, selection)
-    composite = relprop.composites.Composite(
-        default=relprop.rules.Epsilon(epsilon=0.0), stabilizer=0.0
+    lrp0, expected, plain = _lrp0_and_gradient_times_input(
+        model, oracle, seeded_normal((3, 3, 6, 6), seed=11)
     )
-    lrp0 = relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
     assert _relative(lrp0, expected) <= EXACT
-    assert _relative(lrp0, _gradient_times_input(model, x, selection)) > 1e-1
+    assert _relative(lrp0, plain) > 1e-1
 
 
 def test_layer_norm_mapped_to_pass_hands_relevance_through(monkeypatch):

@@ -119,14 +119,6 @@ class InputTimesGradient(Gradient):
         Applied to the gradient before the product with x (iNNvestigate's keyword).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        postprocess: str | None = None,
-        neuron_selection_mode: str = "max_activation",
-    ) -> None:
-        super().__init__(model, postprocess, neuron_selection_mode)
-
     def _analyze(self, x, neuron_selection):
         grad, _ = self._gradient(x, neuron_selection)
         return x * _postprocessed(grad, self.postprocess)

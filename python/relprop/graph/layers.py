@@ -449,41 +449,16 @@ class LayerNormArguments(NamedTuple):
     bias: Tensor | None
     eps: float
 
+    def normalise(self) -> Tensor:
+        return F.layer_norm(self.x, self.normalized_shape, self.weight, self.bias, self.eps)
 
-class LayerNormLayer(Layer):
-    """LayerNorm under the z-rule with its scale ``1/σ`` held fixed: the LN-rule.
+    def groups(self) -> tuple[int, ...]:
+        """The view of ``x`` with each normalised group in a row."""
+        return (*self.x.shape[: -len(self.normalized_shape)], -1)
 
-    ``y = γ ⊙ (x − μ(x)) / σ + β``, normalised over the trailing ``normalized_shape``. With σ
-    taken as a constant of the input (not differentiated), ``y`` is linear in ``x`` plus ``β``,
-    and the z-rule on it, ``R_x = x ⊙ Jᵀ(R / stab(y))``, is in closed form
-    ``x ⊙ (g − mean(g))`` with ``g = γ ⊙ s / σ`` and ``s = R / stab(y)``: relevance is conserved
-    up to the bias's share, ``Σ R_x = Σ s ⊙ (y − β)``. Differentiating through σ instead (plain
-    gradient × input) breaks conservation (Ali et al., 2022, *XAI for Transformers: Better
-    Explanations through Conservative Propagation*, ICML, which proposes holding σ fixed;
-    AttnLRP, Achtibat et al., 2024, ICML, does the same). Map the LayerNorm to ``Pass()`` in a
-    composite to hand relevance through unchanged instead (the identity rule).
-    """
-
-    def __init__(
-        self, arguments: Callable[[tuple, dict], LayerNormArguments], stabilizer: float
-    ) -> None:
-        self.arguments = arguments
-        self.stabilizer = stabilizer
-        self._weights: list[Tensor] = []
-
-    def forward(self, args, kwargs):
-        a = self.arguments(args, kwargs)
-        self._weights = [t for t in (a.weight, a.bias) if t is not None]
-        out = F.layer_norm(a.x, a.normalized_shape, a.weight, a.bias, a.eps)
-        return out, (a.x, a.weight, a.eps, len(a.normalized_shape), out)
-
-    def constants(self) -> list[Tensor]:
-        return list(self._weights)
-
-    def relevance(self, saved, relevance):
-        x, weight, eps, dims, out = saved
-        share = divide(formed(relevance), out, self.stabilizer)
-        return [_sigma_fixed_relevance(x, share, weight, eps, (*x.shape[:-dims], -1))]
+    def scale(self) -> Tensor | None:
+        """The affine weight, broadcasting against ``x``."""
+        return self.weight
 
 
 class GroupNormArguments(NamedTuple):
@@ -496,36 +471,56 @@ class GroupNormArguments(NamedTuple):
     bias: Tensor | None
     eps: float
 
+    def normalise(self) -> Tensor:
+        return F.group_norm(self.x, self.num_groups, self.weight, self.bias, self.eps)
 
-class GroupNormLayer(Layer):
-    """GroupNorm under the z-rule with each group's ``1/σ`` held fixed: the LN-rule of
-    :class:`LayerNormLayer` with the statistics of each sample's group of ``C/G`` channels
-    (InstanceNorm is ``G = C``, LayerNorm over ``(C, H, W)`` is ``G = 1``) and the affine weight
-    per channel."""
+    def groups(self) -> tuple[int, ...]:
+        return (self.x.shape[0], self.num_groups, -1)
+
+    def scale(self) -> Tensor | None:
+        if self.weight is None:
+            return None
+        # Per channel (dim 1), so the group view can take the product.
+        return self.weight.reshape(1, -1, *([1] * (self.x.dim() - 2)))
+
+
+class SigmaFixedNormLayer(Layer):
+    """LayerNorm and GroupNorm under the z-rule with their scale ``1/σ`` held fixed: the LN-rule.
+
+    ``y = γ ⊙ (x − μ(x)) / σ + β``, normalised over each group (LayerNorm: the trailing
+    ``normalized_shape``; GroupNorm: each sample's ``C/G`` channels, InstanceNorm's statistics
+    for ``G = C``). With σ taken as a constant of the input (not differentiated), ``y`` is linear
+    in ``x`` plus ``β``, and the z-rule on it, ``R_x = x ⊙ Jᵀ(R / stab(y))``, is in closed form
+    ``x ⊙ (g − mean(g))`` per group with ``g = γ ⊙ s / σ`` and ``s = R / stab(y)``: relevance is
+    conserved up to the bias's share, ``Σ R_x = Σ s ⊙ (y − β)``. Differentiating through σ
+    instead (plain gradient × input) breaks conservation (Ali et al., 2022, *XAI for Transformers:
+    Better Explanations through Conservative Propagation*, ICML, which proposes holding σ fixed;
+    AttnLRP, Achtibat et al., 2024, ICML, does the same). Map the module to ``Pass()`` in a
+    composite to hand relevance through unchanged instead (the identity rule).
+    """
 
     def __init__(
-        self, arguments: Callable[[tuple, dict], GroupNormArguments], stabilizer: float
+        self,
+        arguments: Callable[[tuple, dict], LayerNormArguments | GroupNormArguments],
+        stabilizer: float,
     ) -> None:
         self.arguments = arguments
         self.stabilizer = stabilizer
         self._weights: list[Tensor] = []
 
     def forward(self, args, kwargs):
-        x, groups, weight, bias, eps = self.arguments(args, kwargs)
-        self._weights = [t for t in (weight, bias) if t is not None]
-        out = F.group_norm(x, groups, weight, bias, eps)
-        return out, (x, groups, weight, eps, out)
+        a = self.arguments(args, kwargs)
+        self._weights = [t for t in (a.weight, a.bias) if t is not None]
+        out = a.normalise()
+        return out, (a.x, a.scale(), a.eps, a.groups(), out)
 
     def constants(self) -> list[Tensor]:
         return list(self._weights)
 
     def relevance(self, saved, relevance):
-        x, groups, weight, eps, out = saved
+        x, scale, eps, groups, out = saved
         share = divide(formed(relevance), out, self.stabilizer)
-        if weight is not None:
-            # Per channel (dim 1), so the group view below can take the product.
-            weight = weight.reshape(1, -1, *([1] * (x.dim() - 2))).expand_as(x)
-        return [_sigma_fixed_relevance(x, share, weight, eps, (x.shape[0], groups, -1))]
+        return [_sigma_fixed_relevance(x, share, scale, eps, groups)]
 
 
 def _sigma_fixed_relevance(
@@ -533,7 +528,7 @@ def _sigma_fixed_relevance(
 ) -> Tensor:
     """``x ⊙ (g − mean(g))`` with ``g = γ ⊙ share / σ``, mean and σ over the last dim of the
     view ``groups`` (each normalised group in a row): the z-rule of a normalisation whose σ is
-    held fixed (:class:`LayerNormLayer`). ``weight`` is None or broadcasts to ``x``."""
+    held fixed (:class:`SigmaFixedNormLayer`). ``weight`` is None or broadcasts to ``x``."""
     # Statistics and shares of 16-bit tensors in float32, as the ops compute them.
     compute = COMPUTE_DTYPES.get(x.dtype, x.dtype)
     xc, g = x.to(compute), share.to(compute)

@@ -745,10 +745,10 @@ class PlanBuilder:
                 step.layer = L.MovementLayer(module, reshape_only=True)
             elif isinstance(module, nn.LayerNorm) and not isinstance(mapped, Pass):
                 step.kind, step.rule = "layer_norm (σ fixed)", Norm(stabilizer)
-                step.layer = L.LayerNormLayer(_layer_norm_module_arguments(module), stabilizer)
+                step.layer = L.SigmaFixedNormLayer(_layer_norm_module_arguments(module), stabilizer)
             elif isinstance(module, nn.GroupNorm) and not isinstance(mapped, Pass):
                 step.kind, step.rule = "group_norm (σ fixed)", Norm(stabilizer)
-                step.layer = L.GroupNormLayer(_group_norm_module_arguments(module), stabilizer)
+                step.layer = L.SigmaFixedNormLayer(_group_norm_module_arguments(module), stabilizer)
             elif isinstance(mapped, Pass):
                 step.kind, step.rule = "mapped", mapped
                 step.layer = L.MappedPassLayer(module, str(node.target))
@@ -815,10 +815,10 @@ class PlanBuilder:
             step.layer = L.NormLayer(_sdpa_with_fixed_weights, stabilizer)
         elif not is_method and target in (F.layer_norm, torch.layer_norm):
             step.kind, step.rule = "layer_norm (σ fixed)", Norm(stabilizer)
-            step.layer = L.LayerNormLayer(_layer_norm_function_arguments, stabilizer)
+            step.layer = L.SigmaFixedNormLayer(_layer_norm_function_arguments, stabilizer)
         elif not is_method and target in (F.group_norm, torch.group_norm):
             step.kind, step.rule = "group_norm (σ fixed)", Norm(stabilizer)
-            step.layer = L.GroupNormLayer(_group_norm_function_arguments, stabilizer)
+            step.layer = L.SigmaFixedNormLayer(_group_norm_function_arguments, stabilizer)
         elif (not is_method and target in MEAN_FUNCTIONS) or (is_method and target in MEAN_METHODS):
             step.kind, step.rule = "mean", Norm(stabilizer)
             step.layer = L.NormLayer(self._callable(node), stabilizer)
