@@ -330,6 +330,39 @@ def test_bounded_dense_first_layer_with_per_feature_bounds_float64():
     assert relative_error(actual, expected) <= FLOAT64_TOLERANCE
 
 
+class RunningInstanceNormCNN(nn.Module):
+    """An InstanceNorm with running statistics (in eval mode a fixed per-channel affine map,
+    which relprop passes relevance through, as Zennit's ``Pass``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        with torch.no_grad():
+            self.norm.running_mean.normal_(0.0, 0.3)
+            self.norm.running_var.uniform_(0.5, 2.0)
+            self.norm.weight.normal_(1.0, 0.3)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(torch.relu(self.norm(self.conv(x))), 1))
+
+
+def test_instance_norm_with_running_statistics_passes_relevance_float64():
+    model = RunningInstanceNormCNN().double().eval()
+    x = _input((3, 8, 8))
+    ours = relprop.composites.uniform(relprop.rules.Epsilon(epsilon=0.01))
+    theirs = zc.LayerMapComposite(
+        layer_map=[*zc.layer_map_base(), (nn.InstanceNorm2d, zr.Pass()),
+                   (nn.Conv2d, zr.Epsilon(epsilon=0.01)), (nn.Linear, zr.Epsilon(epsilon=0.01))]
+    )  # fmt: skip
+    expected = zennit_attribution(model, x, theirs)
+    analyzer = relprop.create_analyzer("lrp", model, composite=ours)
+    assert relative_error(analyzer.analyze(x), expected) <= FLOAT64_TOLERANCE
+    assert "instance_norm (running statistics)" in str(analyzer.plan)
+
+
 def _vgg16() -> nn.Module:
     torch.manual_seed(0)
     return torchvision.models.vgg16(weights=None).eval()

@@ -269,15 +269,22 @@ def group_norm_sigma_fixed(
 
 
 class GroupNormNet(nn.Module):
-    """An ``nn.GroupNorm`` (3 groups of 2 channels) after a conv and a functional
-    ``F.group_norm`` with one channel per group (InstanceNorm's statistics) after another, in a
-    ReLU net. With ``sigma_fixed`` both are :func:`group_norm_sigma_fixed` (same values, σ
-    detached). Input ``(N, 3, 5, 5)``, 4 classes."""
+    """An ``nn.GroupNorm`` (3 groups of 2 channels) after a conv, a functional
+    ``F.group_norm`` with one channel per group after another and (``instance_norm``) an affine
+    ``nn.InstanceNorm2d`` after a third, in a ReLU net. With ``sigma_fixed`` all three are
+    :func:`group_norm_sigma_fixed` (same values, σ detached). Input ``(N, 3, 5, 5)``, 4
+    classes."""
 
-    def __init__(self, bias: bool = True, sigma_fixed: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        bias: bool = True,
+        sigma_fixed: bool = False,
+        instance_norm: bool = True,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.sigma_fixed = sigma_fixed
+        self.sigma_fixed, self.instance_norm = sigma_fixed, instance_norm
         self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=bias)
         self.norm1 = nn.GroupNorm(3, 6, affine=True)
         with torch.no_grad():
@@ -285,6 +292,11 @@ class GroupNormNet(nn.Module):
             self.norm1.bias.normal_(0.0, 0.3) if bias else self.norm1.bias.zero_()
         self.conv2 = nn.Conv2d(6, 4, 3, padding=1, bias=bias)
         self.norm2_weight = nn.Parameter(1.0 + 0.5 * torch.randn(4))
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+        self.norm3 = nn.InstanceNorm2d(4, affine=True)
+        with torch.no_grad():
+            self.norm3.weight.normal_(1.0, 0.5)
+            self.norm3.bias.normal_(0.0, 0.3) if bias else self.norm3.bias.zero_()
         self.fc = nn.Linear(4 * 5 * 5, 4, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -298,6 +310,13 @@ class GroupNormNet(nn.Module):
             x = group_norm_sigma_fixed(x, 4, self.norm2_weight, None, 1e-5)
         else:
             x = F.group_norm(x, 4, self.norm2_weight, None, 1e-5)
+        if not self.instance_norm:
+            return self.fc(torch.flatten(torch.relu(x), 1))
+        x = self.conv3(torch.relu(x))
+        if self.sigma_fixed:
+            x = group_norm_sigma_fixed(x, 4, self.norm3.weight, self.norm3.bias, self.norm3.eps)
+        else:
+            x = self.norm3(x)
         return self.fc(torch.flatten(torch.relu(x), 1))
 
 

@@ -484,6 +484,29 @@ class GroupNormArguments(NamedTuple):
         return self.weight.reshape(1, -1, *([1] * (self.x.dim() - 2)))
 
 
+class InstanceNormArguments(NamedTuple):
+    """An InstanceNorm normalising with each sample's own statistics (GroupNorm's with a
+    channel per group), run as ``F.instance_norm``."""
+
+    x: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+    def normalise(self) -> Tensor:
+        return F.instance_norm(
+            self.x, None, None, self.weight, self.bias, use_input_stats=True, eps=self.eps
+        )
+
+    def groups(self) -> tuple[int, ...]:
+        return (self.x.shape[0], self.x.shape[1], -1)
+
+    def scale(self) -> Tensor | None:
+        if self.weight is None:
+            return None
+        return self.weight.reshape(1, -1, *([1] * (self.x.dim() - 2)))
+
+
 class SigmaFixedNormLayer(Layer):
     """LayerNorm and GroupNorm under the z-rule with their scale ``1/σ`` held fixed: the LN-rule.
 
@@ -501,7 +524,9 @@ class SigmaFixedNormLayer(Layer):
 
     def __init__(
         self,
-        arguments: Callable[[tuple, dict], LayerNormArguments | GroupNormArguments],
+        arguments: Callable[
+            [tuple, dict], LayerNormArguments | GroupNormArguments | InstanceNormArguments
+        ],
         stabilizer: float,
     ) -> None:
         self.arguments = arguments

@@ -749,6 +749,19 @@ class PlanBuilder:
             elif isinstance(module, nn.GroupNorm) and not isinstance(mapped, Pass):
                 step.kind, step.rule = "group_norm (σ fixed)", Norm(stabilizer)
                 step.layer = L.SigmaFixedNormLayer(_group_norm_module_arguments(module), stabilizer)
+            elif isinstance(module, nn.modules.instancenorm._InstanceNorm) and not isinstance(
+                mapped, Pass
+            ):
+                if module.track_running_stats:
+                    # In eval mode a per-channel affine map with fixed statistics, as an
+                    # unfolded BatchNorm: relevance passes through.
+                    step.kind, step.rule = "instance_norm (running statistics)", Pass()
+                    step.layer = L.PassLayer(module)
+                else:
+                    step.kind, step.rule = "instance_norm (σ fixed)", Norm(stabilizer)
+                    step.layer = L.SigmaFixedNormLayer(
+                        _instance_norm_module_arguments(module), stabilizer
+                    )
             elif isinstance(mapped, Pass):
                 step.kind, step.rule = "mapped", mapped
                 step.layer = L.MappedPassLayer(module, str(node.target))
@@ -1100,6 +1113,17 @@ def _group_norm_module_arguments(module: nn.GroupNorm):
         weight = None if module.weight is None else module.weight.detach()
         bias = None if module.bias is None else module.bias.detach()
         return L.GroupNormArguments(args[0], module.num_groups, weight, bias, module.eps)
+
+    return arguments
+
+
+def _instance_norm_module_arguments(module: nn.Module):
+    """An InstanceNorm step's arguments (its affine parameters read at each run)."""
+
+    def arguments(args: tuple, kwargs: dict) -> L.InstanceNormArguments:
+        weight = None if module.weight is None else module.weight.detach()
+        bias = None if module.bias is None else module.bias.detach()
+        return L.InstanceNormArguments(args[0], weight, bias, module.eps)
 
     return arguments
 
