@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.oracles.nets import SmallCNN, seeded_normal, seeded_uniform
+from tests.oracles.nets import FunctionalCNN, SmallCNN, seeded_normal, seeded_uniform
 from torch import Tensor
 
 import relprop
@@ -355,3 +355,51 @@ def test_warnings_point_at_the_callers_line():
     with pytest.warns(UserWarning, match="forward hooks") as record:
         relprop.create_analyzer("lrp.epsilon", model).analyze(seeded_normal((2, 6), 8))
     assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["lrp.epsilon", "lrp.epsilon_gamma_box", "lrp.epsilon_plus_flat", "lrp.epsilon_alpha2_beta1",
+     "deep_taylor"],
+)  # fmt: skip
+def test_functional_layers_are_explained_as_their_modules(name):
+    """F.conv2d / F.conv1d / F.linear on the model's parameters: the same relevance as the same
+    network of nn modules (a BatchNorm after a functional convolution folded, the first layer's
+    rule on the first functional layer), and a parameter given anew is the one explained."""
+    model = FunctionalCNN().double().eval()
+    x = seeded_uniform((3, 4, 8, 8), seed=2, low=-2.5, high=2.5)
+    analyzer = relprop.create_analyzer(name, model)
+    expected = relprop.create_analyzer(name, model.as_modules().eval()).analyze(x)
+    torch.testing.assert_close(analyzer.analyze(x), expected, rtol=1e-12, atol=1e-12)
+    assert "batchnorm (folded)" in str(analyzer.plan)
+    model.w4 = torch.nn.Parameter(torch.randn_like(model.w4))
+    expected = relprop.create_analyzer(name, model.as_modules().eval()).analyze(x)
+    torch.testing.assert_close(analyzer.analyze(x), expected, rtol=1e-12, atol=1e-12)
+
+
+class _Offset(torch.nn.Module):
+    """``fc(relu(x + offset))``, the offset given as a parameter or computed from one."""
+
+    def __init__(self, computed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.computed = computed
+        self.raw = torch.nn.Parameter(torch.randn(6))
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        offset = (self.raw * 2.0).tanh() if self.computed else self.raw
+        return self.fc(torch.relu(x + offset))
+
+
+def test_values_computed_from_parameters_alone_are_constants():
+    """An offset computed from a parameter by any ops (here tanh, which relprop maps nowhere
+    else) runs as the model runs it and is an added constant, as a stored one is."""
+    model, stored = _Offset(computed=True).double().eval(), _Offset(computed=False).double()
+    with torch.no_grad():
+        stored.raw.copy_((model.raw * 2.0).tanh())
+    x = seeded_normal((3, 6), 8)
+    analyzer = relprop.create_analyzer("lrp.epsilon", model)
+    expected = relprop.create_analyzer("lrp.epsilon", stored.eval()).analyze(x)
+    torch.testing.assert_close(analyzer.analyze(x), expected, rtol=0, atol=0)
+    assert "constant" in str(analyzer.plan)

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tests.oracles.nets import SmallCNN, bn_sequential, seeded_normal
 from torch import Tensor, nn
 
@@ -344,6 +345,25 @@ def test_box_bounds_that_vary_within_a_channel_are_refused_naming_the_shape(mode
         relprop.create_analyzer("lrp", model, composite=composite).analyze(x)
     with pytest.raises(ValueError, match="low < high"):
         relprop.composites.EpsilonGammaBox(low=torch.tensor([0.0, 1.0]), high=0.5)
+
+
+class StandardisedConv(nn.Module):
+    """A convolution whose weight is standardised in forward (BiT's StdConv2d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std()
+        return self.head(torch.relu(F.conv2d(x, w, padding=1)).mean((2, 3)))
+
+
+def test_functional_layer_with_a_computed_weight_is_refused_with_the_way_out(x):
+    torch.manual_seed(0)
+    with pytest.raises(relprop.UnsupportedLayerError, match="weight is computed in the forward"):
+        relprop.create_analyzer("lrp.epsilon", StandardisedConv().eval()).analyze(x[:, :3])
 
 
 def _mlp() -> nn.Sequential:

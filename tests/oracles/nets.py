@@ -7,6 +7,8 @@ checked by name, and each module is used once (Captum's LRP requires it).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -391,3 +393,48 @@ class TinyViT(nn.Module):
         h = _IdentityRuleGradient.apply(h, F.gelu) if self.oracle else self.gelu(h)
         x = x + self.mlp_2(h)
         return self.head(self._norm(self.ln, x)[:, 0])
+
+
+class FunctionalCNN(nn.Module):
+    """A CNN written with ``F.conv2d``, ``F.conv1d`` and ``F.linear`` on its own parameters (a
+    BatchNorm module after the first convolution, a strided grouped second one, a 1-D one over
+    the rows), and :meth:`as_modules`, the same network built of ``nn`` modules. Input
+    ``(N, 4, 8, 8)``, 5 classes."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.w1, self.b1 = nn.Parameter(0.3 * torch.randn(6, 4, 3, 3)), nn.Parameter(torch.randn(6))
+        self.bn = nn.BatchNorm2d(6)
+        self.w2 = nn.Parameter(0.3 * torch.randn(8, 3, 3, 3))
+        self.w3, self.b3 = (
+            nn.Parameter(0.3 * torch.randn(4, 8 * 4, 3)),
+            nn.Parameter(torch.randn(4)),
+        )
+        self.w4, self.b4 = nn.Parameter(0.3 * torch.randn(5, 4 * 4)), nn.Parameter(torch.randn(5))
+        randomize_batchnorm(self, seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn(F.conv2d(x, self.w1, self.b1, padding=1)))
+        x = torch.relu(F.conv2d(x, self.w2, None, stride=2, padding=1, groups=2))
+        x = torch.relu(F.conv1d(x.flatten(1, 2), self.w3, self.b3, padding=1))
+        return F.linear(x.flatten(1), self.w4, self.b4)
+
+    def as_modules(self) -> nn.Sequential:
+        """The same network of ``nn`` modules, sharing nothing (its own parameter copies)."""
+        dtype = self.w1.dtype  # built in it, so that the copies below are exact
+        conv1 = nn.Conv2d(4, 6, 3, padding=1, dtype=dtype)
+        conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2, bias=False, dtype=dtype)
+        conv3 = nn.Conv1d(32, 4, 3, padding=1, dtype=dtype)
+        fc = nn.Linear(16, 5, dtype=dtype)
+        with torch.no_grad():
+            for layer, weight, bias in ((conv1, self.w1, self.b1), (conv2, self.w2, None),
+                                        (conv3, self.w3, self.b3), (fc, self.w4, self.b4)):  # fmt: skip
+                layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
+        bn = copy.deepcopy(self.bn)
+        return nn.Sequential(
+            conv1, bn, nn.ReLU(), conv2, nn.ReLU(), nn.Flatten(1, 2), conv3, nn.ReLU(),
+            nn.Flatten(), fc,
+        )  # fmt: skip

@@ -180,6 +180,41 @@ def _split_of(node: fx.Node) -> fx.Node | None:
     return None
 
 
+# Functional layers and their parameter names (F.linear, F.conv1d, F.conv2d).
+FUNCTIONAL_LAYERS = {
+    F.linear: ("input", "weight", "bias"),
+    F.conv1d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+}
+
+
+class FunctionalParameters:
+    """``weight`` and ``bias`` of a functional layer, read from the model's attributes each time
+    they are asked for, as a module's are."""
+
+    def __init__(self, root: nn.Module, weight: str, bias: str | None) -> None:
+        self._root, self._weight, self._bias = root, weight, bias
+
+    @property
+    def weight(self) -> Tensor:
+        return _attribute(self._root, self._weight)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return None if self._bias is None else _attribute(self._root, self._bias)
+
+
+def _attribute(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _fetch_attr_shape(root: nn.Module, target: str) -> tuple[int, ...]:
+    return tuple(_attribute(root, target).shape)
+
+
 def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -376,6 +411,8 @@ class PlanBuilder:
             )
         folded = self._fold_batch_norms()
         self._meta: set[str] = set()  # nodes whose values are sizes, not tensors
+        # Nodes computed from the model's attributes alone (no input): no relevance reaches them.
+        self._constants: set[str] = set()
         steps: list[Step] = []
         first_layer = None
         for node in gm.graph.nodes:
@@ -431,6 +468,7 @@ class PlanBuilder:
                 step.kind = "output"
             elif node.op == "get_attr":
                 step.kind = "constant"
+                self._constants.add(node.name)
             elif node.name in folded.get("absorbed", {}):
                 self._check_no_rule_on_unweighted(node)
                 step.kind = "batchnorm (folded)"
@@ -633,10 +671,42 @@ class PlanBuilder:
         )
 
     def _has_weights(self, node: fx.Node) -> bool:
+        if node.op == "call_function":
+            return self._functional_layer(node) is not None
         if node.op != "call_module":
             return False
         module = self.gm.get_submodule(node.target)
         return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+
+    def _functional_layer(self, node: fx.Node) -> tuple[nn.Module, FunctionalParameters] | None:
+        """For ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` whose weight (and bias) are parameters
+        or buffers of the model: an equivalent module on the meta device (its type and geometry
+        choose the rule as a module's would) and the parameters read at every pass."""
+        if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS:
+            return None
+        names = FUNCTIONAL_LAYERS[node.target]
+        bound = {**dict(zip(names, node.args)), **node.kwargs}
+        weight, bias = bound.get("weight"), bound.get("bias")
+        constant = [t for t in (weight, bias) if t is not None]
+        if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in constant):
+            return None
+        shape = _fetch_attr_shape(self.gm, weight.target)
+        has_bias = bias is not None
+        if node.target is F.linear:
+            module = nn.Linear(shape[1], shape[0], bias=has_bias, device="meta")
+        else:
+            conv = nn.Conv1d if node.target is F.conv1d else nn.Conv2d
+            groups = bound.get("groups", 1)
+            module = conv(
+                shape[1] * groups, shape[0], tuple(shape[2:]), stride=bound.get("stride", 1),
+                padding=bound.get("padding", 0), dilation=bound.get("dilation", 1),
+                groups=groups, bias=has_bias, device="meta",
+            )  # fmt: skip
+        # Read from the model itself: a parameter it was given anew since the trace (model.w =
+        # nn.Parameter(...)) is the one explained, as a module's would be.
+        root = self.model if self.model is not None else self.gm
+        params = FunctionalParameters(root, weight.target, bias.target if has_bias else None)
+        return module, params
 
     # -- classification -----------------------------------------------------------------
 
@@ -782,12 +852,36 @@ class PlanBuilder:
         target = node.target
         is_method = node.op == "call_method"
         inputs = node.all_input_nodes
+        functional = self._functional_layer(node)
+        if functional is not None:
+            module, params = functional
+            mapped = self.composite.rule_for(step.path, module, is_first)
+            bns = folded["bns"].get(node.name, [])
+            self._weight_step(node, step, module, bns, mapped, params)
+            return
         if inputs and all(n.name in self._meta for n in inputs):
             # Arithmetic on sizes (h.size(1) * h.size(2), x.shape[1] // 2): Python numbers that
             # carry no relevance, whatever the operator.
             step.kind = "meta"
             step.layer = L.PassLayer(self._callable(node))
             return
+        if inputs and all(n.name in self._constants or n.name in self._meta for n in inputs):
+            # Computed from parameters and buffers alone (a standardised weight, a scaled
+            # embedding): run as the model runs it, whatever the operator; relevance, which
+            # flows from the input, never reaches it.
+            step.kind = "constant"
+            step.layer = L.PassLayer(self._callable(node))
+            self._constants.add(node.name)
+            return
+        if not is_method and target in FUNCTIONAL_LAYERS:
+            raise _unsupported(
+                node,
+                self.gm,
+                "its weight is computed in the forward pass (from the input, or from parameters "
+                "by other ops), not a parameter or buffer of the model that LRP's rules can read",
+                "Give the layer its weight as a parameter (an nn.Linear/nn.Conv2d, or "
+                f"F.{target.__name__}(x, self.weight, ...)); or {_GRADIENT_WAY_OUT}",
+            )
         if (not is_method and target in ACTIVATION_FUNCTIONS) or (
             is_method and target in ACTIVATION_METHODS
         ):
@@ -923,7 +1017,9 @@ class PlanBuilder:
             return lambda *a, **k: target(*a, **{**k, "inplace": False})
         return target
 
-    def _weight_step(self, node, step, module, bns, mapped) -> None:
+    def _weight_step(self, node, step, module, bns, mapped, params=None) -> None:
+        """``params``: where the weights are read (a functional layer's); the module's own by
+        default."""
         rule = mapped if isinstance(mapped, Rule) else self.composite.default_rule()
         if isinstance(mapped, Pass):
             raise _unsupported(
@@ -985,7 +1081,8 @@ class PlanBuilder:
         step.impl = f"relprop::{op} [{backend}]"
         if bns:
             step.kind += " + batchnorm"
-        step.layer = L.WeightLayer(FoldedParameters(module, bns), rule, geometry, dims)
+        source = module if params is None else params
+        step.layer = L.WeightLayer(FoldedParameters(source, bns), rule, geometry, dims)
 
     def _sum_step(self, node, step, stabilizer) -> None:
         live = [a for a in node.args[:2] if isinstance(a, fx.Node) and not self._is_constant(a)]
@@ -1035,7 +1132,7 @@ class PlanBuilder:
         step.layer = L.GateLayer(signal_index=gates.index(False))
 
     def _is_constant(self, node: fx.Node) -> bool:
-        return node.op == "get_attr"
+        return node.op == "get_attr" or node.name in self._constants
 
     def _is_gate(self, node: fx.Node) -> bool:
         if node.op == "call_module":
