@@ -439,6 +439,12 @@ class NormLayer(Layer):
         return [None if g is None else g * t for g, t in zip(grads, tensors)]
 
 
+def _per_channel(weight: Tensor | None, x: Tensor) -> Tensor | None:
+    """A per-channel affine weight shaped to broadcast against ``x`` ``(N, C, ...)`` along dim 1,
+    so that a group view of the product can be taken."""
+    return None if weight is None else weight.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
 class LayerNormArguments(NamedTuple):
     """What ``F.layer_norm`` takes: the input, the normalised trailing shape, the affine weight
     and bias (or None) and the variance's ε."""
@@ -478,10 +484,7 @@ class GroupNormArguments(NamedTuple):
         return (self.x.shape[0], self.num_groups, -1)
 
     def scale(self) -> Tensor | None:
-        if self.weight is None:
-            return None
-        # Per channel (dim 1), so the group view can take the product.
-        return self.weight.reshape(1, -1, *([1] * (self.x.dim() - 2)))
+        return _per_channel(self.weight, self.x)
 
 
 class InstanceNormArguments(NamedTuple):
@@ -502,9 +505,7 @@ class InstanceNormArguments(NamedTuple):
         return (self.x.shape[0], self.x.shape[1], -1)
 
     def scale(self) -> Tensor | None:
-        if self.weight is None:
-            return None
-        return self.weight.reshape(1, -1, *([1] * (self.x.dim() - 2)))
+        return _per_channel(self.weight, self.x)
 
 
 class SigmaFixedNormLayer(Layer):
