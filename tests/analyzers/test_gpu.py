@@ -79,3 +79,75 @@ def test_cuda_runs_are_bitwise_equal(composite, backend, monkeypatch):
     first = _relevance("resnet50", composite, torch.float32, backend, monkeypatch, x)
     second = _relevance("resnet50", composite, torch.float32, backend, monkeypatch, x)
     assert torch.equal(first, second)
+
+
+# Architectures whose layers are torch compositions around the kernels (LayerNorm, GroupNorm,
+# attention with its weights fixed, splits), at 64×64 (ViT sized for it).
+MIXED_ARCHITECTURES = {
+    "convnext_tiny": {},
+    "vit_b_16": {"image_size": 64},
+    "shufflenet_v2_x1_0": {},
+}
+
+
+def _mixed_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(**MIXED_ARCHITECTURES[name])
+    with torch.no_grad():
+        for module in model.modules():
+            # ViT's head starts at zero: every relevance would be zero.
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.normal_(0.0, 0.02)
+    return model.eval().to("cuda", dtype)
+
+
+def _mixed_relevance(name, dtype, backend, monkeypatch, x, composite):
+    monkeypatch.setenv("RELPROP_BACKEND", backend)
+    analyzer = relprop.create_analyzer(
+        "lrp", _mixed_model(name, dtype), composite=composite(), neuron_selection_mode="index"
+    )
+    # Fixed classes: random weights leave the logits nearly tied, and bfloat16 would explain
+    # another argmax (ShuffleNet: class 73 against float64's 633, cosine −0.59; 0.9998 with the
+    # classes fixed, checked on the CPU).
+    return analyzer.analyze(x.to(dtype), neuron_selection=[1, 2]).double()
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("name", list(MIXED_ARCHITECTURES))
+def test_fp32_mixed_architectures_match_reference(name, backend, monkeypatch):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)).cuda()
+    composite = relprop.composites.EpsilonPlusFlat
+    truth = _mixed_relevance(name, torch.float64, "reference", monkeypatch, x, composite)
+    reference32 = _mixed_relevance(name, torch.float32, "reference", monkeypatch, x, composite)
+    fused = _mixed_relevance(name, torch.float32, backend, monkeypatch, x, composite)
+    scale = truth.abs().max()
+    reference_error = (reference32 - truth).abs().max() / scale
+    assert (fused - truth).abs().max() / scale <= 2 * reference_error + 1e-6
+    bf16 = _mixed_relevance(name, torch.bfloat16, backend, monkeypatch, x, composite)
+    assert torch.isfinite(bf16).all()
+    cosine = torch.nn.functional.cosine_similarity(bf16.flatten(), truth.flatten(), dim=0)
+    assert cosine > 0.9
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_fp32_per_channel_box_matches_reference(backend, monkeypatch):
+    """EpsilonGammaBox with ImageNet's per-channel bounds: the first layer's relevance in the
+    unit box (rules/zbox.py) on the device's kernels."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(5)) - mean) / std
+    x = x.cuda()
+
+    def composite():
+        return relprop.composites.EpsilonGammaBox(low=-mean / std, high=(1 - mean) / std)
+
+    runs = {}
+    for dtype, name in ((torch.float64, "reference"), (torch.float32, "reference"),
+                        (torch.float32, backend)):  # fmt: skip
+        monkeypatch.setenv("RELPROP_BACKEND", name)
+        analyzer = relprop.create_analyzer("lrp", _model("vgg16", dtype), composite=composite())
+        runs[dtype, name] = analyzer.analyze(x.to(dtype)).double()
+    truth = runs[torch.float64, "reference"]
+    scale = truth.abs().max()
+    reference_error = (runs[torch.float32, "reference"] - truth).abs().max() / scale
+    assert (runs[torch.float32, backend] - truth).abs().max() / scale <= 2 * reference_error + 1e-6
