@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.oracles.nets import SmallCNN1d, tiny_cnn
+from tests.oracles.nets import LayerNormNet, SmallCNN1d, TinyViT, tiny_cnn
 from torch import nn
 
 import relprop
@@ -49,6 +49,22 @@ def test_repeated_runs_are_bitwise_equal(composite):
 def test_torch_compile_gives_the_same_relevance():
     x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(3))
     analyzer = relprop.create_analyzer("lrp", tiny_cnn(), composite=COMPOSITES["EpsilonPlusFlat"]())
+    eager = analyzer.analyze(x)
+    compiled = torch.compile(analyzer.analyze, dynamic=False)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [(lambda: LayerNormNet().eval(), (2, 3, 5, 5)), (lambda: TinyViT().eval(), (2, 3, 6, 6))],
+    ids=["permute-layernorm", "attention"],
+)
+def test_torch_compile_of_layers_with_a_vector_jacobian_product(build, shape):
+    """Permutes and attention take their relevance from autograd (graph/layers._vjp): traced by
+    torch.compile, the leaves lost requires_grad ("element 0 of tensors does not require grad");
+    the product now runs eagerly inside the compiled analysis."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    analyzer = relprop.create_analyzer("lrp.epsilon", build())
     eager = analyzer.analyze(x)
     compiled = torch.compile(analyzer.analyze, dynamic=False)
     torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-6)

@@ -741,6 +741,9 @@ def _flat_tensors(args: tuple, kwargs: dict) -> list[Any]:
     return flat
 
 
+# Eager under torch.compile: traced, the fresh leaves' requires_grad_ was lost after a graph
+# break inside (a permute's relevance failed with "element 0 of tensors does not require grad").
+@torch.compiler.disable
 def _vjp(fn: Callable[..., Any], args: tuple, kwargs: dict, cotangent: Tensor) -> list:
     """Vector-Jacobian product of ``fn`` at ``(args, kwargs)`` for every tensor leaf."""
     leaves = _flat_tensors(args, kwargs)
