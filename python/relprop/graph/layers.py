@@ -509,7 +509,8 @@ class InstanceNormArguments(NamedTuple):
 
 
 class SigmaFixedNormLayer(Layer):
-    """LayerNorm and GroupNorm under the z-rule with their scale ``1/σ`` held fixed: the LN-rule.
+    """LayerNorm, GroupNorm and InstanceNorm under the z-rule with their scale ``1/σ`` held
+    fixed: the LN-rule.
 
     ``y = γ ⊙ (x − μ(x)) / σ + β``, normalised over each group (LayerNorm: the trailing
     ``normalized_shape``; GroupNorm: each sample's ``C/G`` channels, InstanceNorm's statistics

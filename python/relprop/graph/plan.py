@@ -197,22 +197,19 @@ class FunctionalParameters:
 
     @property
     def weight(self) -> Tensor:
-        return _attribute(self._root, self._weight)
+        return attribute(self._root, self._weight)
 
     @property
     def bias(self) -> Tensor | None:
-        return None if self._bias is None else _attribute(self._root, self._bias)
+        return None if self._bias is None else attribute(self._root, self._bias)
 
 
-def _attribute(root: nn.Module, target: str) -> Any:
+def attribute(root: nn.Module, target: str) -> Any:
+    """The attribute a ``get_attr`` node's dotted ``target`` names on ``root``."""
     value: Any = root
     for part in target.split("."):
         value = getattr(value, part)
     return value
-
-
-def _fetch_attr_shape(root: nn.Module, target: str) -> tuple[int, ...]:
-    return tuple(_attribute(root, target).shape)
 
 
 def _nothing(*args: Any, **kwargs: Any) -> None:
@@ -690,7 +687,7 @@ class PlanBuilder:
         constant = [t for t in (weight, bias) if t is not None]
         if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in constant):
             return None
-        shape = _fetch_attr_shape(self.gm, weight.target)
+        shape = tuple(attribute(self.gm, weight.target).shape)
         has_bias = bias is not None
         if node.target is F.linear:
             module = nn.Linear(shape[1], shape[0], bias=has_bias, device="meta")

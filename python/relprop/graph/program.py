@@ -18,7 +18,7 @@ from torch import Tensor, fx
 from relprop.errors import AnalyzerInputError
 from relprop.graph.canonize import fold_all
 from relprop.graph.layers import InputProduct, formed, join
-from relprop.graph.plan import Plan
+from relprop.graph.plan import Plan, attribute
 from relprop.ops._layer_rules import transient_budget
 
 
@@ -214,9 +214,7 @@ def _storages(objects, sizes: dict[int, int]) -> set[int]:
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
+    value = attribute(gm, target)
     return value.detach() if isinstance(value, Tensor) else value
 
 

@@ -106,8 +106,8 @@ class ZBox(Rule):
         ...)``. Raises ``ValueError`` naming the shapes where a bound is not per channel.
         """
         channels = x.shape[1]
-        low, high = (self._channel_values(b, name, x) for b, name in ((self.low, "low"),
-                                                                       (self.high, "high")))  # fmt: skip
+        low = self._channel_values(self.low, "low", x)
+        high = self._channel_values(self.high, "high", x)
         gap = high - low
         view = (1, channels, *([1] * (x.dim() - 2)))
         u = (x - low.view(view)) / gap.view(view)
