@@ -119,8 +119,9 @@ def check_tensors(*tensors: Optional[torch.Tensor]) -> None:
     """Raise unless all tensors share a supported dtype and a device the kernels can run on."""
     present = [t for t in tensors if t is not None]
     dtype, device = present[0].dtype, present[0].device
-    if device.type != "cuda" and not INTERPRETED and not has_active_driver():
-        # Else Triton's own error: "0 active drivers ([]). There should only be one."
+    if device.type != "cuda" and not INTERPRETED and not driver_takes_cpu_tensors():
+        # Else Triton's own error: "0 active drivers ([]). There should only be one." without a
+        # GPU, and beside one "Pointer argument (at 0) cannot be accessed from Triton".
         raise ValueError(
             f"the Triton kernels run on CUDA tensors, or on the CPU under Triton's interpreter "
             f"(TRITON_INTERPRET=1 set before triton is first imported); got tensors on {device}. "
@@ -183,14 +184,15 @@ def interpreter_failure() -> Optional[str]:
     )
 
 
-def has_active_driver() -> bool:
-    """Whether Triton has a driver to launch with: a GPU's, or one set by the caller (the
-    launches that benchmarks/triton_resources.py records, with CPU tensors, compile nothing)."""
+def driver_takes_cpu_tensors() -> bool:
+    """Whether Triton's active driver is a stand-in set by the caller (the launches that
+    benchmarks/triton_resources.py records, with CPU tensors, compile nothing and run nothing).
+    Triton's own drivers launch on a GPU, which cannot read CPU memory."""
     try:
-        triton.runtime.driver.active  # noqa: B018 (the lookup is the test: it creates the driver)
-    except RuntimeError:
+        active = triton.runtime.driver.active  # creates Triton's driver where there is a GPU
+    except RuntimeError:  # no GPU and no stand-in
         return False
-    return True
+    return not type(active).__module__.startswith("triton.")
 
 
 def dot_precision(x: torch.Tensor, allow_tf32: bool) -> str:

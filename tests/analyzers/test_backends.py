@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.oracles.devices import TRITON_DEVICE, exact_fp32
 from tests.oracles.nets import LayerNormNet, SmallCNN1d, TinyViT, tiny_cnn
 from torch import nn
 
@@ -24,7 +25,8 @@ COMPOSITES = {
 
 def _analyze(composite: str, backend: str, monkeypatch, x) -> torch.Tensor:
     monkeypatch.setenv("RELPROP_BACKEND", backend)
-    analyzer = relprop.create_analyzer("lrp", tiny_cnn(), composite=COMPOSITES[composite]())
+    model = tiny_cnn().to(x.device)
+    analyzer = relprop.create_analyzer("lrp", model, composite=COMPOSITES[composite]())
     return analyzer.analyze(x)
 
 
@@ -35,7 +37,9 @@ def test_backends_agree(composite, monkeypatch):
     reference = _analyze(composite, "reference", monkeypatch, x.double().float())
     scale = reference.abs().max()
     for backend in ("native", "triton"):
-        got = _analyze(composite, backend, monkeypatch, x)
+        device = TRITON_DEVICE if backend == "triton" else x.device
+        with exact_fp32():
+            got = _analyze(composite, backend, monkeypatch, x.to(device)).cpu()
         assert (got - reference).abs().max() <= 1e-5 * scale, backend
 
 

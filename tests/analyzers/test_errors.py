@@ -443,6 +443,8 @@ def test_wrapped_models_are_explained_as_the_model_they_run(model, x, wrap):
         "compiled": torch.compile,
         "AveragedModel": torch.optim.swa_utils.AveragedModel,
     }[wrap](model)
+    # With one GPU visible, DataParallel moves the model onto it.
+    x = x.to(next(model.parameters()).device)
     expected = relprop.create_analyzer("lrp.epsilon_plus", model).analyze(x)
     assert torch.equal(relprop.create_analyzer("lrp.epsilon_plus", wrapped).analyze(x), expected)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -127,21 +129,44 @@ def test_profiles_name_the_op_called_as_a_function():
     assert "relprop::conv2d_forward" in keys, keys
 
 
-def test_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
+class _GpuDriverStandIn:
+    """Named as Triton's own CUDA driver is: what a GPU machine has active."""
+
+    __module__ = "triton.backends.nvidia.driver"
+
+
+@contextlib.contextmanager
+def _active_triton_driver(driver_object):
+    from triton.runtime import driver
+
+    # Triton >= 3.4 keeps the active driver in ``_active``, older ones in ``active``.
+    attribute = "_active" if hasattr(driver, "_active") else "active"
+    before = getattr(driver, attribute)
+    if driver_object is not None:
+        driver.set_active(driver_object)
+    try:
+        yield
+    finally:
+        setattr(driver, attribute, before)
+
+
+@pytest.mark.parametrize("machine", ["no GPU", "beside a GPU"])
+def test_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch, machine):
     """Forced onto Triton with CPU tensors outside the interpreter, an analysis fails with what
     the kernels need and the way out, not Triton's "0 active drivers ([]). There should only be
-    one." (The suite itself runs Triton interpreted on a CPU, so that mode is patched in.)"""
+    one." (no GPU) or "Pointer argument (at 0) cannot be accessed from Triton" (a GPU machine,
+    where Triton's CUDA driver is active). The suite itself runs Triton interpreted on a CPU, so
+    that mode is patched out."""
     from tests.oracles.nets import tiny_cnn
 
     import relprop
     from relprop._kernels.triton import _common
 
     monkeypatch.setattr(_common, "INTERPRETED", False)
-    # As on a machine without a GPU (this one, in CI): no driver to launch with.
-    monkeypatch.setattr(_common, "has_active_driver", lambda: False)
     monkeypatch.setenv("RELPROP_BACKEND", "triton")
     analyzer = relprop.create_analyzer("lrp.epsilon", tiny_cnn())
-    with pytest.raises(ValueError) as raised:
+    stand_in = _GpuDriverStandIn() if machine == "beside a GPU" else None
+    with _active_triton_driver(stand_in), pytest.raises(ValueError) as raised:
         analyzer.analyze(torch.randn(1, 3, 8, 7))
     message = str(raised.value)
     assert "CUDA tensors" in message and "TRITON_INTERPRET=1" in message, message

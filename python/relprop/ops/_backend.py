@@ -10,6 +10,7 @@ fastest runs that signature from then on in this process (:func:`measured_choice
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -28,8 +29,17 @@ BACKENDS = ("reference", "native", "triton", "auto")
 
 
 def forced_backend() -> str | None:
-    """The backend named by ``RELPROP_BACKEND``, or None when unset."""
-    value = os.environ.get("RELPROP_BACKEND", "").strip().lower()
+    """The backend named by ``RELPROP_BACKEND``, or None when unset.
+
+    Read on every call (a test or a benchmark may change it between two analyses); asked a few
+    times per layer, so the parse of each value seen is kept.
+    """
+    return _parse_backend(os.environ.get("RELPROP_BACKEND", ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_backend(raw: str) -> str | None:
+    value = raw.strip().lower()
     if not value:
         return None
     if value not in BACKENDS:
