@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import relprop
 
@@ -151,3 +152,82 @@ def test_fp32_per_channel_box_matches_reference(backend, monkeypatch):
     scale = truth.abs().max()
     reference_error = (runs[torch.float32, "reference"] - truth).abs().max() / scale
     assert (runs[torch.float32, backend] - truth).abs().max() / scale <= 2 * reference_error + 1e-6
+
+
+# Each layer's op on the activations VGG16 computes for an ImageNet-normalised input: where a
+# whole-model comparison fails, this names the layer and rule.
+LAYER_RULES = {
+    "epsilon": [1e-6],
+    "zplus": [1e-6, 1.0],
+    "gamma": [0.25, 1e-6],
+    "alphabeta": [2.0, 1.0, 1e-6, 1.0],
+}
+
+
+def _imagenet_like(batch: int, size: int) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    generator = torch.Generator().manual_seed(5)
+    return (torch.rand(batch, 3, size, size, generator=generator) - mean) / std
+
+
+def _layer_errors(device: str, x: torch.Tensor, rules, backend: str, monkeypatch) -> list[str]:
+    """The layers and rules of VGG16 where ``backend``'s fp32 relevance is further from the
+    float64 reference than twice the fp32 reference's error, as readable lines."""
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16().eval().to(device, torch.float64)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    inputs = {}
+    hooks = [
+        m.register_forward_hook(lambda m, args, out, n=n: inputs.__setitem__(n, (args[0], out)))
+        for n, m in layers
+    ]
+    with torch.no_grad():
+        model(x.to(device, torch.float64))
+    for hook in hooks:
+        hook.remove()
+    failures = []
+    generator = torch.Generator().manual_seed(6)
+    for name, module in layers:
+        layer_input, output = inputs[name]
+        incoming = torch.rand(output.shape, generator=generator, dtype=torch.float64).to(device)
+
+        for rule, params in rules.items():
+            case = (module, layer_input, incoming, rule, params)
+
+            def relevance(dtype, implementation, case=case):
+                monkeypatch.setenv("RELPROP_BACKEND", implementation)
+                return _layer_relevance(*case, dtype)
+
+            truth = relevance(torch.float64, "reference")
+            scale = truth.abs().max()
+            reference_error = (relevance(torch.float32, "reference") - truth).abs().max() / scale
+            error = (relevance(torch.float32, backend) - truth).abs().max() / scale
+            if error > 2 * reference_error + 1e-6:
+                failures.append(
+                    f"{name} {rule}: {backend} {error.item():.2e}, fp32 reference "
+                    f"{reference_error.item():.2e}"
+                )
+    return failures
+
+
+def _layer_relevance(module, layer_input, incoming, rule, params, dtype) -> torch.Tensor:
+    from relprop.ops import conv as conv_ops
+    from relprop.ops import linear as linear_ops
+
+    x, weight, bias, relevance = (t.to(dtype) for t in (layer_input, module.weight, module.bias,
+                                                         incoming))  # fmt: skip
+    if isinstance(module, nn.Linear):
+        return linear_ops.linear_relevance(x, weight, bias, [], relevance, rule, params).double()
+    geometry = (list(module.stride), list(module.padding), list(module.dilation), module.groups)
+    return conv_ops.conv2d_relevance(
+        x, weight, bias, [], relevance, *geometry, rule, params
+    ).double()
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_fp32_each_vgg16_layer_matches_reference(backend, monkeypatch):
+    """Every VGG16 layer's relevance op on its own activations (ImageNet-normalised input, the
+    input of test_fp32_per_channel_box_matches_reference): a whole-model failure, localised."""
+    failures = _layer_errors("cuda", _imagenet_like(2, 224), LAYER_RULES, backend, monkeypatch)
+    assert not failures, "\n".join(failures)

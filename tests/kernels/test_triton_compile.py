@@ -3,7 +3,7 @@
 The interpreter tests check what the kernels compute, in tiny blocks on the CPU. They say nothing
 of what ptxas makes of the real blocks: a kernel that needs more than 255 registers a thread
 spills to local memory. The H100 run that found the Triton kernels 5–60× slower than the torch
-composition on most shapes (``benchmarks/results/gpu_h100.md``) ran tiles of which 48 of this
+composition on most shapes (``benchmarks/results/gpu_h100_2026-11-23.md``) ran tiles of which 48 of this
 quick set's 128 variants spilled. ``benchmarks/triton_resources.py`` records the
 launches relprop's host code makes on VGG16/ResNet50 layers as the JIT would specialise them for
 sm_90, compiles them ahead of time with Triton's compiler and ptxas, and reads the cubins'
