@@ -121,20 +121,11 @@ class _ReportingDriver:
         return True
 
 
-@contextlib.contextmanager
-def reporting_driver(arch: int) -> Iterator[None]:
+def reporting_driver(arch: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, Triton's driver is one that reports an sm_``arch`` GPU."""
-    from triton.runtime import driver
+    from relprop._kernels.triton._common import stand_in_driver
 
-    # Put back as found: resetting would create the default driver, which fails without a GPU.
-    # Triton >= 3.4 keeps the active driver in ``_active``, older ones in ``active``.
-    attribute = "_active" if hasattr(driver, "_active") else "active"
-    active = getattr(driver, attribute)
-    driver.set_active(_ReportingDriver(arch))
-    try:
-        yield
-    finally:
-        setattr(driver, attribute, active)
+    return stand_in_driver(_ReportingDriver(arch))
 
 
 def _legacy_record(serialized: str, module: str, arg_names: list[str], arch: int) -> dict:

@@ -10,9 +10,11 @@ PLoS ONE 2015; Montavon et al., Pattern Recognition 2017; Montavon et al., Expla
 
 # No ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises a
 # ``tl.constexpr`` parameter only by its evaluated annotation, not by the string it would become.
+import contextlib
 import functools
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -182,6 +184,22 @@ def interpreter_failure() -> Optional[str]:
         f"Triton {triton.__version__}'s interpreter cannot run the kernels beside NumPy "
         f"{np.__version__} ({found})"
     )
+
+
+@contextlib.contextmanager
+def stand_in_driver(stand_in: object) -> Iterator[None]:
+    """Within the block, ``stand_in`` is Triton's active driver; the one before is put back as
+    found (resetting would create Triton's own driver, which fails without a GPU)."""
+    from triton.runtime import driver
+
+    # Triton >= 3.4 keeps the active driver in ``_active``, older ones in ``active``.
+    attribute = "_active" if hasattr(driver, "_active") else "active"
+    before = getattr(driver, attribute)
+    driver.set_active(stand_in)
+    try:
+        yield
+    finally:
+        setattr(driver, attribute, before)
 
 
 def driver_takes_cpu_tensors() -> bool:

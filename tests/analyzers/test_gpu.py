@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from tests.oracles.devices import exact_fp32
 from torch import nn
 
 import relprop
@@ -41,10 +42,8 @@ def _relevance(name, composite, dtype, backend, monkeypatch, x):
 @pytest.fixture(autouse=True)
 def _no_tf32():
     # TF32 would make fp32 kernels and references differ by far more than fp32 rounding.
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with exact_fp32():
+        yield
 
 
 @pytest.mark.parametrize("backend", ["triton", "native", "auto"])

@@ -135,21 +135,6 @@ class _GpuDriverStandIn:
     __module__ = "triton.backends.nvidia.driver"
 
 
-@contextlib.contextmanager
-def _active_triton_driver(driver_object):
-    from triton.runtime import driver
-
-    # Triton >= 3.4 keeps the active driver in ``_active``, older ones in ``active``.
-    attribute = "_active" if hasattr(driver, "_active") else "active"
-    before = getattr(driver, attribute)
-    if driver_object is not None:
-        driver.set_active(driver_object)
-    try:
-        yield
-    finally:
-        setattr(driver, attribute, before)
-
-
 @pytest.mark.parametrize("machine", ["no GPU", "beside a GPU"])
 def test_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch, machine):
     """Forced onto Triton with CPU tensors outside the interpreter, an analysis fails with what
@@ -165,8 +150,8 @@ def test_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch, 
     monkeypatch.setattr(_common, "INTERPRETED", False)
     monkeypatch.setenv("RELPROP_BACKEND", "triton")
     analyzer = relprop.create_analyzer("lrp.epsilon", tiny_cnn())
-    stand_in = _GpuDriverStandIn() if machine == "beside a GPU" else None
-    with _active_triton_driver(stand_in), pytest.raises(ValueError) as raised:
+    driver = _common.stand_in_driver(_GpuDriverStandIn()) if machine == "beside a GPU" else None
+    with driver or contextlib.nullcontext(), pytest.raises(ValueError) as raised:
         analyzer.analyze(torch.randn(1, 3, 8, 7))
     message = str(raised.value)
     assert "CUDA tensors" in message and "TRITON_INTERPRET=1" in message, message
