@@ -50,13 +50,39 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
 triton.__version__, 'native', relprop.native_available(), torch.cuda.get_device_name())"
 
 status=0
+# A `timeout -s INT` (or TERM) around this script reaches bash alone, which would wait for the
+# running step and leave it (and pytest's xdist workers) running into the next command: a bench
+# started after such a suite once ran at a load average of 120. The step runs in the background
+# and a trapped signal is passed on to it, and the script ends once it has.
+step_pid=
+stop_step() {
+    if [[ -n $step_pid ]]; then
+        # pytest prints its summary on an interrupt; whatever is left after 20 s is killed.
+        kill -INT -- "-$step_pid" 2>/dev/null
+        for _ in $(seq 20); do kill -0 "$step_pid" 2>/dev/null || break; sleep 1; done
+        kill -KILL -- "-$step_pid" 2>/dev/null
+    fi
+    echo "=== stopped by a signal" >&2
+    exit 130
+}
+trap stop_step INT TERM
+
 run_step() {
     local name=$1
     shift
     echo "=== $name: $*"
     local start=$SECONDS
-    "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
+    # In a process group of its own (setsid), so that a signal reaches pytest's workers too. An
+    # asynchronous command starts with SIGINT ignored, and Python leaves an ignored SIGINT
+    # ignored: it is reset to the default before the step's program starts. The log's tee
+    # ignores the signals (`timeout` signals its whole process group) to keep what the step
+    # prints as it stops (pytest's summary).
+    setsid "$PY" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execvp(sys.argv[1], sys.argv[1:])' "$@" > >(trap '' INT TERM; tee "$OUT/$name.log") 2>&1 &
+    step_pid=$!
+    wait "$step_pid"
+    local rc=$?
+    step_pid=
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     [[ $rc -eq 0 ]] || status=1
 }
