@@ -24,7 +24,7 @@ def _model() -> nn.Module:
     model = bn_sequential(seed=3).double()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eps = 1e-5  # a training forward refuses eps = 0
+            module.eps = 1e-5  # torch's default: this test runs training forwards
     return model
 
 

@@ -150,8 +150,11 @@ def test_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch, 
     monkeypatch.setattr(_common, "INTERPRETED", False)
     monkeypatch.setenv("RELPROP_BACKEND", "triton")
     analyzer = relprop.create_analyzer("lrp.epsilon", tiny_cnn())
-    driver = _common.stand_in_driver(_GpuDriverStandIn()) if machine == "beside a GPU" else None
-    with driver or contextlib.nullcontext(), pytest.raises(ValueError) as raised:
+    beside_a_gpu = machine == "beside a GPU"
+    driver = (
+        _common.stand_in_driver(_GpuDriverStandIn()) if beside_a_gpu else contextlib.nullcontext()
+    )
+    with driver, pytest.raises(ValueError) as raised:
         analyzer.analyze(torch.randn(1, 3, 8, 7))
     message = str(raised.value)
     assert "CUDA tensors" in message and "TRITON_INTERPRET=1" in message, message
