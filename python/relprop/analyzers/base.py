@@ -144,9 +144,12 @@ class Analyzer:
         if neuron_selection is None:
             index = flat.argmax(dim=1)
         else:
-            index = _selection_index(neuron_selection, n, k, output.device)
+            index = _to_device_async(_selection_index(neuron_selection, n, k), output.device)
+        # A scatter, not `mask[arange(n), index] = 1`: on CUDA that index_put checks its indices
+        # on the host and so waits for the forward to finish, leaving the GPU idle while the
+        # host launches the relevance pass (ResNet50's ε call was host-bound that way).
         mask = torch.zeros_like(flat)
-        mask[torch.arange(n, device=output.device), index] = 1
+        mask.scatter_(1, index.view(n, 1), 1)
         return mask.reshape(output.shape)
 
 
@@ -155,7 +158,9 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _selection_index(selection: NeuronSelection, n: int, k: int, device) -> Tensor:
+def _selection_index(selection: NeuronSelection, n: int, k: int) -> Tensor:
+    """The selected output of each sample, checked against ``n`` samples and ``k`` outputs, as
+    a CPU int64 tensor."""
     expected = (
         "neuron_selection must be an int, a sequence of ints or an integer tensor/array (one "
         "index per sample)"
@@ -196,7 +201,15 @@ def _selection_index(selection: NeuronSelection, n: int, k: int, device) -> Tens
             f"neuron_selection index {bad[0]} is out of range: the model has {k} outputs "
             f"(valid 0..{k - 1})"
         )
-    return torch.tensor([v % k for v in values], device=device)
+    return torch.tensor([v % k for v in values], dtype=torch.int64)
+
+
+def _to_device_async(index: Tensor, device: torch.device) -> Tensor:
+    """``index`` on ``device`` without waiting for the work queued there: from pinned memory a
+    host-to-GPU copy is queued like a kernel, where a pageable one waits for the stream."""
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 @contextmanager
