@@ -4,7 +4,8 @@
 reference layers) is held to the same criteria.
 
 Skipped without a GPU (``gpu`` marker). fp32 must match the float64 reference as closely as the
-fp32 reference does (flash-attention's criterion); bf16/fp16 within a loose, stated bound.
+fp32 reference does (flash-attention's criterion), all three runs with the max-pool winners of
+the run under test (tests/oracles/winners.py says why); bf16/fp16 within a loose, stated bound.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torchvision
 from tests.oracles.devices import exact_fp32
+from tests.oracles.winners import Winners
 from torch import nn
 
 import relprop
@@ -51,9 +53,12 @@ def _no_tf32():
 @pytest.mark.parametrize("composite", list(COMPOSITES))
 def test_fp32_kernels_match_reference(name, composite, backend, monkeypatch):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)).cuda()
-    truth = _relevance(name, composite, torch.float64, "reference", monkeypatch, x)
-    reference32 = _relevance(name, composite, torch.float32, "reference", monkeypatch, x)
-    fused = _relevance(name, composite, torch.float32, backend, monkeypatch, x)
+    winners = Winners()
+    with winners.recorded(monkeypatch):
+        fused = _relevance(name, composite, torch.float32, backend, monkeypatch, x)
+    with winners.replayed(monkeypatch):
+        truth = _relevance(name, composite, torch.float64, "reference", monkeypatch, x)
+        reference32 = _relevance(name, composite, torch.float32, "reference", monkeypatch, x)
     scale = truth.abs().max()
     reference_error = (reference32 - truth).abs().max() / scale
     fused_error = (fused - truth).abs().max() / scale
@@ -117,9 +122,12 @@ def _mixed_relevance(name, dtype, backend, monkeypatch, x, composite):
 def test_fp32_mixed_architectures_match_reference(name, backend, monkeypatch):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)).cuda()
     composite = relprop.composites.EpsilonPlusFlat
-    truth = _mixed_relevance(name, torch.float64, "reference", monkeypatch, x, composite)
-    reference32 = _mixed_relevance(name, torch.float32, "reference", monkeypatch, x, composite)
-    fused = _mixed_relevance(name, torch.float32, backend, monkeypatch, x, composite)
+    winners = Winners()
+    with winners.recorded(monkeypatch):
+        fused = _mixed_relevance(name, torch.float32, backend, monkeypatch, x, composite)
+    with winners.replayed(monkeypatch):
+        truth = _mixed_relevance(name, torch.float64, "reference", monkeypatch, x, composite)
+        reference32 = _mixed_relevance(name, torch.float32, "reference", monkeypatch, x, composite)
     scale = truth.abs().max()
     reference_error = (reference32 - truth).abs().max() / scale
     assert (fused - truth).abs().max() / scale <= 2 * reference_error + 1e-6
@@ -141,12 +149,20 @@ def test_fp32_per_channel_box_matches_reference(backend, monkeypatch):
     def composite():
         return relprop.composites.EpsilonGammaBox(low=-mean / std, high=(1 - mean) / std)
 
-    runs = {}
-    for dtype, name in ((torch.float64, "reference"), (torch.float32, "reference"),
-                        (torch.float32, backend)):  # fmt: skip
+    def relevance(dtype, name):
         monkeypatch.setenv("RELPROP_BACKEND", name)
         analyzer = relprop.create_analyzer("lrp", _model("vgg16", dtype), composite=composite())
-        runs[dtype, name] = analyzer.analyze(x.to(dtype)).double()
+        return analyzer.analyze(x.to(dtype)).double()
+
+    # Without one set of winners this test failed on the H100 for Triton (1.5e-3 against the
+    # fp32 reference's 3.6e-6): a swap at the 14² and 7² pools (winners.py).
+    winners = Winners()
+    runs = {}
+    with winners.recorded(monkeypatch):
+        runs[torch.float32, backend] = relevance(torch.float32, backend)
+    with winners.replayed(monkeypatch):
+        for dtype in (torch.float64, torch.float32):
+            runs[dtype, "reference"] = relevance(dtype, "reference")
     truth = runs[torch.float64, "reference"]
     scale = truth.abs().max()
     reference_error = (runs[torch.float32, "reference"] - truth).abs().max() / scale
