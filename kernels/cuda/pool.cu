@@ -45,19 +45,37 @@ __global__ void init_offset_bounds_kernel(int* bounds) {
   bounds[3] = INT_MIN;  // max column offset
 }
 
+// Index arithmetic in I: int where every index and product below fits (the usual case), where a
+// 64-bit division costs several times a 32-bit one and the gather is mostly index arithmetic.
+template <typename I>
+__device__ __forceinline__ I floor_div_by(I a, I b) {  // b > 0
+  const I q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+template <typename I>
+__device__ __forceinline__ I ceil_div_by(I a, I b) {  // b > 0
+  return -floor_div_by<I>(-a, b);
+}
+
+template <typename I>
 __global__ void winner_offset_bounds_kernel(PlaneShape s, const int64_t* indices, Strides4 is,
                                             int* bounds) {
-  const int64_t total = s.batch * s.channels * s.out_h * s.out_w;
+  const I out_w = I(s.out_w), out_h = I(s.out_h), channels = I(s.channels);
+  const I in_w = I(s.in_w), in_h = I(s.in_h);
+  const I total = I(s.batch) * channels * out_h * out_w;
   int row_min = INT_MAX, row_max = INT_MIN, col_min = INT_MAX, col_max = INT_MIN;
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < total;
-       k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t ow = k % s.out_w;
-    const int64_t oh = (k / s.out_w) % s.out_h;
-    const int64_t c = (k / (s.out_w * s.out_h)) % s.channels;
-    const int64_t n = k / (s.out_w * s.out_h * s.channels);
-    const int64_t winner = indices[n * is[0] + c * is[1] + oh * is[2] + ow * is[3]];
-    const int row_offset = static_cast<int>(winner / s.in_w - (oh * s.in_h) / s.out_h);
-    const int col_offset = static_cast<int>(winner % s.in_w - (ow * s.in_w) / s.out_w);
+  for (I k = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); k < total;
+       k += I(gridDim.x) * I(blockDim.x)) {
+    const I ow = k % out_w;
+    const I rest = k / out_w;
+    const I oh = rest % out_h;
+    const I plane = rest / out_h;
+    const I c = plane % channels;
+    const I n = plane / channels;
+    const I winner = I(indices[n * is[0] + c * is[1] + oh * is[2] + ow * is[3]]);
+    const int row_offset = static_cast<int>(winner / in_w - (oh * in_h) / out_h);
+    const int col_offset = static_cast<int>(winner % in_w - (ow * in_w) / out_w);
     row_min = min(row_min, row_offset);
     row_max = max(row_max, row_offset);
     col_min = min(col_min, col_offset);
@@ -78,33 +96,39 @@ __global__ void winner_offset_bounds_kernel(PlaneShape s, const int64_t* indices
 }
 
 // Outputs o in [0, out_size) whose nominal position floor(o*in/out) lies in [i - hi, i - lo].
-__device__ __forceinline__ void nominal_inverse(int64_t i, int64_t in_size, int64_t out_size,
-                                                int lo, int hi, int64_t* first, int64_t* last) {
-  *first = max64(ceil_div((i - hi) * out_size, in_size), 0);
-  *last = min64(ceil_div((i - lo + 1) * out_size, in_size) - 1, out_size - 1);
+template <typename I>
+__device__ __forceinline__ void nominal_inverse(I i, I in_size, I out_size, int lo, int hi,
+                                                I* first, I* last) {
+  const I begin = ceil_div_by<I>((i - I(hi)) * out_size, in_size);
+  const I end = ceil_div_by<I>((i - I(lo) + 1) * out_size, in_size) - 1;
+  *first = begin > 0 ? begin : I(0);
+  *last = end < out_size - 1 ? end : out_size - 1;
 }
 
-template <typename T>
+template <typename T, typename I>
 __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides4 rs,
                                        const int64_t* indices, Strides4 is, const int* bounds,
                                        T* out) {
   using Acc = typename Compute<T>::type;
-  const int64_t total = s.batch * s.channels * s.in_h * s.in_w;
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const I in_w = I(s.in_w), in_h = I(s.in_h), channels = I(s.channels);
+  const I total = I(s.batch) * channels * in_h * in_w;
+  const I k = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x);
   if (k >= total) return;
-  const int64_t iw = k % s.in_w;
-  const int64_t ih = (k / s.in_w) % s.in_h;
-  const int64_t c = (k / (s.in_w * s.in_h)) % s.channels;
-  const int64_t n = k / (s.in_w * s.in_h * s.channels);
-  const int64_t flat = ih * s.in_w + iw;
-  int64_t oh0, oh1, ow0, ow1;
-  nominal_inverse(ih, s.in_h, s.out_h, bounds[0], bounds[1], &oh0, &oh1);
-  nominal_inverse(iw, s.in_w, s.out_w, bounds[2], bounds[3], &ow0, &ow1);
+  const I iw = k % in_w;
+  const I rest = k / in_w;
+  const I ih = rest % in_h;
+  const I plane = rest / in_h;
+  const I c = plane % channels;
+  const I n = plane / channels;
+  const int64_t flat = int64_t(ih) * s.in_w + iw;
+  I oh0, oh1, ow0, ow1;
+  nominal_inverse<I>(ih, in_h, I(s.out_h), bounds[0], bounds[1], &oh0, &oh1);
+  nominal_inverse<I>(iw, in_w, I(s.out_w), bounds[2], bounds[3], &ow0, &ow1);
   const T* r = relevance + n * rs[0] + c * rs[1];
   const int64_t* idx = indices + n * is[0] + c * is[1];
   Acc acc = Acc(0);
-  for (int64_t oh = oh0; oh <= oh1; ++oh) {
-    for (int64_t ow = ow0; ow <= ow1; ++ow) {
+  for (I oh = oh0; oh <= oh1; ++oh) {
+    for (I ow = ow0; ow <= ow1; ++ow) {
       if (idx[oh * is[2] + ow * is[3]] == flat) acc += to_compute(r[oh * rs[2] + ow * rs[3]]);
     }
   }
@@ -166,6 +190,20 @@ __global__ void avg_gather_kernel(PlaneShape s, Windows windows, const T* x, Str
 // ---------------------------------------------------------------------------------------------
 // Host launchers.
 
+template <typename T, typename I>
+void launch_max_pool_with(const PlaneShape& s, uintptr_t relevance, const Strides4& rs,
+                          const int64_t* idx, const Strides4& is, int* bounds, uintptr_t out,
+                          cudaStream_t stream) {
+  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
+  const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
+  init_offset_bounds_kernel<<<1, 1, 0, stream>>>(bounds);
+  // Grid-stride loop: a bounded grid keeps the global atomics to a few per block.
+  const unsigned int bound_blocks = min(blocks_for(out_total), 1024u);
+  winner_offset_bounds_kernel<I><<<bound_blocks, kThreads, 0, stream>>>(s, idx, is, bounds);
+  max_pool_gather_kernel<T, I><<<blocks_for(in_total), kThreads, 0, stream>>>(
+      s, reinterpret_cast<const T*>(relevance), rs, idx, is, bounds, reinterpret_cast<T*>(out));
+}
+
 template <typename T>
 void launch_max_pool(const PlaneShape& s, uintptr_t relevance, const Strides4& rs,
                      uintptr_t indices, const Strides4& is, uintptr_t out, uintptr_t workspace,
@@ -175,12 +213,17 @@ void launch_max_pool(const PlaneShape& s, uintptr_t relevance, const Strides4& r
   const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
   const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
   if (in_total == 0) return;
-  init_offset_bounds_kernel<<<1, 1, 0, stream>>>(bounds);
-  // Grid-stride loop: a bounded grid keeps the global atomics to a few per block.
-  const unsigned int bound_blocks = min(blocks_for(out_total), 1024u);
-  winner_offset_bounds_kernel<<<bound_blocks, kThreads, 0, stream>>>(s, idx, is, bounds);
-  max_pool_gather_kernel<T><<<blocks_for(in_total), kThreads, 0, stream>>>(
-      s, reinterpret_cast<const T*>(relevance), rs, idx, is, bounds, reinterpret_cast<T*>(out));
+  // 32-bit indices where they cannot overflow: the element counts (a grid's last block runs past
+  // them by up to kThreads), and nominal_inverse's (i - lo + 1) * out_size with |lo|, |hi| at most
+  // the plane's side.
+  const int64_t limit = INT_MAX - kThreads;
+  const bool narrow = in_total < limit && out_total < limit &&
+                      3 * s.in_h * (s.out_h + 1) < limit && 3 * s.in_w * (s.out_w + 1) < limit;
+  if (narrow) {
+    launch_max_pool_with<T, int>(s, relevance, rs, idx, is, bounds, out, stream);
+  } else {
+    launch_max_pool_with<T, int64_t>(s, relevance, rs, idx, is, bounds, out, stream);
+  }
   check(cudaGetLastError(), "max_pool_relevance launch");
 }
 
