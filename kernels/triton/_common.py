@@ -246,6 +246,32 @@ def product_kind(dtype: torch.dtype, precision: str) -> str:
     return "tf32" if precision == "tf32" else "ieee"
 
 
+# Terms per partial sum of the two-level reductions (IEEE fp32): about √ of the longest reductions
+# (VGG16's 4608-term 3×3 layers, its 25088-input dense layer), and a multiple of every block.
+REDUCTION_CHUNK = 256
+
+
+def reduction_chunk(
+    x: torch.Tensor, precision: str, block: int, interpreted: bool, denominator: bool = False
+) -> int:
+    """The kernels' ``CHUNK_K``: how many terms of the reduction go into one partial sum before
+    it joins the total, 0 for one running sum.
+
+    Only IEEE fp32 products get two levels: there a running sum over K terms rounds about √K
+    times an fp32 ulp, several times cuDNN's and cuBLAS's error on long reductions (they split
+    them), where the tests hold the kernels to twice that. TF32 and 16-bit operands round far
+    more on input, so their running sums keep the registers instead. The denominators (W²·1, 1·1)
+    are sums of non-negative terms (counts, exact for flat). Under the interpreter
+    (``interpreted``: the caller's ``is_interpreted``) every block is a chunk, so the tests' small
+    shapes cross chunk edges.
+    """
+    if denominator or product_kind(x.dtype, precision) != "ieee":
+        return 0
+    chunk = block if interpreted else REDUCTION_CHUNK
+    assert chunk % block == 0, (chunk, block)
+    return chunk
+
+
 def relevance_streams(spec: RuleSpec, rule: str) -> str:
     """The relevance kernel's register class of a rule: ``one`` accumulator (ε, w², flat), ``two``
     (z⁺, zB, α-β with β = 0) or ``down`` (α-β and γ, whose second stream doubles the products)."""

@@ -40,10 +40,35 @@ from ._common import (
     is_interpreted,
     parse_rule,
     product_kind,
+    reduction_chunk,
     relevance_streams,
     single_one,
     target_arch,
 )
+
+
+@triton.jit
+def _forward_operands(
+    x_ptr, w_ptr, x_pixel, inside, w_filter, mask_o, c0, kh, kw,
+    C_GROUP, H, W, KH, KW,
+    RULE: tl.constexpr, DENOMINATOR: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The x (BLOCK_M × BLOCK_K) and W (BLOCK_K × BLOCK_O) tiles of tap (kh, kw), channels
+    ``c0 …``, and where x is real (not padding, in range)."""
+    offs_c = c0 + tl.arange(0, BLOCK_K)
+    mask_c = offs_c < C_GROUP
+    valid = inside[:, None] & mask_c[None, :]
+    if DENOMINATOR and RULE == FLAT:
+        w = _load_ones(w_ptr, mask_c[:, None] & mask_o[None, :])
+    else:
+        w = tl.load(
+            w_ptr + w_filter[None, :] + offs_c[:, None] * (KH * KW) + (kh * KW + kw),
+            mask=mask_c[:, None] & mask_o[None, :],
+            other=0.0,
+        )
+    # With DENOMINATOR, x is an image of ones (the host's): zero where padded.
+    x = tl.load(x_ptr + x_pixel[:, None] + offs_c[None, :] * (H * W), mask=valid, other=0.0)
+    return x, w, valid
 
 
 @triton.jit
@@ -55,10 +80,13 @@ def _conv2d_forward_kernel(
     RULE: tl.constexpr, N_OUTPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
     DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr,
     X_MIXED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels × BLOCK_O output channels) tile of z and the rule's
     modified pre-activations for group ``program_id(2)``.
+
+    ``CHUNK_K > 0`` (IEEE fp32, never with ``DENOMINATOR``) sums in two levels, ``CHUNK_K``
+    channels at a time.
 
     With ``DENOMINATOR`` it computes instead, for an all-ones image (zero-padded; the host's), the
     w²-rule's ``W²·1 + b²`` or the flat rule's ``1·1``.
@@ -86,28 +114,40 @@ def _conv2d_forward_kernel(
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
             inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_pixel = x_image + ih * W + iw
-            for c0 in range(0, C_GROUP, BLOCK_K):
-                offs_c = c0 + tl.arange(0, BLOCK_K)
-                mask_c = offs_c < C_GROUP
-                valid = inside[:, None] & mask_c[None, :]
-                if DENOMINATOR and RULE == FLAT:
-                    w = _load_ones(w_ptr, mask_c[:, None] & mask_o[None, :])
-                else:
-                    w = tl.load(
-                        w_ptr + w_filter[None, :] + offs_c[:, None] * (KH * KW) + (kh * KW + kw),
-                        mask=mask_c[:, None] & mask_o[None, :],
-                        other=0.0,
-                    )
-                # With DENOMINATOR, x is an image of ones (the host's): zero where padded.
-                x = tl.load(
-                    x_ptr + x_pixel[:, None] + offs_c[None, :] * (H * W), mask=valid, other=0.0
-                )
-                if DENOMINATOR:
-                    acc0 = _denominator_accumulate(acc0, x, w, RULE, PRECISION)
-                else:
-                    acc0, acc1, acc2 = _forward_accumulate(
-                        acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
-                    )
+            if CHUNK_K > 0:
+                # Two-level sum (IEEE fp32): each CHUNK_K channels of a tap into fresh partial
+                # sums, then into the totals. One running sum over all C·KH·KW terms rounds
+                # several times worse than cuDNN's fp32 convolutions (H100, VGG16's 3×3 layers
+                # at 28² and 14²: 5-8×); a fresh tl.dot added to the total would not do,
+                # Triton combines dot(a, b, 0) + c into dot(a, b, c).
+                for c_chunk in range(0, C_GROUP, CHUNK_K):
+                    part0 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+                    part1 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+                    part2 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+                    for c0 in range(c_chunk, tl.minimum(c_chunk + CHUNK_K, C_GROUP), BLOCK_K):
+                        x, w, valid = _forward_operands(
+                            x_ptr, w_ptr, x_pixel, inside, w_filter, mask_o, c0, kh, kw,
+                            C_GROUP, H, W, KH, KW, RULE, DENOMINATOR, BLOCK_K,
+                        )  # fmt: skip
+                        part0, part1, part2 = _forward_accumulate(
+                            part0, part1, part2, x, w, valid, p0, p1, RULE, PRECISION, HALF,
+                            X_MIXED,
+                        )  # fmt: skip
+                    acc0 += part0
+                    acc1 += part1
+                    acc2 += part2
+            else:
+                for c0 in range(0, C_GROUP, BLOCK_K):
+                    x, w, valid = _forward_operands(
+                        x_ptr, w_ptr, x_pixel, inside, w_filter, mask_o, c0, kh, kw,
+                        C_GROUP, H, W, KH, KW, RULE, DENOMINATOR, BLOCK_K,
+                    )  # fmt: skip
+                    if DENOMINATOR:
+                        acc0 = _denominator_accumulate(acc0, x, w, RULE, PRECISION)
+                    else:
+                        acc0, acc1, acc2 = _forward_accumulate(
+                            acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
+                        )
     acc0, acc1, acc2 = _forward_epilogue(
         acc0,
         acc1,
@@ -132,6 +172,40 @@ def _conv2d_forward_kernel(
 
 
 @triton.jit
+def _relevance_operands(
+    w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, r_image, out_pixel, reached, offs_c,
+    mask_c, o0, group, kh, kw,
+    O_GROUP, C_GROUP, OH, OW, KH, KW, p0, p1, stabilizer,
+    RULE: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    """The shares (BLOCK_M × BLOCK_O, divided on load) and the W tile (BLOCK_O × BLOCK_C) of
+    tap (kh, kw), output channels ``o0 …``."""
+    offs_o = o0 + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < O_GROUP
+    channels_out = group * O_GROUP + offs_o
+    mask_r = reached[:, None] & mask_o[None, :]
+    s_up, s_down = _relevance_scales(
+        r_ptr, z_ptr, aux0_ptr, aux1_ptr,
+        (r_image + out_pixel)[:, None] + channels_out[None, :] * (OH * OW),
+        mask_r,
+        den_ptr, out_pixel[:, None] + channels_out[None, :] * (OH * OW), mask_r,
+        p0, p1, stabilizer, RULE,
+    )  # fmt: skip
+    if RULE == FLAT:
+        w = _load_ones(w_ptr, mask_o[:, None] & mask_c[None, :])
+    else:
+        w = tl.load(
+            w_ptr
+            + channels_out[:, None] * (C_GROUP * KH * KW)
+            + offs_c[None, :] * (KH * KW)
+            + (kh * KW + kw),
+            mask=mask_o[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+    return s_up, s_down, w
+
+
+@triton.jit
 def _conv2d_relevance_kernel(
     x_ptr, w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, out_ptr,
     N, C, H, W, O, OH, OW, C_GROUP, O_GROUP, KH, KW,
@@ -139,7 +213,7 @@ def _conv2d_relevance_kernel(
     p0, p1, stabilizer,
     RULE: tl.constexpr, DOWN_STREAM: tl.constexpr, PRECISION: tl.constexpr,
     X_MIXED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, CHUNK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M input pixels of one stride phase × BLOCK_C input channels) tile of the
     input relevance; ``program_id(2)`` enumerates (group, phase)."""
@@ -178,32 +252,36 @@ def _conv2d_relevance_kernel(
                 ow = shifted_w // STRIDE_W
                 reached = mask_m & (shifted_h >= 0) & (oh < OH) & (shifted_w >= 0) & (ow < OW)
                 out_pixel = oh * OW + ow
-                for o0 in range(0, O_GROUP, BLOCK_O):
-                    offs_o = o0 + tl.arange(0, BLOCK_O)
-                    mask_o = offs_o < O_GROUP
-                    channels_out = group * O_GROUP + offs_o
-                    mask_r = reached[:, None] & mask_o[None, :]
-                    s_up, s_down = _relevance_scales(
-                        r_ptr, z_ptr, aux0_ptr, aux1_ptr,
-                        (r_image + out_pixel)[:, None] + channels_out[None, :] * (OH * OW),
-                        mask_r,
-                        den_ptr, out_pixel[:, None] + channels_out[None, :] * (OH * OW), mask_r,
-                        p0, p1, stabilizer, RULE,
-                    )  # fmt: skip
-                    if RULE == FLAT:
-                        w = _load_ones(w_ptr, mask_o[:, None] & mask_c[None, :])
-                    else:
-                        w = tl.load(
-                            w_ptr
-                            + channels_out[:, None] * (C_GROUP * KH * KW)
-                            + offs_c[None, :] * (KH * KW)
-                            + (kh * KW + kw),
-                            mask=mask_o[:, None] & mask_c[None, :],
-                            other=0.0,
-                        )
-                    acc_a, acc_b = _relevance_accumulate(
-                        acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
-                    )
+                if CHUNK_K > 0:
+                    # Two-level sum, as in the forward kernel (IEEE fp32).
+                    for o_chunk in range(0, O_GROUP, CHUNK_K):
+                        part_a = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+                        part_b = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+                        for o0 in range(o_chunk, tl.minimum(o_chunk + CHUNK_K, O_GROUP), BLOCK_O):
+                            s_up, s_down, w = _relevance_operands(
+                                w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, r_image,
+                                out_pixel, reached, offs_c, mask_c, o0, group, kh, kw,
+                                O_GROUP, C_GROUP, OH, OW, KH, KW, p0, p1, stabilizer,
+                                RULE, BLOCK_O,
+                            )  # fmt: skip
+                            part_a, part_b = _relevance_accumulate(
+                                part_a, part_b, s_up, s_down, w, p0, RULE, DOWN_STREAM,
+                                PRECISION, X_MIXED,
+                            )  # fmt: skip
+                        acc_a += part_a
+                        acc_b += part_b
+                else:
+                    for o0 in range(0, O_GROUP, BLOCK_O):
+                        s_up, s_down, w = _relevance_operands(
+                            w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, r_image,
+                            out_pixel, reached, offs_c, mask_c, o0, group, kh, kw,
+                            O_GROUP, C_GROUP, OH, OW, KH, KW, p0, p1, stabilizer,
+                            RULE, BLOCK_O,
+                        )  # fmt: skip
+                        acc_a, acc_b = _relevance_accumulate(
+                            acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION,
+                            X_MIXED,
+                        )  # fmt: skip
     # x is loaded only now, and its offsets formed only now: held across the reduction they
     # cost registers that the accumulators need (ptxas spilled; benchmarks/triton_resources.py).
     offs_x = (n.to(tl.int64) * C * H * W + ih * W + iw)[:, None] + channels_in[None, :] * (H * W)
@@ -237,8 +315,9 @@ def _precision(x: torch.Tensor) -> str:
 # (for other Triton versions). ``benchmarks/triton_resources.py`` reads that off the compiled
 # kernels for every VGG16/ResNet50 layer and rule, and the test suite checks its quick set.
 # With torch's default flags (TF32 convolutions) no variant spills (Triton 3.6 and 3.8); with
-# TF32 off, 10-18 of the 157 IEEE-fp32 variants keep a spill of 8-64 bytes a thread, mostly
-# where ptxas held them to 128 registers (docs/ops.md). The implicit GEMM's index arithmetic costs registers that a dense
+# TF32 off, 14-18 of the 153 IEEE-fp32 variants keep a spill of 8-64 bytes a thread, mostly
+# where ptxas held them to 128 registers (docs/ops.md; 16 with Triton 3.8 since the two-level
+# sums, against 14 before). The implicit GEMM's index arithmetic costs registers that a dense
 # layer's does not, hence smaller tiles than ``linear.py``'s.
 # Fixed per rule, dtype and channel count, so results never depend on timing.
 _FORWARD_TILES = {
@@ -335,7 +414,11 @@ def _launch_forward(x, weight, bias, geometry, spec, n_outputs, denominator):
         RULE=spec.code, N_OUTPUTS=n_outputs, HAS_BIAS=bias is not None,
         DENOMINATOR=denominator, PRECISION=_precision(x), HALF=x.dtype != torch.float32,
         X_MIXED=not denominator and has_negative(x),
-        BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k,
+        CHUNK_K=reduction_chunk(
+            x, _precision(x), block_k, is_interpreted(x.device), denominator
+        ),
+        num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
     return outputs
@@ -475,6 +558,11 @@ def conv2d_relevance(
         triton.cdiv(c_group, block_c),
         groups * stride[0] * stride[1],
     )
+    interpreted = is_interpreted(x.device)
+    # One running sum on a first layer's few input channels (a narrow, mostly masked tile): the
+    # partial sums made ptxas spill up to 72 bytes there, and its sums over each tap are short.
+    narrow = block_c < 32 and not interpreted
+    chunk = 0 if narrow else reduction_chunk(x, _precision(x), block_o, interpreted)
     _conv2d_relevance_kernel[grid](
         x, single_one(weight) if spec.code == FLAT.value else weight, relevance.contiguous(), *saved, denominator, out,
         n, c, h, w, o, oh, ow, c_group, o_group, kh, kw,
@@ -482,7 +570,7 @@ def conv2d_relevance(
         spec.p0, spec.p1, spec.stabilizer,
         RULE=spec.code, DOWN_STREAM=spec.beta_nonzero or rule == "gamma", X_MIXED=has_negative(x),
         PRECISION=_precision(x),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o, num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o,
+        CHUNK_K=chunk, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
