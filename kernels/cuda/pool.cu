@@ -58,6 +58,19 @@ __device__ __forceinline__ I ceil_div_by(I a, I b) {  // b > 0
   return -floor_div_by<I>(-a, b);
 }
 
+// Sample, channel, row and column of element k of a contiguous (N, C, height, width) tensor.
+template <typename I>
+struct PlaneIndex {
+  I n, c, row, col;
+};
+
+template <typename I>
+__device__ __forceinline__ PlaneIndex<I> plane_index(I k, I channels, I height, I width) {
+  const I rest = k / width;
+  const I plane = rest / height;
+  return {plane / channels, plane % channels, rest % height, k % width};
+}
+
 template <typename I>
 __global__ void winner_offset_bounds_kernel(PlaneShape s, const int64_t* indices, Strides4 is,
                                             int* bounds) {
@@ -67,12 +80,8 @@ __global__ void winner_offset_bounds_kernel(PlaneShape s, const int64_t* indices
   int row_min = INT_MAX, row_max = INT_MIN, col_min = INT_MAX, col_max = INT_MIN;
   for (I k = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); k < total;
        k += I(gridDim.x) * I(blockDim.x)) {
-    const I ow = k % out_w;
-    const I rest = k / out_w;
-    const I oh = rest % out_h;
-    const I plane = rest / out_h;
-    const I c = plane % channels;
-    const I n = plane / channels;
+    const PlaneIndex<I> at = plane_index<I>(k, channels, out_h, out_w);
+    const I n = at.n, c = at.c, oh = at.row, ow = at.col;
     const I winner = I(indices[n * is[0] + c * is[1] + oh * is[2] + ow * is[3]]);
     const int row_offset = static_cast<int>(winner / in_w - (oh * in_h) / out_h);
     const int col_offset = static_cast<int>(winner % in_w - (ow * in_w) / out_w);
@@ -114,12 +123,8 @@ __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides
   const I total = I(s.batch) * channels * in_h * in_w;
   const I k = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x);
   if (k >= total) return;
-  const I iw = k % in_w;
-  const I rest = k / in_w;
-  const I ih = rest % in_h;
-  const I plane = rest / in_h;
-  const I c = plane % channels;
-  const I n = plane / channels;
+  const PlaneIndex<I> at = plane_index<I>(k, channels, in_h, in_w);
+  const I n = at.n, c = at.c, ih = at.row, iw = at.col;
   const int64_t flat = int64_t(ih) * s.in_w + iw;
   I oh0, oh1, ow0, ow1;
   nominal_inverse<I>(ih, in_h, I(s.out_h), bounds[0], bounds[1], &oh0, &oh1);

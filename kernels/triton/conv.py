@@ -72,6 +72,29 @@ def _forward_operands(
 
 
 @triton.jit
+def _forward_tap_sum(
+    acc0, acc1, acc2, c_begin, c_end,
+    x_ptr, w_ptr, x_pixel, inside, w_filter, mask_o, kh, kw, p0, p1,
+    C_GROUP, H, W, KH, KW,
+    RULE: tl.constexpr, DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr,
+    HALF: tl.constexpr, X_MIXED: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Add channels ``c_begin … c_end`` of tap (kh, kw) to the accumulators (one running sum)."""
+    for c0 in range(c_begin, c_end, BLOCK_K):
+        x, w, valid = _forward_operands(
+            x_ptr, w_ptr, x_pixel, inside, w_filter, mask_o, c0, kh, kw,
+            C_GROUP, H, W, KH, KW, RULE, DENOMINATOR, BLOCK_K,
+        )  # fmt: skip
+        if DENOMINATOR:
+            acc0 = _denominator_accumulate(acc0, x, w, RULE, PRECISION)
+        else:
+            acc0, acc1, acc2 = _forward_accumulate(
+                acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
+            )
+    return acc0, acc1, acc2
+
+
+@triton.jit
 def _conv2d_forward_kernel(
     x_ptr, w_ptr, b_ptr, out0_ptr, out1_ptr, out2_ptr,
     N, C, H, W, O, OH, OW, C_GROUP, O_GROUP, KH, KW,
@@ -121,33 +144,25 @@ def _conv2d_forward_kernel(
                 # at 28² and 14²: 5-8×); a fresh tl.dot added to the total would not do,
                 # Triton combines dot(a, b, 0) + c into dot(a, b, c).
                 for c_chunk in range(0, C_GROUP, CHUNK_K):
-                    part0 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-                    part1 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-                    part2 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-                    for c0 in range(c_chunk, tl.minimum(c_chunk + CHUNK_K, C_GROUP), BLOCK_K):
-                        x, w, valid = _forward_operands(
-                            x_ptr, w_ptr, x_pixel, inside, w_filter, mask_o, c0, kh, kw,
-                            C_GROUP, H, W, KH, KW, RULE, DENOMINATOR, BLOCK_K,
-                        )  # fmt: skip
-                        part0, part1, part2 = _forward_accumulate(
-                            part0, part1, part2, x, w, valid, p0, p1, RULE, PRECISION, HALF,
-                            X_MIXED,
-                        )  # fmt: skip
+                    part0, part1, part2 = _forward_tap_sum(
+                        tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32),
+                        tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32),
+                        tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32),
+                        c_chunk, tl.minimum(c_chunk + CHUNK_K, C_GROUP),
+                        x_ptr, w_ptr, x_pixel, inside, w_filter, mask_o, kh, kw, p0, p1,
+                        C_GROUP, H, W, KH, KW,
+                        RULE, DENOMINATOR, PRECISION, HALF, X_MIXED, BLOCK_K,
+                    )  # fmt: skip
                     acc0 += part0
                     acc1 += part1
                     acc2 += part2
             else:
-                for c0 in range(0, C_GROUP, BLOCK_K):
-                    x, w, valid = _forward_operands(
-                        x_ptr, w_ptr, x_pixel, inside, w_filter, mask_o, c0, kh, kw,
-                        C_GROUP, H, W, KH, KW, RULE, DENOMINATOR, BLOCK_K,
-                    )  # fmt: skip
-                    if DENOMINATOR:
-                        acc0 = _denominator_accumulate(acc0, x, w, RULE, PRECISION)
-                    else:
-                        acc0, acc1, acc2 = _forward_accumulate(
-                            acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
-                        )
+                acc0, acc1, acc2 = _forward_tap_sum(
+                    acc0, acc1, acc2, 0, C_GROUP,
+                    x_ptr, w_ptr, x_pixel, inside, w_filter, mask_o, kh, kw, p0, p1,
+                    C_GROUP, H, W, KH, KW,
+                    RULE, DENOMINATOR, PRECISION, HALF, X_MIXED, BLOCK_K,
+                )  # fmt: skip
     acc0, acc1, acc2 = _forward_epilogue(
         acc0,
         acc1,
@@ -206,6 +221,30 @@ def _relevance_operands(
 
 
 @triton.jit
+def _relevance_tap_sum(
+    acc_a, acc_b, o_begin, o_end,
+    w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, r_image, out_pixel, reached, offs_c,
+    mask_c, group, kh, kw,
+    O_GROUP, C_GROUP, OH, OW, KH, KW, p0, p1, stabilizer,
+    RULE: tl.constexpr, DOWN_STREAM: tl.constexpr, PRECISION: tl.constexpr,
+    X_MIXED: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    """Add output channels ``o_begin … o_end`` of tap (kh, kw) to the accumulators (one
+    running sum)."""
+    for o0 in range(o_begin, o_end, BLOCK_O):
+        s_up, s_down, w = _relevance_operands(
+            w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, r_image,
+            out_pixel, reached, offs_c, mask_c, o0, group, kh, kw,
+            O_GROUP, C_GROUP, OH, OW, KH, KW, p0, p1, stabilizer,
+            RULE, BLOCK_O,
+        )  # fmt: skip
+        acc_a, acc_b = _relevance_accumulate(
+            acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
+        )
+    return acc_a, acc_b
+
+
+@triton.jit
 def _conv2d_relevance_kernel(
     x_ptr, w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, out_ptr,
     N, C, H, W, O, OH, OW, C_GROUP, O_GROUP, KH, KW,
@@ -255,33 +294,25 @@ def _conv2d_relevance_kernel(
                 if CHUNK_K > 0:
                     # Two-level sum, as in the forward kernel (IEEE fp32).
                     for o_chunk in range(0, O_GROUP, CHUNK_K):
-                        part_a = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-                        part_b = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-                        for o0 in range(o_chunk, tl.minimum(o_chunk + CHUNK_K, O_GROUP), BLOCK_O):
-                            s_up, s_down, w = _relevance_operands(
-                                w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, r_image,
-                                out_pixel, reached, offs_c, mask_c, o0, group, kh, kw,
-                                O_GROUP, C_GROUP, OH, OW, KH, KW, p0, p1, stabilizer,
-                                RULE, BLOCK_O,
-                            )  # fmt: skip
-                            part_a, part_b = _relevance_accumulate(
-                                part_a, part_b, s_up, s_down, w, p0, RULE, DOWN_STREAM,
-                                PRECISION, X_MIXED,
-                            )  # fmt: skip
+                        part_a, part_b = _relevance_tap_sum(
+                            tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32),
+                            tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32),
+                            o_chunk, tl.minimum(o_chunk + CHUNK_K, O_GROUP),
+                            w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, r_image,
+                            out_pixel, reached, offs_c, mask_c, group, kh, kw,
+                            O_GROUP, C_GROUP, OH, OW, KH, KW, p0, p1, stabilizer,
+                            RULE, DOWN_STREAM, PRECISION, X_MIXED, BLOCK_O,
+                        )  # fmt: skip
                         acc_a += part_a
                         acc_b += part_b
                 else:
-                    for o0 in range(0, O_GROUP, BLOCK_O):
-                        s_up, s_down, w = _relevance_operands(
-                            w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, r_image,
-                            out_pixel, reached, offs_c, mask_c, o0, group, kh, kw,
-                            O_GROUP, C_GROUP, OH, OW, KH, KW, p0, p1, stabilizer,
-                            RULE, BLOCK_O,
-                        )  # fmt: skip
-                        acc_a, acc_b = _relevance_accumulate(
-                            acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION,
-                            X_MIXED,
-                        )  # fmt: skip
+                    acc_a, acc_b = _relevance_tap_sum(
+                        acc_a, acc_b, 0, O_GROUP,
+                        w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, r_image,
+                        out_pixel, reached, offs_c, mask_c, group, kh, kw,
+                        O_GROUP, C_GROUP, OH, OW, KH, KW, p0, p1, stabilizer,
+                        RULE, DOWN_STREAM, PRECISION, X_MIXED, BLOCK_O,
+                    )  # fmt: skip
     # x is loaded only now, and its offsets formed only now: held across the reduction they
     # cost registers that the accumulators need (ptxas spilled; benchmarks/triton_resources.py).
     offs_x = (n.to(tl.int64) * C * H * W + ih * W + iw)[:, None] + channels_in[None, :] * (H * W)

@@ -63,6 +63,27 @@ def _forward_operands(
 
 
 @triton.jit
+def _forward_range_sum(
+    acc0, acc1, acc2, k_begin, k_end,
+    x_ptr, w_ptr, rows, mask_m, offs_o, mask_o, IN, p0, p1,
+    RULE: tl.constexpr, DENOMINATOR: tl.constexpr, PRECISION: tl.constexpr,
+    HALF: tl.constexpr, X_MIXED: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Add inputs ``k_begin … k_end`` to the accumulators (one running sum)."""
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        x, w, valid = _forward_operands(
+            x_ptr, w_ptr, rows, mask_m, offs_o, mask_o, k0, IN, RULE, DENOMINATOR, BLOCK_K
+        )
+        if DENOMINATOR:
+            acc0 = _denominator_accumulate(acc0, x, w, RULE, PRECISION)
+        else:
+            acc0, acc1, acc2 = _forward_accumulate(
+                acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
+            )
+    return acc0, acc1, acc2
+
+
+@triton.jit
 def _linear_forward_kernel(
     x_ptr, w_ptr, b_ptr, out0_ptr, out1_ptr, out2_ptr,
     N, IN, OUT,
@@ -93,31 +114,23 @@ def _linear_forward_kernel(
         # inputs: 6×); a fresh tl.dot added to the total would not do, Triton combines
         # dot(a, b, 0) + c into dot(a, b, c).
         for k_chunk in range(0, IN, CHUNK_K):
-            part0 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-            part1 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-            part2 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-            for k0 in range(k_chunk, tl.minimum(k_chunk + CHUNK_K, IN), BLOCK_K):
-                x, w, valid = _forward_operands(
-                    x_ptr, w_ptr, rows, mask_m, offs_o, mask_o, k0, IN, RULE, DENOMINATOR,
-                    BLOCK_K,
-                )  # fmt: skip
-                part0, part1, part2 = _forward_accumulate(
-                    part0, part1, part2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
-                )
+            part0, part1, part2 = _forward_range_sum(
+                tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32),
+                tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32),
+                tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32),
+                k_chunk, tl.minimum(k_chunk + CHUNK_K, IN),
+                x_ptr, w_ptr, rows, mask_m, offs_o, mask_o, IN, p0, p1,
+                RULE, DENOMINATOR, PRECISION, HALF, X_MIXED, BLOCK_K,
+            )  # fmt: skip
             acc0 += part0
             acc1 += part1
             acc2 += part2
     else:
-        for k0 in range(0, IN, BLOCK_K):
-            x, w, valid = _forward_operands(
-                x_ptr, w_ptr, rows, mask_m, offs_o, mask_o, k0, IN, RULE, DENOMINATOR, BLOCK_K
-            )
-            if DENOMINATOR:
-                acc0 = _denominator_accumulate(acc0, x, w, RULE, PRECISION)
-            else:
-                acc0, acc1, acc2 = _forward_accumulate(
-                    acc0, acc1, acc2, x, w, valid, p0, p1, RULE, PRECISION, HALF, X_MIXED
-                )
+        acc0, acc1, acc2 = _forward_range_sum(
+            acc0, acc1, acc2, 0, IN,
+            x_ptr, w_ptr, rows, mask_m, offs_o, mask_o, IN, p0, p1,
+            RULE, DENOMINATOR, PRECISION, HALF, X_MIXED, BLOCK_K,
+        )  # fmt: skip
     acc0, acc1, acc2 = _forward_epilogue(
         acc0, acc1, acc2, b_ptr, offs_o, mask_o, p0, use_bias, RULE, HAS_BIAS, DENOMINATOR, HALF
     )
@@ -158,6 +171,26 @@ def _relevance_operands(
 
 
 @triton.jit
+def _relevance_range_sum(
+    acc_a, acc_b, o_begin, o_end,
+    w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, rows, mask_m, offs_k, mask_k,
+    IN, OUT, p0, p1, stabilizer,
+    RULE: tl.constexpr, DOWN_STREAM: tl.constexpr, PRECISION: tl.constexpr,
+    X_MIXED: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    """Add outputs ``o_begin … o_end`` to the accumulators (one running sum)."""
+    for o0 in range(o_begin, o_end, BLOCK_O):
+        s_up, s_down, w = _relevance_operands(
+            w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, rows, mask_m, offs_k, mask_k, o0,
+            IN, OUT, p0, p1, stabilizer, RULE, BLOCK_O,
+        )  # fmt: skip
+        acc_a, acc_b = _relevance_accumulate(
+            acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
+        )
+    return acc_a, acc_b
+
+
+@triton.jit
 def _linear_relevance_kernel(
     x_ptr, w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, out_ptr,
     N, IN, OUT,
@@ -180,27 +213,21 @@ def _linear_relevance_kernel(
     if CHUNK_K > 0:
         # Two-level sum, as in the forward kernel (IEEE fp32).
         for o_chunk in range(0, OUT, CHUNK_K):
-            part_a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            part_b = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for o0 in range(o_chunk, tl.minimum(o_chunk + CHUNK_K, OUT), BLOCK_O):
-                s_up, s_down, w = _relevance_operands(
-                    w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, rows, mask_m, offs_k,
-                    mask_k, o0, IN, OUT, p0, p1, stabilizer, RULE, BLOCK_O,
-                )  # fmt: skip
-                part_a, part_b = _relevance_accumulate(
-                    part_a, part_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
-                )
+            part_a, part_b = _relevance_range_sum(
+                tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32),
+                tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32),
+                o_chunk, tl.minimum(o_chunk + CHUNK_K, OUT),
+                w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, rows, mask_m, offs_k, mask_k,
+                IN, OUT, p0, p1, stabilizer, RULE, DOWN_STREAM, PRECISION, X_MIXED, BLOCK_O,
+            )  # fmt: skip
             acc_a += part_a
             acc_b += part_b
     else:
-        for o0 in range(0, OUT, BLOCK_O):
-            s_up, s_down, w = _relevance_operands(
-                w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, rows, mask_m, offs_k, mask_k,
-                o0, IN, OUT, p0, p1, stabilizer, RULE, BLOCK_O,
-            )  # fmt: skip
-            acc_a, acc_b = _relevance_accumulate(
-                acc_a, acc_b, s_up, s_down, w, p0, RULE, DOWN_STREAM, PRECISION, X_MIXED
-            )
+        acc_a, acc_b = _relevance_range_sum(
+            acc_a, acc_b, 0, OUT,
+            w_ptr, r_ptr, z_ptr, aux0_ptr, aux1_ptr, den_ptr, rows, mask_m, offs_k, mask_k,
+            IN, OUT, p0, p1, stabilizer, RULE, DOWN_STREAM, PRECISION, X_MIXED, BLOCK_O,
+        )  # fmt: skip
     # x is loaded only now, and its offsets formed only now: held across the reduction they
     # cost registers that the accumulators need (ptxas spilled; benchmarks/triton_resources.py).
     mask_x = mask_m[:, None] & mask_k[None, :]
