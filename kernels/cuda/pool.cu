@@ -47,16 +47,6 @@ __global__ void init_offset_bounds_kernel(int* bounds) {
 
 // Index arithmetic in I: int where every index and product below fits (the usual case), where a
 // 64-bit division costs several times a 32-bit one and the gather is mostly index arithmetic.
-template <typename I>
-__device__ __forceinline__ I floor_div_by(I a, I b) {  // b > 0
-  const I q = a / b;
-  return (a % b != 0 && a < 0) ? q - 1 : q;
-}
-
-template <typename I>
-__device__ __forceinline__ I ceil_div_by(I a, I b) {  // b > 0
-  return -floor_div_by<I>(-a, b);
-}
 
 // Sample, channel, row and column of element k of a contiguous (N, C, height, width) tensor.
 template <typename I>
@@ -108,8 +98,8 @@ __global__ void winner_offset_bounds_kernel(PlaneShape s, const int64_t* indices
 template <typename I>
 __device__ __forceinline__ void nominal_inverse(I i, I in_size, I out_size, int lo, int hi,
                                                 I* first, I* last) {
-  const I begin = ceil_div_by<I>((i - I(hi)) * out_size, in_size);
-  const I end = ceil_div_by<I>((i - I(lo) + 1) * out_size, in_size) - 1;
+  const I begin = ceil_div<I>((i - I(hi)) * out_size, in_size);
+  const I end = ceil_div<I>((i - I(lo) + 1) * out_size, in_size) - 1;
   *first = begin > 0 ? begin : I(0);
   *last = end < out_size - 1 ? end : out_size - 1;
 }

@@ -7,9 +7,16 @@
 
 namespace relprop {
 
-RELPROP_HD int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+// For b > 0, in any signed integer type (the CUDA max-pool gather runs in int where it fits).
+template <typename I>
+RELPROP_HD I floor_div(I a, I b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
 
-RELPROP_HD int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+template <typename I>
+RELPROP_HD I ceil_div(I a, I b) {
+  return -floor_div<I>(-a, b);
+}
 
 RELPROP_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 RELPROP_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
