@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "relprop/bias_relu.h"
 #include "relprop/cpu_isa.h"
 #include "relprop/elementwise.h"
 #include "relprop/paired_shares.h"
@@ -56,6 +57,12 @@ constexpr const char* kPairedSharesDoc =
     "z > 0 (first) / z < 0 (second) fails; R = relevance * factor (factor = 0: relevance alone); "
     "relevance, factor, z, zp are contiguous (samples, inner) buffers, out (samples, 2, inner); "
     "dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
+
+constexpr const char* kBiasReluDoc =
+    "In place, z = relu(z + bias[channel]) with relu(v) = 0 where v < 0 (NaN and -0 kept): z is "
+    "a contiguous (rows, inner) buffer whose row r is channel r % channels, bias a contiguous "
+    "(channels,) buffer of z's dtype; dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA "
+    "only; added in float32, rounded once).";
 
 constexpr const char* kShapeDoc =
     "shape = (N, C, H, W, OH, OW); strides are element strides of (N, C, H, W) views; "
@@ -182,7 +189,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("second_scale"), py::arg("z_weight"), py::arg("sign_masks"), py::arg("out"),
       release_gil, kPairedSharesDoc);
 
+  m.def(
+      "bias_relu_cpu",
+      [](int dtype, int64_t rows, int64_t channels, int64_t inner, uintptr_t z, uintptr_t bias) {
+        bias_relu_cpu(static_cast<DType>(dtype), rows, channels, inner, z, bias);
+      },
+      py::arg("dtype"), py::arg("rows"), py::arg("channels"), py::arg("inner"), py::arg("z"),
+      py::arg("bias"), release_gil, kBiasReluDoc);
+
 #ifdef RELPROP_WITH_CUDA
+  m.def(
+      "bias_relu_cuda",
+      [](int dtype, int64_t rows, int64_t channels, int64_t inner, uintptr_t z, uintptr_t bias,
+         uintptr_t stream, int device) {
+        bias_relu_cuda(static_cast<DType>(dtype), rows, channels, inner, z, bias, stream, device);
+      },
+      py::arg("dtype"), py::arg("rows"), py::arg("channels"), py::arg("inner"), py::arg("z"),
+      py::arg("bias"), py::arg("stream"), py::arg("device"), release_gil, kBiasReluDoc);
+
   m.def(
       "paired_shares_cuda",
       [](int dtype, int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor,

@@ -1,8 +1,9 @@
 // CUDA fused element-wise kernels; CPU twin in csrc/cpu/elementwise.cpp, semantics in
 // csrc/include/relprop/elementwise.h and python/relprop/ops/elementwise.py.
 //
-// Memory-bound: a grid-stride loop, one element per thread and step, float16 and bfloat16
-// computed in float32. Every element is computed on its own, so results are deterministic.
+// Memory-bound: a grid-stride loop, 16 bytes of each operand per thread and step where the
+// addresses allow it (cuda_scalars.cuh), float16 and bfloat16 computed in float32. Every element
+// is computed on its own, so results are deterministic (and do not depend on the width).
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -20,12 +21,34 @@ using cuda_detail::Compute;
 using cuda_detail::DeviceGuard;
 using cuda_detail::elementwise_blocks;
 using cuda_detail::kElementwiseThreads;
+using cuda_detail::all_aligned;
+using cuda_detail::kWideElements;
 using cuda_detail::load;
+using cuda_detail::load_pack;
+using cuda_detail::Pack;
+using cuda_detail::store_pack;
 using cuda_detail::store_share;
+using cuda_detail::to_compute;
 
-// The relevance's factor (x of the layer above, when the relevance arrives as c · x) is read only
-// when kFactor: the product is formed here instead of in a pass of its own before the division.
-template <typename T, SignMask kMask, bool kFactor>
+// One element: the relevance's factor (x of the layer above, when the relevance arrives as c · x)
+// is used only when kFactor: the product is formed here instead of in a pass of its own before
+// the division; the reference's sign only under a mask.
+template <typename C, SignMask kMask, bool kFactor>
+__device__ __forceinline__ C share(C numerator, C factor, C denominator, C reference, C epsilon,
+                                   C scale) {
+  const C stabilized = stabilize_denominator(denominator, epsilon);
+  bool keep = stabilized != C(0);
+  if (kMask == SignMask::Positive) keep = keep && reference > C(0);
+  if (kMask == SignMask::Negative) keep = keep && reference < C(0);
+  // A zero factor (x = 0) makes a zero relevance x · c even where c overflowed (float16): inf ·
+  // 0 is NaN.
+  const C value = kFactor ? (factor == C(0) ? C(0) : numerator * factor) : numerator;
+  return keep ? (scale * value) / stabilized : C(0);
+}
+
+// `width` consecutive elements per thread and step (cuda_scalars.cuh, kWideElements), then the
+// last numel % width elements one per thread. Operands the template leaves unused are not read.
+template <typename T, SignMask kMask, bool kFactor, int width>
 __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ numerator,
                                          const T* __restrict__ factor,
                                          const T* __restrict__ denominator,
@@ -33,17 +56,31 @@ __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ nu
                                          typename Compute<T>::type epsilon,
                                          typename Compute<T>::type scale, T* __restrict__ out) {
   using C = typename Compute<T>::type;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const C stabilized = stabilize_denominator(load(denominator, i), epsilon);
-    bool keep = stabilized != C(0);
-    if (kMask == SignMask::Positive) keep = keep && load(reference, i) > C(0);
-    if (kMask == SignMask::Negative) keep = keep && load(reference, i) < C(0);
-    // A zero factor (x = 0) makes a zero relevance x · c even where c overflowed (float16): inf ·
-    // 0 is NaN.
-    const C f = kFactor ? load(factor, i) : C(1);
-    const C value = kFactor ? (f == C(0) ? C(0) : load(numerator, i) * f) : load(numerator, i);
-    store_share(out, i, keep ? (scale * value) / stabilized : C(0));
+  constexpr bool kReference = kMask != SignMask::None;
+  const int64_t packed = numel / width * width;
+  const int64_t thread = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t step = int64_t(gridDim.x) * blockDim.x * width;
+  for (int64_t i = thread * width; i < packed; i += step) {
+    const Pack<T, width> n = load_pack<T, width>(numerator, i);
+    const Pack<T, width> d = load_pack<T, width>(denominator, i);
+    Pack<T, width> f, r, result;
+    if (kFactor) f = load_pack<T, width>(factor, i);
+    if (kReference) r = load_pack<T, width>(reference, i);
+#pragma unroll
+    for (int k = 0; k < width; ++k) {
+      const C value = share<C, kMask, kFactor>(
+          to_compute(n.v[k]), kFactor ? to_compute(f.v[k]) : C(1), to_compute(d.v[k]),
+          kReference ? to_compute(r.v[k]) : C(0), epsilon, scale);
+      store_share(result.v, k, value);
+    }
+    store_pack<T, width>(out, i, result);
+  }
+  const int64_t i = packed + thread;
+  if (i < numel) {
+    const C value = share<C, kMask, kFactor>(
+        load(numerator, i), kFactor ? load(factor, i) : C(1), load(denominator, i),
+        kReference ? load(reference, i) : C(0), epsilon, scale);
+    store_share(out, i, value);
   }
 }
 
@@ -51,15 +88,27 @@ struct Buffers {
   uintptr_t numerator, factor, denominator, reference, out;
 };
 
-template <typename T, SignMask kMask, bool kFactor>
-void launch(int64_t numel, const Buffers& b, double epsilon, double scale, cudaStream_t stream) {
+template <typename T, SignMask kMask, bool kFactor, int width>
+void launch_width(int64_t numel, const Buffers& b, double epsilon, double scale,
+                  cudaStream_t stream) {
   using C = typename Compute<T>::type;
-  stabilized_divide_kernel<T, kMask, kFactor>
-      <<<elementwise_blocks(numel), kElementwiseThreads, 0, stream>>>(
+  const int64_t packs = numel / width;
+  const int64_t rest = numel - packs * width;
+  stabilized_divide_kernel<T, kMask, kFactor, width>
+      <<<elementwise_blocks(packs > rest ? packs : rest), kElementwiseThreads, 0, stream>>>(
           numel, reinterpret_cast<const T*>(b.numerator), reinterpret_cast<const T*>(b.factor),
           reinterpret_cast<const T*>(b.denominator), reinterpret_cast<const T*>(b.reference),
           static_cast<C>(epsilon), static_cast<C>(scale), reinterpret_cast<T*>(b.out));
   check(cudaGetLastError(), "stabilized_divide launch");
+}
+
+template <typename T, SignMask kMask, bool kFactor>
+void launch(int64_t numel, const Buffers& b, double epsilon, double scale, cudaStream_t stream) {
+  // A view that starts inside an allocation may not allow 16-byte accesses: one element a step.
+  if (all_aligned({b.numerator, b.factor, b.denominator, b.reference, b.out})) {
+    return launch_width<T, kMask, kFactor, kWideElements<T>>(numel, b, epsilon, scale, stream);
+  }
+  return launch_width<T, kMask, kFactor, 1>(numel, b, epsilon, scale, stream);
 }
 
 template <typename T, bool kFactor>

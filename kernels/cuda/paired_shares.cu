@@ -3,7 +3,8 @@
 // python/relprop/ops/paired_shares.py.
 //
 // Memory-bound: a grid-stride loop over the (samples, inner) elements of R, each thread reading
-// R (and its factor), z and zp once and writing both shares, float16 and bfloat16 computed in
+// R (and its factor), z and zp once and writing both shares, 16 bytes of each operand per step
+// where the addresses and `inner` allow it (cuda_scalars.cuh), float16 and bfloat16 computed in
 // float32. Every element is computed on its own, so results are deterministic.
 #include <cuda_runtime.h>
 
@@ -22,8 +23,13 @@ using cuda_detail::Compute;
 using cuda_detail::DeviceGuard;
 using cuda_detail::elementwise_blocks;
 using cuda_detail::kElementwiseThreads;
-using cuda_detail::load;
+using cuda_detail::all_aligned;
+using cuda_detail::kWideElements;
+using cuda_detail::load_pack;
+using cuda_detail::Pack;
+using cuda_detail::store_pack;
 using cuda_detail::store_share;
+using cuda_detail::to_compute;
 
 // z_weight · z rounded on its own, as the reference and the CPU twin round it: nvcc would
 // otherwise contract the product and the subtraction after it into one FMA, and where that
@@ -36,45 +42,82 @@ struct Scalars {
   C epsilon, scale, second_scale, z_weight;
 };
 
-template <typename T, bool kFactor, bool kMasks>
+// The two shares of one element, into `first` and `second`: α-β's (positive and negative part)
+// or γ's.
+template <typename C, bool kFactor, bool kMasks>
+__device__ __forceinline__ void shares(C relevance, C factor, C output, C modified,
+                                       const Scalars<C>& p, C& first, C& second) {
+  // A zero factor (x = 0) makes a zero relevance x · c even where c overflowed (float16): inf ·
+  // 0 is NaN.
+  const C r = kFactor ? (factor == C(0) ? C(0) : relevance * factor) : relevance;
+  const C stab_first = stabilize_denominator(modified, p.epsilon);
+  const C stab_second =
+      stabilize_denominator(product_rounded(p.z_weight, output) - modified, p.epsilon);
+  bool keep_first = stab_first != C(0);
+  bool keep_second = stab_second != C(0);
+  if (kMasks) {
+    keep_first = keep_first && output > C(0);
+    keep_second = keep_second && output < C(0);
+  }
+  first = keep_first ? (p.scale * r) / stab_first : C(0);
+  second = keep_second ? (p.second_scale * r) / stab_second : C(0);
+}
+
+// `width` consecutive elements per thread and step (cuda_scalars.cuh, kWideElements; the
+// launcher takes width 1 unless `inner` is a multiple of it, so that a step stays in one sample).
+template <typename T, bool kFactor, bool kMasks, int width>
 __global__ void paired_shares_kernel(int64_t numel, int64_t inner,
                                      const T* __restrict__ relevance,
                                      const T* __restrict__ factor, const T* __restrict__ z,
                                      const T* __restrict__ zp,
                                      Scalars<typename Compute<T>::type> p, T* __restrict__ out) {
   using C = typename Compute<T>::type;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    // A zero factor (x = 0) makes a zero relevance x · c even where c overflowed (float16): inf ·
-    // 0 is NaN.
-    const C f = kFactor ? load(factor, i) : C(1);
-    const C r = kFactor ? (f == C(0) ? C(0) : load(relevance, i) * f) : load(relevance, i);
-    const C output = load(z, i);
-    const C modified = load(zp, i);
-    const C stab_first = stabilize_denominator(modified, p.epsilon);
-    const C stab_second =
-        stabilize_denominator(product_rounded(p.z_weight, output) - modified, p.epsilon);
-    bool keep_first = stab_first != C(0);
-    bool keep_second = stab_second != C(0);
-    if (kMasks) {
-      keep_first = keep_first && output > C(0);
-      keep_second = keep_second && output < C(0);
+  const int64_t step = int64_t(gridDim.x) * blockDim.x * width;
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * width; i < numel;
+       i += step) {
+    const Pack<T, width> r = load_pack<T, width>(relevance, i);
+    const Pack<T, width> output = load_pack<T, width>(z, i);
+    const Pack<T, width> modified = load_pack<T, width>(zp, i);
+    Pack<T, width> f, first, second;
+    if (kFactor) f = load_pack<T, width>(factor, i);
+#pragma unroll
+    for (int k = 0; k < width; ++k) {
+      C a, b;
+      shares<C, kFactor, kMasks>(to_compute(r.v[k]), kFactor ? to_compute(f.v[k]) : C(1),
+                                 to_compute(output.v[k]), to_compute(modified.v[k]), p, a, b);
+      store_share(first.v, k, a);
+      store_share(second.v, k, b);
     }
     // Sample n's shares are the rows (n, 0, ·) and (n, 1, ·) of the (samples, 2, inner) output.
     const int64_t sample = i / inner;
     const int64_t at = i + sample * inner;
-    store_share(out, at, keep_first ? (p.scale * r) / stab_first : C(0));
-    store_share(out, at + inner, keep_second ? (p.second_scale * r) / stab_second : C(0));
+    store_pack<T, width>(out, at, first);
+    store_pack<T, width>(out, at + inner, second);
   }
 }
 
-template <typename T, bool kFactor, bool kMasks>
+template <typename T, bool kFactor, bool kMasks, int width>
 void launch_kernel(int64_t numel, int64_t inner, const T* r, const T* f, const T* z, const T* zp,
                    Scalars<typename Compute<T>::type> p, T* out, cudaStream_t stream) {
-  paired_shares_kernel<T, kFactor, kMasks>
-      <<<elementwise_blocks(numel), kElementwiseThreads, 0, stream>>>(numel, inner, r, f, z, zp,
-                                                                       p, out);
+  paired_shares_kernel<T, kFactor, kMasks, width>
+      <<<elementwise_blocks(numel / width), kElementwiseThreads, 0, stream>>>(numel, inner, r, f,
+                                                                               z, zp, p, out);
   check(cudaGetLastError(), "paired_shares launch");
+}
+
+template <typename T, bool kFactor, bool kMasks>
+void launch_aligned(int64_t numel, int64_t inner, const T* r, const T* f, const T* z,
+                    const T* zp, Scalars<typename Compute<T>::type> p, T* out,
+                    cudaStream_t stream) {
+  constexpr int wide = kWideElements<T>;
+  const bool aligned = all_aligned({reinterpret_cast<uintptr_t>(r), reinterpret_cast<uintptr_t>(f),
+                                    reinterpret_cast<uintptr_t>(z),
+                                    reinterpret_cast<uintptr_t>(zp),
+                                    reinterpret_cast<uintptr_t>(out)});
+  if (aligned && inner % wide == 0) {
+    return launch_kernel<T, kFactor, kMasks, wide>(numel, inner, r, f, z, zp, p, out, stream);
+  }
+  return launch_kernel<T, kFactor, kMasks, 1>(numel, inner, r, f, z, zp, p, out, stream);
 }
 
 template <typename T>
@@ -90,13 +133,13 @@ void launch(int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t facto
   const Scalars<C> p{static_cast<C>(params.epsilon), static_cast<C>(params.scale),
                      static_cast<C>(params.second_scale), static_cast<C>(params.z_weight)};
   if (factor != 0) {
-    if (params.sign_masks) return launch_kernel<T, true, true>(numel, inner, r, f, zs, zps, p, o,
-                                                               stream);
-    return launch_kernel<T, true, false>(numel, inner, r, f, zs, zps, p, o, stream);
+    if (params.sign_masks) return launch_aligned<T, true, true>(numel, inner, r, f, zs, zps, p, o,
+                                                                stream);
+    return launch_aligned<T, true, false>(numel, inner, r, f, zs, zps, p, o, stream);
   }
-  if (params.sign_masks) return launch_kernel<T, false, true>(numel, inner, r, f, zs, zps, p, o,
-                                                              stream);
-  return launch_kernel<T, false, false>(numel, inner, r, f, zs, zps, p, o, stream);
+  if (params.sign_masks) return launch_aligned<T, false, true>(numel, inner, r, f, zs, zps, p, o,
+                                                               stream);
+  return launch_aligned<T, false, false>(numel, inner, r, f, zs, zps, p, o, stream);
 }
 
 }  // namespace

@@ -418,3 +418,27 @@ def test_the_op_refuses_operands_of_another_shape(monkeypatch, backend, operand)
             numerator, operands["denominator"], 1e-6, 1.0, operands["sign_reference"], 1,
             operands["factor"],
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_kernel_gives_the_same_bits_at_any_alignment(cuda_device, dtype):
+    """The kernel takes 16 bytes of each operand a step where every address allows it, and
+    single elements where one does not (a view starting inside its allocation): each operand
+    offset gives the oracle's values, and operands shifted together the bits of aligned copies,
+    in the packs and in the tail after them (109 = 13 packs of 8 + 5)."""
+    length = 109
+    n, d, reference = sample((length + 3,), dtype, seed=31)
+    factor = sample((length + 3,), dtype, seed=32)[0]
+    operands = [t.to(cuda_device) for t in (n, d, reference, factor)]
+
+    def divide(views):
+        return elementwise.stabilized_divide(views[0], views[1], 0.25, -1.5, views[2], 1, views[3])
+
+    for offsets in ((0, 0, 0, 0), (1, 0, 0, 0), (0, 3, 0, 0), (0, 0, 2, 0), (0, 0, 0, 1)):
+        views = [t[k : k + length] for t, k in zip(operands, offsets)]
+        n_view, d_view, reference_view, factor_view = (v.cpu() for v in views)
+        expected = oracle(n_view, d_view, 0.25, -1.5, reference_view, 1, factor_view)
+        assert_matches_oracle(divide(views).cpu(), expected, dtype)
+    shifted = [t[1 : 1 + length] for t in operands]
+    assert shifted[0].data_ptr() % 16 != 0
+    assert torch.equal(divide(shifted), divide([v.clone() for v in shifted]))

@@ -240,3 +240,30 @@ def test_the_op_refuses_operands_of_another_shape(backend, operand):
             relevance, operands["z"], operands["zp"], 1e-6, 2.0, -1.0, 1.0, False,
             operands["factor"],
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inner", [(2, 8, 5), (3, 3, 3)], ids=["packs", "odd-inner"])
+def test_cuda_kernel_gives_the_same_bits_at_any_alignment(cuda_device, dtype, inner):
+    """The kernel takes 16 bytes of each operand a step where every address and the per-sample
+    size allow it (80 elements: packs of 2, 4 or 8 stay in one sample; 27: never), else single
+    elements: each operand offset gives the oracle's values, and operands shifted together the
+    bits of aligned copies."""
+    shape = (3, *inner)
+    numel = 3 * torch.Size(inner).numel()
+    buffers = [t.reshape(-1) for t in sample((numel + 3,), dtype, seed=41)]
+    operands = [t.to(cuda_device) for t in buffers]
+    case = RULE_CASES[4]  # γ's: both masks and both scales at work
+
+    def shares(views):
+        relevance, z, zp, factor = (v.view(shape) for v in views)
+        return shares_ops.paired_shares(relevance, z, zp, *case, factor)
+
+    for offsets in ((0, 0, 0, 0), (1, 0, 0, 0), (0, 2, 0, 0), (0, 0, 3, 0), (0, 0, 0, 1)):
+        views = [t[k : k + numel] for t, k in zip(operands, offsets)]
+        relevance, z, zp, factor = (v.cpu().view(shape) for v in views)
+        expected = pair_oracle(relevance, z, zp, *case, factor)
+        assert_matches_oracle(shares(views).cpu(), expected, dtype)
+    shifted = [t[1 : 1 + numel] for t in operands]
+    assert shifted[0].data_ptr() % 16 != 0
+    assert torch.equal(shares(shifted), shares([v.clone() for v in shifted]))

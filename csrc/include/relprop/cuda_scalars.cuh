@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 namespace relprop {
 namespace cuda_detail {
@@ -58,6 +59,38 @@ template <>
 __device__ __forceinline__ void store_share<__half>(__half* p, int64_t i, float v) {
   constexpr float kHalfMax = 65504.0f;
   p[i] = __float2half(v > kHalfMax ? kHalfMax : (v < -kHalfMax ? -kHalfMax : v));
+}
+
+// Consecutive elements an element-wise kernel's thread takes per step: as many as one 16-byte
+// access holds (4 float, 2 double, 8 half or bfloat16) where every operand's address allows it
+// (`all_aligned`), else 1. Wide accesses are what torch's element-wise kernels use; with single
+// elements the stabilised division moved 2.1 TB/s on an H100 where torch's ReLU backward moved
+// 3.0 (ResNet50: times in benchmarks/results/gpu_h100_profile_resnet50.md, bytes counted by
+// benchmarks/traffic.py --by-op).
+template <typename T>
+constexpr int kWideElements = 16 / static_cast<int>(sizeof(T));
+
+// `width` elements of T accessed as one (one instruction for the whole pack).
+template <typename T, int width>
+struct alignas(sizeof(T) * width) Pack {
+  T v[width];
+};
+
+template <typename T, int width>
+__device__ __forceinline__ Pack<T, width> load_pack(const T* p, int64_t i) {
+  return *reinterpret_cast<const Pack<T, width>*>(p + i);
+}
+template <typename T, int width>
+__device__ __forceinline__ void store_pack(T* p, int64_t i, const Pack<T, width>& pack) {
+  *reinterpret_cast<Pack<T, width>*>(p + i) = pack;
+}
+
+// Whether every non-null address is aligned for 16-byte accesses (address 0: an absent operand).
+inline bool all_aligned(std::initializer_list<uintptr_t> addresses) {
+  for (uintptr_t a : addresses) {
+    if (a % 16 != 0) return false;
+  }
+  return true;
 }
 
 // Threads per block of the element-wise kernels, and a grid bound: enough resident blocks to

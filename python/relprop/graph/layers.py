@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from relprop import _native
 from relprop.errors import UnsupportedLayerError
 from relprop.graph.canonize import FoldedParameters
 from relprop.ops import conv as conv_ops
@@ -45,6 +46,7 @@ from relprop.ops._layer_rules import (
     stamp_mark,
     times_factor,
 )
+from relprop.ops.bias_relu import bias_relu_
 from relprop.rules.base import Rule
 from relprop.rules.zbox import ZBox
 
@@ -212,6 +214,15 @@ class WeightLayer(Layer):
         boxed = self._per_channel_box() is not None
         fwd_name, fwd_params = PLAIN_FORWARD if lean or boxed else (name, rule_params)
         op_bias = None if self.rule.ignore_bias else bias
+        # On CUDA torch adds a convolution's bias in a pass of its own after cuDNN's product;
+        # a fused ReLU then takes the bias with it (relprop::bias_relu_, one pass for two).
+        bias_with_relu = (
+            self.fused_relu
+            and lean
+            and op_bias is not None
+            and self.geometry is not None
+            and _native.on_cuda(x)
+        )
         if self.geometry is None:
             lead = x.shape[:-1]
             x_op, w_op = x.reshape(-1, x.shape[-1]), weight
@@ -228,7 +239,7 @@ class WeightLayer(Layer):
                 conv_ops.forward_kernel,
                 x_op,
                 w_op,
-                op_bias,
+                None if bias_with_relu else op_bias,
                 g["stride"],
                 g["padding"],
                 g["dilation"],
@@ -243,7 +254,9 @@ class WeightLayer(Layer):
             saved = []
         if op_bias is None and bias is not None:
             z = z + (bias if self.geometry is None else bias.view(1, -1, 1, 1))
-        if self.fused_relu:
+        if bias_with_relu:
+            mark_nonnegative(bias_relu_(z, op_bias))
+        elif self.fused_relu:
             # In place, so relu(z) also replaces z in saved: equal wherever relevance will
             # arrive (plan.py), and it is the next layer's input, held anyway.
             mark_nonnegative(z.relu_())
@@ -412,9 +425,15 @@ class NormLayer(Layer):
         self.fn = fn
         self.stabilizer = stabilizer
         self.is_sum = is_sum  # a plain a + b: its Jacobian is known, no autograd needed
+        # Set by the plan for a sum whose ReLU may run here, in place (plan.py): the division
+        # then reads relu(a + b), equal to a + b wherever relevance arrives.
+        self.fused_relu = False
 
     def forward(self, args, kwargs):
         out = self.fn(*args, **kwargs)
+        if self.fused_relu:
+            # fn made a new tensor (the plan maps in-place sums to out-of-place ones).
+            mark_nonnegative(out.relu_())
         return out, (args, kwargs, out)
 
     takes_input_product = True

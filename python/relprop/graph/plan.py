@@ -569,18 +569,26 @@ class PlanBuilder:
     # -- ReLU fusion ----------------------------------------------------------------------
 
     def _fuse_relus(self, steps: dict[str, Step]) -> None:
-        """Let a dense/conv layer apply the ReLU after it, in place, and keep ``relu(z)``.
+        """Let a dense/conv layer, or a residual sum, apply the ReLU after it, in place, and keep
+        ``relu(z)``.
 
-        The rules that read ``z`` (ε, αβ, γ) only need it where relevance arrives. When every
-        path from the ReLU's output hands relevance only to non-zero activations, ``relu(z)``
-        equals ``z`` wherever it is read — and ``relu(z)`` is the next layer's input, held
-        anyway. So the layer keeps no tensor of its own, as autograd keeps none with an
-        in-place ReLU.
+        The rules that read ``z`` (ε, αβ, γ, and the sum's z-rule) only need it where relevance
+        arrives. When every path from the ReLU's output hands relevance only to non-zero
+        activations, ``relu(z)`` equals ``z`` wherever it is read — and ``relu(z)`` is the next
+        layer's input, held anyway. So the layer keeps no tensor of its own, as autograd keeps
+        none with an in-place ReLU; a ResNet block's sum no longer holds its output beside the
+        ReLU's, and its division reads one tensor where it read two (the relevance arrives as
+        ``c · relu(z)``, and ``relu(z)`` is now the denominator too).
         """
         for node in self.gm.graph.nodes:
             step = steps.get(node.name)
-            if step is None or not isinstance(step.layer, L.WeightLayer) or step.rule.ignore_bias:
-                continue  # ignore-bias rules divide by z without bias, not the layer's output
+            if step is None:
+                continue
+            if isinstance(step.layer, L.WeightLayer):
+                if step.rule.ignore_bias:
+                    continue  # ignore-bias rules divide by z without bias, not the layer's output
+            elif not (isinstance(step.layer, L.NormLayer) and step.layer.is_sum):
+                continue
             relu = self._single_user_through_folded_bn(node, steps)
             if relu is None or steps[relu.name].kind != "activation" or not self._is_relu(relu):
                 continue
