@@ -36,6 +36,16 @@ AvgPoolGeometry avg_geometry(const Pair& kernel, const Pair& stride, const Pair&
           padding[0], padding[1], count_include_pad, divisor_override};
 }
 
+// zp's bias in paired shares: `channels` channels per sample of `inner` elements.
+DenominatorBias channel_bias(uintptr_t values, int64_t channels, int64_t inner) {
+  if (values != 0 && (channels <= 0 || inner % channels != 0)) {
+    throw std::invalid_argument("paired_shares: zp_bias needs channels > 0 dividing inner, got " +
+                                std::to_string(channels) + " channels of " +
+                                std::to_string(inner));
+  }
+  return {values, values == 0 ? 1 : channels, values == 0 ? 1 : inner / channels};
+}
+
 SignMask sign_mask(int sign) {
   if (sign < -1 || sign > 1) {
     throw std::invalid_argument("stabilized_divide: sign must be -1, 0 or +1, got " +
@@ -47,7 +57,9 @@ SignMask sign_mask(int sign) {
 constexpr const char* kStabilizedDivideDoc =
     "out = scale * (numerator * factor) / stab(denominator, epsilon), stab(d, e) = d + "
     "e*(sign(d) + [d == 0]), 0 where stab is 0; factor = 0 (no address) takes the numerator as it "
-    "is; sign = +1 / -1 keeps only entries with sign_reference > 0 / < 0 (0 "
+    "is; denominator_bias = 0 (no address) adds nothing, else the denominator of element i is "
+    "denominator[i] + denominator_bias[(i / inner) % channels]; sign = +1 / -1 keeps only "
+    "entries with sign_reference > 0 / < 0 (0 "
     "elsewhere), sign = 0 ignores sign_reference. All buffers contiguous, numel elements; dtype: "
     "0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
 
@@ -55,6 +67,8 @@ constexpr const char* kPairedSharesDoc =
     "out[n, 0, j] = scale * R / stab(zp, epsilon), out[n, 1, j] = second_scale * R / "
     "stab(z_weight * z - zp, epsilon), each 0 where its stab is 0 and, with sign_masks, where "
     "z > 0 (first) / z < 0 (second) fails; R = relevance * factor (factor = 0: relevance alone); "
+    "zp_bias = 0 (no address) adds nothing, else zp is zp + zp_bias[channel] for `channels` "
+    "channels per sample; "
     "relevance, factor, z, zp are contiguous (samples, inner) buffers, out (samples, 2, inner); "
     "dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
 
@@ -168,26 +182,30 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "stabilized_divide_cpu",
       [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t factor, uintptr_t denominator,
-         double epsilon, double scale, uintptr_t sign_reference, int sign, uintptr_t out) {
+         uintptr_t denominator_bias, int64_t channels, int64_t inner, double epsilon,
+         double scale, uintptr_t sign_reference, int sign, uintptr_t out) {
         stabilized_divide_cpu(static_cast<DType>(dtype), numel, numerator, factor, denominator,
-                              epsilon, scale, sign_reference, sign_mask(sign), out);
+                              {denominator_bias, channels, inner}, epsilon, scale, sign_reference,
+                              sign_mask(sign), out);
       },
       py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("factor"),
-      py::arg("denominator"), py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"),
-      py::arg("sign"), py::arg("out"), release_gil, kStabilizedDivideDoc);
+      py::arg("denominator"), py::arg("denominator_bias"), py::arg("channels"), py::arg("inner"),
+      py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"), py::arg("sign"),
+      py::arg("out"), release_gil, kStabilizedDivideDoc);
 
   m.def(
       "paired_shares_cpu",
       [](int dtype, int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor,
-         uintptr_t z, uintptr_t zp, double epsilon, double scale, double second_scale,
-         double z_weight, bool sign_masks, uintptr_t out) {
+         uintptr_t z, uintptr_t zp, uintptr_t zp_bias, int64_t channels, double epsilon,
+         double scale, double second_scale, double z_weight, bool sign_masks, uintptr_t out) {
         paired_shares_cpu(static_cast<DType>(dtype), samples, inner, relevance, factor, z, zp,
+                          channel_bias(zp_bias, channels, inner),
                           {epsilon, scale, second_scale, z_weight, sign_masks}, out);
       },
       py::arg("dtype"), py::arg("samples"), py::arg("inner"), py::arg("relevance"),
-      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("epsilon"), py::arg("scale"),
-      py::arg("second_scale"), py::arg("z_weight"), py::arg("sign_masks"), py::arg("out"),
-      release_gil, kPairedSharesDoc);
+      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("zp_bias"), py::arg("channels"),
+      py::arg("epsilon"), py::arg("scale"), py::arg("second_scale"), py::arg("z_weight"),
+      py::arg("sign_masks"), py::arg("out"), release_gil, kPairedSharesDoc);
 
   m.def(
       "bias_relu_cpu",
@@ -210,30 +228,34 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "paired_shares_cuda",
       [](int dtype, int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor,
-         uintptr_t z, uintptr_t zp, double epsilon, double scale, double second_scale,
-         double z_weight, bool sign_masks, uintptr_t out, uintptr_t stream, int device) {
+         uintptr_t z, uintptr_t zp, uintptr_t zp_bias, int64_t channels, double epsilon,
+         double scale, double second_scale, double z_weight, bool sign_masks, uintptr_t out,
+         uintptr_t stream, int device) {
         paired_shares_cuda(static_cast<DType>(dtype), samples, inner, relevance, factor, z, zp,
+                           channel_bias(zp_bias, channels, inner),
                            {epsilon, scale, second_scale, z_weight, sign_masks}, out, stream,
                            device);
       },
       py::arg("dtype"), py::arg("samples"), py::arg("inner"), py::arg("relevance"),
-      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("epsilon"), py::arg("scale"),
-      py::arg("second_scale"), py::arg("z_weight"), py::arg("sign_masks"), py::arg("out"),
-      py::arg("stream"), py::arg("device"), release_gil, kPairedSharesDoc);
+      py::arg("factor"), py::arg("z"), py::arg("zp"), py::arg("zp_bias"), py::arg("channels"),
+      py::arg("epsilon"), py::arg("scale"), py::arg("second_scale"), py::arg("z_weight"),
+      py::arg("sign_masks"), py::arg("out"), py::arg("stream"), py::arg("device"), release_gil,
+      kPairedSharesDoc);
 
   m.def(
       "stabilized_divide_cuda",
       [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t factor, uintptr_t denominator,
-         double epsilon, double scale, uintptr_t sign_reference, int sign, uintptr_t out,
-         uintptr_t stream, int device) {
+         uintptr_t denominator_bias, int64_t channels, int64_t inner, double epsilon,
+         double scale, uintptr_t sign_reference, int sign, uintptr_t out, uintptr_t stream,
+         int device) {
         stabilized_divide_cuda(static_cast<DType>(dtype), numel, numerator, factor, denominator,
-                               epsilon, scale, sign_reference, sign_mask(sign), out, stream,
-                               device);
+                               {denominator_bias, channels, inner}, epsilon, scale,
+                               sign_reference, sign_mask(sign), out, stream, device);
       },
       py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("factor"),
-      py::arg("denominator"), py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"),
-      py::arg("sign"), py::arg("out"), py::arg("stream"), py::arg("device"), release_gil,
-      kStabilizedDivideDoc);
+      py::arg("denominator"), py::arg("denominator_bias"), py::arg("channels"), py::arg("inner"),
+      py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"), py::arg("sign"),
+      py::arg("out"), py::arg("stream"), py::arg("device"), release_gil, kStabilizedDivideDoc);
 
   m.def(
       "max_pool_relevance_cuda",

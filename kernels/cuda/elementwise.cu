@@ -46,12 +46,23 @@ __device__ __forceinline__ C share(C numerator, C factor, C denominator, C refer
   return keep ? (scale * value) / stabilized : C(0);
 }
 
+// The denominator's per-channel bias at element i (ChannelBias, elementwise.h), or nothing.
+template <typename T>
+__device__ __forceinline__ typename Compute<T>::type with_bias(typename Compute<T>::type d,
+                                                               const ChannelBias<T>& bias,
+                                                               int64_t i) {
+  return bias.values == nullptr ? d : d + load(bias.values, (i / bias.inner) % bias.channels);
+}
+
 // `width` consecutive elements per thread and step (cuda_scalars.cuh, kWideElements), then the
 // last numel % width elements one per thread. Operands the template leaves unused are not read.
+// With a denominator bias a step stays in one row (the launcher takes width 1 unless the rows'
+// length is a multiple of it), so that one bias value serves the step.
 template <typename T, SignMask kMask, bool kFactor, int width>
 __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ numerator,
                                          const T* __restrict__ factor,
                                          const T* __restrict__ denominator,
+                                         const ChannelBias<T> bias,
                                          const T* __restrict__ reference,
                                          typename Compute<T>::type epsilon,
                                          typename Compute<T>::type scale, T* __restrict__ out) {
@@ -66,10 +77,13 @@ __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ nu
     Pack<T, width> f, r, result;
     if (kFactor) f = load_pack<T, width>(factor, i);
     if (kReference) r = load_pack<T, width>(reference, i);
+    const bool shifted = bias.values != nullptr;
+    const C shift = shifted ? load(bias.values, (i / bias.inner) % bias.channels) : C(0);
 #pragma unroll
     for (int k = 0; k < width; ++k) {
+      const C denominator_k = shifted ? to_compute(d.v[k]) + shift : to_compute(d.v[k]);
       const C value = share<C, kMask, kFactor>(
-          to_compute(n.v[k]), kFactor ? to_compute(f.v[k]) : C(1), to_compute(d.v[k]),
+          to_compute(n.v[k]), kFactor ? to_compute(f.v[k]) : C(1), denominator_k,
           kReference ? to_compute(r.v[k]) : C(0), epsilon, scale);
       store_share(result.v, k, value);
     }
@@ -78,14 +92,16 @@ __global__ void stabilized_divide_kernel(int64_t numel, const T* __restrict__ nu
   const int64_t i = packed + thread;
   if (i < numel) {
     const C value = share<C, kMask, kFactor>(
-        load(numerator, i), kFactor ? load(factor, i) : C(1), load(denominator, i),
-        kReference ? load(reference, i) : C(0), epsilon, scale);
+        load(numerator, i), kFactor ? load(factor, i) : C(1),
+        with_bias(load(denominator, i), bias, i), kReference ? load(reference, i) : C(0),
+        epsilon, scale);
     store_share(out, i, value);
   }
 }
 
 struct Buffers {
   uintptr_t numerator, factor, denominator, reference, out;
+  DenominatorBias bias;
 };
 
 template <typename T, SignMask kMask, bool kFactor, int width>
@@ -94,18 +110,23 @@ void launch_width(int64_t numel, const Buffers& b, double epsilon, double scale,
   using C = typename Compute<T>::type;
   const int64_t packs = numel / width;
   const int64_t rest = numel - packs * width;
+  const ChannelBias<T> bias{reinterpret_cast<const T*>(b.bias.values), b.bias.channels,
+                            b.bias.inner};
   stabilized_divide_kernel<T, kMask, kFactor, width>
       <<<elementwise_blocks(packs > rest ? packs : rest), kElementwiseThreads, 0, stream>>>(
           numel, reinterpret_cast<const T*>(b.numerator), reinterpret_cast<const T*>(b.factor),
-          reinterpret_cast<const T*>(b.denominator), reinterpret_cast<const T*>(b.reference),
-          static_cast<C>(epsilon), static_cast<C>(scale), reinterpret_cast<T*>(b.out));
+          reinterpret_cast<const T*>(b.denominator), bias,
+          reinterpret_cast<const T*>(b.reference), static_cast<C>(epsilon),
+          static_cast<C>(scale), reinterpret_cast<T*>(b.out));
   check(cudaGetLastError(), "stabilized_divide launch");
 }
 
 template <typename T, SignMask kMask, bool kFactor>
 void launch(int64_t numel, const Buffers& b, double epsilon, double scale, cudaStream_t stream) {
-  // A view that starts inside an allocation may not allow 16-byte accesses: one element a step.
-  if (all_aligned({b.numerator, b.factor, b.denominator, b.reference, b.out})) {
+  // A view that starts inside an allocation may not allow 16-byte accesses, nor may rows whose
+  // length is not a multiple of the width take one bias value a step: one element a step.
+  const bool rows_fit = b.bias.values == 0 || b.bias.inner % kWideElements<T> == 0;
+  if (rows_fit && all_aligned({b.numerator, b.factor, b.denominator, b.reference, b.out})) {
     return launch_width<T, kMask, kFactor, kWideElements<T>>(numel, b, epsilon, scale, stream);
   }
   return launch_width<T, kMask, kFactor, 1>(numel, b, epsilon, scale, stream);
@@ -136,13 +157,14 @@ void launch_typed(SignMask mask, int64_t numel, const Buffers& b, double epsilon
 }  // namespace
 
 void stabilized_divide_cuda(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t factor,
-                            uintptr_t denominator, double epsilon, double scale,
-                            uintptr_t sign_reference, SignMask mask, uintptr_t out,
-                            uintptr_t stream, int device) {
+                            uintptr_t denominator, const DenominatorBias& denominator_bias,
+                            double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
+                            uintptr_t out, uintptr_t stream, int device) {
+  check_denominator_bias("stabilized_divide", numel, denominator_bias);
   if (numel == 0) return;
   DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const Buffers b{numerator, factor, denominator, sign_reference, out};
+  const Buffers b{numerator, factor, denominator, sign_reference, out, denominator_bias};
   switch (dtype) {
     case DType::Float32:
       return launch_typed<float>(mask, numel, b, epsilon, scale, s);

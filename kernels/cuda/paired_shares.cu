@@ -25,6 +25,7 @@ using cuda_detail::elementwise_blocks;
 using cuda_detail::kElementwiseThreads;
 using cuda_detail::all_aligned;
 using cuda_detail::kWideElements;
+using cuda_detail::load;
 using cuda_detail::load_pack;
 using cuda_detail::Pack;
 using cuda_detail::store_pack;
@@ -64,15 +65,17 @@ __device__ __forceinline__ void shares(C relevance, C factor, C output, C modifi
 }
 
 // `width` consecutive elements per thread and step (cuda_scalars.cuh, kWideElements; the
-// launcher takes width 1 unless `inner` is a multiple of it, so that a step stays in one sample).
+// launcher takes width 1 unless `inner`, and with a bias of zp each channel's elements, are a
+// multiple of it, so that a step stays in one sample and one channel).
 template <typename T, bool kFactor, bool kMasks, int width>
 __global__ void paired_shares_kernel(int64_t numel, int64_t inner,
                                      const T* __restrict__ relevance,
                                      const T* __restrict__ factor, const T* __restrict__ z,
-                                     const T* __restrict__ zp,
+                                     const T* __restrict__ zp, const ChannelBias<T> zp_bias,
                                      Scalars<typename Compute<T>::type> p, T* __restrict__ out) {
   using C = typename Compute<T>::type;
   const int64_t step = int64_t(gridDim.x) * blockDim.x * width;
+  const bool shifted = zp_bias.values != nullptr;
   for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * width; i < numel;
        i += step) {
     const Pack<T, width> r = load_pack<T, width>(relevance, i);
@@ -80,11 +83,15 @@ __global__ void paired_shares_kernel(int64_t numel, int64_t inner,
     const Pack<T, width> modified = load_pack<T, width>(zp, i);
     Pack<T, width> f, first, second;
     if (kFactor) f = load_pack<T, width>(factor, i);
+    const C shift =
+        shifted ? load(zp_bias.values, (i / zp_bias.inner) % zp_bias.channels) : C(0);
 #pragma unroll
     for (int k = 0; k < width; ++k) {
       C a, b;
+      const C modified_k =
+          shifted ? to_compute(modified.v[k]) + shift : to_compute(modified.v[k]);
       shares<C, kFactor, kMasks>(to_compute(r.v[k]), kFactor ? to_compute(f.v[k]) : C(1),
-                                 to_compute(output.v[k]), to_compute(modified.v[k]), p, a, b);
+                                 to_compute(output.v[k]), modified_k, p, a, b);
       store_share(first.v, k, a);
       store_share(second.v, k, b);
     }
@@ -96,70 +103,83 @@ __global__ void paired_shares_kernel(int64_t numel, int64_t inner,
   }
 }
 
+// The kernel's pointer operands.
+template <typename T>
+struct Operands {
+  const T* r;
+  const T* f;
+  const T* z;
+  const T* zp;
+  ChannelBias<T> zp_bias;
+  T* out;
+};
+
 template <typename T, bool kFactor, bool kMasks, int width>
-void launch_kernel(int64_t numel, int64_t inner, const T* r, const T* f, const T* z, const T* zp,
-                   Scalars<typename Compute<T>::type> p, T* out, cudaStream_t stream) {
+void launch_kernel(int64_t numel, int64_t inner, const Operands<T>& o,
+                   Scalars<typename Compute<T>::type> p, cudaStream_t stream) {
   paired_shares_kernel<T, kFactor, kMasks, width>
-      <<<elementwise_blocks(numel / width), kElementwiseThreads, 0, stream>>>(numel, inner, r, f,
-                                                                               z, zp, p, out);
+      <<<elementwise_blocks(numel / width), kElementwiseThreads, 0, stream>>>(
+          numel, inner, o.r, o.f, o.z, o.zp, o.zp_bias, p, o.out);
   check(cudaGetLastError(), "paired_shares launch");
 }
 
 template <typename T, bool kFactor, bool kMasks>
-void launch_aligned(int64_t numel, int64_t inner, const T* r, const T* f, const T* z,
-                    const T* zp, Scalars<typename Compute<T>::type> p, T* out,
-                    cudaStream_t stream) {
+void launch_aligned(int64_t numel, int64_t inner, const Operands<T>& o,
+                    Scalars<typename Compute<T>::type> p, cudaStream_t stream) {
   constexpr int wide = kWideElements<T>;
-  const bool aligned = all_aligned({reinterpret_cast<uintptr_t>(r), reinterpret_cast<uintptr_t>(f),
-                                    reinterpret_cast<uintptr_t>(z),
-                                    reinterpret_cast<uintptr_t>(zp),
-                                    reinterpret_cast<uintptr_t>(out)});
-  if (aligned && inner % wide == 0) {
-    return launch_kernel<T, kFactor, kMasks, wide>(numel, inner, r, f, z, zp, p, out, stream);
+  const bool aligned = all_aligned(
+      {reinterpret_cast<uintptr_t>(o.r), reinterpret_cast<uintptr_t>(o.f),
+       reinterpret_cast<uintptr_t>(o.z), reinterpret_cast<uintptr_t>(o.zp),
+       reinterpret_cast<uintptr_t>(o.out)});
+  const bool rows_fit = o.zp_bias.values == nullptr || o.zp_bias.inner % wide == 0;
+  if (aligned && rows_fit && inner % wide == 0) {
+    return launch_kernel<T, kFactor, kMasks, wide>(numel, inner, o, p, stream);
   }
-  return launch_kernel<T, kFactor, kMasks, 1>(numel, inner, r, f, z, zp, p, out, stream);
+  return launch_kernel<T, kFactor, kMasks, 1>(numel, inner, o, p, stream);
 }
 
 template <typename T>
 void launch(int64_t samples, int64_t inner, uintptr_t relevance, uintptr_t factor, uintptr_t z,
-            uintptr_t zp, const PairedSharesParams& params, uintptr_t out, cudaStream_t stream) {
+            uintptr_t zp, const DenominatorBias& zp_bias, const PairedSharesParams& params,
+            uintptr_t out, cudaStream_t stream) {
   using C = typename Compute<T>::type;
   const int64_t numel = samples * inner;
-  const auto* r = reinterpret_cast<const T*>(relevance);
-  const auto* f = reinterpret_cast<const T*>(factor);
-  const auto* zs = reinterpret_cast<const T*>(z);
-  const auto* zps = reinterpret_cast<const T*>(zp);
-  auto* o = reinterpret_cast<T*>(out);
+  const Operands<T> o{reinterpret_cast<const T*>(relevance),
+                      reinterpret_cast<const T*>(factor),
+                      reinterpret_cast<const T*>(z),
+                      reinterpret_cast<const T*>(zp),
+                      {reinterpret_cast<const T*>(zp_bias.values), zp_bias.channels, zp_bias.inner},
+                      reinterpret_cast<T*>(out)};
   const Scalars<C> p{static_cast<C>(params.epsilon), static_cast<C>(params.scale),
                      static_cast<C>(params.second_scale), static_cast<C>(params.z_weight)};
   if (factor != 0) {
-    if (params.sign_masks) return launch_aligned<T, true, true>(numel, inner, r, f, zs, zps, p, o,
-                                                                stream);
-    return launch_aligned<T, true, false>(numel, inner, r, f, zs, zps, p, o, stream);
+    if (params.sign_masks) return launch_aligned<T, true, true>(numel, inner, o, p, stream);
+    return launch_aligned<T, true, false>(numel, inner, o, p, stream);
   }
-  if (params.sign_masks) return launch_aligned<T, false, true>(numel, inner, r, f, zs, zps, p, o,
-                                                               stream);
-  return launch_aligned<T, false, false>(numel, inner, r, f, zs, zps, p, o, stream);
+  if (params.sign_masks) return launch_aligned<T, false, true>(numel, inner, o, p, stream);
+  return launch_aligned<T, false, false>(numel, inner, o, p, stream);
 }
 
 }  // namespace
 
 void paired_shares_cuda(DType dtype, int64_t samples, int64_t inner, uintptr_t relevance,
                         uintptr_t factor, uintptr_t z, uintptr_t zp,
-                        const PairedSharesParams& params, uintptr_t out, uintptr_t stream,
-                        int device) {
+                        const DenominatorBias& zp_bias, const PairedSharesParams& params,
+                        uintptr_t out, uintptr_t stream, int device) {
+  check_denominator_bias("paired_shares", samples * inner, zp_bias);
   if (samples == 0 || inner == 0) return;
   DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::Float32:
-      return launch<float>(samples, inner, relevance, factor, z, zp, params, out, s);
+      return launch<float>(samples, inner, relevance, factor, z, zp, zp_bias, params, out, s);
     case DType::Float64:
-      return launch<double>(samples, inner, relevance, factor, z, zp, params, out, s);
+      return launch<double>(samples, inner, relevance, factor, z, zp, zp_bias, params, out, s);
     case DType::Float16:
-      return launch<__half>(samples, inner, relevance, factor, z, zp, params, out, s);
+      return launch<__half>(samples, inner, relevance, factor, z, zp, zp_bias, params, out, s);
     case DType::BFloat16:
-      return launch<__nv_bfloat16>(samples, inner, relevance, factor, z, zp, params, out, s);
+      return launch<__nv_bfloat16>(samples, inner, relevance, factor, z, zp, zp_bias, params, out,
+                                   s);
   }
   throw std::invalid_argument("paired_shares: unknown dtype code " +
                               std::to_string(static_cast<int>(dtype)));

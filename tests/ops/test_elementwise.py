@@ -364,10 +364,11 @@ def _opcheck_samples():
         (n, d, 0.0, 2.0, reference, -1),
         (n64, d64, 0.25, -1.0, reference64, 1),
         (n, d, 1e-6, 1.0, reference, 1, reference.abs()),
+        (n, d, 1e-6, 1.0, reference, -1, reference.abs(), n[0, :, 0].clone()),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_opcheck(backend, case):
     torch.library.opcheck(elementwise.stabilized_divide_op, _opcheck_samples()[case])
 
@@ -442,3 +443,68 @@ def test_cuda_kernel_gives_the_same_bits_at_any_alignment(cuda_device, dtype):
     shifted = [t[1 : 1 + length] for t in operands]
     assert shifted[0].data_ptr() % 16 != 0
     assert torch.equal(divide(shifted), divide([v.clone() for v in shifted]))
+
+
+def biased(d: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``d + bias`` along dim 1, added in the dtype the op computes in (the contract)."""
+    compute = torch.float32 if d.dtype in (torch.float16, torch.bfloat16) else d.dtype
+    view = bias.to(compute).view((1, -1) + (1,) * (d.dim() - 2))
+    return d.to(compute) + view
+
+
+# (N, C): one element per row; (N, C, H, W) rows of 63; rows of 16 (packs of 2, 4 and 8 fit).
+BIAS_SHAPES = [(4, 5), (2, 3, 7, 9), (3, 4, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=str)
+@pytest.mark.parametrize("sign", [0, 1, -1])
+def test_denominator_bias_is_added_per_channel(backend, dtype, shape, sign):
+    """The layer's bias, added to the denominator inside the pass: each channel its own value,
+    also where it cancels the denominator to 0 (ε = 0 keeps those entries exactly 0)."""
+    n, d, reference = sample(shape, dtype, seed=51)
+    factor = sample(shape, dtype, seed=52)[0].abs()
+    bias = torch.randn(shape[1], generator=generator(53), dtype=torch.float64).to(dtype)
+    d[::2, 1] = -bias[1]  # d + b = 0 exactly in channel 1 of every other sample
+    reference_arg = None if sign == 0 else reference
+    for epsilon in (0.0, 0.25):
+        out = elementwise.stabilized_divide(n, d, epsilon, -1.5, reference_arg, sign or 1, factor,
+                                            bias)  # fmt: skip
+        expected = oracle(n, biased(d, bias), epsilon, -1.5, reference_arg, sign or 1, factor)
+        assert_matches_oracle(out, expected, dtype)
+    if dtype in (torch.float32, torch.float64):
+        # One rounding of d + b either way: the same bits as the bias added in a pass before.
+        assert torch.equal(
+            elementwise.stabilized_divide(n, d, 0.25, 1.0, None, 1, None, bias),
+            elementwise.stabilized_divide(n, biased(d, bias), 0.25, 1.0),
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inner", [16, 9], ids=["packs", "odd-rows"])
+def test_cuda_kernel_adds_the_bias_at_any_alignment(cuda_device, dtype, inner):
+    """With a denominator bias a step of the wide kernel stays in one channel's row: rows of 16
+    take packs of 2, 4 and 8 where the addresses allow, rows of 9 single elements."""
+    shape = (3, 5, inner)
+    numel = 3 * 5 * inner
+    n, d, reference = (t.reshape(-1) for t in sample((numel + 3,), dtype, seed=61))
+    bias = torch.randn(5, generator=generator(62), dtype=torch.float64).to(dtype)
+    operands = [t.to(cuda_device) for t in (n, d, reference)]
+    for offset in (0, 1):
+        views = [t[offset : offset + numel].view(shape) for t in operands]
+        out = elementwise.stabilized_divide(
+            views[0], views[1], 0.25, 1.0, views[2], 1, None, bias.to(cuda_device)
+        )
+        cpu = [v.cpu() for v in views]
+        expected = oracle(cpu[0], biased(cpu[1], bias), 0.25, 1.0, cpu[2], 1)
+        assert_matches_oracle(out.cpu(), expected, dtype)
+
+
+@pytest.mark.parametrize("bias_shape", [(4,), (1,), (3, 1)], ids=str)
+def test_a_bias_without_one_value_per_channel_is_refused(backend, bias_shape):
+    n, d, _ = sample((2, 3, 5), torch.float32)
+    bias = torch.zeros(bias_shape)
+    with pytest.raises(ValueError, match=r"denominator_bias has shape .* one value per channel"):
+        elementwise.stabilized_divide(n, d, 0.1, denominator_bias=bias)
+    with pytest.raises(ValueError, match=r"denominator_bias has shape .* one value per channel"):
+        torch.ops.relprop.stabilized_divide(n, d, 0.1, 1.0, None, 1, None, bias)

@@ -194,10 +194,11 @@ def _opcheck_samples():
         (relevance, z, zp, 0.0, 3.0, -2.0, 1.0, False, factor),
         (r64, z64, zp64, 0.25, 1.0, 1.0, 2.25, True),
         (relevance, z, zp, 1e-6, 1.0, 1.0, 2.25, True, factor),
+        (relevance, z, zp, 1e-6, 1.0, 1.0, 2.25, True, factor, zp[0, :, 0].clone()),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_opcheck(backend, case):
     torch.library.opcheck(shares_ops.paired_shares_op, _opcheck_samples()[case])
 
@@ -267,3 +268,57 @@ def test_cuda_kernel_gives_the_same_bits_at_any_alignment(cuda_device, dtype, in
     shifted = [t[1 : 1 + numel] for t in operands]
     assert shifted[0].data_ptr() % 16 != 0
     assert torch.equal(shares(shifted), shares([v.clone() for v in shifted]))
+
+
+def biased(zp: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``zp + bias`` along dim 1, added in the dtype the op computes in (the contract)."""
+    compute = torch.float32 if zp.dtype in (torch.float16, torch.bfloat16) else zp.dtype
+    return zp.to(compute) + bias.to(compute).view((1, -1) + (1,) * (zp.dim() - 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 7, 9), (3, 4, 16)], ids=str)
+@pytest.mark.parametrize("case", [RULE_CASES[1], RULE_CASES[4]], ids=["alpha-beta", "gamma"])
+def test_zp_bias_is_added_per_channel(backend, dtype, shape, case):
+    """The layer's modified bias, added to zp inside the pass: in both shares' denominators
+    (the second is z_weight·z − (zp + b)), each channel its own value."""
+    relevance, z, zp, factor = sample(shape, dtype, seed=71)
+    bias = torch.randn(shape[1], generator=torch.Generator().manual_seed(72), dtype=torch.float64)
+    bias = bias.to(dtype)
+    out = shares_ops.paired_shares(relevance, z, zp, *case, factor, bias)
+    expected = pair_oracle(relevance, z, biased(zp, bias), *case, factor)
+    assert_matches_oracle(out, expected, dtype)
+    if dtype in (torch.float32, torch.float64):
+        # One rounding of zp + b either way: the same bits as the bias added in a pass before.
+        before = shares_ops.paired_shares(relevance, z, biased(zp, bias), *case, factor)
+        assert torch.equal(out, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [16, 9], ids=["packs", "odd-rows"])
+def test_cuda_kernel_adds_the_zp_bias_at_any_alignment(cuda_device, dtype, per_channel):
+    """With a bias of zp a step of the wide kernel stays in one channel: 16 elements per channel
+    take packs of 2, 4 and 8 where the addresses allow, 9 single elements."""
+    shape = (3, 5, per_channel)
+    numel = 3 * 5 * per_channel
+    buffers = [t.reshape(-1) for t in sample((numel + 3,), dtype, seed=73)]
+    bias = torch.randn(5, generator=torch.Generator().manual_seed(74), dtype=torch.float64)
+    bias = bias.to(dtype)
+    operands = [t.to(cuda_device) for t in buffers]
+    case = RULE_CASES[4]
+    for offset in (0, 1):
+        views = [t[offset : offset + numel].view(shape) for t in operands]
+        out = shares_ops.paired_shares(*views[:3], *case, views[3], bias.to(cuda_device))
+        relevance, z, zp, factor = (v.cpu() for v in views)
+        expected = pair_oracle(relevance, z, biased(zp, bias), *case, factor)
+        assert_matches_oracle(out.cpu(), expected, dtype)
+
+
+@pytest.mark.parametrize("bias_shape", [(4,), (3, 1)], ids=str)
+def test_a_zp_bias_without_one_value_per_channel_is_refused(backend, bias_shape):
+    relevance, z, zp, _ = sample((2, 3, 5), torch.float32)
+    bias = torch.zeros(bias_shape)
+    with pytest.raises(ValueError, match=r"zp_bias has shape .* one value per channel"):
+        shares_ops.paired_shares(relevance, z, zp, *RULE_CASES[0], zp_bias=bias)
+    with pytest.raises(ValueError, match=r"zp_bias has shape .* one value per channel"):
+        torch.ops.relprop.paired_shares(relevance, z, zp, *RULE_CASES[0], None, bias)

@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "relprop/pool.h"
 
@@ -24,23 +26,56 @@ RELPROP_HD T stabilize_denominator(T d, T e) {
   return d + std::copysign(e, d + T(0));
 }
 
+// A per-channel bias of the denominator: element i of an (N, C, *rest) buffer gets
+// values[(i / inner) % channels] (inner: the product of rest). Address 0: no bias. The layer's
+// bias, added here instead of in a pass of its own after the product that made the denominator
+// (torch adds a convolution's bias after cuDNN's product, a read and a write of the output).
+struct DenominatorBias {
+  uintptr_t values = 0;
+  int64_t channels = 1;
+  int64_t inner = 1;
+};
+
+// The same with typed values (the kernels' form).
+template <typename T>
+struct ChannelBias {
+  const T* values;
+  int64_t channels;
+  int64_t inner;
+};
+
+// Throws std::invalid_argument, naming `op`, unless a given bias describes whole rows of a
+// numel-element buffer.
+inline void check_denominator_bias(const char* op, int64_t numel, const DenominatorBias& bias) {
+  if (bias.values == 0) return;
+  if (bias.channels <= 0 || bias.inner <= 0 || numel % (bias.channels * bias.inner) != 0) {
+    throw std::invalid_argument(
+        std::string(op) +
+        ": a bias needs channels > 0 and inner > 0 dividing the buffer into whole (sample, "
+        "channel) rows");
+  }
+}
+
 // out = keep ? (scale * (numerator * factor)) / stab(denominator, e) : 0, and 0 wherever the
 // stabilised denominator is 0 (for e = 0: where the denominator is 0). Without a factor (address 0)
 // the numerator is taken as it is: (scale * numerator) / stab(...). The factor lets a relevance
-// that is a product c * x (x the layer input above) be divided without first being formed.
+// that is a product c * x (x the layer input above) be divided without first being formed. With a
+// `denominator_bias` the denominator is denominator + bias[channel], rounded once in the compute
+// type before it is stabilised.
 // `keep` follows `mask` applied to `sign_reference` (ignored, and may be 0, when mask is
 // SignMask::None). Deterministic: every element is computed on its own. Throws
 // std::invalid_argument for an unsupported dtype.
 void stabilized_divide_cpu(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t factor,
-                           uintptr_t denominator, double epsilon, double scale,
-                           uintptr_t sign_reference, SignMask mask, uintptr_t out);
+                           uintptr_t denominator, const DenominatorBias& denominator_bias,
+                           double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
+                           uintptr_t out);
 
 #ifdef RELPROP_WITH_CUDA
 // CUDA launcher; float16 and bfloat16 compute in float32. `stream` is a cudaStream_t handle.
 void stabilized_divide_cuda(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t factor,
-                            uintptr_t denominator, double epsilon, double scale,
-                            uintptr_t sign_reference, SignMask mask, uintptr_t out,
-                            uintptr_t stream, int device);
+                            uintptr_t denominator, const DenominatorBias& denominator_bias,
+                            double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
+                            uintptr_t out, uintptr_t stream, int device);
 #endif
 
 }  // namespace relprop

@@ -26,20 +26,22 @@ struct PairedSharesParams {
 //   out[n, 0, j] = scale · R / stab(zp, e)                          [z > 0 with sign_masks]
 //   out[n, 1, j] = second_scale · R / stab(z_weight · z − zp, e)    [z < 0 with sign_masks]
 // each 0 where its stabilised denominator is 0 or its mask fails, so that one transposed product
-// with two weight sets stacked along the outputs sums both terms. The second denominator is not
+// with two weight sets stacked along the outputs sums both terms. With `zp_bias` (elementwise.h's
+// DenominatorBias; its `inner` is the elements per channel, inner / channels) zp is
+// zp + bias[channel] wherever it is read, added in the compute type. The second denominator is not
 // rounded to the dtype before the division (16-bit types are computed in float32).
 // Deterministic: every element is computed on its own. Throws std::invalid_argument for an
 // unsupported dtype.
 void paired_shares_cpu(DType dtype, int64_t samples, int64_t inner, uintptr_t relevance,
-                       uintptr_t factor, uintptr_t z, uintptr_t zp,
+                       uintptr_t factor, uintptr_t z, uintptr_t zp, const DenominatorBias& zp_bias,
                        const PairedSharesParams& params, uintptr_t out);
 
 #ifdef RELPROP_WITH_CUDA
 // CUDA launcher; float16 and bfloat16 compute in float32. `stream` is a cudaStream_t handle.
 void paired_shares_cuda(DType dtype, int64_t samples, int64_t inner, uintptr_t relevance,
                         uintptr_t factor, uintptr_t z, uintptr_t zp,
-                        const PairedSharesParams& params, uintptr_t out, uintptr_t stream,
-                        int device);
+                        const DenominatorBias& zp_bias, const PairedSharesParams& params,
+                        uintptr_t out, uintptr_t stream, int device);
 #endif
 
 }  // namespace relprop

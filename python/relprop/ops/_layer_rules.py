@@ -76,6 +76,11 @@ class LinearMap:
     # The output's shape for an input and a weight of these shapes; raises ValueError where they
     # do not fit. None: the reference checks only that its tensors agree with one another.
     output_shape: Callable[[tuple[int, ...], tuple[int, ...]], tuple[int, ...]] | None = None
+    # Whether ``forward`` adds the bias in a pass of its own after the product (torch's
+    # convolutions on CUDA: cuDNN's product, then an add over the whole output; a dense layer's
+    # bias rides in the GEMM). The native rules then hand a modified pre-activation's bias to
+    # the division that reads it (``denominator_bias``, ``zp_bias``) instead: one pass fewer.
+    bias_after_product: bool = False
 
 
 def check_shapes(
@@ -163,9 +168,10 @@ def divide_fast(
     sign_reference: Tensor | None = None,
     sign: int = 1,
     factor: Tensor | None = None,
+    denominator_bias: Tensor | None = None,
 ) -> Tensor:
-    """``scale · [sign·ref > 0] · (numerator · factor) / stab(denominator, ε)`` in one fused pass
-    (``relprop::stabilized_divide``) at every size.
+    """``scale · [sign·ref > 0] · (numerator · factor) / stab(denominator + bias, ε)`` in one fused
+    pass (``relprop::stabilized_divide``) at every size.
 
     Small tensors once took the torch composition, when each op call paid the dispatcher
     (~50 µs). Called as a function in eager mode (:func:`~relprop.ops._backend.call_op`) the
@@ -177,6 +183,7 @@ def divide_fast(
     return call_op(
         stabilized_divide_op, stabilized_divide_kernel,
         numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign), factor,
+        denominator_bias,
     )  # fmt: skip
 
 
@@ -749,8 +756,11 @@ def relevance_fast(
     full = len(saved) > 1
     if rule == "zplus":
         wp = _positive_weight(weight)
-        zp = saved[1] if full else lin.forward(x, wp, _positive(bias) if params[1] != 0 else None)
-        share = divide_fast(relevance, zp, params[0], factor=factor)
+        if full:
+            zp, zp_bias = saved[1], None
+        else:
+            zp, zp_bias = _product_and_bias(lin, x, wp, _positive(bias) if params[1] != 0 else None)
+        share = divide_fast(relevance, zp, params[0], factor=factor, denominator_bias=zp_bias)
         del zp
         return finish(tr(share, wp, x))
     if rule == "alphabeta":
@@ -789,8 +799,16 @@ def relevance_fast(
     # transposed product needs anyway (no W⁺x scaled and added to z: two passes fewer);
     # zneg = (1 + γ)z − γ(W⁺x + b⁺) = (2 + γ)z − zpos.
     w_up, b_up = _gamma_shifted(weight, bias, gamma, up=True)
-    zpos = saved[1] if full else lin.forward(x, w_up, b_up)
-    share = divide_fast(relevance, zpos, eps, sign_reference=z, sign=1, factor=factor)
+    zpos_bias = None
+    if full:
+        zpos = saved[1]
+    elif z_nonnegative:  # zpos is read by the division alone: its bias may go there
+        zpos, zpos_bias = _product_and_bias(lin, x, w_up, b_up)
+    else:
+        zpos = lin.forward(x, w_up, b_up)
+    share = divide_fast(
+        relevance, zpos, eps, sign_reference=z, sign=1, factor=factor, denominator_bias=zpos_bias
+    )
     if z_nonnegative:
         del zpos
     c = tr(share, w_up, x)
@@ -821,10 +839,23 @@ def _gamma_paired(
     pass, and the two products' sum inside the product's reduction."""
     both = _stacked_weights(weight, gamma)
     b_up = None if bias is None else _gamma_shift(bias, gamma, up=True)
-    zpos = lin.forward(x, both[: weight.shape[0]], b_up)
-    shares = paired_shares_fast(relevance, z, zpos, eps, 1.0, 1.0, 2 + gamma, True, factor)
+    zpos, zpos_bias = _product_and_bias(lin, x, both[: weight.shape[0]], b_up)
+    shares = paired_shares_fast(
+        relevance, z, zpos, eps, 1.0, 1.0, 2 + gamma, True, factor, zpos_bias
+    )
     del zpos
     return lin.transpose(shares, both, x)
+
+
+def _product_and_bias(
+    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """``(Wx + b, None)``, or ``(Wx, b)`` where the map adds a bias in a pass of its own
+    (:attr:`LinearMap.bias_after_product`): for a pre-activation that only a division reads, which
+    then adds ``b`` itself (the same rounding: ``Wx`` is rounded to the dtype either way)."""
+    if bias is not None and lin.bias_after_product:
+        return lin.forward(x, weight, None), bias
+    return lin.forward(x, weight, bias), None
 
 
 def _zbox_denominator(lin: LinearMap, x: Tensor, weight: Tensor, low: float, high: float):
@@ -958,14 +989,15 @@ def paired_shares_fast(
     z_weight: float,
     sign_masks: bool,
     factor: Tensor | None = None,
+    zp_bias: Tensor | None = None,
 ) -> Tensor:
     """``[scale·R/stab(zp), second_scale·R/stab(z_weight·z − zp)]`` along dim 1
-    (``relprop::paired_shares``) in one native pass at every size (as :func:`divide_fast`:
-    25 µs against the composition's 177 µs on 256 elements)."""
+    (``relprop::paired_shares``; ``zp`` plus ``zp_bias``) in one native pass at every size (as
+    :func:`divide_fast`: 25 µs against the composition's 177 µs on 256 elements)."""
     return call_op(
         paired_shares_op, paired_shares_kernel,
         relevance, z, zp, float(epsilon), float(scale), float(second_scale), float(z_weight),
-        bool(sign_masks), factor,
+        bool(sign_masks), factor, zp_bias,
     )  # fmt: skip
 
 
@@ -1018,13 +1050,18 @@ def _alphabeta_nonnegative(
     difference = (use_bias or bias is None) and inhibitor_from_difference(weight)
     paired = beta != 0 and not saved and z is not None and difference and lin.stacks_weights
     wp, wn, both = signed_weights or _signed_weights(weight, paired)
-    zp = saved[1] if saved else lin.forward(x, wp, _positive(bias) if use_bias else None)
+    positive_bias = _positive(bias) if use_bias else None
     if paired:  # then `both` exists: the chunked caller stacks wherever the map can
-        shares = paired_shares_fast(relevance, z, zp, eps, alpha, -beta, 1.0, False, factor)
+        # zp is read by the paired shares alone: its bias may go there.
+        zp, zp_bias = _product_and_bias(lin, x, wp, positive_bias)
+        shares = paired_shares_fast(
+            relevance, z, zp, eps, alpha, -beta, 1.0, False, factor, zp_bias
+        )
         del zp
         c = tr(shares, both, x)
         del shares
     else:
+        zp = saved[1] if saved else lin.forward(x, wp, positive_bias)
         c = tr(divide_fast(relevance, zp, eps, alpha, factor=factor), wp, x)
         if beta != 0:
             if saved:

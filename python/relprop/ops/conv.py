@@ -123,7 +123,12 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
         return conv2d_output_shape(x_shape, weight_shape, stride, padding, dilation, groups)
 
     return rules.LinearMap(
-        forward, transpose, flat_relevance, stacks_weights=groups == 1, output_shape=output_shape
+        forward,
+        transpose,
+        flat_relevance,
+        stacks_weights=groups == 1,
+        output_shape=output_shape,
+        bias_after_product=True,
     )
 
 

@@ -10,7 +10,7 @@ Relevance Propagation: An Overview", 2019) and α-β add a sign mask and a facto
 that are often tens of megabytes; here it is one:
 
 ``relprop::stabilized_divide(Tensor numerator, Tensor denominator, float epsilon, float scale,
-Tensor? sign_reference, int sign, Tensor? factor=None) -> Tensor``
+Tensor? sign_reference, int sign, Tensor? factor=None, Tensor? denominator_bias=None) -> Tensor``
     ``scale · numerator / stab(denominator, ε)``, exactly 0 where ``stab(denominator, ε) = 0``
     (for ε = 0: where the denominator is 0) and, when ``sign_reference`` is given, exactly 0
     wherever ``sign · sign_reference > 0`` fails (``sign`` is +1 or −1). With ``factor`` the
@@ -18,7 +18,10 @@ Tensor? sign_reference, int sign, Tensor? factor=None) -> Tensor``
     ``c · x`` (the input relevance of the layer above, before its product with that layer's
     input) is divided without being formed first. That product is exactly +0 where the factor
     is 0, whatever the numerator: ``x = 0`` gives no relevance even where ``c`` overflowed
-    float16 (see below).
+    float16 (see below). With ``denominator_bias`` (shape ``(C,)`` for a denominator
+    ``(N, C, *rest)``) the denominator is ``denominator + bias[c]``, added in the compute dtype
+    inside the same pass: a layer's bias, which torch adds to a convolution's output in a pass
+    of its own (on CUDA, after cuDNN's product).
 
 ``-0.0`` is a zero like ``+0.0`` and is stabilised to ``+ε`` (``copysign(ε, d)`` would give
 ``−ε``). float16 and bfloat16 are computed in float32 and rounded once; a float16 result beyond
@@ -86,6 +89,28 @@ def check_elementwise_arguments(
         raise ValueError(f"{op}: expected floating-point tensors, got {anchor.dtype}")
 
 
+def channel_view(bias: Tensor, like: Tensor) -> Tensor:
+    """``bias`` of shape ``(C,)`` viewed to broadcast along dim 1 of ``like`` ``(N, C, *rest)``."""
+    return bias.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def check_channel_bias(op: str, name: str, bias: Tensor | None, like: Tensor) -> None:
+    """Raise ``ValueError`` naming ``op`` unless ``bias`` (if given) is a ``(C,)`` tensor of
+    ``like``'s dtype and device, ``like`` of shape ``(N, C, *rest)``."""
+    if bias is None:
+        return
+    if like.dim() < 2 or bias.shape != (like.shape[1],):
+        raise ValueError(
+            f"{op}: {name} has shape {tuple(bias.shape)}; it needs one value per channel (dim 1) "
+            f"of a tensor of shape {tuple(like.shape)}"
+        )
+    if bias.dtype != like.dtype or bias.device != like.device:
+        raise ValueError(
+            f"{op}: {name} is {bias.dtype} on {bias.device}, the operands {like.dtype} on "
+            f"{like.device}"
+        )
+
+
 def _check_sign(sign_reference: Tensor | None, sign: int) -> None:
     if sign_reference is not None and sign not in (1, -1):
         raise ValueError(f"stabilized_divide: sign must be +1 or -1 with a reference, got {sign}")
@@ -113,12 +138,15 @@ def stabilized_divide_reference(
     sign_reference: Tensor | None = None,
     sign: int = 1,
     factor: Tensor | None = None,
+    denominator_bias: Tensor | None = None,
 ) -> Tensor:
-    """``scale · (numerator · factor) / stab(denominator, ε)`` as a torch composition (see the
-    module)."""
+    """``scale · (numerator · factor) / stab(denominator + bias, ε)`` as a torch composition (see
+    the module)."""
     _check_sign(sign_reference, sign)
     compute = COMPUTE_DTYPES.get(numerator.dtype, numerator.dtype)
     n, d = numerator.to(compute), denominator.to(compute)
+    if denominator_bias is not None:
+        d = d + channel_view(denominator_bias.to(compute), d)
     if factor is not None:
         n = product_with_factor(n, factor.to(compute))
     # d < 0 is false for -0.0, so negative zero gets +ε like +0.0.
@@ -143,6 +171,7 @@ def _stabilized_divide_native(
     sign_reference: Tensor | None,
     sign: int,
     factor: Tensor | None = None,
+    denominator_bias: Tensor | None = None,
 ) -> Tensor:
     numerator = numerator.contiguous()
     denominator = denominator.contiguous()
@@ -159,6 +188,7 @@ def _stabilized_divide_native(
         # Address 0: no factor, the numerator is taken as it is.
         "factor": 0 if factor is None else _native.pointer(factor),
         "denominator": _native.pointer(denominator),
+        **_bias_args(denominator_bias, numerator),
         "epsilon": float(epsilon),
         "scale": float(scale),
         # Address 0 with sign 0: the kernels never read the reference then.
@@ -180,6 +210,18 @@ def _stabilized_divide_native(
     return out
 
 
+def _bias_args(bias: Tensor | None, like: Tensor) -> dict[str, int]:
+    """The native kernels' ``denominator_bias``, ``channels`` and ``inner`` (address 0: none)."""
+    if bias is None:
+        return {"denominator_bias": 0, "channels": 1, "inner": 1}
+    rows = like.shape[0] * like.shape[1]
+    return {
+        "denominator_bias": _native.pointer(bias.contiguous()),
+        "channels": like.shape[1],
+        "inner": like.numel() // rows,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library op. The decorated function is the `default` kernel (any device); the `cpu` and
 # `cuda` kernels take the native path when they can.
@@ -190,43 +232,54 @@ def _stabilized_divide_native(
     mutates_args=(),
     schema=(
         "(Tensor numerator, Tensor denominator, float epsilon, float scale, "
-        "Tensor? sign_reference, int sign, Tensor? factor=None) -> Tensor"
+        "Tensor? sign_reference, int sign, Tensor? factor=None, "
+        "Tensor? denominator_bias=None) -> Tensor"
     ),
 )
-def stabilized_divide_op(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None):
-    refuse_other_shapes(
-        "relprop::stabilized_divide", ("numerator", numerator),
-        denominator=denominator, sign_reference=sign_reference, factor=factor,
-    )  # fmt: skip
+def stabilized_divide_op(
+    numerator, denominator, epsilon, scale, sign_reference, sign, factor=None,
+    denominator_bias=None,
+):  # fmt: skip
+    _refuse_other_operands(numerator, denominator, sign_reference, factor, denominator_bias)
     return stabilized_divide_reference(
-        numerator, denominator, epsilon, scale, sign_reference, sign, factor
+        numerator, denominator, epsilon, scale, sign_reference, sign, factor, denominator_bias
     )
 
 
 @stabilized_divide_op.register_fake
-def _(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None):
+def _(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None,
+      denominator_bias=None):  # fmt: skip
     return torch.empty_like(numerator, memory_format=torch.contiguous_format)
 
 
 @stabilized_divide_op.register_kernel(("cpu", "cuda"))
 def stabilized_divide_kernel(
-    numerator, denominator, epsilon, scale, sign_reference, sign, factor=None
-):
+    numerator, denominator, epsilon, scale, sign_reference, sign, factor=None,
+    denominator_bias=None,
+):  # fmt: skip
     _check_sign(sign_reference, sign)
+    _refuse_other_operands(numerator, denominator, sign_reference, factor, denominator_bias)
+    args = (numerator, denominator, epsilon, scale, sign_reference, sign, factor, denominator_bias)
+    same_dtype = all(
+        t is None or t.dtype == numerator.dtype
+        for t in (denominator, sign_reference, factor, denominator_bias)
+    )
+    if not same_dtype or not _native.runs_native(numerator):
+        return stabilized_divide_reference(*args)
+    return _stabilized_divide_native(*args)
+
+
+def _refuse_other_operands(numerator, denominator, sign_reference, factor, denominator_bias):
     refuse_other_shapes(
         "relprop::stabilized_divide", ("numerator", numerator),
         denominator=denominator, sign_reference=sign_reference, factor=factor,
     )  # fmt: skip
-    same_dtype = all(
-        t is None or t.dtype == numerator.dtype for t in (denominator, sign_reference, factor)
-    )
-    if not same_dtype or not _native.runs_native(numerator):
-        return stabilized_divide_reference(
-            numerator, denominator, epsilon, scale, sign_reference, sign, factor
+    if denominator_bias is not None and (
+        numerator.dim() < 2 or denominator_bias.shape != (numerator.shape[1],)
+    ):
+        check_channel_bias(
+            "relprop::stabilized_divide", "denominator_bias", denominator_bias, numerator
         )
-    return _stabilized_divide_native(
-        numerator, denominator, epsilon, scale, sign_reference, sign, factor
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +294,7 @@ def stabilized_divide(
     sign_reference: Tensor | None = None,
     sign: int = 1,
     factor: Tensor | None = None,
+    denominator_bias: Tensor | None = None,
 ) -> Tensor:
     """Stabilised, optionally sign-masked and scaled division in one pass.
 
@@ -270,6 +324,10 @@ def stabilized_divide(
     factor : Tensor or None, optional
         Multiplies the numerator inside the same pass (same shape, dtype and device):
         ``scale · (numerator · factor) / stab(denominator, ε)``.
+    denominator_bias : Tensor or None, optional
+        Shape ``(C,)`` for operands ``(N, C, *rest)``, their dtype and device: added to the
+        denominator along dim 1 inside the same pass (in the compute dtype, before the
+        stabiliser), ``stab(denominator + bias, ε)``.
 
     Returns
     -------
@@ -280,7 +338,8 @@ def stabilized_divide(
     Raises
     ------
     ValueError
-        Shapes, dtypes or devices differ, or ``sign`` is not ±1 with a reference.
+        Shapes, dtypes or devices differ, ``denominator_bias`` has not one value per channel, or
+        ``sign`` is not ±1 with a reference.
     """
     check_elementwise_arguments(
         "stabilized_divide",
@@ -289,7 +348,9 @@ def stabilized_divide(
         sign_reference=sign_reference,
         factor=factor,
     )
+    check_channel_bias("stabilized_divide", "denominator_bias", denominator_bias, numerator)
     _check_sign(sign_reference, sign)
     return stabilized_divide_op(
-        numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign), factor
-    )
+        numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign), factor,
+        denominator_bias,
+    )  # fmt: skip

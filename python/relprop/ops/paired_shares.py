@@ -11,13 +11,17 @@ each is the second denominator, two divisions, two transposed products and their
 writes both shares side by side in one pass,
 
 ``relprop::paired_shares(Tensor relevance, Tensor z, Tensor zp, float epsilon, float scale,
-float second_scale, float z_weight, bool sign_masks, Tensor? factor=None) -> Tensor``
+float second_scale, float z_weight, bool sign_masks, Tensor? factor=None,
+Tensor? zp_bias=None) -> Tensor``
     for ``relevance`` of shape ``(N, C, *rest)`` the ``(N, 2C, *rest)`` tensor whose channels
     ``[:C]`` are ``scale·R / stab(zp, ε)`` and ``[C:]`` are
     ``second_scale·R / stab(z_weight·z − zp, ε)``, each exactly 0 where its stabilised
     denominator is 0 and, with ``sign_masks``, where ``z > 0`` (first) or ``z < 0`` (second)
     fails; ``R = relevance · factor`` (``factor`` formed in the same pass, as in
-    ``relprop::stabilized_divide``, and +0 where the factor is 0). α-β is ``(α, −β, 1, False)``, γ ``(1, 1, 2 + γ, True)``,
+    ``relprop::stabilized_divide``, and +0 where the factor is 0); with ``zp_bias`` (shape
+    ``(C,)``) ``zp`` is ``zp + zp_bias[c]`` wherever it is read, added in the compute dtype (the
+    layer's modified bias, which torch adds to a convolution's output in a pass of its own).
+    α-β is ``(α, −β, 1, False)``, γ ``(1, 1, 2 + γ, True)``,
 
 so that one transposed product with the two weight sets stacked along the output channels
 (``[W⁺; W⁻]``, ``[W + γW⁺; W + γW⁻]``) gives the bracket above: the sum of the two products
@@ -42,6 +46,8 @@ from torch import Tensor
 from relprop import _native
 from relprop.ops.elementwise import (
     COMPUTE_DTYPES,
+    channel_view,
+    check_channel_bias,
     check_elementwise_arguments,
     product_with_factor,
     refuse_other_shapes,
@@ -68,14 +74,17 @@ def paired_shares_reference(
     z_weight: float,
     sign_masks: bool,
     factor: Tensor | None = None,
+    zp_bias: Tensor | None = None,
 ) -> Tensor:
     """``[scale·R / stab(zp, ε), second_scale·R / stab(z_weight·z − zp, ε)]`` along dim 1 (sign
-    masked by ``z``) as a torch composition (see the module)."""
+    masked by ``z``; ``zp`` plus its bias) as a torch composition (see the module)."""
     compute = COMPUTE_DTYPES.get(relevance.dtype, relevance.dtype)
     r = relevance.to(compute)
     if factor is not None:
         r = product_with_factor(r, factor.to(compute))
     z_c, zp_c = z.to(compute), zp.to(compute)
+    if zp_bias is not None:
+        zp_c = zp_c + channel_view(zp_bias.to(compute), zp_c)
     reference = z_c if sign_masks else None
     first = stabilized_divide_reference(r, zp_c, epsilon, scale, reference, 1)
     second_denominator = z_c * z_weight - zp_c
@@ -99,6 +108,7 @@ def _paired_shares_native(
     z_weight: float,
     sign_masks: bool,
     factor: Tensor | None,
+    zp_bias: Tensor | None = None,
 ) -> Tensor:
     relevance, z, zp = relevance.contiguous(), z.contiguous(), zp.contiguous()
     if factor is not None:
@@ -115,6 +125,9 @@ def _paired_shares_native(
         "factor": 0 if factor is None else _native.pointer(factor),
         "z": _native.pointer(z),
         "zp": _native.pointer(zp),
+        # Address 0: zp is taken as it is.
+        "zp_bias": 0 if zp_bias is None else _native.pointer(zp_bias.contiguous()),
+        "channels": relevance.shape[1],
         "epsilon": float(epsilon),
         "scale": float(scale),
         "second_scale": float(second_scale),
@@ -144,37 +157,44 @@ def _paired_shares_native(
     mutates_args=(),
     schema=(
         "(Tensor relevance, Tensor z, Tensor zp, float epsilon, float scale, float second_scale, "
-        "float z_weight, bool sign_masks, Tensor? factor=None) -> Tensor"
+        "float z_weight, bool sign_masks, Tensor? factor=None, Tensor? zp_bias=None) -> Tensor"
     ),
 )
 def paired_shares_op(
-    relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None
-):
-    refuse_other_shapes(
-        "relprop::paired_shares", ("relevance", relevance), z=z, zp=zp, factor=factor
-    )
+    relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None,
+    zp_bias=None,
+):  # fmt: skip
+    _refuse_other_operands(relevance, z, zp, factor, zp_bias)
     return paired_shares_reference(
-        relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor
+        relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor, zp_bias
     )
 
 
 @paired_shares_op.register_fake
-def _(relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None):
+def _(relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None,
+      zp_bias=None):  # fmt: skip
     return relevance.new_empty(_stacked_shape(relevance))
 
 
 @paired_shares_op.register_kernel(("cpu", "cuda"))
 def paired_shares_kernel(
-    relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None
-):
-    refuse_other_shapes(
-        "relprop::paired_shares", ("relevance", relevance), z=z, zp=zp, factor=factor
-    )
-    args = (relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor)
-    same_dtype = all(t is None or t.dtype == relevance.dtype for t in (z, zp, factor))
+    relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor=None,
+    zp_bias=None,
+):  # fmt: skip
+    _refuse_other_operands(relevance, z, zp, factor, zp_bias)
+    args = (relevance, z, zp, epsilon, scale, second_scale, z_weight, sign_masks, factor, zp_bias)
+    same_dtype = all(t is None or t.dtype == relevance.dtype for t in (z, zp, factor, zp_bias))
     if not same_dtype or not _native.runs_native(relevance):
         return paired_shares_reference(*args)
     return _paired_shares_native(*args)
+
+
+def _refuse_other_operands(relevance, z, zp, factor, zp_bias):
+    refuse_other_shapes(
+        "relprop::paired_shares", ("relevance", relevance), z=z, zp=zp, factor=factor
+    )
+    if zp_bias is not None and (relevance.dim() < 2 or zp_bias.shape != (relevance.shape[1],)):
+        check_channel_bias("relprop::paired_shares", "zp_bias", zp_bias, relevance)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +211,7 @@ def paired_shares(
     z_weight: float = 1.0,
     sign_masks: bool = False,
     factor: Tensor | None = None,
+    zp_bias: Tensor | None = None,
 ) -> Tensor:
     """Two shares of a relevance, side by side along dim 1, in one pass.
 
@@ -229,6 +250,9 @@ def paired_shares(
         Keep the first share only where ``z > 0`` and the second only where ``z < 0`` (γ).
     factor : Tensor or None, optional
         Multiplies ``relevance`` inside the same pass (same shape, dtype and device).
+    zp_bias : Tensor or None, optional
+        Shape ``(C,)``, dtype and device of ``relevance``: added to ``zp`` along dim 1 inside the
+        same pass (in the compute dtype), wherever ``zp`` is read.
 
     Returns
     -------
@@ -238,8 +262,8 @@ def paired_shares(
     Raises
     ------
     ValueError
-        ``relevance`` has fewer than two dimensions, or the tensors' shapes, dtypes or devices
-        differ.
+        ``relevance`` has fewer than two dimensions, the tensors' shapes, dtypes or devices
+        differ, or ``zp_bias`` has not one value per channel.
     """
     if relevance.dim() < 2:
         raise ValueError(
@@ -249,7 +273,8 @@ def paired_shares(
     check_elementwise_arguments(
         "paired_shares", ("relevance", relevance), z=z, zp=zp, factor=factor
     )
+    check_channel_bias("paired_shares", "zp_bias", zp_bias, relevance)
     return paired_shares_op(
         relevance, z, zp, float(epsilon), float(scale), float(second_scale), float(z_weight),
-        bool(sign_masks), factor,
+        bool(sign_masks), factor, zp_bias,
     )  # fmt: skip
