@@ -46,7 +46,7 @@ from relprop.ops._layer_rules import (
     stamp_mark,
     times_factor,
 )
-from relprop.ops.bias_relu import bias_relu_
+from relprop.ops.bias_relu import bias_relu_fast
 from relprop.rules.base import Rule
 from relprop.rules.zbox import ZBox
 
@@ -255,7 +255,7 @@ class WeightLayer(Layer):
         if op_bias is None and bias is not None:
             z = z + (bias if self.geometry is None else bias.view(1, -1, 1, 1))
         if bias_with_relu:
-            mark_nonnegative(bias_relu_(z, op_bias))
+            mark_nonnegative(bias_relu_fast(z, op_bias))
         elif self.fused_relu:
             # In place, so relu(z) also replaces z in saved: equal wherever relevance will
             # arrive (plan.py), and it is the next layer's input, held anyway.

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from relprop import _native
+from relprop.ops._backend import call_op
 from relprop.ops.elementwise import COMPUTE_DTYPES
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +114,16 @@ def bias_relu_kernel(z, bias):
     return _bias_relu_native(z, bias)
 
 
+def bias_relu_fast(z: Tensor, bias: Tensor) -> Tensor:
+    """:func:`bias_relu_` for the engine's own tensors (a convolution's output and its folded
+    bias: shapes and dtypes fit by construction): the kernel is called without the wrapper's
+    checks and, in eager mode, without the dispatcher (``ops._backend.call_op``). Returns ``z``."""
+    call_op(bias_relu_op, bias_relu_kernel, z, bias)
+    return z
+
+
 # ---------------------------------------------------------------------------------------------
-# Public wrapper: what the engine calls.
+# Public wrapper.
 
 
 def bias_relu_(z: Tensor, bias: Tensor) -> Tensor:
