@@ -55,9 +55,9 @@ SignMask sign_mask(int sign) {
 }
 
 constexpr const char* kStabilizedDivideDoc =
-    "out = scale * (numerator * factor) / stab(denominator, epsilon), stab(d, e) = d + "
-    "e*(sign(d) + [d == 0]), 0 where stab is 0; factor = 0 (no address) takes the numerator as it "
-    "is; denominator_bias = 0 (no address) adds nothing, else the denominator of element i is "
+    "out = scale * ((numerator + numerator_addend) * factor) / stab(denominator, epsilon), "
+    "stab(d, e) = d + e*(sign(d) + [d == 0]), 0 where stab is 0; numerator_addend = 0 (no "
+    "address) adds nothing; factor = 0 (no address) takes the numerator as it is; denominator_bias = 0 (no address) adds nothing, else the denominator of element i is "
     "denominator[i] + denominator_bias[(i / inner) % channels]; sign = +1 / -1 keeps only "
     "entries with sign_reference > 0 / < 0 (0 "
     "elsewhere), sign = 0 ignores sign_reference. All buffers contiguous, numel elements; dtype: "
@@ -181,17 +181,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "stabilized_divide_cpu",
-      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t factor, uintptr_t denominator,
-         uintptr_t denominator_bias, int64_t channels, int64_t inner, double epsilon,
-         double scale, uintptr_t sign_reference, int sign, uintptr_t out) {
-        stabilized_divide_cpu(static_cast<DType>(dtype), numel, numerator, factor, denominator,
-                              {denominator_bias, channels, inner}, epsilon, scale, sign_reference,
-                              sign_mask(sign), out);
+      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t numerator_addend,
+         uintptr_t factor, uintptr_t denominator, uintptr_t denominator_bias, int64_t channels,
+         int64_t inner, double epsilon, double scale, uintptr_t sign_reference, int sign,
+         uintptr_t out) {
+        const DivideBuffers buffers{numerator, numerator_addend, factor, denominator,
+                                    {denominator_bias, channels, inner}, sign_reference, out};
+        stabilized_divide_cpu(static_cast<DType>(dtype), numel, buffers, epsilon, scale,
+                              sign_mask(sign));
       },
-      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("factor"),
-      py::arg("denominator"), py::arg("denominator_bias"), py::arg("channels"), py::arg("inner"),
-      py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"), py::arg("sign"),
-      py::arg("out"), release_gil, kStabilizedDivideDoc);
+      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("numerator_addend"),
+      py::arg("factor"), py::arg("denominator"), py::arg("denominator_bias"), py::arg("channels"),
+      py::arg("inner"), py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"),
+      py::arg("sign"), py::arg("out"), release_gil, kStabilizedDivideDoc);
 
   m.def(
       "paired_shares_cpu",
@@ -244,18 +246,20 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "stabilized_divide_cuda",
-      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t factor, uintptr_t denominator,
-         uintptr_t denominator_bias, int64_t channels, int64_t inner, double epsilon,
-         double scale, uintptr_t sign_reference, int sign, uintptr_t out, uintptr_t stream,
-         int device) {
-        stabilized_divide_cuda(static_cast<DType>(dtype), numel, numerator, factor, denominator,
-                               {denominator_bias, channels, inner}, epsilon, scale,
-                               sign_reference, sign_mask(sign), out, stream, device);
+      [](int dtype, int64_t numel, uintptr_t numerator, uintptr_t numerator_addend,
+         uintptr_t factor, uintptr_t denominator, uintptr_t denominator_bias, int64_t channels,
+         int64_t inner, double epsilon, double scale, uintptr_t sign_reference, int sign,
+         uintptr_t out, uintptr_t stream, int device) {
+        const DivideBuffers buffers{numerator, numerator_addend, factor, denominator,
+                                    {denominator_bias, channels, inner}, sign_reference, out};
+        stabilized_divide_cuda(static_cast<DType>(dtype), numel, buffers, epsilon, scale,
+                               sign_mask(sign), stream, device);
       },
-      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("factor"),
-      py::arg("denominator"), py::arg("denominator_bias"), py::arg("channels"), py::arg("inner"),
-      py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"), py::arg("sign"),
-      py::arg("out"), py::arg("stream"), py::arg("device"), release_gil, kStabilizedDivideDoc);
+      py::arg("dtype"), py::arg("numel"), py::arg("numerator"), py::arg("numerator_addend"),
+      py::arg("factor"), py::arg("denominator"), py::arg("denominator_bias"), py::arg("channels"),
+      py::arg("inner"), py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"),
+      py::arg("sign"), py::arg("out"), py::arg("stream"), py::arg("device"), release_gil,
+      kStabilizedDivideDoc);
 
   m.def(
       "max_pool_relevance_cuda",

@@ -365,10 +365,11 @@ def _opcheck_samples():
         (n64, d64, 0.25, -1.0, reference64, 1),
         (n, d, 1e-6, 1.0, reference, 1, reference.abs()),
         (n, d, 1e-6, 1.0, reference, -1, reference.abs(), n[0, :, 0].clone()),
+        (n, d, 1e-6, 1.0, None, 1, reference.abs(), None, d.flip(0)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_opcheck(backend, case):
     torch.library.opcheck(elementwise.stabilized_divide_op, _opcheck_samples()[case])
 
@@ -508,3 +509,51 @@ def test_a_bias_without_one_value_per_channel_is_refused(backend, bias_shape):
         elementwise.stabilized_divide(n, d, 0.1, denominator_bias=bias)
     with pytest.raises(ValueError, match=r"denominator_bias has shape .* one value per channel"):
         torch.ops.relprop.stabilized_divide(n, d, 0.1, 1.0, None, 1, None, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_factor", [False, True], ids=["plain", "factor"])
+def test_numerator_addend_is_added_before_the_factor(backend, dtype, with_factor):
+    """A relevance ``(c₁ + c₂) · x`` reaching a tensor along two paths: the coefficients are
+    summed inside the pass (in the compute dtype), then multiplied by the factor."""
+    n, d, reference = sample((3, 4, 5, 7), dtype, seed=81)
+    addend = sample((3, 4, 5, 7), dtype, seed=82)[0]
+    factor = sample((3, 4, 5, 7), dtype, seed=83)[0].abs() if with_factor else None
+    out = elementwise.stabilized_divide(n, d, 0.25, -1.5, reference, -1, factor,
+                                        numerator_addend=addend)  # fmt: skip
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    summed = n.to(compute) + addend.to(compute)
+    assert_matches_oracle(out, oracle(summed, d, 0.25, -1.5, reference, -1, factor), dtype)
+    if dtype in (torch.float32, torch.float64):
+        # One rounding of n + a either way: the same bits as the sum formed in a pass before.
+        assert torch.equal(out, elementwise.stabilized_divide(summed, d, 0.25, -1.5, reference,
+                                                              -1, factor))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_kernel_adds_the_addend_at_any_alignment(cuda_device, dtype):
+    length = 109
+    n, d, _ = sample((length + 3,), dtype, seed=84)
+    addend = sample((length + 3,), dtype, seed=85)[0]
+    factor = sample((length + 3,), dtype, seed=86)[0].abs()
+    operands = [t.to(cuda_device) for t in (n, addend, factor, d)]
+    for offsets in ((0, 0, 0, 0), (0, 1, 0, 0), (2, 1, 3, 0)):
+        views = [t[k : k + length] for t, k in zip(operands, offsets)]
+        out = elementwise.stabilized_divide(
+            views[0], views[3], 1e-3, 1.0, None, 1, views[2], numerator_addend=views[1]
+        )
+        n_view, a_view, f_view, d_view = (v.cpu() for v in views)
+        compute = torch.float32 if dtype == torch.float16 else dtype
+        expected = oracle(n_view.to(compute) + a_view.to(compute), d_view, 1e-3, 1.0, None, 1,
+                          f_view)  # fmt: skip
+        assert_matches_oracle(out.cpu(), expected, dtype)
+
+
+def test_an_addend_of_another_shape_is_refused(backend):
+    n, d, _ = sample((2, 3, 5), torch.float32)
+    with pytest.raises(ValueError, match=r"numerator_addend has shape \(2, 3, 1\)"):
+        elementwise.stabilized_divide(n, d, 0.1, numerator_addend=torch.zeros(2, 3, 1))
+    with pytest.raises(ValueError, match=r"numerator_addend has shape \(2, 3, 1\)"):
+        torch.ops.relprop.stabilized_divide(
+            n, d, 0.1, 1.0, None, 1, None, None, torch.zeros(2, 3, 1)
+        )

@@ -56,26 +56,36 @@ inline void check_denominator_bias(const char* op, int64_t numel, const Denomina
   }
 }
 
-// out = keep ? (scale * (numerator * factor)) / stab(denominator, e) : 0, and 0 wherever the
-// stabilised denominator is 0 (for e = 0: where the denominator is 0). Without a factor (address 0)
-// the numerator is taken as it is: (scale * numerator) / stab(...). The factor lets a relevance
-// that is a product c * x (x the layer input above) be divided without first being formed. With a
-// `denominator_bias` the denominator is denominator + bias[channel], rounded once in the compute
-// type before it is stabilised.
+// The buffers of one division: contiguous, numel elements each, of one dtype, except the bias
+// (DenominatorBias). Address 0: an absent operand.
+struct DivideBuffers {
+  uintptr_t numerator = 0;
+  uintptr_t numerator_addend = 0;  // added to the numerator
+  uintptr_t factor = 0;            // multiplies the numerator (after the addend)
+  uintptr_t denominator = 0;
+  DenominatorBias denominator_bias;
+  uintptr_t sign_reference = 0;
+  uintptr_t out = 0;
+};
+
+// out = keep ? (scale * ((numerator + addend) * factor)) / stab(denominator + bias, e) : 0, and 0
+// wherever the stabilised denominator is 0 (for e = 0: where the denominator is 0). Absent
+// operands drop out: no addend, no factor (the numerator taken as it is), no bias. The factor lets
+// a relevance that is a product c * x (x the layer input above) be divided without first being
+// formed; the addend, one that reached the tensor along two paths (c1 + c2) * x without first
+// being summed; the bias, a layer's bias added here instead of in a pass of its own. The sums
+// are rounded once in the compute type, the factor's product is exactly 0 where the factor is 0.
 // `keep` follows `mask` applied to `sign_reference` (ignored, and may be 0, when mask is
 // SignMask::None). Deterministic: every element is computed on its own. Throws
-// std::invalid_argument for an unsupported dtype.
-void stabilized_divide_cpu(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t factor,
-                           uintptr_t denominator, const DenominatorBias& denominator_bias,
-                           double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
-                           uintptr_t out);
+// std::invalid_argument for an unsupported dtype or a bias that does not fit.
+void stabilized_divide_cpu(DType dtype, int64_t numel, const DivideBuffers& buffers,
+                           double epsilon, double scale, SignMask mask);
 
 #ifdef RELPROP_WITH_CUDA
 // CUDA launcher; float16 and bfloat16 compute in float32. `stream` is a cudaStream_t handle.
-void stabilized_divide_cuda(DType dtype, int64_t numel, uintptr_t numerator, uintptr_t factor,
-                            uintptr_t denominator, const DenominatorBias& denominator_bias,
-                            double epsilon, double scale, uintptr_t sign_reference, SignMask mask,
-                            uintptr_t out, uintptr_t stream, int device);
+void stabilized_divide_cuda(DType dtype, int64_t numel, const DivideBuffers& buffers,
+                            double epsilon, double scale, SignMask mask, uintptr_t stream,
+                            int device);
 #endif
 
 }  // namespace relprop

@@ -53,24 +53,31 @@ from relprop.rules.zbox import ZBox
 
 @dataclass(frozen=True)
 class InputProduct:
-    """A relevance ``coefficient · factor`` not yet formed.
+    """A relevance ``(coefficient + addend) · factor`` not yet formed.
 
     ε, and z⁺, α-β and γ on non-negative input, give their input the relevance ``x · c``; the
     layer that produced ``x`` divides it by its pre-activation next. Handing ``(c, x)`` down lets
     that division form the product itself (``relprop::stabilized_divide``'s ``factor``) instead of
     a pass that writes ``x · c`` and another that reads it back: on a ReLU network the relevance
     pass then makes the gradient's passes. Relevance reaching one tensor along two paths with the
-    same ``factor`` (a residual block's input) adds coefficients. Layers that do not take this
-    form (:attr:`Layer.takes_input_product`) get :meth:`formed` relevance.
+    same ``factor`` (a residual block's input) adds coefficients, and that sum is left to the
+    division too (its ``numerator_addend``) where the layer below is a residual sum; other layers
+    get it summed (:meth:`coefficient_sum`). Layers that do not take this form
+    (:attr:`Layer.takes_input_product`) get :meth:`formed` relevance.
     """
 
     coefficient: Tensor
     factor: Tensor
+    addend: Tensor | None = None
+
+    def coefficient_sum(self) -> Tensor:
+        """``coefficient + addend`` (the coefficient itself without an addend)."""
+        return self.coefficient if self.addend is None else self.coefficient + self.addend
 
     def formed(self) -> Tensor:
-        """``coefficient · factor`` as a new tensor (the coefficient may be shared); in float16
-        0 where the factor is (:func:`~relprop.ops._layer_rules.times_factor`)."""
-        return times_factor(self.coefficient, self.factor)
+        """``(coefficient + addend) · factor`` as a new tensor (the coefficient may be shared); in
+        float16 0 where the factor is (:func:`~relprop.ops._layer_rules.times_factor`)."""
+        return times_factor(self.coefficient_sum(), self.factor)
 
 
 # typing.Union, not `|`: a module-level alias is evaluated, and Python 3.9 has no `type | type`.
@@ -83,10 +90,19 @@ def formed(relevance: Relevance) -> Tensor:
 
 
 def unformed(relevance: Relevance) -> tuple[Tensor, Tensor | None]:
-    """``(coefficient, factor)`` of a relevance; ``factor`` is None for a formed one."""
+    """``(coefficient, factor)`` of a relevance (the coefficients summed); ``factor`` is None for
+    a formed one."""
     if isinstance(relevance, InputProduct):
-        return relevance.coefficient, relevance.factor
+        return relevance.coefficient_sum(), relevance.factor
     return relevance, None
+
+
+def unformed_parts(relevance: Relevance) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(coefficient, addend, factor)`` of a relevance, for a division that sums the two
+    itself; ``addend`` and ``factor`` are None where it has none."""
+    if isinstance(relevance, InputProduct):
+        return relevance.coefficient, relevance.addend, relevance.factor
+    return relevance, None, None
 
 
 def join(first: Relevance, second: Relevance) -> Relevance:
@@ -96,7 +112,9 @@ def join(first: Relevance, second: Relevance) -> Relevance:
         and isinstance(second, InputProduct)
         and first.factor is second.factor
     ):
-        return InputProduct(first.coefficient + second.coefficient, first.factor)
+        # Two coefficients are kept apart for the division below to sum; a third joins their
+        # sum (no residual network hands one tensor more than two relevances).
+        return InputProduct(first.coefficient_sum(), first.factor, second.coefficient_sum())
     return formed(first) + formed(second)
 
 
@@ -447,9 +465,12 @@ class NormLayer(Layer):
             and all(isinstance(a, Tensor) and a.shape == out.shape for a in args)
         ):
             # The residual addition of every ResNet block: R_k = x_k · R / stab(a + b), handed
-            # down unformed; a relevance arriving unformed is formed by the division.
-            relevance, factor = unformed(relevance)
-            share = divide_fast(relevance, out, self.stabilizer, factor=factor)
+            # down unformed; a relevance arriving unformed is formed by the division, its two
+            # coefficients (the next block's two paths to this output) summed there too.
+            relevance, addend, factor = unformed_parts(relevance)
+            share = divide_fast(
+                relevance, out, self.stabilizer, factor=factor, numerator_addend=addend
+            )
             return [InputProduct(share, args[0]), InputProduct(share, args[1])]
         relevance = formed(relevance)
         share = divide(relevance, out, self.stabilizer)

@@ -182,7 +182,10 @@ class _HeldBytes:
         """Bytes of the relevances' storages not among the saved ones."""
         tensors = []
         for r in relevances:
-            tensors.extend((r.coefficient, r.factor) if isinstance(r, InputProduct) else (r,))
+            if isinstance(r, InputProduct):
+                tensors.extend(t for t in (r.coefficient, r.addend, r.factor) if t is not None)
+            else:
+                tensors.append(r)
         sizes: dict[int, int] = {}
         _storages(tensors, sizes)
         return sum(size for key, size in sizes.items() if key not in self._sizes)

@@ -169,9 +169,10 @@ def divide_fast(
     sign: int = 1,
     factor: Tensor | None = None,
     denominator_bias: Tensor | None = None,
+    numerator_addend: Tensor | None = None,
 ) -> Tensor:
-    """``scale · [sign·ref > 0] · (numerator · factor) / stab(denominator + bias, ε)`` in one fused
-    pass (``relprop::stabilized_divide``) at every size.
+    """``scale · [sign·ref > 0] · ((numerator + addend) · factor) / stab(denominator + bias, ε)``
+    in one fused pass (``relprop::stabilized_divide``) at every size.
 
     Small tensors once took the torch composition, when each op call paid the dispatcher
     (~50 µs). Called as a function in eager mode (:func:`~relprop.ops._backend.call_op`) the
@@ -183,7 +184,7 @@ def divide_fast(
     return call_op(
         stabilized_divide_op, stabilized_divide_kernel,
         numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign), factor,
-        denominator_bias,
+        denominator_bias, numerator_addend,
     )  # fmt: skip
 
 

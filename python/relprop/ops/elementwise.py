@@ -10,7 +10,8 @@ Relevance Propagation: An Overview", 2019) and α-β add a sign mask and a facto
 that are often tens of megabytes; here it is one:
 
 ``relprop::stabilized_divide(Tensor numerator, Tensor denominator, float epsilon, float scale,
-Tensor? sign_reference, int sign, Tensor? factor=None, Tensor? denominator_bias=None) -> Tensor``
+Tensor? sign_reference, int sign, Tensor? factor=None, Tensor? denominator_bias=None,
+Tensor? numerator_addend=None) -> Tensor``
     ``scale · numerator / stab(denominator, ε)``, exactly 0 where ``stab(denominator, ε) = 0``
     (for ε = 0: where the denominator is 0) and, when ``sign_reference`` is given, exactly 0
     wherever ``sign · sign_reference > 0`` fails (``sign`` is +1 or −1). With ``factor`` the
@@ -21,7 +22,10 @@ Tensor? sign_reference, int sign, Tensor? factor=None, Tensor? denominator_bias=
     float16 (see below). With ``denominator_bias`` (shape ``(C,)`` for a denominator
     ``(N, C, *rest)``) the denominator is ``denominator + bias[c]``, added in the compute dtype
     inside the same pass: a layer's bias, which torch adds to a convolution's output in a pass
-    of its own (on CUDA, after cuDNN's product).
+    of its own (on CUDA, after cuDNN's product). With ``numerator_addend`` the numerator is
+    ``numerator + addend`` (same shape), added in the compute dtype before the factor's product:
+    a relevance ``(c₁ + c₂) · x`` that reached ``x`` along two paths (a residual block's input)
+    is divided without its coefficients being summed in a pass of their own.
 
 ``-0.0`` is a zero like ``+0.0`` and is stabilised to ``+ε`` (``copysign(ε, d)`` would give
 ``−ε``). float16 and bfloat16 are computed in float32 and rounded once; a float16 result beyond
@@ -139,12 +143,15 @@ def stabilized_divide_reference(
     sign: int = 1,
     factor: Tensor | None = None,
     denominator_bias: Tensor | None = None,
+    numerator_addend: Tensor | None = None,
 ) -> Tensor:
-    """``scale · (numerator · factor) / stab(denominator + bias, ε)`` as a torch composition (see
-    the module)."""
+    """``scale · ((numerator + addend) · factor) / stab(denominator + bias, ε)`` as a torch
+    composition (see the module)."""
     _check_sign(sign_reference, sign)
     compute = COMPUTE_DTYPES.get(numerator.dtype, numerator.dtype)
     n, d = numerator.to(compute), denominator.to(compute)
+    if numerator_addend is not None:
+        n = n + numerator_addend.to(compute)
     if denominator_bias is not None:
         d = d + channel_view(denominator_bias.to(compute), d)
     if factor is not None:
@@ -172,9 +179,12 @@ def _stabilized_divide_native(
     sign: int,
     factor: Tensor | None = None,
     denominator_bias: Tensor | None = None,
+    numerator_addend: Tensor | None = None,
 ) -> Tensor:
     numerator = numerator.contiguous()
     denominator = denominator.contiguous()
+    if numerator_addend is not None:
+        numerator_addend = numerator_addend.contiguous()
     if sign_reference is not None:
         sign_reference = sign_reference.contiguous()
     if factor is not None:
@@ -185,6 +195,8 @@ def _stabilized_divide_native(
     args = {
         "numel": out.numel(),
         "numerator": _native.pointer(numerator),
+        # Address 0: nothing is added to the numerator.
+        "numerator_addend": 0 if numerator_addend is None else _native.pointer(numerator_addend),
         # Address 0: no factor, the numerator is taken as it is.
         "factor": 0 if factor is None else _native.pointer(factor),
         "denominator": _native.pointer(denominator),
@@ -233,46 +245,50 @@ def _bias_args(bias: Tensor | None, like: Tensor) -> dict[str, int]:
     schema=(
         "(Tensor numerator, Tensor denominator, float epsilon, float scale, "
         "Tensor? sign_reference, int sign, Tensor? factor=None, "
-        "Tensor? denominator_bias=None) -> Tensor"
+        "Tensor? denominator_bias=None, Tensor? numerator_addend=None) -> Tensor"
     ),
 )
 def stabilized_divide_op(
     numerator, denominator, epsilon, scale, sign_reference, sign, factor=None,
-    denominator_bias=None,
+    denominator_bias=None, numerator_addend=None,
 ):  # fmt: skip
-    _refuse_other_operands(numerator, denominator, sign_reference, factor, denominator_bias)
-    return stabilized_divide_reference(
-        numerator, denominator, epsilon, scale, sign_reference, sign, factor, denominator_bias
-    )
+    args = (numerator, denominator, epsilon, scale, sign_reference, sign, factor,
+            denominator_bias, numerator_addend)  # fmt: skip
+    _refuse_other_operands(*args)
+    return stabilized_divide_reference(*args)
 
 
 @stabilized_divide_op.register_fake
 def _(numerator, denominator, epsilon, scale, sign_reference, sign, factor=None,
-      denominator_bias=None):  # fmt: skip
+      denominator_bias=None, numerator_addend=None):  # fmt: skip
     return torch.empty_like(numerator, memory_format=torch.contiguous_format)
 
 
 @stabilized_divide_op.register_kernel(("cpu", "cuda"))
 def stabilized_divide_kernel(
     numerator, denominator, epsilon, scale, sign_reference, sign, factor=None,
-    denominator_bias=None,
+    denominator_bias=None, numerator_addend=None,
 ):  # fmt: skip
     _check_sign(sign_reference, sign)
-    _refuse_other_operands(numerator, denominator, sign_reference, factor, denominator_bias)
-    args = (numerator, denominator, epsilon, scale, sign_reference, sign, factor, denominator_bias)
+    args = (numerator, denominator, epsilon, scale, sign_reference, sign, factor,
+            denominator_bias, numerator_addend)  # fmt: skip
+    _refuse_other_operands(*args)
     same_dtype = all(
         t is None or t.dtype == numerator.dtype
-        for t in (denominator, sign_reference, factor, denominator_bias)
+        for t in (denominator, sign_reference, factor, denominator_bias, numerator_addend)
     )
     if not same_dtype or not _native.runs_native(numerator):
         return stabilized_divide_reference(*args)
     return _stabilized_divide_native(*args)
 
 
-def _refuse_other_operands(numerator, denominator, sign_reference, factor, denominator_bias):
+def _refuse_other_operands(
+    numerator, denominator, epsilon, scale, sign_reference, sign, factor, denominator_bias,
+    numerator_addend,
+):  # fmt: skip
     refuse_other_shapes(
-        "relprop::stabilized_divide", ("numerator", numerator),
-        denominator=denominator, sign_reference=sign_reference, factor=factor,
+        "relprop::stabilized_divide", ("numerator", numerator), denominator=denominator,
+        sign_reference=sign_reference, factor=factor, numerator_addend=numerator_addend,
     )  # fmt: skip
     if denominator_bias is not None and (
         numerator.dim() < 2 or denominator_bias.shape != (numerator.shape[1],)
@@ -295,6 +311,7 @@ def stabilized_divide(
     sign: int = 1,
     factor: Tensor | None = None,
     denominator_bias: Tensor | None = None,
+    numerator_addend: Tensor | None = None,
 ) -> Tensor:
     """Stabilised, optionally sign-masked and scaled division in one pass.
 
@@ -328,6 +345,10 @@ def stabilized_divide(
         Shape ``(C,)`` for operands ``(N, C, *rest)``, their dtype and device: added to the
         denominator along dim 1 inside the same pass (in the compute dtype, before the
         stabiliser), ``stab(denominator + bias, ε)``.
+    numerator_addend : Tensor or None, optional
+        Added to the numerator inside the same pass (same shape, dtype and device; in the
+        compute dtype, before the factor's product): ``scale · ((numerator + addend) · factor)
+        / stab(...)``.
 
     Returns
     -------
@@ -347,10 +368,11 @@ def stabilized_divide(
         denominator=denominator,
         sign_reference=sign_reference,
         factor=factor,
+        numerator_addend=numerator_addend,
     )
     check_channel_bias("stabilized_divide", "denominator_bias", denominator_bias, numerator)
     _check_sign(sign_reference, sign)
     return stabilized_divide_op(
         numerator, denominator, float(epsilon), float(scale), sign_reference, int(sign), factor,
-        denominator_bias,
+        denominator_bias, numerator_addend,
     )  # fmt: skip
