@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "relprop/add_relu.h"
 #include "relprop/bias_relu.h"
 #include "relprop/cpu_isa.h"
 #include "relprop/elementwise.h"
@@ -71,6 +72,11 @@ constexpr const char* kPairedSharesDoc =
     "channels per sample; "
     "relevance, factor, z, zp are contiguous (samples, inner) buffers, out (samples, 2, inner); "
     "dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
+
+constexpr const char* kAddReluDoc =
+    "out = relu(a + b) with relu(v) = 0 where v < 0 (NaN and -0 kept); a, b, out contiguous "
+    "buffers of numel elements of one dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA "
+    "only; added in float32, rounded once).";
 
 constexpr const char* kBiasReluDoc =
     "In place, z = relu(z + bias[channel]) with relu(v) = 0 where v < 0 (NaN and -0 kept): z is "
@@ -210,6 +216,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sign_masks"), py::arg("out"), release_gil, kPairedSharesDoc);
 
   m.def(
+      "add_relu_cpu",
+      [](int dtype, int64_t numel, uintptr_t a, uintptr_t b, uintptr_t out) {
+        add_relu_cpu(static_cast<DType>(dtype), numel, a, b, out);
+      },
+      py::arg("dtype"), py::arg("numel"), py::arg("a"), py::arg("b"), py::arg("out"), release_gil,
+      kAddReluDoc);
+
+  m.def(
       "bias_relu_cpu",
       [](int dtype, int64_t rows, int64_t channels, int64_t inner, uintptr_t z, uintptr_t bias) {
         bias_relu_cpu(static_cast<DType>(dtype), rows, channels, inner, z, bias);
@@ -218,6 +232,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("bias"), release_gil, kBiasReluDoc);
 
 #ifdef RELPROP_WITH_CUDA
+  m.def(
+      "add_relu_cuda",
+      [](int dtype, int64_t numel, uintptr_t a, uintptr_t b, uintptr_t out, uintptr_t stream,
+         int device) { add_relu_cuda(static_cast<DType>(dtype), numel, a, b, out, stream, device); },
+      py::arg("dtype"), py::arg("numel"), py::arg("a"), py::arg("b"), py::arg("out"),
+      py::arg("stream"), py::arg("device"), release_gil, kAddReluDoc);
+
   m.def(
       "bias_relu_cuda",
       [](int dtype, int64_t rows, int64_t channels, int64_t inner, uintptr_t z, uintptr_t bias,

@@ -157,7 +157,8 @@ def test_cuda_entries_take_the_cpu_twins_arguments_plus_the_launch(monkeypatch):
     module = _native.native()
     cpu_entries = sorted(n for n in dir(module) if n.endswith("_cpu"))
     assert cpu_entries == [
-        "adaptive_avg_pool2d_relevance_cpu", "avg_pool2d_relevance_cpu", "bias_relu_cpu",
+        "adaptive_avg_pool2d_relevance_cpu", "add_relu_cpu", "avg_pool2d_relevance_cpu",
+        "bias_relu_cpu",
         "max_pool_relevance_cpu", "paired_shares_cpu", "stabilized_divide_cpu",
     ]  # fmt: skip
     # The launch keywords as the glue makes them, with torch's stream queries stubbed (no GPU).

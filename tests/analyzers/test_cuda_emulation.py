@@ -1,8 +1,9 @@
 """Whole analyses through the CUDA kernels' sources, run on the CPU (tests/cuda_emulation).
 
-Every native op takes its CUDA branch — a convolution's bias with its fused ReLU, the stabilised
-division with and without its factor, the paired shares of α-β and γ, max, average and adaptive
-pooling — with the 16-bit dtypes the CPU twins do not take; the products stay torch's. Oracle: the reference analysis in float64; the
+Every native op takes its CUDA branch — a convolution's bias with its fused ReLU, a residual sum
+with its ReLU, the stabilised division with and without its factor, the paired shares of α-β and
+γ, max, average and adaptive pooling — with the 16-bit dtypes the CPU twins do not take; the
+products stay torch's. Oracle: the reference analysis in float64; the
 emulated analysis must be as close to it as the same analysis without the CUDA kernels is
 (flash-attention's criterion: at most twice its error): the native path with the CPU twins, and
 in float16 and bfloat16, which those do not take, with the ops' references.
@@ -81,6 +82,7 @@ def test_every_kernel_runs(monkeypatch):
             )
             seen |= {name for name, count in module.calls.items() if count}
     expected = {
+        "add_relu_cuda",
         "bias_relu_cuda",
         "stabilized_divide_cuda",
         "paired_shares_cuda",

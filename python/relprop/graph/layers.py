@@ -46,6 +46,7 @@ from relprop.ops._layer_rules import (
     stamp_mark,
     times_factor,
 )
+from relprop.ops.add_relu import add_relu_fast
 from relprop.ops.bias_relu import bias_relu_fast
 from relprop.rules.base import Rule
 from relprop.rules.zbox import ZBox
@@ -448,10 +449,17 @@ class NormLayer(Layer):
         self.fused_relu = False
 
     def forward(self, args, kwargs):
-        out = self.fn(*args, **kwargs)
+        if self.fused_relu and _two_like_tensors(args, kwargs) and _native.on_cuda(args[0]):
+            # On CUDA the sum and its ReLU in one pass (relprop::add_relu), where torch's add
+            # writes the sum and the ReLU reads and writes it again.
+            out = add_relu_fast(*args)
+        else:
+            out = self.fn(*args, **kwargs)
+            if self.fused_relu:
+                # fn made a new tensor (the plan maps in-place sums to out-of-place ones).
+                out.relu_()
         if self.fused_relu:
-            # fn made a new tensor (the plan maps in-place sums to out-of-place ones).
-            mark_nonnegative(out.relu_())
+            mark_nonnegative(out)
         return out, (args, kwargs, out)
 
     takes_input_product = True
@@ -477,6 +485,20 @@ class NormLayer(Layer):
         grads = _vjp(self.fn, args, kwargs, share)
         tensors = _flat_tensors(args, kwargs)
         return [None if g is None else g * t for g, t in zip(grads, tensors)]
+
+
+def _two_like_tensors(args: tuple, kwargs: dict) -> bool:
+    """Whether a sum's operands are two tensors of one shape, dtype and device (no broadcast)."""
+    if kwargs or len(args) != 2:
+        return False
+    a, b = args
+    return (
+        isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
 
 
 def _per_channel(weight: Tensor | None, x: Tensor) -> Tensor | None:
