@@ -39,6 +39,7 @@ from relprop.ops._layer_rules import (
     _is_nonnegative,
     divide,
     divide_fast,
+    donate,
     is_marked_nonnegative,
     mark_nonnegative,
     prefers_factor,
@@ -356,7 +357,9 @@ class WeightLayer(Layer):
             )  # fmt: skip
             r = r.squeeze(2) if self.dims == 1 else r
             x = x_op.squeeze(2) if self.dims == 1 else x_op
-        return [r if times_input else InputProduct(r, x)]
+        # r is the fresh output of this step's op, read by the layer below alone: it may take
+        # the result of that layer's division (ops._layer_rules.DONATED_MARK).
+        return [r if times_input else InputProduct(donate(r), x)]
 
 
 class PassLayer(Layer):
@@ -680,7 +683,8 @@ class MaxPoolLayer(Layer):
             # so R_in = x · (winner-takes-all of c). Handed down unformed, the product is formed
             # by the division of the layer below (which produced x and marked it so) instead of
             # by a pass here; a layer that would form it itself, at x's size, gets it formed.
-            return [InputProduct(pool_ops.max_pool_relevance(coefficient, indices, shape), x)]
+            winners = pool_ops.max_pool_relevance(coefficient, indices, shape)
+            return [InputProduct(donate(winners), x)]
         return [pool_ops.max_pool_relevance(formed(relevance), indices, shape)]
 
 

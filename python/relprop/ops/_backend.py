@@ -185,6 +185,15 @@ def _tracing() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
 
 
+def calls_kernels_directly(first: Any) -> bool:
+    """Whether :func:`call_op` calls kernels as functions for an op whose first argument is
+    ``first``: plain eager mode (no torch.compile, no dispatch mode, no autograd) on a plain tensor
+    of a CPU or CUDA device."""
+    if _tracing() or torch.is_grad_enabled():
+        return False
+    return type(first) in _PLAIN_TENSOR_TYPES and first.device.type in ("cpu", "cuda")
+
+
 def call_op(op: Callable[..., Any], kernel: Callable[..., Any], *args: Any) -> Any:
     """``op(*args)``, or, in plain eager mode, its ``cpu``/``cuda`` kernel called directly.
 
@@ -195,12 +204,9 @@ def call_op(op: Callable[..., Any], kernel: Callable[..., Any], *args: Any) -> A
     tensors on a CPU or CUDA device, no autograd (the engine runs under ``no_grad``) — the
     registered kernel is called as a function; otherwise the op is.
     """
-    if _tracing() or torch.is_grad_enabled():
-        return op(*args)
     # The first argument (the layer input, the numerator) stands for the rest: an op's tensors
     # share one device, and a tracing subclass comes with a dispatch mode or torch.compile.
-    first = args[0]
-    if type(first) not in _PLAIN_TENSOR_TYPES or first.device.type not in ("cpu", "cuda"):
+    if not calls_kernels_directly(args[0]):
         return op(*args)
     if torch.autograd.profiler._is_profiler_enabled:
         # The dispatcher is what names a custom op in a profile; called as a function, the

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from relprop.ops._backend import call_op
+from relprop.ops._backend import call_op, calls_kernels_directly
 from relprop.ops.elementwise import (
     COMPUTE_DTYPES,
     product_with_factor,
+    stabilized_divide_into,
     stabilized_divide_kernel,
     stabilized_divide_op,
     stabilized_divide_reference,
@@ -170,15 +171,32 @@ def divide_fast(
     factor: Tensor | None = None,
     denominator_bias: Tensor | None = None,
     numerator_addend: Tensor | None = None,
+    last_read: bool = False,
 ) -> Tensor:
     """``scale · [sign·ref > 0] · ((numerator + addend) · factor) / stab(denominator + bias, ε)``
     in one fused pass (``relprop::stabilized_divide``) at every size.
+
+    ``last_read``: the caller reads ``numerator`` no more after this; where it is a donated
+    coefficient (:func:`donate`), the result is written into its memory instead of a new tensor.
+
 
     Small tensors once took the torch composition, when each op call paid the dispatcher
     (~50 µs). Called as a function in eager mode (:func:`~relprop.ops._backend.call_op`) the
     native kernel costs 19 µs on 1000 elements against the composition's 76 µs (one CPU thread;
     on a GPU one launch against ten), so it is the faster at every size.
     """
+    if (
+        last_read
+        and numerator_addend is None
+        and read_mark(numerator, DONATED_MARK)
+        and calls_kernels_directly(numerator)
+    ):
+        into = stabilized_divide_into(
+            numerator, numerator, denominator, epsilon, scale, sign_reference, sign, factor,
+            denominator_bias,
+        )  # fmt: skip
+        if into is not None:
+            return into
     # The engine's own tensors: same shapes and dtypes by construction, so the op's kernel is
     # called without the public wrapper's checks (and without the dispatcher in eager).
     return call_op(
@@ -451,6 +469,24 @@ def read_mark(t: Tensor, name: str) -> object | None:
     return mark[1] if mark is not None and mark[0] == t._version else None
 
 
+# Attribute under which a relevance coefficient says that the step it is handed to is its only
+# reader (the fresh output of a layer's transposed product or of a max pool's relevance, handed
+# down unformed): that step's division may write its result into the coefficient's memory, one
+# output-sized tensor fewer alive during the step's transposed product — where the relevance
+# pass of a VGG holds the most (docs/ops.md). Not set on a coefficient two steps share (a residual
+# sum's share).
+DONATED_MARK = "_relprop_donated"
+
+
+def donate(t: Tensor) -> Tensor:
+    """Mark ``t`` as a coefficient whose one reader may overwrite it (:data:`DONATED_MARK`)."""
+    try:
+        stamp_mark(t, DONATED_MARK)
+    except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
+        pass
+    return t
+
+
 # Attribute under which a tensor remembers whether it is ≥ 0: the forward and the relevance op
 # of one layer see the same input object, and a fused ReLU marks its output.
 NONNEGATIVE_MARK = "_relprop_nonnegative"
@@ -696,7 +732,8 @@ def relevance_fast(
         return _flat_fast(lin, x, weight, relevance, params[0])
     if rule == "epsilon":
         z = saved[0] if saved else lin.forward(x, weight, bias)
-        return finish(tr(divide_fast(relevance, z, params[0], factor=factor), weight, x))
+        share = divide_fast(relevance, z, params[0], factor=factor, last_read=True)
+        return finish(tr(share, weight, x))
     if rule == "zbox":
         # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs = (x − h)·Wᵀs + (h − l)·W⁺ᵀs, since W⁻ = W − W⁺.
         low, high, eps = params
@@ -761,7 +798,9 @@ def relevance_fast(
             zp, zp_bias = saved[1], None
         else:
             zp, zp_bias = _product_and_bias(lin, x, wp, _positive(bias) if params[1] != 0 else None)
-        share = divide_fast(relevance, zp, params[0], factor=factor, denominator_bias=zp_bias)
+        share = divide_fast(
+            relevance, zp, params[0], factor=factor, denominator_bias=zp_bias, last_read=True
+        )
         del zp
         return finish(tr(share, wp, x))
     if rule == "alphabeta":
@@ -808,8 +847,9 @@ def relevance_fast(
     else:
         zpos = lin.forward(x, w_up, b_up)
     share = divide_fast(
-        relevance, zpos, eps, sign_reference=z, sign=1, factor=factor, denominator_bias=zpos_bias
-    )
+        relevance, zpos, eps, sign_reference=z, sign=1, factor=factor, denominator_bias=zpos_bias,
+        last_read=z_nonnegative,  # the z < 0 branch below reads the relevance again
+    )  # fmt: skip
     if z_nonnegative:
         del zpos
     c = tr(share, w_up, x)

@@ -180,6 +180,7 @@ def _stabilized_divide_native(
     factor: Tensor | None = None,
     denominator_bias: Tensor | None = None,
     numerator_addend: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     numerator = numerator.contiguous()
     denominator = denominator.contiguous()
@@ -189,7 +190,7 @@ def _stabilized_divide_native(
         sign_reference = sign_reference.contiguous()
     if factor is not None:
         factor = factor.contiguous()
-    out = torch.empty_like(numerator)
+    out = torch.empty_like(numerator) if out is None else out
     if out.numel() == 0:
         return out
     args = {
@@ -280,6 +281,43 @@ def stabilized_divide_kernel(
     if not same_dtype or not _native.runs_native(numerator):
         return stabilized_divide_reference(*args)
     return _stabilized_divide_native(*args)
+
+
+def stabilized_divide_into(
+    out: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    epsilon: float,
+    scale: float = 1.0,
+    sign_reference: Tensor | None = None,
+    sign: int = 1,
+    factor: Tensor | None = None,
+    denominator_bias: Tensor | None = None,
+) -> Tensor | None:
+    """The native kernel writing into ``out`` (``numerator`` itself may be it: every element is
+    read before it is written, by the same thread), or None where the native kernel would not run
+    (the caller then takes the op, which allocates). For the engine's own tensors in eager mode
+    (``ops._backend.calls_kernels_directly``): a relevance coefficient that nothing reads after
+    its division donates its memory to the division's result (``_layer_rules.divide_fast``)."""
+    operands = (numerator, denominator, sign_reference, factor)
+    if not (
+        out.is_contiguous()
+        and all(t is None or (t.dtype == out.dtype and t.shape == out.shape) for t in operands)
+        and (denominator_bias is None or denominator_bias.dtype == out.dtype)
+        and _native.runs_native(numerator)
+    ):
+        return None
+    return _stabilized_divide_native(
+        numerator,
+        denominator,
+        epsilon,
+        scale,
+        sign_reference,
+        sign,
+        factor,
+        denominator_bias,
+        out=out,
+    )
 
 
 def _refuse_other_operands(
