@@ -141,6 +141,18 @@ def cuda_launch_args(tensor: Tensor) -> dict[str, int]:
     return {"stream": torch.cuda.current_stream(device).cuda_stream, "device": device}
 
 
+def launch(entry: str, tensor: Tensor, **args: object) -> None:
+    """Call ``relprop._C``'s ``<entry>_cuda`` or ``<entry>_cpu`` (:func:`on_cuda`) with ``args``,
+    the dtype code of ``tensor`` (the op's first operand) and, on CUDA, the launch arguments."""
+    module = native()
+    if on_cuda(tensor):
+        getattr(module, f"{entry}_cuda")(
+            dtype=dtype_code(tensor, CUDA_DTYPES), **cuda_launch_args(tensor), **args
+        )
+    else:
+        getattr(module, f"{entry}_cpu")(dtype=dtype_code(tensor, CPU_DTYPES), **args)
+
+
 def runs_native(tensor: Tensor) -> bool:
     """Whether ``tensor``'s op runs the native kernel; warns once when it should but cannot."""
     from relprop.ops._backend import forced_backend

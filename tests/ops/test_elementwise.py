@@ -557,3 +557,16 @@ def test_an_addend_of_another_shape_is_refused(backend):
         torch.ops.relprop.stabilized_divide(
             n, d, 0.1, 1.0, None, 1, None, None, torch.zeros(2, 3, 1)
         )
+
+
+def test_a_strided_bias_is_read_as_its_values(backend):
+    """A bias that is a strided view (every other channel of a larger one) is made contiguous
+    and kept alive for the kernel: the same result as a contiguous copy."""
+    n, d, _ = sample((2, 3, 4, 5), torch.float32, seed=91)
+    wide = torch.randn(6, generator=generator(92))
+    strided = wide[::2]
+    assert not strided.is_contiguous()
+    out = elementwise.stabilized_divide(n, d, 0.25, denominator_bias=strided)
+    assert torch.equal(out, elementwise.stabilized_divide(n, d, 0.25,
+                                                          denominator_bias=strided.clone()))  # fmt: skip
+    assert_matches_oracle(out, oracle(n, biased(d, strided), 0.25), torch.float32)

@@ -322,3 +322,13 @@ def test_a_zp_bias_without_one_value_per_channel_is_refused(backend, bias_shape)
         shares_ops.paired_shares(relevance, z, zp, *RULE_CASES[0], zp_bias=bias)
     with pytest.raises(ValueError, match=r"zp_bias has shape .* one value per channel"):
         torch.ops.relprop.paired_shares(relevance, z, zp, *RULE_CASES[0], None, bias)
+
+
+def test_a_strided_zp_bias_is_read_as_its_values(backend):
+    relevance, z, zp, _ = sample((2, 3, 4, 5), torch.float32, seed=93)
+    wide = torch.randn(6, generator=torch.Generator().manual_seed(94))
+    strided = wide[::2]
+    assert not strided.is_contiguous()
+    out = shares_ops.paired_shares(relevance, z, zp, *RULE_CASES[4], zp_bias=strided)
+    expected = pair_oracle(relevance, z, biased(zp, strided), *RULE_CASES[4])
+    assert_matches_oracle(out, expected, torch.float32)

@@ -49,13 +49,7 @@ def _add_relu_native(a: Tensor, b: Tensor) -> Tensor:
         "b": _native.pointer(b),
         "out": _native.pointer(out),
     }
-    module = _native.native()
-    if _native.on_cuda(a):
-        module.add_relu_cuda(
-            dtype=_native.dtype_code(a, _native.CUDA_DTYPES), **_native.cuda_launch_args(a), **args
-        )
-    else:
-        module.add_relu_cpu(dtype=_native.dtype_code(a, _native.CPU_DTYPES), **args)
+    _native.launch("add_relu", a, **args)
     return out
 
 

@@ -54,13 +54,7 @@ def _bias_relu_native(z: Tensor, bias: Tensor) -> None:
         "z": _native.pointer(z),
         "bias": _native.pointer(bias),
     }
-    module = _native.native()
-    if _native.on_cuda(z):
-        module.bias_relu_cuda(
-            dtype=_native.dtype_code(z, _native.CUDA_DTYPES), **_native.cuda_launch_args(z), **args
-        )
-    else:
-        module.bias_relu_cpu(dtype=_native.dtype_code(z, _native.CPU_DTYPES), **args)
+    _native.launch("bias_relu", z, **args)
 
 
 def _refuse(z: Tensor, bias: Tensor) -> None:

@@ -186,6 +186,9 @@ def _stabilized_divide_native(
     denominator = denominator.contiguous()
     if numerator_addend is not None:
         numerator_addend = numerator_addend.contiguous()
+    if denominator_bias is not None:
+        # Held here: the kernel reads it by address after this function's last use of it.
+        denominator_bias = denominator_bias.contiguous()
     if sign_reference is not None:
         sign_reference = sign_reference.contiguous()
     if factor is not None:
@@ -209,27 +212,18 @@ def _stabilized_divide_native(
         "sign": 0 if sign_reference is None else int(sign),
         "out": _native.pointer(out),
     }
-    module = _native.native()
-    if _native.on_cuda(numerator):
-        module.stabilized_divide_cuda(
-            dtype=_native.dtype_code(numerator, _native.CUDA_DTYPES),
-            **_native.cuda_launch_args(numerator),
-            **args,
-        )
-    else:
-        module.stabilized_divide_cpu(
-            dtype=_native.dtype_code(numerator, _native.CPU_DTYPES), **args
-        )
+    _native.launch("stabilized_divide", numerator, **args)
     return out
 
 
 def _bias_args(bias: Tensor | None, like: Tensor) -> dict[str, int]:
-    """The native kernels' ``denominator_bias``, ``channels`` and ``inner`` (address 0: none)."""
+    """The native kernels' ``denominator_bias``, ``channels`` and ``inner`` (address 0: none) for
+    a contiguous ``bias``."""
     if bias is None:
         return {"denominator_bias": 0, "channels": 1, "inner": 1}
     rows = like.shape[0] * like.shape[1]
     return {
-        "denominator_bias": _native.pointer(bias.contiguous()),
+        "denominator_bias": _native.pointer(bias),
         "channels": like.shape[1],
         "inner": like.numel() // rows,
     }

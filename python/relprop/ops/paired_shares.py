@@ -113,6 +113,8 @@ def _paired_shares_native(
     relevance, z, zp = relevance.contiguous(), z.contiguous(), zp.contiguous()
     if factor is not None:
         factor = factor.contiguous()
+    if zp_bias is not None:
+        zp_bias = zp_bias.contiguous()  # held: the kernel reads it by address
     out = relevance.new_empty(_stacked_shape(relevance))
     if out.numel() == 0:
         return out
@@ -126,7 +128,7 @@ def _paired_shares_native(
         "z": _native.pointer(z),
         "zp": _native.pointer(zp),
         # Address 0: zp is taken as it is.
-        "zp_bias": 0 if zp_bias is None else _native.pointer(zp_bias.contiguous()),
+        "zp_bias": 0 if zp_bias is None else _native.pointer(zp_bias),
         "channels": relevance.shape[1],
         "epsilon": float(epsilon),
         "scale": float(scale),
@@ -135,15 +137,7 @@ def _paired_shares_native(
         "sign_masks": bool(sign_masks),
         "out": _native.pointer(out),
     }
-    module = _native.native()
-    if _native.on_cuda(relevance):
-        module.paired_shares_cuda(
-            dtype=_native.dtype_code(relevance, _native.CUDA_DTYPES),
-            **_native.cuda_launch_args(relevance),
-            **args,
-        )
-    else:
-        module.paired_shares_cpu(dtype=_native.dtype_code(relevance, _native.CPU_DTYPES), **args)
+    _native.launch("paired_shares", relevance, **args)
     return out
 
 
