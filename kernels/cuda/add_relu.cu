@@ -9,8 +9,6 @@
 // so results are deterministic.
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
 
 #include "relprop/add_relu.h"
 #include "relprop/cuda_common.cuh"
@@ -23,6 +21,7 @@ using cuda_detail::all_aligned;
 using cuda_detail::check;
 using cuda_detail::Compute;
 using cuda_detail::DeviceGuard;
+using cuda_detail::dispatch_dtype;
 using cuda_detail::elementwise_blocks;
 using cuda_detail::from_compute;
 using cuda_detail::kElementwiseThreads;
@@ -88,18 +87,8 @@ void add_relu_cuda(DType dtype, int64_t numel, uintptr_t a, uintptr_t b, uintptr
   if (numel == 0) return;
   DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32:
-      return launch<float>(numel, a, b, out, s);
-    case DType::Float64:
-      return launch<double>(numel, a, b, out, s);
-    case DType::Float16:
-      return launch<__half>(numel, a, b, out, s);
-    case DType::BFloat16:
-      return launch<__nv_bfloat16>(numel, a, b, out, s);
-  }
-  throw std::invalid_argument("add_relu: unknown dtype code " +
-                              std::to_string(static_cast<int>(dtype)));
+  dispatch_dtype(dtype, "add_relu",
+                 [&](auto zero) { launch<decltype(zero)>(numel, a, b, out, s); });
 }
 
 }  // namespace relprop

@@ -24,6 +24,7 @@ using cuda_detail::all_aligned;
 using cuda_detail::check;
 using cuda_detail::Compute;
 using cuda_detail::DeviceGuard;
+using cuda_detail::dispatch_dtype;
 using cuda_detail::elementwise_blocks;
 using cuda_detail::from_compute;
 using cuda_detail::kElementwiseThreads;
@@ -101,18 +102,8 @@ void bias_relu_cuda(DType dtype, int64_t rows, int64_t channels, int64_t inner, 
   }
   DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32:
-      return launch<float>(rows, channels, inner, z, bias, s);
-    case DType::Float64:
-      return launch<double>(rows, channels, inner, z, bias, s);
-    case DType::Float16:
-      return launch<__half>(rows, channels, inner, z, bias, s);
-    case DType::BFloat16:
-      return launch<__nv_bfloat16>(rows, channels, inner, z, bias, s);
-  }
-  throw std::invalid_argument("bias_relu: unknown dtype code " +
-                              std::to_string(static_cast<int>(dtype)));
+  dispatch_dtype(dtype, "bias_relu",
+                 [&](auto zero) { launch<decltype(zero)>(rows, channels, inner, z, bias, s); });
 }
 
 }  // namespace relprop

@@ -20,6 +20,7 @@ using cuda_detail::all_aligned;
 using cuda_detail::check;
 using cuda_detail::Compute;
 using cuda_detail::DeviceGuard;
+using cuda_detail::dispatch_dtype;
 using cuda_detail::elementwise_blocks;
 using cuda_detail::kElementwiseThreads;
 using cuda_detail::kWideElements;
@@ -172,18 +173,9 @@ void stabilized_divide_cuda(DType dtype, int64_t numel, const DivideBuffers& buf
   if (numel == 0) return;
   DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32:
-      return launch_typed<float>(mask, numel, buffers, epsilon, scale, s);
-    case DType::Float64:
-      return launch_typed<double>(mask, numel, buffers, epsilon, scale, s);
-    case DType::Float16:
-      return launch_typed<__half>(mask, numel, buffers, epsilon, scale, s);
-    case DType::BFloat16:
-      return launch_typed<__nv_bfloat16>(mask, numel, buffers, epsilon, scale, s);
-  }
-  throw std::invalid_argument("stabilized_divide: unknown dtype code " +
-                              std::to_string(static_cast<int>(dtype)));
+  dispatch_dtype(dtype, "stabilized_divide", [&](auto zero) {
+    launch_typed<decltype(zero)>(mask, numel, buffers, epsilon, scale, s);
+  });
 }
 
 }  // namespace relprop

@@ -21,6 +21,7 @@ namespace {
 using cuda_detail::check;
 using cuda_detail::Compute;
 using cuda_detail::DeviceGuard;
+using cuda_detail::dispatch_dtype;
 using cuda_detail::elementwise_blocks;
 using cuda_detail::kElementwiseThreads;
 using cuda_detail::all_aligned;
@@ -170,19 +171,9 @@ void paired_shares_cuda(DType dtype, int64_t samples, int64_t inner, uintptr_t r
   if (samples == 0 || inner == 0) return;
   DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32:
-      return launch<float>(samples, inner, relevance, factor, z, zp, zp_bias, params, out, s);
-    case DType::Float64:
-      return launch<double>(samples, inner, relevance, factor, z, zp, zp_bias, params, out, s);
-    case DType::Float16:
-      return launch<__half>(samples, inner, relevance, factor, z, zp, zp_bias, params, out, s);
-    case DType::BFloat16:
-      return launch<__nv_bfloat16>(samples, inner, relevance, factor, z, zp, zp_bias, params, out,
-                                   s);
-  }
-  throw std::invalid_argument("paired_shares: unknown dtype code " +
-                              std::to_string(static_cast<int>(dtype)));
+  dispatch_dtype(dtype, "paired_shares", [&](auto zero) {
+    launch<decltype(zero)>(samples, inner, relevance, factor, z, zp, zp_bias, params, out, s);
+  });
 }
 
 }  // namespace relprop

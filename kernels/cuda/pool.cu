@@ -17,6 +17,8 @@
 namespace relprop {
 namespace {
 
+using cuda_detail::dispatch_dtype;
+
 using cuda_detail::check;
 using cuda_detail::Compute;
 using cuda_detail::DeviceGuard;
@@ -239,23 +241,6 @@ void launch_avg(const PlaneShape& s, const Windows& windows, uintptr_t x, const 
   avg_gather_kernel<T, Windows><<<blocks_for(in_total), kThreads, 0, stream>>>(
       s, windows, reinterpret_cast<const T*>(x), xs, share, reinterpret_cast<T*>(out));
   check(cudaGetLastError(), "average pool relevance launch");
-}
-
-// Calls `body(T{})` with T the C++ type of `dtype`.
-template <typename Body>
-void dispatch_dtype(DType dtype, const char* op, Body&& body) {
-  switch (dtype) {
-    case DType::Float32:
-      return body(float{});
-    case DType::Float64:
-      return body(double{});
-    case DType::Float16:
-      return body(__half{});
-    case DType::BFloat16:
-      return body(__nv_bfloat16{});
-  }
-  throw std::invalid_argument(std::string(op) + ": unknown dtype code " +
-                              std::to_string(static_cast<int>(dtype)));
 }
 
 }  // namespace

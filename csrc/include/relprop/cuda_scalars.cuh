@@ -7,6 +7,10 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <stdexcept>
+#include <string>
+
+#include "relprop/pool.h"
 
 namespace relprop {
 namespace cuda_detail {
@@ -103,6 +107,24 @@ inline unsigned int elementwise_blocks(int64_t numel) {
   const int64_t blocks = (numel + kElementwiseThreads - 1) / kElementwiseThreads;
   return static_cast<unsigned int>(blocks > kElementwiseMaxBlocks ? kElementwiseMaxBlocks
                                                                   : blocks);
+}
+
+// Calls `body(T{})` with T the C++ type of `dtype` (host side: the launchers pick their
+// kernels' storage type with it); throws std::invalid_argument naming `op` for another code.
+template <typename Body>
+void dispatch_dtype(DType dtype, const char* op, Body&& body) {
+  switch (dtype) {
+    case DType::Float32:
+      return body(float{});
+    case DType::Float64:
+      return body(double{});
+    case DType::Float16:
+      return body(__half{});
+    case DType::BFloat16:
+      return body(__nv_bfloat16{});
+  }
+  throw std::invalid_argument(std::string(op) + ": unknown dtype code " +
+                              std::to_string(static_cast<int>(dtype)));
 }
 
 }  // namespace cuda_detail
