@@ -101,7 +101,11 @@ def test_opcheck_cuda(monkeypatch):
     "z, bias, message",
     [
         (torch.zeros(4), torch.zeros(4), "batch and a channel dimension"),
-        (torch.zeros(2, 3, 4), torch.zeros(4), r"bias has shape \(4,\), z \(2, 3, 4\) has 3"),
+        (
+            torch.zeros(2, 3, 4),
+            torch.zeros(4),
+            r"bias has shape \(4,\); it needs one value per channel \(dim 1\) of a tensor of shape \(2, 3, 4\)",
+        ),
         (torch.zeros(2, 3), torch.zeros(3, dtype=torch.float64), "bias is torch.float64"),
         (torch.zeros(3, 2).T, torch.zeros(3), "must be contiguous"),
         (torch.zeros(2, 3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), "floating"),

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from relprop import _native
 from relprop.ops._backend import call_op
-from relprop.ops.elementwise import COMPUTE_DTYPES
+from relprop.ops.elementwise import COMPUTE_DTYPES, check_channel_bias
 
 # ---------------------------------------------------------------------------------------------
 # Reference: plain PyTorch, any device, the truth the kernels are tested against.
@@ -65,15 +65,7 @@ def _refuse(z: Tensor, bias: Tensor) -> None:
         raise ValueError(
             f"bias_relu_: z needs a batch and a channel dimension, got shape {tuple(z.shape)}"
         )
-    if bias.shape != (z.shape[1],):
-        raise ValueError(
-            f"bias_relu_: bias has shape {tuple(bias.shape)}, z {tuple(z.shape)} has "
-            f"{z.shape[1]} channels"
-        )
-    if bias.dtype != z.dtype or bias.device != z.device:
-        raise ValueError(
-            f"bias_relu_: bias is {bias.dtype} on {bias.device}, z {z.dtype} on {z.device}"
-        )
+    check_channel_bias("bias_relu_", "bias", bias, z)
     if not z.is_floating_point():
         raise ValueError(f"bias_relu_: expected floating-point tensors, got {z.dtype}")
     if not z.is_contiguous():
@@ -145,6 +137,6 @@ def bias_relu_(z: Tensor, bias: Tensor) -> Tensor:
         ``z`` has fewer than two dimensions or is not contiguous, or ``bias`` does not fit its
         channels, dtype or device.
     """
-    _refuse(z, bias)
+    # The op refuses what does not fit, naming it (as a call of torch.ops.relprop.bias_relu_ does).
     bias_relu_op(z, bias)
     return z
