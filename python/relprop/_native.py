@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextvars import ContextVar, Token
 from types import ModuleType
 from typing import NamedTuple
 
@@ -126,12 +127,22 @@ def on_cuda(tensor: Tensor) -> bool:
 
     The ops ask this rather than ``tensor.device`` themselves, so that the test suite can run the
     CUDA kernels' sources on the CPU (tests/cuda_emulation) through the ops' own CUDA branch.
+    (``is_cuda``, not ``device.type``: the latter makes a ``torch.device`` per call, 1 µs, and
+    this is asked several times per layer step.)
     """
-    return tensor.device.type == "cuda"
+    return tensor.is_cuda
 
 
 def cuda_launch_args(tensor: Tensor) -> dict[str, int]:
-    """``stream`` and ``device`` arguments of a CUDA entry point for work on ``tensor``."""
+    """``stream`` and ``device`` arguments of a CUDA entry point for work on ``tensor``.
+
+    Inside a pass (:func:`pass_launch_args`) those of the pass's input: every tensor of a pass is
+    on its device and its work on the stream current as it began (torch's current-stream query
+    makes a ``Stream`` object, a few microseconds per launch otherwise).
+    """
+    known = _launch_args_of_pass.get()
+    if known is not None:
+        return known
     if not cuda_compiled():
         raise RuntimeError(
             "relprop._C was built without CUDA kernels (nvcc was not found at build time); "
@@ -141,23 +152,46 @@ def cuda_launch_args(tensor: Tensor) -> dict[str, int]:
     return {"stream": torch.cuda.current_stream(device).cuda_stream, "device": device}
 
 
-def launch(entry: str, tensor: Tensor, **args: object) -> None:
-    """Call ``relprop._C``'s ``<entry>_cuda`` or ``<entry>_cpu`` (:func:`on_cuda`) with ``args``,
-    the dtype code of ``tensor`` (the op's first operand) and, on CUDA, the launch arguments."""
+_launch_args_of_pass: ContextVar[dict[str, int] | None] = ContextVar(
+    "relprop_launch_args_of_pass", default=None
+)
+
+
+def pass_launch_args(x: Tensor) -> Token | None:
+    """Fix :func:`cuda_launch_args` for a pass over ``x`` (a CUDA tensor, with the CUDA kernels
+    built); the token resets it, None where nothing was fixed."""
+    if not (x.is_cuda and cuda_compiled()):
+        return None
+    return _launch_args_of_pass.set(cuda_launch_args(x))
+
+
+def end_pass_launch_args(token: Token | None) -> None:
+    """Undo :func:`pass_launch_args`."""
+    if token is not None:
+        _launch_args_of_pass.reset(token)
+
+
+def launch(entry: str, tensor: Tensor, *args: object) -> None:
+    """Call ``relprop._C``'s ``<entry>_cuda`` or ``<entry>_cpu`` (:func:`on_cuda`) with the dtype
+    code of ``tensor`` (the op's first operand), ``args`` and, on CUDA, the launch arguments.
+
+    ``args`` are positional, in the order of the entry point's parameters after ``dtype``
+    (``csrc/bindings.cpp``): pybind11 matches keyword arguments by name at 0.2 µs each,
+    3 of the 5 µs a 14-argument call took, and the engine launches several per layer step.
+    """
     module = native()
     if on_cuda(tensor):
+        launch_args = cuda_launch_args(tensor)
         getattr(module, f"{entry}_cuda")(
-            dtype=dtype_code(tensor, CUDA_DTYPES), **cuda_launch_args(tensor), **args
+            dtype_code(tensor, CUDA_DTYPES), *args, launch_args["stream"], launch_args["device"]
         )
     else:
-        getattr(module, f"{entry}_cpu")(dtype=dtype_code(tensor, CPU_DTYPES), **args)
+        getattr(module, f"{entry}_cpu")(dtype_code(tensor, CPU_DTYPES), *args)
 
 
 def runs_native(tensor: Tensor) -> bool:
     """Whether ``tensor``'s op runs the native kernel; warns once when it should but cannot."""
-    from relprop.ops._backend import forced_backend
-
-    backend = forced_backend()
+    backend = _forced_backend()
     if backend == "reference":
         return False
     cuda = on_cuda(tensor)
@@ -175,3 +209,13 @@ def runs_native(tensor: Tensor) -> bool:
         warn_fallback("relprop._C was built without its CUDA kernels")
         return False
     return True
+
+
+def _forced_backend() -> str | None:
+    # relprop.ops imports this module: the function is looked up once, at the first call, and
+    # kept (an import statement in runs_native cost a microsecond per op call).
+    global _forced_backend
+    from relprop.ops._backend import forced_backend
+
+    _forced_backend = forced_backend
+    return forced_backend()

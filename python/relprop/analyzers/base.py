@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from relprop.errors import AnalyzerInputError
+from relprop.graph.trace import submodules
 
 NeuronSelection = Union[int, Sequence[int], Tensor, None]
 SELECTION_MODES = ("max_activation", "index", "all")
@@ -249,7 +250,7 @@ def deterministic_requested() -> bool:
 @contextmanager
 def preserved_state(model: nn.Module):
     """Run the model in eval mode and restore every module's train/eval flag afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for m in submodules(model)]
     if not any(training for _, training in modes):
         # Already in eval mode (the usual case): nothing to switch or restore, which spares two
         # passes of nn.Module.__setattr__ over every module per analysis.

@@ -17,14 +17,15 @@ from relprop.ops._layer_rules import DerivedWeights, keep_derived_weights
 class FoldedParameters:
     """Weight and bias of a dense/conv layer, with the BatchNorms that follow it folded in.
 
-    Read afresh in every pass (:meth:`forget`, called as an analysis starts), then kept for the
-    rest of it: a model changed between two calls is never explained with stale weights, also
-    where the change leaves no trace on the parameters. A tensor's version counter moves on
-    in-place writes through autograd, but not on writes through ``.data`` or a NumPy view, nor
-    under fused optimizer kernels (``Adam(fused=True)``), so it cannot tell. The same holds for
-    what the rules derive from the weight (``ops._layer_rules.DERIVED_WEIGHTS_MARK``), kept on
-    the tensors this returns. Within a pass, a source changed in place (its version moved) is
-    folded again.
+    Read afresh in every pass (:meth:`forget`, called as a pass starts), then kept for the rest
+    of it: a model changed between two calls is never explained with stale weights, also where
+    the change leaves no trace on the parameters. A tensor's version counter moves on in-place
+    writes through autograd, but not on writes through ``.data`` or a NumPy view, nor under fused
+    optimizer kernels (``Adam(fused=True)``), so it cannot tell. The same holds for what the
+    rules derive from the weight (``ops._layer_rules.DERIVED_WEIGHTS_MARK``), kept on the tensors
+    this returns. Within a pass nothing writes a parameter (relprop runs the model's modules in
+    eval mode and under ``no_grad``, and writes only tensors of its own), so the fold of the
+    pass's start holds to its end without a check per use.
 
     A new pass writes its folded weight and derived weights into the memory of the previous
     pass's (:class:`~relprop.ops._layer_rules.DerivedWeights` says why): nothing reads them once
@@ -35,51 +36,26 @@ class FoldedParameters:
     def __init__(self, layer: nn.Module, batch_norms: list[nn.Module] | None = None) -> None:
         self.layer = layer
         self.batch_norms = list(batch_norms or [])
-        self._key: tuple | None = None
         self._value: tuple[Tensor, Tensor | None] | None = None
         # The previous pass's derived weights and folded weight (None for an alias): memory the
         # next pass reuses.
         self._store: DerivedWeights | None = None
         self._folded_weight: Tensor | None = None
-        # The source tensors, looked up on the modules once per pass (:meth:`forget`): every
-        # layer asks for its weights twice a pass, and the module attribute lookups were a
-        # third of the host time the check took.
-        self._source_list: list[Tensor] | None = None
-
-    def _sources(self) -> list[Tensor]:
-        if self._source_list is None:
-            tensors = [self.layer.weight]
-            if self.layer.bias is not None:
-                tensors.append(self.layer.bias)
-            for bn in self.batch_norms:
-                tensors += [
-                    t
-                    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-                    if t is not None
-                ]
-            self._source_list = tensors
-        return self._source_list
 
     def forget(self) -> None:
         """Drop the folded tensors: the next :meth:`get` reads the parameters again (and looks
         them up on the modules again: a parameter may have been replaced between passes)."""
-        self._key = None
         self._value = None
-        self._source_list = None
 
-    def _key_now(self) -> tuple:
-        return tuple(
-            (t.data_ptr(), None if t.is_inference() else t._version) for t in self._sources()
-        )
-
-    def _keep(self, value: tuple[Tensor, Tensor | None], folded: bool, new_pass: bool) -> None:
-        self._value = value
-        self._key = self._key_now()
-        self._folded_weight = value[0] if folded else None
+    def keep(self, weight: Tensor, bias: Tensor | None, folded: bool) -> None:
+        """Hold ``(weight, bias)`` for the rest of the pass; ``folded``: ``weight`` is relprop's
+        own copy (its memory is written again by the next pass's fold)."""
+        self._value = (weight, bias)
+        self._folded_weight = weight if folded else None
         # The rules' derived weights (W⁺, W + γW⁺, ...) are kept on these tensors, which are
         # the analyzer's own (detached aliases or folded copies, never the user's parameters),
-        # until the next fold. A refold within a pass leaves the pass's earlier ones alone.
-        self._store = keep_derived_weights(value[0], self._store if new_pass else None)
+        # until the next pass.
+        self._store = keep_derived_weights(weight, self._store)
 
     def weight_buffer(self, like: Tensor) -> Tensor | None:
         """The previous pass's folded weight, to fold into again, where it fits ``like``."""
@@ -90,9 +66,8 @@ class FoldedParameters:
 
     def get(self) -> tuple[Tensor, Tensor | None]:
         """The (weight, bias) to use, detached from autograd."""
-        if self._value is None or self._key_now() != self._key:
-            new_pass = self._value is None
-            self._keep(self._fold(), folded=bool(self.batch_norms), new_pass=new_pass)
+        if self._value is None:
+            self.keep(*self._fold(), folded=bool(self.batch_norms))
         return self._value
 
     def _fold(self) -> tuple[Tensor, Tensor | None]:
@@ -112,34 +87,65 @@ class FoldedParameters:
 
 
 def fold_all(folds: list[FoldedParameters]) -> None:
-    """Fold every layer afresh for a new pass.
+    """Fold every layer afresh for a new pass (under ``torch.no_grad``: the pass's).
 
     A layer followed by one affine BatchNorm (every torchvision model's) gets its per-channel
     scale ``γ/√(σ² + ε)`` and shift ``β − μ·scale`` from a few multi-tensor launches shared by
     all such layers (``torch._foreach_*``), then one product for its weight (and one for its
     bias): on ResNet50 about 60 launches per pass instead of eight per layer. Other layers fold
     on their own when first used.
+
+    Host time counts here (on a GPU the device waits for it at the start of every analysis):
+    the modules' tensors are read without ``nn.Module.__getattr__`` where they are plain
+    parameters and buffers (:func:`_tensor_of`), and not detached (nothing records a graph
+    under ``no_grad``).
     """
+    batched: list[FoldedParameters] = []
     for fold in folds:
         fold.forget()
-    batched = [f for f in folds if len(f.batch_norms) == 1 and _affine(f.batch_norms[0])]
+        if len(fold.batch_norms) == 1 and _affine(fold.batch_norms[0]):
+            batched.append(fold)
     if not batched:
         return
     bns = [f.batch_norms[0] for f in batched]
-    scales = torch._foreach_add([bn.running_var.detach() for bn in bns], [bn.eps for bn in bns])
+    scales = torch._foreach_add(
+        [_tensor_of(bn, "running_var") for bn in bns], [bn.eps for bn in bns]
+    )
     torch._foreach_sqrt_(scales)
     torch._foreach_reciprocal_(scales)
-    torch._foreach_mul_(scales, [bn.weight.detach() for bn in bns])
+    torch._foreach_mul_(scales, [_tensor_of(bn, "weight") for bn in bns])
     shifts = torch._foreach_addcmul(
-        [bn.bias.detach() for bn in bns], [bn.running_mean.detach() for bn in bns], scales, -1
+        [_tensor_of(bn, "bias") for bn in bns],
+        [_tensor_of(bn, "running_mean") for bn in bns],
+        scales,
+        -1,
     )
     for fold, scale, shift in zip(batched, scales, shifts):
-        source = fold.layer.weight.detach()
-        scale_view = scale.view(-1, *([1] * (source.dim() - 1)))
+        source = _tensor_of(fold.layer, "weight")
+        scale_view = scale.view((-1,) + (1,) * (source.dim() - 1))
         weight = torch.mul(source, scale_view, out=fold.weight_buffer(source))
-        bias = fold.layer.bias
-        bias = shift if bias is None else torch.addcmul(shift, bias.detach(), scale)
-        fold._keep((weight, bias), folded=True, new_pass=True)
+        bias = _tensor_of(fold.layer, "bias")
+        bias = shift if bias is None else torch.addcmul(shift, bias, scale)
+        fold.keep(weight, bias, folded=True)
+
+
+def _tensor_of(owner: object, name: str) -> Tensor | None:
+    """``getattr(owner, name)`` for a tensor attribute, without ``nn.Module.__getattr__`` (a
+    Python-level fallback that costs about a microsecond) where ``owner`` is a module and the
+    tensor a plain parameter or buffer of it; a parametrized tensor
+    (``torch.nn.utils.parametrize``, a property computed on access) and the weights of a
+    functional layer (``plan.FunctionalParameters``) are read as attributes."""
+    parameters = getattr(owner, "_parameters", None)
+    if isinstance(parameters, dict):
+        found = parameters.get(name, _ABSENT)
+        if found is _ABSENT:
+            found = owner._buffers.get(name, _ABSENT)
+        if found is not _ABSENT:
+            return found
+    return getattr(owner, name)
+
+
+_ABSENT = object()
 
 
 def _affine(bn: nn.Module) -> bool:
@@ -151,5 +157,5 @@ def can_fold(bn: nn.Module) -> bool:
     return (
         isinstance(bn, nn.modules.batchnorm._BatchNorm)
         and bn.track_running_stats
-        and bn.running_mean is not None
+        and _tensor_of(bn, "running_mean") is not None
     )

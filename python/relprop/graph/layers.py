@@ -42,6 +42,7 @@ from relprop.ops._layer_rules import (
     donate,
     is_marked_nonnegative,
     mark_nonnegative,
+    may_run_in_chunks,
     prefers_factor,
     read_mark,
     stamp_mark,
@@ -136,6 +137,11 @@ class Layer:
         """Tensors the layer holds from one analysis to the next (its weights): the ones of its
         saved context that the relevance pass does not free."""
         return []
+
+    def may_run_in_chunks(self, saved: Any) -> bool:
+        """Whether the relevance step of this saved context may ask how much memory it can use
+        (``ops._layer_rules.transient_budget``)."""
+        return False
 
     def describe_impl(self, planned: str) -> str:
         """The plan's ``op`` column for this layer (``planned`` when the plan was made)."""
@@ -300,6 +306,10 @@ class WeightLayer(Layer):
 
     def constants(self):
         return [t for t in self.params.get() if t is not None]
+
+    def may_run_in_chunks(self, saved) -> bool:
+        name, rule_params = self.rule.op()
+        return may_run_in_chunks(name, rule_params, is_marked_nonnegative(saved[0]))
 
     def describe_impl(self, planned: str) -> str:
         if not self.chosen:
@@ -785,7 +795,10 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 
 def _keep_nonnegative_mark(x: Any, out: Any) -> None:
-    # Pooling and reshaping a tensor known to be ≥ 0 give one that is ≥ 0.
+    # Pooling and reshaping a tensor known to be ≥ 0 give one that is ≥ 0. (A layer that hands
+    # on its input object itself has nothing to mark.)
+    if out is x:
+        return
     if isinstance(x, Tensor) and isinstance(out, Tensor) and is_marked_nonnegative(x):
         mark_nonnegative(out)
 

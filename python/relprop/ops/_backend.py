@@ -19,10 +19,11 @@ import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from relprop import _native
 from relprop.errors import BackendError
 
 BACKENDS = ("reference", "native", "triton", "auto")
@@ -31,9 +32,12 @@ BACKENDS = ("reference", "native", "triton", "auto")
 def forced_backend() -> str | None:
     """The backend named by ``RELPROP_BACKEND``, or None when unset.
 
-    Read on every call (a test or a benchmark may change it between two analyses); asked a few
-    times per layer, so the parse of each value seen is kept.
+    Read afresh by every pass (a test or a benchmark may change it between two analyses), once
+    (:func:`one_pass`); outside a pass on every call. The parse of each value seen is kept.
     """
+    settings = _pass_settings.get()
+    if settings is not None:
+        return settings.backend
     return _parse_backend(os.environ.get("RELPROP_BACKEND", ""))
 
 
@@ -71,14 +75,30 @@ def layer_backend() -> str:
     return "native" if forced in (None, "auto") else forced
 
 
-@contextmanager
-def running_on(backend: str) -> Iterator[None]:
+def running_on(backend: str) -> ContextVarScope:
     """Run the layer ops called inside on ``backend`` (one of reference, native, triton)."""
-    token = _layer_choice.set(backend)
-    try:
-        yield
-    finally:
-        _layer_choice.reset(token)
+    return ContextVarScope(_layer_choice, backend)
+
+
+class ContextVarScope:
+    """A context manager that sets a ``ContextVar`` for its block and restores it after.
+
+    A class, not ``contextlib.contextmanager``: a generator-based one costs about 2 µs to enter
+    and leave, this 0.4, and the engine enters one or two per layer step (host time a GPU waits
+    for, ``benchmarks/test_bench_host.py``).
+    """
+
+    __slots__ = ("_token", "_value", "_variable")
+
+    def __init__(self, variable: ContextVar, value: object) -> None:
+        self._variable = variable
+        self._value = value
+
+    def __enter__(self) -> None:
+        self._token = self._variable.set(self._value)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._variable.reset(self._token)
 
 
 # RELPROP_BACKEND=auto: the choice per layer signature, and what it was based on (seconds).
@@ -188,10 +208,52 @@ def _tracing() -> bool:
 def calls_kernels_directly(first: Any) -> bool:
     """Whether :func:`call_op` calls kernels as functions for an op whose first argument is
     ``first``: plain eager mode (no torch.compile, no dispatch mode, no autograd) on a plain tensor
-    of a CPU or CUDA device."""
+    of a CPU or CUDA device.
+
+    Inside a pass (:func:`one_pass`) the mode and the device were checked once, on the pass's
+    input: every tensor of the pass derives from it and from weights on its device (the
+    analyzers refuse others), under the pass's ``no_grad``, and a dispatch mode or torch.compile
+    is entered around a pass, not inside it. Only the type is checked per call.
+    """
+    settings = _pass_settings.get()
+    if settings is not None:
+        return settings.direct and type(first) in _PLAIN_TENSOR_TYPES
+    return _plain_eager(first)
+
+
+def _plain_eager(first: Any) -> bool:
     if _tracing() or torch.is_grad_enabled():
         return False
     return type(first) in _PLAIN_TENSOR_TYPES and first.device.type in ("cpu", "cuda")
+
+
+class PassSettings(NamedTuple):
+    """What a pass reads once rather than at every op call (:func:`one_pass`)."""
+
+    backend: str | None  # RELPROP_BACKEND, parsed
+    direct: bool  # plain eager mode on the pass's input: kernels are called as functions
+
+
+_pass_settings: ContextVar[PassSettings | None] = ContextVar("relprop_pass", default=None)
+
+
+@contextmanager
+def one_pass(x: Any) -> Iterator[None]:
+    """Read ``RELPROP_BACKEND`` and the eager mode once for a pass over ``x`` (entered under the
+    pass's ``no_grad``).
+
+    Each op call asked both: about 2 µs of environment lookups and mode checks, a few times per
+    layer — on ResNet50 several hundred times per analysis, host time a GPU waits for where its
+    kernels are short (``benchmarks/test_bench_host.py``).
+    """
+    settings = PassSettings(_parse_backend(os.environ.get("RELPROP_BACKEND", "")), _plain_eager(x))
+    token = _pass_settings.set(settings)
+    launch_token = _native.pass_launch_args(x) if settings.direct else None
+    try:
+        yield
+    finally:
+        _native.end_pass_launch_args(launch_token)
+        _pass_settings.reset(token)
 
 
 def call_op(op: Callable[..., Any], kernel: Callable[..., Any], *args: Any) -> Any:

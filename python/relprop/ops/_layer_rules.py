@@ -16,15 +16,15 @@ Two implementations per rule:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import functools
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from relprop.ops._backend import call_op, calls_kernels_directly
+from relprop.ops._backend import ContextVarScope, call_op, calls_kernels_directly
 from relprop.ops.elementwise import (
     COMPUTE_DTYPES,
     product_with_factor,
@@ -85,26 +85,66 @@ class LinearMap:
 
 
 def check_shapes(
-    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, **outputs: Tensor | None
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    relevance: Tensor | None = None,
+    relevance_factor: Tensor | None = None,
+    saved: Sequence[Tensor] = (),
 ) -> None:
-    """Raise ``ValueError`` unless ``x``, ``weight`` and ``bias`` fit and every tensor of
-    ``outputs`` (the relevance, the saved pre-activations, ...) has the layer output's shape.
+    """Raise ``ValueError`` unless ``x``, ``weight`` and ``bias`` fit and the relevance, its
+    factor and every ``saved`` pre-activation have the layer output's shape.
 
     The reference is plain PyTorch, which would broadcast a relevance of batch 1 against an
     input of batch 2 and return a plausible-looking result; the fast paths refuse such a call,
-    and so must the truth they are tested against. Shapes only: no tensor value is read.
+    and so must the truth they are tested against. Shapes only: no tensor value is read. Every
+    layer step of an analysis passes here, so a call that fits does no more than compare shapes
+    (the output shape of a map is cached per input and weight shape).
     """
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    given = {name: tuple(t.shape) for name, t in outputs.items() if t is not None}
     if lin.output_shape is not None:
-        expected = tuple(lin.output_shape(tuple(x.shape), tuple(weight.shape)))
-        source = f"the output's for x {tuple(x.shape)} and weight {tuple(weight.shape)}"
-    elif given:
-        source, expected = next(iter(given.items()))
+        expected = _output_shape(lin.output_shape, x.shape, weight.shape)
     else:
-        return
-    for name, shape in given.items():
+        given = [t for t in (relevance, relevance_factor, *saved) if t is not None]
+        if not given:
+            return
+        expected = tuple(given[0].shape)
+    for t in (relevance, relevance_factor, *saved):
+        if t is not None and t.shape != expected:
+            _refuse_shapes(lin, x, weight, expected, relevance, relevance_factor, saved)
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_shape(
+    output_shape: Callable[[tuple[int, ...], tuple[int, ...]], tuple[int, ...]],
+    x_shape: tuple[int, ...],
+    weight_shape: tuple[int, ...],
+) -> tuple[int, ...]:
+    # A shape that does not fit raises, and lru_cache keeps no exception: asked again, it raises
+    # again.
+    return tuple(output_shape(tuple(x_shape), tuple(weight_shape)))
+
+
+def _refuse_shapes(
+    lin: LinearMap,
+    x: Tensor,
+    weight: Tensor,
+    expected: tuple[int, ...],
+    relevance: Tensor | None,
+    relevance_factor: Tensor | None,
+    saved: Sequence[Tensor],
+) -> None:
+    """The :func:`check_shapes` error naming the first tensor whose shape is not ``expected``."""
+    named = [("relevance", relevance), ("relevance_factor", relevance_factor)]
+    named += [(f"saved[{i}]", t) for i, t in enumerate(saved)]
+    given = [(name, tuple(t.shape)) for name, t in named if t is not None]
+    if lin.output_shape is not None:
+        source = f"the output's for x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+    else:
+        source = given[0][0]
+    for name, shape in given:
         if shape != expected:
             raise ValueError(f"{name} has shape {shape}; {source} is {expected}")
 
@@ -353,10 +393,7 @@ def relevance_reference(
     for ``x ≥ 0``; :data:`INPUT_PRODUCT_RULES`).
     """
     check_rule(rule, params)
-    check_shapes(
-        lin, x, weight, bias, relevance=relevance, relevance_factor=relevance_factor,
-        **{f"saved[{i}]": t for i, t in enumerate(saved)},
-    )  # fmt: skip
+    check_shapes(lin, x, weight, bias, relevance, relevance_factor, saved)
     if relevance_factor is not None:
         relevance = times_factor(relevance, relevance_factor)
     if not times_input:
@@ -618,18 +655,23 @@ _transient_budget: ContextVar[int | Callable[[], int] | None] = ContextVar(
 )
 
 
-@contextmanager
-def transient_budget(nbytes: int | Callable[[], int] | None) -> Iterator[None]:
+def transient_budget(nbytes: int | Callable[[], int] | None) -> ContextVarScope:
     """The bytes a relevance step run inside may allocate at once (None: unknown).
 
     A callable is asked only when a step could run in chunks: working the budget out walks the
     storages the pass holds (about 20 µs a step on ResNet50), which most steps never need.
     """
-    token = _transient_budget.set(nbytes)
-    try:
-        yield
-    finally:
-        _transient_budget.reset(token)
+    return ContextVarScope(_transient_budget, nbytes)
+
+
+def may_run_in_chunks(rule: str, params: Sequence[float], input_nonnegative: bool) -> bool:
+    """Whether :func:`relevance_fast` may ask for a :func:`transient_budget` for ``rule``:
+    α-β with β ≠ 0 on any input, z⁺, α-β and γ on input not known to be ≥ 0 (only the marks
+    are read: an unmarked input counts as mixed-sign). A pass with no such step spares working
+    out what it holds (``graph/program.py``)."""
+    if rule == "alphabeta" and params[1] != 0:
+        return True
+    return rule in ("zplus", "alphabeta", "gamma") and not input_nonnegative
 
 
 def _batch_chunks(x: Tensor, relevance: Tensor) -> list[slice]:
@@ -1169,10 +1211,7 @@ def relevance_by_backend(
         return relevance_reference(lin, x, weight, bias, saved, relevance, rule, params, *extra)
     # As the reference does (shapes only): the fast paths' own errors for a relevance of another
     # batch came from an inner op (relprop::stabilized_divide), naming none of these tensors.
-    check_shapes(
-        lin, x, weight, bias, relevance=relevance, relevance_factor=relevance_factor,
-        **{f"saved[{i}]": t for i, t in enumerate(saved)},
-    )  # fmt: skip
+    check_shapes(lin, x, weight, bias, relevance, relevance_factor, saved)
     if backend == "triton" and x.dtype in TRITON_DTYPES:
         if not times_input:
             # The fused kernel ends with the product with x; c alone is the native path's.

@@ -43,13 +43,9 @@ def _add_relu_native(a: Tensor, b: Tensor) -> Tensor:
     out = torch.empty_like(a)
     if out.numel() == 0:
         return out
-    args = {
-        "numel": out.numel(),
-        "a": _native.pointer(a),
-        "b": _native.pointer(b),
-        "out": _native.pointer(out),
-    }
-    _native.launch("add_relu", a, **args)
+    _native.launch(
+        "add_relu", a, out.numel(), _native.pointer(a), _native.pointer(b), _native.pointer(out)
+    )
     return out
 
 

@@ -47,14 +47,8 @@ def _bias_relu_native(z: Tensor, bias: Tensor) -> None:
     rows = samples * channels
     if rows == 0 or z.numel() == 0:
         return
-    args = {
-        "rows": rows,
-        "channels": channels,
-        "inner": z.numel() // rows,
-        "z": _native.pointer(z),
-        "bias": _native.pointer(bias),
-    }
-    _native.launch("bias_relu", z, **args)
+    inner = z.numel() // rows
+    _native.launch("bias_relu", z, rows, channels, inner, _native.pointer(z), _native.pointer(bias))
 
 
 def _refuse(z: Tensor, bias: Tensor) -> None:

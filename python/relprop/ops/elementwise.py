@@ -196,37 +196,37 @@ def _stabilized_divide_native(
     out = torch.empty_like(numerator) if out is None else out
     if out.numel() == 0:
         return out
-    args = {
-        "numel": out.numel(),
-        "numerator": _native.pointer(numerator),
+    bias_address, channels, inner = _bias_args(denominator_bias, numerator)
+    _native.launch(
+        "stabilized_divide",
+        numerator,
+        out.numel(),
+        _native.pointer(numerator),
         # Address 0: nothing is added to the numerator.
-        "numerator_addend": 0 if numerator_addend is None else _native.pointer(numerator_addend),
+        0 if numerator_addend is None else _native.pointer(numerator_addend),
         # Address 0: no factor, the numerator is taken as it is.
-        "factor": 0 if factor is None else _native.pointer(factor),
-        "denominator": _native.pointer(denominator),
-        **_bias_args(denominator_bias, numerator),
-        "epsilon": float(epsilon),
-        "scale": float(scale),
+        0 if factor is None else _native.pointer(factor),
+        _native.pointer(denominator),
+        bias_address,
+        channels,
+        inner,
+        float(epsilon),
+        float(scale),
         # Address 0 with sign 0: the kernels never read the reference then.
-        "sign_reference": 0 if sign_reference is None else _native.pointer(sign_reference),
-        "sign": 0 if sign_reference is None else int(sign),
-        "out": _native.pointer(out),
-    }
-    _native.launch("stabilized_divide", numerator, **args)
+        0 if sign_reference is None else _native.pointer(sign_reference),
+        0 if sign_reference is None else int(sign),
+        _native.pointer(out),
+    )
     return out
 
 
-def _bias_args(bias: Tensor | None, like: Tensor) -> dict[str, int]:
+def _bias_args(bias: Tensor | None, like: Tensor) -> tuple[int, int, int]:
     """The native kernels' ``denominator_bias``, ``channels`` and ``inner`` (address 0: none) for
     a contiguous ``bias``."""
     if bias is None:
-        return {"denominator_bias": 0, "channels": 1, "inner": 1}
+        return 0, 1, 1
     rows = like.shape[0] * like.shape[1]
-    return {
-        "denominator_bias": _native.pointer(bias),
-        "channels": like.shape[1],
-        "inner": like.numel() // rows,
-    }
+    return _native.pointer(bias), like.shape[1], like.numel() // rows
 
 
 # ---------------------------------------------------------------------------------------------

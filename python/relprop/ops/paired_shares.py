@@ -119,25 +119,26 @@ def _paired_shares_native(
     if out.numel() == 0:
         return out
     samples = relevance.shape[0]
-    args = {
-        "samples": samples,
-        "inner": relevance.numel() // samples,
-        "relevance": _native.pointer(relevance),
+    _native.launch(
+        "paired_shares",
+        relevance,
+        samples,
+        relevance.numel() // samples,  # inner
+        _native.pointer(relevance),
         # Address 0: no factor, the relevance is taken as it is.
-        "factor": 0 if factor is None else _native.pointer(factor),
-        "z": _native.pointer(z),
-        "zp": _native.pointer(zp),
+        0 if factor is None else _native.pointer(factor),
+        _native.pointer(z),
+        _native.pointer(zp),
         # Address 0: zp is taken as it is.
-        "zp_bias": 0 if zp_bias is None else _native.pointer(zp_bias),
-        "channels": relevance.shape[1],
-        "epsilon": float(epsilon),
-        "scale": float(scale),
-        "second_scale": float(second_scale),
-        "z_weight": float(z_weight),
-        "sign_masks": bool(sign_masks),
-        "out": _native.pointer(out),
-    }
-    _native.launch("paired_shares", relevance, **args)
+        0 if zp_bias is None else _native.pointer(zp_bias),
+        relevance.shape[1],  # channels
+        float(epsilon),
+        float(scale),
+        float(second_scale),
+        float(z_weight),
+        bool(sign_masks),
+        _native.pointer(out),
+    )
     return out
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from relprop import _native
+from relprop.ops._backend import call_op
 from relprop.ops._layer_rules import divide, times_factor
 
 IntOrPair = Union[int, Sequence[int]]
@@ -201,7 +202,7 @@ def _(relevance, indices, input_size):
 
 
 @max_pool_relevance_op.register_kernel(("cpu", "cuda"))
-def _(relevance, indices, input_size):
+def max_pool_relevance_kernel(relevance, indices, input_size):
     if not _native.runs_native(relevance) or len(input_size) not in (1, 2):
         return max_pool_relevance_reference(relevance, indices, input_size)
     return _max_pool_native(relevance, indices, input_size)
@@ -232,7 +233,7 @@ def _(x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad, 
 
 
 @avg_pool2d_relevance_op.register_kernel(("cpu", "cuda"))
-def _(x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
+def avg_pool2d_relevance_kernel(x, relevance, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
       stabilizer):  # fmt: skip
     if not _native.runs_native(x) or relevance.dtype != x.dtype:
         return avg_pool2d_relevance_reference(
@@ -270,7 +271,7 @@ def _(x, relevance, output_size, stabilizer):
 
 
 @adaptive_avg_pool2d_relevance_op.register_kernel(("cpu", "cuda"))
-def _(x, relevance, output_size, stabilizer):
+def adaptive_avg_pool2d_relevance_kernel(x, relevance, output_size, stabilizer):
     if not _native.runs_native(x) or relevance.dtype != x.dtype:
         return adaptive_avg_pool2d_relevance_reference(x, relevance, output_size, stabilizer)
     module = _native.native()
@@ -333,7 +334,9 @@ def max_pool_relevance(relevance: Tensor, indices: Tensor, input_shape: Sequence
             f"max_pool_relevance: indices {tuple(indices.shape)} and relevance "
             f"{tuple(relevance.shape)} differ in shape"
         )
-    return max_pool_relevance_op(relevance, indices, list(input_shape[2:]))
+    return call_op(
+        max_pool_relevance_op, max_pool_relevance_kernel, relevance, indices, list(input_shape[2:])
+    )
 
 
 def avg_pool_relevance(
@@ -373,7 +376,8 @@ def avg_pool_relevance(
         ),
     )
     _check_relevance_shape(relevance, expected, "avg_pool_relevance")
-    out = avg_pool2d_relevance_op(
+    out = call_op(
+        avg_pool2d_relevance_op, avg_pool2d_relevance_kernel,
         x, relevance, kernel, strides, pads, bool(ceil_mode), bool(count_include_pad),
         divisor_override, float(stabilizer),
     )  # fmt: skip
@@ -409,5 +413,8 @@ def adaptive_avg_pool_relevance(
         resolved = [1, resolved[0]]
         x, relevance = x.unsqueeze(2), relevance.unsqueeze(2)
     _check_relevance_shape(relevance, (*x.shape[:2], *resolved), "adaptive_avg_pool_relevance")
-    out = adaptive_avg_pool2d_relevance_op(x, relevance, resolved, float(stabilizer))
+    out = call_op(
+        adaptive_avg_pool2d_relevance_op, adaptive_avg_pool2d_relevance_kernel,
+        x, relevance, resolved, float(stabilizer),
+    )  # fmt: skip
     return out.squeeze(2) if one_d else out

@@ -1,0 +1,206 @@
+"""The engine's shortcuts for host time are exact: each gives what the long way gives.
+
+On a GPU the host issues every kernel, and where kernels are short (ResNet50's late layers) the
+device waits for it; ``benchmarks/test_bench_host.py`` measures the host time per analysis. The
+shortcuts taken for it are checked here against the long way as the oracle: torch's own module
+walk, ``fx.node.map_arg``, a chunking step always finding a memory budget, a parametrized weight
+read as the module computes it, and ``RELPROP_BACKEND`` read at the pass's start.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torchvision
+from tests.oracles.nets import bn_sequential, seeded_normal, small_resnet, tiny_cnn
+from torch import fx, nn
+
+import relprop
+from relprop import _native
+from relprop.graph import program as program_module
+from relprop.graph.program import _argument_reader
+from relprop.graph.trace import submodules
+from relprop.ops import _backend, _layer_rules
+
+LRP_NAMES = [
+    name
+    for name in relprop.analyzer_names()
+    if name.startswith(("lrp", "deep_taylor")) and name != "lrp"
+]
+
+
+def _models_to_walk() -> list[nn.Module]:
+    shared = nn.Linear(3, 3)
+    with_shared = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared, nn.Tanh()), shared)
+    with_none = nn.Sequential(nn.Linear(3, 3))
+    with_none.register_module("missing", None)
+    with_none.add_module("tail", nn.Sequential(nn.Identity(), nn.Sequential(nn.ReLU())))
+    return [torchvision.models.resnet18(), torchvision.models.googlenet(init_weights=False),
+            with_shared, with_none, nn.Linear(2, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_submodules_walk_as_torch_does(index):
+    # Same objects in the same order as nn.Module.modules(): each once, None children left out.
+    model = _models_to_walk()[index]
+    walked = submodules(model)
+    expected = list(model.modules())
+    assert len(walked) == len(expected)
+    assert all(a is b for a, b in zip(walked, expected))
+
+
+class _Arguments(nn.Module):
+    """Calls with flat, nested, keyword and slice arguments, as traced models have them."""
+
+    def forward(self, x):
+        a = x.relu()
+        b = torch.cat([a, x], dim=1)
+        c = b[:, 1:3]
+        d = b[:, : x.shape[1]]
+        e = torch.add(c, d, alpha=2.0)
+        f = operator.mul(e, 3.0)
+        g = e.reshape(e.shape[0], -1)
+        h = torch.stack((f.flatten(1), g), 0)
+        return h.sum(dim=(0,), keepdim=False)
+
+
+def test_argument_reader_gives_what_map_arg_gives():
+    gm = fx.symbolic_trace(_Arguments())
+    values = {node.name: object() for node in gm.graph.nodes}
+    checked = 0
+    for node in gm.graph.nodes:
+        args, kwargs = _argument_reader(node.args, node.kwargs)(values)
+        expected_args = fx.node.map_arg(node.args, lambda n: values[n.name])
+        expected_kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n.name])
+        assert args == expected_args and type(args) is tuple, node.format_node()
+        assert kwargs == expected_kwargs, node.format_node()
+        checked += bool(node.args)
+    assert checked >= 8
+
+
+def _inputs() -> list[tuple[nn.Module, torch.Tensor]]:
+    return [
+        (tiny_cnn(seed=2).double(), seeded_normal((2, 3, 9, 8), seed=5)),
+        (tiny_cnn(seed=2).double(), seeded_normal((2, 3, 9, 8), seed=5).abs()),
+        (bn_sequential(seed=3).double(), seeded_normal((2, 3, 8, 8), seed=6)),
+        (small_resnet(seed=4).double(), seeded_normal((2, 3, 32, 32), seed=7)),
+    ]
+
+
+@pytest.mark.parametrize("name", LRP_NAMES)
+def test_every_step_that_may_chunk_finds_a_budget(monkeypatch, name):
+    """A pass works out what it holds only where a step may ask (α-β, or z⁺/α-β/γ on input not
+    marked ≥ 0): every step that asks must find a budget (a pass that skipped the work would
+    hand it none, and the step would split as far as it may: 8 chunks). Chunking is forced on
+    for every size, so every step that can ask does."""
+    monkeypatch.setattr(_layer_rules, "_CHUNK_MIN_BYTES", 1)
+    asked = []
+    batch_chunks = _layer_rules._batch_chunks
+
+    def checked(x, relevance):
+        budget = _layer_rules._transient_budget.get()
+        assert budget is not None, f"{name}: a step asked for a budget the pass did not work out"
+        asked.append(budget)
+        return batch_chunks(x, relevance)
+
+    monkeypatch.setattr(_layer_rules, "_batch_chunks", checked)
+    held = []
+    held_bytes = program_module._HeldBytes
+
+    def counting(*args):
+        held.append(True)
+        return held_bytes(*args)
+
+    monkeypatch.setattr(program_module, "_HeldBytes", counting)
+    for model, x in _inputs():
+        kwargs = {"low": -3.0, "high": 3.0} if "bounded" in name or "box" in name else {}
+        try:
+            analyzer = relprop.create_analyzer(name, model, **kwargs)
+        except TypeError:
+            analyzer = relprop.create_analyzer(name, model)
+        analyzer.analyze(x, neuron_selection=[1, 2])
+    # The pass counts its memory at most once per analysis, and only where a step could ask.
+    assert len(held) <= len(_inputs())
+    if asked:
+        assert held
+
+
+def test_an_epsilon_pass_on_a_relu_net_does_not_count_its_memory(monkeypatch):
+    # ε never chunks: the walk over the saved storages would be host time for nothing.
+    calls = []
+    held_bytes = program_module._HeldBytes
+    monkeypatch.setattr(
+        program_module, "_HeldBytes", lambda *args: calls.append(1) or held_bytes(*args)
+    )
+    model, x = small_resnet(seed=4).double(), seeded_normal((2, 3, 32, 32), seed=7)
+    relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    relprop.create_analyzer("lrp.epsilon_gamma_box", model, low=-3.0, high=3.0).analyze(x)
+    assert calls == []
+    relprop.create_analyzer("lrp.alpha_2_beta_1", model).analyze(x)
+    assert calls == [1]
+
+
+def test_a_parametrized_convolution_before_a_batchnorm_folds_its_weight_as_it_is_now():
+    """The fold reads a plain parameter from the module's dicts; a parametrized weight (computed
+    on access) is read as an attribute. Oracle: the same model with that weight as a plain
+    parameter."""
+    model = bn_sequential(seed=8).double()
+    nn.utils.parametrizations.weight_norm(model[0])
+    with torch.no_grad():
+        model[0].parametrizations.weight.original0.mul_(1.5)  # a training step, say
+    plain = bn_sequential(seed=8).double()
+    with torch.no_grad():
+        plain[0].weight.copy_(model[0].weight)
+    x = seeded_normal((2, 3, 8, 8), seed=9)
+    for name in ["lrp.epsilon", "lrp.alpha_2_beta_1"]:
+        expected = relprop.create_analyzer(name, plain).analyze(x, neuron_selection=[0, 3])
+        actual = relprop.create_analyzer(name, model).analyze(x, neuron_selection=[0, 3])
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_the_backend_is_read_as_a_pass_begins(monkeypatch):
+    monkeypatch.setenv("RELPROP_BACKEND", "reference")
+    x = torch.ones(2, 3)
+    with torch.no_grad(), _backend.one_pass(x):
+        monkeypatch.setenv("RELPROP_BACKEND", "native")
+        assert _backend.forced_backend() == "reference"
+        assert _backend.layer_backend() == "reference"
+        assert _backend.calls_kernels_directly(x)
+    assert _backend.forced_backend() == "native"
+
+
+def test_a_pass_under_a_dispatch_mode_goes_through_the_ops():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x = torch.ones(2, 3)
+    with torch.no_grad(), Passthrough(), _backend.one_pass(x):
+        assert not _backend.calls_kernels_directly(x)
+    with torch.enable_grad(), _backend.one_pass(x):
+        assert not _backend.calls_kernels_directly(x)
+
+
+def test_a_cpu_pass_fixes_no_cuda_launch_arguments():
+    assert _native.pass_launch_args(torch.ones(2)) is None
+    _native.end_pass_launch_args(None)
+
+
+@pytest.mark.gpu
+def test_a_pass_launches_on_the_stream_current_as_it_begins():
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    model = small_resnet(seed=4).cuda()
+    expected = relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with torch.no_grad(), _backend.one_pass(x):
+            args = _native.cuda_launch_args(x)
+        assert args["stream"] == side.cuda_stream
+        on_side = relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(on_side, expected, rtol=0, atol=0)
