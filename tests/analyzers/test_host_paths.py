@@ -204,3 +204,95 @@ def test_a_pass_launches_on_the_stream_current_as_it_begins():
         on_side = relprop.create_analyzer("lrp.epsilon", model).analyze(x)
     torch.cuda.current_stream().wait_stream(side)
     torch.testing.assert_close(on_side, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_batchnorm_scales_and_shifts_concatenated_match_per_tensor_and_float64(dtype):
+    """The fold computes all BatchNorms' ``γ/√(σ² + ε)`` and ``β − μ·scale`` as one pass over
+    their concatenated statistics (or by multi-tensor ops where dtypes, devices or ε differ):
+    bitwise the same as the per-tensor ops, and within a rounding of the float64 values."""
+    from relprop.graph import canonize
+
+    model = small_resnet(seed=11).to(dtype)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    statistics = [[getattr(bn, n) for bn in bns] for n in ("running_var", "weight", "bias")]
+    statistics.append([bn.running_mean for bn in bns])
+    eps = bns[0].eps
+    with torch.no_grad():
+        scales, shifts = canonize._scales_and_shifts(bns)
+        per_tensor = canonize._multi_tensor_scales_and_shifts(*statistics, [bn.eps for bn in bns])
+        bns[0].eps = 2e-5  # another ε: the multi-tensor ops run
+        mixed_scales, _ = canonize._scales_and_shifts(bns)
+    for scale, shift, scale_t, shift_t, bn in zip(scales, shifts, *per_tensor, bns):
+        assert torch.equal(scale, scale_t) and torch.equal(shift, shift_t)
+        var, gamma = bn.running_var.double(), bn.weight.double()
+        expected_scale = gamma / torch.sqrt(var + eps)
+        expected_shift = bn.bias.double() - bn.running_mean.double() * expected_scale
+        tolerance = {"rtol": 4e-7, "atol": 1e-7} if dtype == torch.float32 else {}
+        torch.testing.assert_close(scale.double(), expected_scale, **tolerance)
+        torch.testing.assert_close(shift.double(), expected_shift, **tolerance)
+    expected_first = bns[0].weight.double() / torch.sqrt(bns[0].running_var.double() + 2e-5)
+    torch.testing.assert_close(mixed_scales[0].double(), expected_first, rtol=4e-7, atol=1e-7)
+
+
+class _IdentityHeavy(nn.Module):
+    """Identity modules, a dropout and a fused ReLU, one identity read twice and one at the end:
+    steps a program skips (their users read the input itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(12)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.same = nn.Identity()
+        self.drop = nn.Dropout(0.5)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 8 * 8, 4)
+        self.tail = nn.Identity()
+
+    def forward(self, x):
+        a = self.same(self.relu(self.bn(self.conv(x))))
+        b = self.conv2(self.drop(a)) + a
+        return self.tail(self.fc(torch.flatten(self.same(b), 1)))
+
+
+@pytest.mark.parametrize(
+    "name", ["lrp.epsilon", "lrp.z_plus", "lrp.alpha_2_beta_1", "lrp.epsilon_gamma_box"]
+)
+@pytest.mark.parametrize("model_index", range(3))
+def test_skipped_steps_change_nothing(monkeypatch, name, model_index):
+    """Oracle: the same analysis with every step run, the skipped ones included."""
+    model, x = [
+        (_IdentityHeavy().double().eval(), seeded_normal((2, 3, 8, 8), seed=13)),
+        (small_resnet(seed=4).double(), seeded_normal((2, 3, 32, 32), seed=7)),
+        (bn_sequential(seed=3).double(), seeded_normal((2, 3, 8, 8), seed=6)),
+    ][model_index]
+    kwargs = {"low": -3.0, "high": 3.0} if "box" in name else {}
+    analyzer = relprop.create_analyzer(name, model, **kwargs)
+    skipping = analyzer.analyze(x, neuron_selection=[1, 2])
+    skipped = analyzer._get_program()._source
+    assert skipped, "nothing was skipped"
+    monkeypatch.setattr(program_module, "_hands_on_its_input", lambda step: False)
+    every_step = relprop.create_analyzer(name, model, **kwargs)
+    assert not every_step._get_program()._source
+    assert torch.equal(every_step.analyze(x, neuron_selection=[1, 2]), skipping)
+
+
+def test_the_host_benchmark_runs_resnet50s_steps():
+    """``benchmarks/test_bench_host.py`` times ResNet50's host work on a narrow copy: it must have
+    torchvision ResNet50's modules (types, in order) and relprop's plan for it the same steps
+    (kinds, rules, ops), so that only the kernels' sizes differ."""
+    from tests._benchmarks import load_benchmark
+
+    pytest.importorskip("pytest_benchmark")
+    bench = load_benchmark("test_bench_host.py")
+    narrow = bench.narrow_resnet50()
+    full = torchvision.models.resnet50().eval()
+    assert [type(m) for m in narrow.modules()] == [type(m) for m in full.modules()]
+    widths = [m.out_channels for m in narrow.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [m.out_channels // 16 for m in full.modules() if isinstance(m, nn.Conv2d)]
+    for method in bench.METHODS:
+        plans = [bench._analyzer(method, model).plan for model in (narrow, full)]
+        rows = [[(s.kind, str(s.rule), s.impl) for s in plan.steps] for plan in plans]
+        assert rows[0] == rows[1], method

@@ -90,10 +90,10 @@ def fold_all(folds: list[FoldedParameters]) -> None:
     """Fold every layer afresh for a new pass (under ``torch.no_grad``: the pass's).
 
     A layer followed by one affine BatchNorm (every torchvision model's) gets its per-channel
-    scale ``γ/√(σ² + ε)`` and shift ``β − μ·scale`` from a few multi-tensor launches shared by
-    all such layers (``torch._foreach_*``), then one product for its weight (and one for its
-    bias): on ResNet50 about 60 launches per pass instead of eight per layer. Other layers fold
-    on their own when first used.
+    scale ``γ/√(σ² + ε)`` and shift ``β − μ·scale`` from a few launches shared by all such
+    layers (:func:`_scales_and_shifts`), then one product for its weight (and one for its bias):
+    on ResNet50 about 60 launches per pass instead of eight per layer. Other layers fold on
+    their own when first used.
 
     Host time counts here (on a GPU the device waits for it at the start of every analysis):
     the modules' tensors are read without ``nn.Module.__getattr__`` where they are plain
@@ -107,19 +107,7 @@ def fold_all(folds: list[FoldedParameters]) -> None:
             batched.append(fold)
     if not batched:
         return
-    bns = [f.batch_norms[0] for f in batched]
-    scales = torch._foreach_add(
-        [_tensor_of(bn, "running_var") for bn in bns], [bn.eps for bn in bns]
-    )
-    torch._foreach_sqrt_(scales)
-    torch._foreach_reciprocal_(scales)
-    torch._foreach_mul_(scales, [_tensor_of(bn, "weight") for bn in bns])
-    shifts = torch._foreach_addcmul(
-        [_tensor_of(bn, "bias") for bn in bns],
-        [_tensor_of(bn, "running_mean") for bn in bns],
-        scales,
-        -1,
-    )
+    scales, shifts = _scales_and_shifts([f.batch_norms[0] for f in batched])
     for fold, scale, shift in zip(batched, scales, shifts):
         source = _tensor_of(fold.layer, "weight")
         scale_view = scale.view((-1,) + (1,) * (source.dim() - 1))
@@ -127,6 +115,48 @@ def fold_all(folds: list[FoldedParameters]) -> None:
         bias = _tensor_of(fold.layer, "bias")
         bias = shift if bias is None else torch.addcmul(shift, bias, scale)
         fold.keep(weight, bias, folded=True)
+
+
+def _scales_and_shifts(bns: list[nn.Module]) -> tuple[list[Tensor], list[Tensor]]:
+    """Each affine BatchNorm's ``γ/√(σ² + ε)`` and ``β − μ·scale``, computed for all at once.
+
+    Where they share a dtype, a device and ε (every torchvision model), the statistics are
+    concatenated and each formula is one element-wise pass over all channels, then split into
+    views: on the CPU a multi-tensor (``torch._foreach_*``) op runs one kernel per tensor, 0.7 ms
+    per ResNet50 pass for its five ops, against 0.05 for these ten. Otherwise the multi-tensor ops
+    (one launch each on CUDA). Both compute ``1/√(σ² + ε)`` as a root and a reciprocal, and the
+    same roundings in the same order: bitwise the same scales.
+    """
+    names = ("running_var", "weight", "bias", "running_mean")
+    var, gamma, beta, mean = ([_tensor_of(bn, name) for bn in bns] for name in names)
+    dtype, device = var[0].dtype, var[0].get_device()  # get_device: an int, no torch.device
+    uniform = len({bn.eps for bn in bns}) == 1 and all(
+        t.dtype == dtype and t.get_device() == device and t.dim() == 1
+        for tensors in (var, gamma, beta, mean)
+        for t in tensors
+    )
+    if uniform:
+        return _concatenated_scales_and_shifts(var, gamma, beta, mean, bns[0].eps)
+    return _multi_tensor_scales_and_shifts(var, gamma, beta, mean, [bn.eps for bn in bns])
+
+
+def _concatenated_scales_and_shifts(
+    var: list[Tensor], gamma: list[Tensor], beta: list[Tensor], mean: list[Tensor], eps: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    sizes = [t.shape[0] for t in var]
+    scale = torch.cat(var).add_(eps).sqrt_().reciprocal_().mul_(torch.cat(gamma))
+    shift = torch.addcmul(torch.cat(beta), torch.cat(mean), scale, value=-1)
+    return list(scale.split(sizes)), list(shift.split(sizes))
+
+
+def _multi_tensor_scales_and_shifts(
+    var: list[Tensor], gamma: list[Tensor], beta: list[Tensor], mean: list[Tensor], eps: list
+) -> tuple[list[Tensor], list[Tensor]]:
+    scales = torch._foreach_add(var, eps)
+    torch._foreach_sqrt_(scales)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, gamma)
+    return scales, torch._foreach_addcmul(beta, mean, scales, -1)
 
 
 def _tensor_of(owner: object, name: str) -> Tensor | None:

@@ -372,6 +372,12 @@ class WeightLayer(Layer):
         return [r if times_input else InputProduct(donate(r), x)]
 
 
+def identity(x: Any, *args: Any, **kwargs: Any) -> Any:
+    """A step that hands on its first argument: a BatchNorm folded into the layer before it, a
+    ReLU fused into it, an identity module."""
+    return x
+
+
 class PassLayer(Layer):
     """Element-wise layers (activations, dropout, identities, unfoldable BatchNorm, scaling by a
     constant): relevance goes through unchanged to the one tensor argument."""
@@ -387,6 +393,17 @@ class PassLayer(Layer):
 
     # Relevance passes through untouched, whatever its form.
     takes_input_product = True
+
+    @property
+    def hands_on_its_input(self) -> bool:
+        """Whether the step's value is its first argument and its relevance goes there whole:
+        a program can skip it and let its users read its input (``graph/program.py``)."""
+        return (
+            type(self) is PassLayer
+            and self.fn is identity
+            and self.live_index == 0
+            and not self.nonnegative_output
+        )
 
     def forward(self, args, kwargs):
         out = self.fn(*args, **kwargs)

@@ -1244,8 +1244,7 @@ def _group_norm_function_arguments(args: tuple, kwargs: dict) -> L.GroupNormArgu
     )
 
 
-def _identity(x, *args, **kwargs):
-    return x
+_identity = L.identity
 
 
 def _batch_norm_eval(bn: nn.Module):

@@ -58,20 +58,20 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 def submodules(model: nn.Module) -> list[nn.Module]:
     """``list(model.modules())``: every module once, ``model`` first, depth first in the order of
-    ``named_modules``, at a fifth of its cost (no path strings are built). Every analysis walks
-    the model a few times (train/eval flags, hooks, the trace's modules): on ResNet50 the walks
-    of ``named_modules`` took 1 ms of host time per call."""
-    seen: set[int] = set()
+    ``named_modules``, without building the path strings: 46 µs against 110 on a ResNet50's 151
+    modules (one CPU thread), and every analysis walks the model a few times (train/eval flags,
+    hooks, the trace's modules)."""
     found: list[nn.Module] = []
-    stack = [model]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
+    seen: set[nn.Module] = set()  # as named_modules' memo: by the modules' own hash
+
+    def visit(module: nn.Module) -> None:
         found.append(module)
-        children = [child for child in module._modules.values() if child is not None]
-        stack.extend(reversed(children))
+        seen.add(module)
+        for child in module._modules.values():
+            if child is not None and child not in seen:
+                visit(child)
+
+    visit(model)
     return found
 
 

@@ -215,9 +215,8 @@ def conv2d_relevance(
 
 @conv2d_forward.register_kernel(("cpu", "cuda"))
 def forward_kernel(x, weight, bias, stride, padding, dilation, groups, rule, params):
-    geometry = (list(stride), list(padding), list(dilation), groups)
-
     def triton_forward():
+        geometry = (list(stride), list(padding), list(dilation), groups)
         launch = _triton_kernels().conv2d_forward
         return lambda x, w, b, rule, params: launch(x, w, b, *geometry, rule, params)
 
@@ -238,9 +237,8 @@ def relevance_kernel(
     x, weight, bias, saved, relevance, stride, padding, dilation, groups, rule, params,
     relevance_factor=None, times_input=True,
 ):  # fmt: skip
-    geometry = (list(stride), list(padding), list(dilation), groups)
-
     def triton_relevance():
+        geometry = (list(stride), list(padding), list(dilation), groups)
         launch = _triton_kernels().conv2d_relevance
         return lambda x, w, b, saved, r, rule, params: launch(
             x, w, b, saved, r, *geometry, rule, params
