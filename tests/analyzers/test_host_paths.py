@@ -296,3 +296,33 @@ def test_the_host_benchmark_runs_resnet50s_steps():
         plans = [bench._analyzer(method, model).plan for model in (narrow, full)]
         rows = [[(s.kind, str(s.rule), s.impl) for s in plan.steps] for plan in plans]
         assert rows[0] == rows[1], method
+
+
+def test_each_weight_is_folded_in_its_own_step():
+    """On a GPU the device waits for whatever the host launches before the first layer: each
+    layer's BatchNorm product is made when its step asks for its weight, between the layers
+    before it. Counted on the ops dispatched: one fold product before the first convolution (the
+    first layer's own), one per folded layer in all."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Order(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model, x = small_resnet(seed=4).double(), seeded_normal((2, 3, 32, 32), seed=7)
+    analyzer = relprop.create_analyzer("lrp.epsilon", model)
+    analyzer.analyze(x)  # the trace, and weight buffers to fold into
+    with Order() as order:
+        analyzer.analyze(x)
+    folded = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    first_convolution = next(
+        i for i, n in enumerate(order.names) if "convolution" in n or "conv2d_forward" in n
+    )
+    products = [i for i, n in enumerate(order.names) if n == "aten.mul.out"]
+    assert len(products) == folded
+    assert sum(i < first_convolution for i in products) == 1

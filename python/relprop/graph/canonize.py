@@ -37,6 +37,8 @@ class FoldedParameters:
         self.layer = layer
         self.batch_norms = list(batch_norms or [])
         self._value: tuple[Tensor, Tensor | None] | None = None
+        # The BatchNorm's scale and shift for this pass (fold_all), until the weight is folded.
+        self._pending: tuple[Tensor, Tensor] | None = None
         # The previous pass's derived weights and folded weight (None for an alias): memory the
         # next pass reuses.
         self._store: DerivedWeights | None = None
@@ -46,6 +48,12 @@ class FoldedParameters:
         """Drop the folded tensors: the next :meth:`get` reads the parameters again (and looks
         them up on the modules again: a parameter may have been replaced between passes)."""
         self._value = None
+        self._pending = None
+
+    def fold_later(self, scale: Tensor, shift: Tensor) -> None:
+        """Fold the one BatchNorm's per-channel ``scale`` and ``shift`` (computed for all layers
+        at once, :func:`fold_all`) into the weight when :meth:`get` first asks for it."""
+        self._pending = (scale, shift)
 
     def keep(self, weight: Tensor, bias: Tensor | None, folded: bool) -> None:
         """Hold ``(weight, bias)`` for the rest of the pass; ``folded``: ``weight`` is relprop's
@@ -67,8 +75,20 @@ class FoldedParameters:
     def get(self) -> tuple[Tensor, Tensor | None]:
         """The (weight, bias) to use, detached from autograd."""
         if self._value is None:
-            self.keep(*self._fold(), folded=bool(self.batch_norms))
+            if self._pending is not None:
+                self._fold_pending()
+            else:
+                self.keep(*self._fold(), folded=bool(self.batch_norms))
         return self._value
+
+    def _fold_pending(self) -> None:
+        scale, shift = self._pending
+        self._pending = None
+        source = _tensor_of(self.layer, "weight")
+        scale_view = scale.view((-1,) + (1,) * (source.dim() - 1))
+        weight = torch.mul(source, scale_view, out=self.weight_buffer(source))
+        bias = _tensor_of(self.layer, "bias")
+        self.keep(weight, shift if bias is None else torch.addcmul(shift, bias, scale), True)
 
     def _fold(self) -> tuple[Tensor, Tensor | None]:
         weight = self.layer.weight.detach()
@@ -91,9 +111,11 @@ def fold_all(folds: list[FoldedParameters]) -> None:
 
     A layer followed by one affine BatchNorm (every torchvision model's) gets its per-channel
     scale ``γ/√(σ² + ε)`` and shift ``β − μ·scale`` from a few launches shared by all such
-    layers (:func:`_scales_and_shifts`), then one product for its weight (and one for its bias):
-    on ResNet50 about 60 launches per pass instead of eight per layer. Other layers fold on
-    their own when first used.
+    layers (:func:`_scales_and_shifts`), then one product for its weight (and one for its bias)
+    when its step first asks for them (:meth:`FoldedParameters.get`): on a GPU that product is
+    launched between the layers before it, while the device works on them, not before the first
+    layer while it waits (53 products on ResNet50). Other layers fold on their own when first
+    used.
 
     Host time counts here (on a GPU the device waits for it at the start of every analysis):
     the modules' tensors are read without ``nn.Module.__getattr__`` where they are plain
@@ -109,12 +131,7 @@ def fold_all(folds: list[FoldedParameters]) -> None:
         return
     scales, shifts = _scales_and_shifts([f.batch_norms[0] for f in batched])
     for fold, scale, shift in zip(batched, scales, shifts):
-        source = _tensor_of(fold.layer, "weight")
-        scale_view = scale.view((-1,) + (1,) * (source.dim() - 1))
-        weight = torch.mul(source, scale_view, out=fold.weight_buffer(source))
-        bias = _tensor_of(fold.layer, "bias")
-        bias = shift if bias is None else torch.addcmul(shift, bias, scale)
-        fold.keep(weight, bias, folded=True)
+        fold.fold_later(scale, shift)
 
 
 def _scales_and_shifts(bns: list[nn.Module]) -> tuple[list[Tensor], list[Tensor]]:
