@@ -2,7 +2,9 @@
 
 No hooks and no autograd graph: each step's forward saves only what its rule needs, the
 relevance pass walks the steps in reverse and frees each step's saved tensors as soon as it is
-done with them. Relevance reaching one node along several paths (residual branches) adds up.
+done with them. Steps that only hand on their input (a BatchNorm folded into the layer before
+it, a ReLU fused into it, an identity) are in the plan but not run: their users read the input
+itself, and relevance goes to it directly. Relevance reaching one node along several paths (residual branches) adds up.
 Between layers relevance may travel unformed, as ``coefficient · factor``
 (:class:`~relprop.graph.layers.InputProduct`): the layer below forms it inside its division; a
 layer that cannot gets it formed first.
