@@ -21,7 +21,7 @@ import relprop
 from relprop import _native
 from relprop.graph import program as program_module
 from relprop.graph.program import _argument_reader
-from relprop.graph.trace import submodules
+from relprop.graph.trace import named_submodules, submodules
 from relprop.ops import _backend, _layer_rules
 
 LRP_NAMES = [
@@ -43,12 +43,16 @@ def _models_to_walk() -> list[nn.Module]:
 
 @pytest.mark.parametrize("index", range(5))
 def test_submodules_walk_as_torch_does(index):
-    # Same objects in the same order as nn.Module.modules(): each once, None children left out.
+    # Same objects (and paths) in the same order as nn.Module.modules() (named_modules()): each
+    # once, None children left out.
     model = _models_to_walk()[index]
     walked = submodules(model)
     expected = list(model.modules())
     assert len(walked) == len(expected)
     assert all(a is b for a, b in zip(walked, expected))
+    named, expected_named = named_submodules(model), list(model.named_modules())
+    assert [path for path, _ in named] == [path for path, _ in expected_named]
+    assert all(a is b for (_, a), (_, b) in zip(named, expected_named))
 
 
 class _Arguments(nn.Module):

@@ -56,35 +56,45 @@ def unwrapped(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def submodules(model: nn.Module) -> list[nn.Module]:
-    """``list(model.modules())``: every module once, ``model`` first, depth first in the order of
-    ``named_modules``, without building the path strings: 46 µs against 110 on a ResNet50's 151
-    modules (one CPU thread), and every analysis walks the model a few times (train/eval flags,
-    hooks, the trace's modules)."""
-    found: list[nn.Module] = []
+def named_submodules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())``: every module once with its path, ``model`` first (path
+    ``""``), depth first in the same order, a recursive function rather than nested generators:
+    85 µs against 115 on a ResNet50's 151 modules (one CPU thread), and every analysis walks the
+    model a few times (train/eval flags, hooks, the trace's modules)."""
+    found: list[tuple[str, nn.Module]] = []
     seen: set[nn.Module] = set()  # as named_modules' memo: by the modules' own hash
 
-    def visit(module: nn.Module) -> None:
-        found.append(module)
+    def visit(prefix: str, module: nn.Module) -> None:
+        found.append((prefix, module))
         seen.add(module)
-        for child in module._modules.values():
+        for name, child in module._modules.items():
             if child is not None and child not in seen:
-                visit(child)
+                visit(f"{prefix}.{name}" if prefix else name, child)
 
-    visit(model)
+    visit("", model)
     return found
 
 
-def module_snapshot(model: nn.Module) -> tuple[nn.Module, ...]:
-    """The submodules a trace of ``model`` binds, in :func:`submodules` order: a graph traced from
-    them is stale once one is replaced (``model.fc = nn.Linear(...)``), which no weight read can
-    notice. A module replaced, added, removed or moved changes the sequence of objects."""
-    return tuple(submodules(unwrapped(model)))
+def submodules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())``, by :func:`named_submodules`."""
+    return [module for _, module in named_submodules(model)]
 
 
-def same_modules(a: tuple[nn.Module, ...] | None, b: tuple[nn.Module, ...]) -> bool:
-    """Whether two :func:`module_snapshot` s hold the same module objects in the same order."""
-    return a is not None and len(a) == len(b) and all(ma is mb for ma, mb in zip(a, b))
+def module_snapshot(model: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """The submodules a trace of ``model`` binds, by path: a graph traced from them is stale once
+    one is replaced (``model.fc = nn.Linear(...)``), which no weight read can notice."""
+    return tuple(named_submodules(unwrapped(model)))
+
+
+def same_modules(
+    a: tuple[tuple[str, nn.Module], ...] | None, b: tuple[tuple[str, nn.Module], ...]
+) -> bool:
+    """Whether two :func:`module_snapshot` s hold the same module objects at the same paths."""
+    return (
+        a is not None
+        and len(a) == len(b)
+        and all(pa == pb and ma is mb for (pa, ma), (pb, mb) in zip(a, b))
+    )
 
 
 def trace(
