@@ -4,6 +4,7 @@ the problem (and, where there is one, the way out)."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -869,3 +870,48 @@ def test_a_block_mapped_to_pass_by_name_is_kept_whole():
     expected = relprop.create_analyzer("lrp", _gated_net(), composite=by_type).analyze(x)
     assert got.abs().max() > 0
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _scripted(module: nn.Module, how: str, example: Tensor) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in newer torch
+        return torch.jit.script(module) if how == "script" else torch.jit.trace(module, example)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_model_is_refused_naming_it_and_the_way_out(how):
+    model = bn_sequential().eval()
+    x = seeded_normal((2, 3, 8, 8), seed=5, dtype=torch.float32)
+    scripted = _scripted(model, how, x)
+    with pytest.raises(relprop.TraceError, match=r"the model is a TorchScript module") as info:
+        relprop.create_analyzer("lrp.epsilon", scripted).analyze(x)
+    assert "nn.Module it was scripted or traced from" in str(info.value)
+    # The way out it names: the gradient family runs the TorchScript model as it is.
+    torch.testing.assert_close(
+        relprop.create_analyzer("gradient", scripted).analyze(x),
+        relprop.create_analyzer("gradient", model).analyze(x),
+    )
+
+
+def test_torchscript_block_is_refused_by_path_unless_kept_whole():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)
+    ).eval()
+    x = seeded_normal((2, 3, 8, 8), seed=6, dtype=torch.float32)
+    plain = nn.Sequential(*model)
+    model[1] = _scripted(nn.ReLU(), "script", x)
+    with pytest.raises(relprop.TraceError, match=r"module '1' is a TorchScript module") as info:
+        relprop.create_analyzer("lrp.epsilon", model).analyze(x)
+    assert "name_map={'1': relprop.rules.Pass()}" in str(info.value)
+    # Kept whole as the message says, it passes relevance on as the ReLU would: LRP-ε equals
+    # the plain model's.
+    epsilon = [(nn.Conv2d, relprop.rules.Epsilon()), (nn.Linear, relprop.rules.Epsilon())]
+    Composite = relprop.composites.Composite
+    kept = relprop.create_analyzer(
+        "lrp", model, composite=Composite(layer_map=epsilon, name_map={"1": relprop.rules.Pass()})
+    ).analyze(x)
+    expected = relprop.create_analyzer(
+        "lrp", plain, composite=Composite(layer_map=epsilon)
+    ).analyze(x)
+    torch.testing.assert_close(kept, expected, rtol=0, atol=0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Union
@@ -26,7 +28,9 @@ class Analyzer:
     model : nn.Module
         The model to explain. It ends in logits (no softmax) and is never modified: parameters,
         hooks and train/eval mode are as they were after ``analyze`` returns or raises. It is run
-        in eval mode during the analysis.
+        in eval mode during the analysis. Calls from several threads are safe: the analyses of
+        one model run one at a time (:func:`model_lock`), those of different models (a copy
+        per GPU, say) side by side.
     neuron_selection_mode : {"max_activation", "index", "all"}
         Which output to explain: the largest per sample, the one given to ``analyze``, or all.
     """
@@ -222,16 +226,32 @@ def deterministic_cudnn(active: bool):
     for ResNet's 3-channel 7×7 stem) accumulate with atomics in varying order.
     ``RELPROP_DETERMINISTIC=0`` leaves cuDNN's flag as the caller set it: the fastest algorithms,
     at the price of run-to-run differences in the last bits.
+
+    The flag is global to the process, while analyses of different models may overlap in
+    threads: the first to enter saves the caller's value and the last to leave restores it
+    (each restoring what it found would leave the flag set by whichever thread entered second).
     """
     if not active or not deterministic_requested():
         yield
         return
-    saved = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
+    global _cudnn_users, _cudnn_caller_flag
+    with _cudnn_guard:
+        if _cudnn_users == 0:
+            _cudnn_caller_flag = torch.backends.cudnn.deterministic
+        _cudnn_users += 1
+        torch.backends.cudnn.deterministic = True
     try:
         yield
     finally:
-        torch.backends.cudnn.deterministic = saved
+        with _cudnn_guard:
+            _cudnn_users -= 1
+            if _cudnn_users == 0:
+                torch.backends.cudnn.deterministic = _cudnn_caller_flag
+
+
+_cudnn_guard = threading.Lock()
+_cudnn_users = 0
+_cudnn_caller_flag = False
 
 
 def deterministic_requested() -> bool:
@@ -247,18 +267,42 @@ def deterministic_requested() -> bool:
     )
 
 
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that lets one relprop call at a time work on ``model``, shared by every analyzer
+    of it and held for as long as :func:`preserved_state`.
+
+    An analysis switches the model's train/eval flags and an LRP analyzer keeps its pass's
+    state (the folded weights it writes into again on the next pass) on its program: two
+    threads analysing with one analyzer mixed each other's folds (wrong numbers, or a fold
+    found empty), and two restoring the flags could leave the model in eval mode. Re-entrant, so
+    an analysis that runs another of the same model in its thread does not wait on itself; kept
+    as long as the model lives (a weak key).
+    """
+    with _model_locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.RLock()
+        return lock
+
+
+_model_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_model_locks_guard = threading.Lock()
+
+
 @contextmanager
 def preserved_state(model: nn.Module):
-    """Run the model in eval mode and restore every module's train/eval flag afterwards."""
-    modes = [(m, m.training) for m in submodules(model)]
-    if not any(training for _, training in modes):
-        # Already in eval mode (the usual case): nothing to switch or restore, which spares two
-        # passes of nn.Module.__setattr__ over every module per analysis.
-        yield
-        return
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
+    """Hold the model's lock (:func:`model_lock`), run the model in eval mode and restore every
+    module's train/eval flag afterwards."""
+    with model_lock(model):
+        modes = [(m, m.training) for m in submodules(model)]
+        if not any(training for _, training in modes):
+            # Already in eval mode (the usual case): nothing to switch or restore, which spares
+            # two passes of nn.Module.__setattr__ over every module per analysis.
+            yield
+            return
+        model.eval()
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training

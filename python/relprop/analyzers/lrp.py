@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from relprop.analyzers.base import Analyzer, NeuronSelection, preserved_state
+from relprop.analyzers.base import Analyzer, NeuronSelection, model_lock, preserved_state
 from relprop.composites import Composite
 from relprop.graph.plan import Plan, PlanBuilder
 from relprop.graph.program import Program
@@ -16,6 +18,7 @@ from relprop.graph.trace import (
     trace,
     unwrapped,
 )
+from relprop.ops._backend import autocast_dtype
 
 
 class LRP(Analyzer):
@@ -58,6 +61,12 @@ class LRP(Analyzer):
         return self._get_program().plan
 
     def _get_program(self) -> Program:
+        # Under the model's lock: another thread's analysis must not see the program replaced
+        # half-way (analyze holds the lock already; it is re-entrant).
+        with model_lock(self.model):
+            return self._current_program()
+
+    def _current_program(self) -> Program:
         # Hooks may come and go between calls: checked every time (a walk over the modules).
         check_module_hooks(self.model)
         # A submodule replaced since the trace (a new head, a swapped block) makes the plan stale:
@@ -77,6 +86,7 @@ class LRP(Analyzer):
 
     def _analyze(self, x: Tensor, neuron_selection: NeuronSelection) -> Tensor:
         program = self._get_program()
+        _warn_if_autocast(x)
 
         def start(output: Tensor) -> Tensor:
             mask = self._selection_mask(output, neuron_selection, x.shape[0])
@@ -90,6 +100,22 @@ class LRP(Analyzer):
         """The model's output computed by relprop's steps (folded BatchNorms included)."""
         with torch.no_grad(), preserved_state(self.model):
             return self._get_program().forward(x)
+
+
+def _warn_if_autocast(x: Tensor) -> None:
+    """Say once per call site that an analysis under ``torch.autocast`` computes in ``x``'s dtype
+    (``ops._backend.one_pass`` turns autocast off for the pass), and how to get the other."""
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None or dtype == x.dtype:
+        return
+    warnings.warn(
+        f"relprop: torch.autocast ({dtype}) is on; an LRP analysis does not follow it and "
+        f"computes in {x.dtype}, the dtype of the model and the input (its kernels, not "
+        f"autocast, set each op's precision). For a {dtype} analysis convert both: "
+        f"model.to({dtype}), x.to({dtype})",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 class DeepTaylor(LRP):

@@ -114,6 +114,7 @@ def trace(
         Module paths to keep whole (those a composite's ``name_map`` maps to ``Pass``).
     """
     model = unwrapped(model)
+    _refuse_torchscript(model, extra_leaf_types, leaf_names)
     tracer = _Tracer(extra_leaf_types, leaf_names)
     try:
         graph = tracer.trace(model)
@@ -125,6 +126,36 @@ def trace(
             "analyzer ('gradient', 'integrated_gradients', ...) which runs the model as it is."
         ) from err
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _refuse_torchscript(
+    model: nn.Module, leaf_types: tuple[type, ...], leaf_names: frozenset[str]
+) -> None:
+    """A TorchScript module (``torch.jit.script``/``torch.jit.trace``) keeps compiled code, no
+    Python ``forward`` for torch.fx to follow: say which module it is and what to pass instead
+    (fx's own error, "traced_func_name=forward doesn't exist", names neither). One the
+    composite keeps whole (mapped by name or type) is not traced into and may stay."""
+    kept: list[str] = []
+    for path, module in named_submodules(model):
+        if any(path.startswith(k + ".") for k in kept):
+            continue
+        if path and (path in leaf_names or isinstance(module, leaf_types)):
+            kept.append(path)
+            continue
+        if isinstance(module, torch.jit.ScriptModule):
+            where = "the model" if not path else f"module {path!r}"
+            keep = (
+                ""
+                if not path
+                else f", or keep it whole with name_map={{{path!r}: relprop.rules.Pass()}} "
+                "(relevance passes through it unchanged; its output must have its input's shape)"
+            )
+            raise TraceError(
+                f"{where} is a TorchScript module ({type(module).__name__}); relprop traces "
+                "Python forward() code with torch.fx and cannot see into TorchScript. Pass the "
+                f"nn.Module it was scripted or traced from{keep}, or explain with a gradient "
+                "analyzer ('gradient', 'integrated_gradients', ...), which runs the model as it is."
+            )
 
 
 def output_node(graph: fx.Graph) -> fx.Node:

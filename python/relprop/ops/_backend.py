@@ -249,11 +249,40 @@ def one_pass(x: Any) -> Iterator[None]:
     settings = PassSettings(_parse_backend(os.environ.get("RELPROP_BACKEND", "")), _plain_eager(x))
     token = _pass_settings.set(settings)
     launch_token = _native.pass_launch_args(x) if settings.direct else None
+    # Under torch.autocast the pass computes in its input's dtype, autocast off: autocast would
+    # cast the torch products inside some kernels (a convolution's forward) and not the
+    # relevance ops beside them, which then met tensors of two dtypes ("expected scalar type
+    # BFloat16 but found Float"). The analyzers say so (analyzers/lrp.py).
+    device_type = getattr(getattr(x, "device", None), "type", None)
+    autocast_off = (
+        torch.autocast(device_type, enabled=False)
+        if device_type is not None and autocast_dtype(device_type) is not None
+        else None
+    )
     try:
-        yield
+        if autocast_off is None:
+            yield
+        else:
+            with autocast_off:
+                yield
     finally:
         _native.end_pass_launch_args(launch_token)
         _pass_settings.reset(token)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device_type`` (``"cpu"``, ``"cuda"``), or
+    None where it is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if enabled else None
+    except (TypeError, AttributeError, RuntimeError):
+        # A device type autocast does not know; torch < 2.4 asks per device.
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
 
 
 def call_op(op: Callable[..., Any], kernel: Callable[..., Any], *args: Any) -> Any:
