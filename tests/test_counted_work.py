@@ -79,6 +79,10 @@ def test_products_stay_at_the_flop_floor(ratios):
 def test_epsilon_moves_no_more_bytes_than_the_gradient(ratios):
     model, by_method, _ = ratios
     assert by_method["lrp.epsilon"][1] <= 1.0, model
+    if model == "vgg16":
+        # Its max pools make the division of the ε convolution below each at their own size
+        # (docs/ops.md, "Divided above the max pool"): 0.91× here (0.98× before), 0.87× at 224².
+        assert by_method["lrp.epsilon"][1] <= 0.93
 
 
 def test_peak_memory_within_issue_3s_target(ratios):

@@ -342,7 +342,8 @@ def test_batch_is_per_sample():
 
 
 def _record_max_pool_relevance(monkeypatch) -> list[str]:
-    """The type of each relevance max pools hand down (``Tensor`` or ``InputProduct``)."""
+    """The type of each relevance max pools hand down (``Tensor``, ``InputProduct`` or
+    ``Shares``)."""
     from relprop.graph import layers
 
     kinds: list[str] = []
@@ -357,12 +358,20 @@ def _record_max_pool_relevance(monkeypatch) -> list[str]:
     return kinds
 
 
+@pytest.mark.parametrize("divided_at_pool", [True, False], ids=["shares", "unformed"])
 def test_max_pool_hands_relevance_down_unformed_and_lrp0_still_equals_gradient_times_input(
-    monkeypatch,
+    monkeypatch, divided_at_pool
 ):
-    """Relevance arriving at a max pool as an unformed product ``c · out`` leaves it as
-    ``x · (winner-takes-all of c)`` (x the pool input, alive as the layer below's output) for the
-    layer below to form in its division; the LRP-0 identity is the oracle that this is exact."""
+    """Relevance arriving at a max pool as an unformed product ``c · out`` leaves it either
+    divided for the ε layer below, ``c · out / stab(out)`` spread to the winners (``Shares``:
+    a winner of the pool's input *is* the pool's output), or as ``x · (winner-takes-all of c)``
+    (x the pool input, alive as the layer below's output) for that layer to form in its
+    division — the latter where the plan does not let the pool divide. The LRP-0 identity is the
+    oracle that both are exact."""
+    from relprop.graph.plan import PlanBuilder
+
+    if not divided_at_pool:
+        monkeypatch.setattr(PlanBuilder, "_divide_at_max_pools", lambda self, steps: None)
     kinds = _record_max_pool_relevance(monkeypatch)
     model = SmallCNN(bias=True, avg_pool=False).double().eval()
     x = seeded_normal((4, 3, 8, 8), seed=3)
@@ -373,7 +382,8 @@ def test_max_pool_hands_relevance_down_unformed_and_lrp0_still_equals_gradient_t
     assert _relative(relevance, expected) < EXACT
     # pool1 feeds conv2 (unformed relevance arrives, conv1's output is alive); pool2 feeds the
     # flattening, which takes formed relevance.
-    assert sorted(kinds) == ["InputProduct", "Tensor"], kinds
+    first = "Shares" if divided_at_pool else "InputProduct"
+    assert sorted(kinds) == sorted([first, "Tensor"]), kinds
 
 
 @pytest.mark.parametrize(

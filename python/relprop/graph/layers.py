@@ -45,6 +45,7 @@ from relprop.ops._layer_rules import (
     may_run_in_chunks,
     prefers_factor,
     read_mark,
+    stabilize,
     stamp_mark,
     times_factor,
 )
@@ -83,13 +84,41 @@ class InputProduct:
         return times_factor(self.coefficient_sum(), self.factor)
 
 
+@dataclass(frozen=True)
+class Shares:
+    """A relevance already divided by the ε-stabilised output of the layer it is handed to:
+    ``R = shares · stab(output, ε)``, ``shares = R / stab(output, ε)``.
+
+    A max pool above an ε layer whose output it pools (``WeightLayer.divides_at_max_pool``)
+    divides there, at the pool's output size — a window's winner is the pool's output itself —
+    and spreads the shares to the winners; the layer then goes straight to its transposed
+    product. That spares the layer's division at the (four times larger) input size: a pass
+    writing the spread relevance, one reading it back with the layer's output, and holding that
+    output until the transposed product (docs/ops.md, "Divided above the max pool").
+    """
+
+    shares: Tensor
+    # Weakly: the layer lets its output go before its transposed product (the one step where
+    # holding it costs memory); the reference only says whose output the shares are of.
+    output: weakref.ReferenceType
+    epsilon: float
+
+    def formed(self) -> Tensor:
+        """``shares · stab(output, ε)`` as a new tensor, for a step that does not take shares
+        (none does in a plan: the layer's output goes to the pool alone)."""
+        output = self.output()
+        if output is None:
+            raise RuntimeError("relprop: shares formed after their layer's output was freed")
+        return self.shares * stabilize(output, self.epsilon)
+
+
 # typing.Union, not `|`: a module-level alias is evaluated, and Python 3.9 has no `type | type`.
-Relevance = Union[Tensor, InputProduct]
+Relevance = Union[Tensor, InputProduct, Shares]
 
 
 def formed(relevance: Relevance) -> Tensor:
     """The relevance as a tensor."""
-    return relevance.formed() if isinstance(relevance, InputProduct) else relevance
+    return relevance.formed() if isinstance(relevance, (InputProduct, Shares)) else relevance
 
 
 def unformed(relevance: Relevance) -> tuple[Tensor, Tensor | None]:
@@ -97,7 +126,7 @@ def unformed(relevance: Relevance) -> tuple[Tensor, Tensor | None]:
     a formed one."""
     if isinstance(relevance, InputProduct):
         return relevance.coefficient_sum(), relevance.factor
-    return relevance, None
+    return formed(relevance), None
 
 
 def unformed_parts(relevance: Relevance) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -105,7 +134,7 @@ def unformed_parts(relevance: Relevance) -> tuple[Tensor, Tensor | None, Tensor 
     itself; ``addend`` and ``factor`` are None where it has none."""
     if isinstance(relevance, InputProduct):
         return relevance.coefficient, relevance.addend, relevance.factor
-    return relevance, None, None
+    return formed(relevance), None, None
 
 
 def join(first: Relevance, second: Relevance) -> Relevance:
@@ -187,6 +216,9 @@ class WeightLayer(Layer):
         self.dims = dims
         # Set by the plan when the ReLU after this layer may run here, in place (plan.py).
         self.fused_relu = False
+        # Set by the plan when the layer's output (after a fused ReLU) goes to a max pool alone:
+        # under ε the pool may divide for it (Shares, plan.py `_divide_at_max_pools`).
+        self.divides_at_max_pool = False
         # RELPROP_BACKEND=auto: the backend measured fastest for each input signature met.
         self.chosen: dict[LayerSignature, str] = {}
 
@@ -293,6 +325,21 @@ class WeightLayer(Layer):
         _keep_nonnegative_mark(z, out)  # out is a view of z
         stacks = self.geometry is None or self.geometry["groups"] == 1
         nonnegative = is_marked_nonnegative(x)
+        if (
+            self.divides_at_max_pool
+            and lean
+            and name == "epsilon"
+            and self.geometry is not None
+            and self.dims == 2
+            and saved
+            and saved[0] is out
+        ):
+            # The division of its relevance pass is R / stab(out, ε) with ``out`` itself: the max
+            # pool above may do it at its own output's size (Shares).
+            try:
+                stamp_mark(out, DIVIDED_AT_MAX_POOL_MARK, float(rule_params[0]))
+            except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
+                pass
         if lean and prefers_factor(name, stacks, nonnegative):
             # Its relevance pass will divide an unformed c · out at no extra cost (the factor is
             # read by the division): a max pool above may hand its relevance down that way.
@@ -335,6 +382,8 @@ class WeightLayer(Layer):
             # the relevance of u = (x − l)/(h − l) that of x.
             groups = 1 if self.geometry is None else self.geometry["groups"]
             x_op, w_op = box.unit_box(x_op, w_op, groups)
+        if isinstance(relevance, Shares) and relevance.output() is _output_of(fwd, self.dims):
+            return self._transposed_shares(saved, relevance.shares)
         relevance, factor = unformed(relevance)
         # Leave the product with x to the layer below where the rule's relevance is x · c (on
         # the native path: the fused kernels end with the product).
@@ -370,6 +419,19 @@ class WeightLayer(Layer):
         # r is the fresh output of this step's op, read by the layer below alone: it may take
         # the result of that layer's division (ops._layer_rules.DONATED_MARK).
         return [r if times_input else InputProduct(donate(r), x)]
+
+    def _transposed_shares(self, saved, shares: Tensor):
+        """ε's relevance ``x · Wᵀ shares`` from shares a max pool above divided (Shares): the
+        transposed product only, handed down as ``c · x`` as the native ε path does."""
+        x_op, w_op, _, fwd, _, _ = saved
+        # The output is no longer read: let it go before the product's output is allocated
+        # (this step is where VGG16's ε analysis held the most).
+        fwd.clear()
+        g = self.geometry
+        transpose = conv_ops.conv_map(
+            tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]), g["groups"]
+        ).transpose
+        return [InputProduct(donate(transpose(shares, w_op, x_op)), x_op)]
 
 
 def identity(x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -696,20 +758,29 @@ class MaxPoolLayer(Layer):
 
     def relevance(self, saved, relevance):
         indices, shape, input_ref, output_ref = saved
-        coefficient, factor = unformed(relevance)
+        first, addend, factor = unformed_parts(relevance)
         x, out = input_ref(), output_ref()
-        # The mark is stamped with x's version: it also says x is unchanged since the pool read it.
-        if (
-            factor is not None
-            and x is not None
-            and read_mark(x, FORMS_PRODUCT_MARK)
-            and out is not None
-            and _same_view(factor, out)
-        ):
+        # The marks are stamped with x's version: they also say x is unchanged since the pool
+        # read it.
+        unformed_out = factor is not None and out is not None and _same_view(factor, out)
+        epsilon = read_mark(x, DIVIDED_AT_MAX_POOL_MARK) if unformed_out and x is not None else None
+        if epsilon is not None and out.dim() == 4:
+            # R = c · out reaches the winners, where the ε layer below divides it by its own
+            # output x: x[idx[o]] = out[o], so each winner's share is c[o] · out[o] / stab(out[o])
+            # — divided here at the pool's output size, then spread (docs/ops.md). Two paths'
+            # coefficients (a ResNet's stem pool feeds a block and its shortcut) are summed by
+            # the division.
+            share = divide_fast(
+                first, out, epsilon, factor=out, numerator_addend=addend, last_read=True
+            )
+            winners = pool_ops.max_pool_relevance(share, indices, shape)
+            return [Shares(winners, weakref.ref(x), epsilon)]
+        if unformed_out and x is not None and read_mark(x, FORMS_PRODUCT_MARK):
             # R = c · out with out[o] = x[idx[o]]: each window's winner receives c[o] · x[idx[o]],
             # so R_in = x · (winner-takes-all of c). Handed down unformed, the product is formed
             # by the division of the layer below (which produced x and marked it so) instead of
             # by a pass here; a layer that would form it itself, at x's size, gets it formed.
+            coefficient = first if addend is None else first + addend
             winners = pool_ops.max_pool_relevance(coefficient, indices, shape)
             return [InputProduct(donate(winners), x)]
         return [pool_ops.max_pool_relevance(formed(relevance), indices, shape)]
@@ -717,6 +788,14 @@ class MaxPoolLayer(Layer):
 
 # Set on a weight layer's output whose relevance pass takes an unformed product in its division.
 FORMS_PRODUCT_MARK = "_relprop_forms_product"
+# Set on an ε layer's output that a max pool alone reads: the value is the layer's ε, and the pool
+# may divide by it for the layer (Shares).
+DIVIDED_AT_MAX_POOL_MARK = "_relprop_divided_at_max_pool"
+
+
+def _output_of(fwd: list, dims: int) -> Tensor | None:
+    """The layer output a lean ε forward saved (``z``, which is the output for a 2-D layer)."""
+    return fwd[0] if fwd and dims == 2 else None
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:

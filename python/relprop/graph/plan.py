@@ -480,7 +480,9 @@ class PlanBuilder:
             if step.kind == "meta":
                 self._meta.add(node.name)
             steps.append(step)
-        self._fuse_relus({s.name: s for s in steps})
+        by_name = {s.name: s for s in steps}
+        self._fuse_relus(by_name)
+        self._divide_at_max_pools(by_name)
         return Plan(steps, placeholders[0].name, out.name, first_layer)
 
     def _attention_module(self, node: fx.Node) -> nn.MultiheadAttention | None:
@@ -599,6 +601,28 @@ class PlanBuilder:
             relu_step = steps[relu.name]
             relu_step.kind = "relu (fused)"
             relu_step.layer = L.PassLayer(_identity)
+
+    def _divide_at_max_pools(self, steps: dict[str, Step]) -> None:
+        """Let a max pool divide for the ε convolution whose output (after a fused ReLU) it
+        alone reads (``layers.Shares``).
+
+        The convolution's division reads its relevance — zero but at the pool's winners — and
+        its output, both at the pool's input size; the pool has the same numbers at its output
+        size, where each window's winner is the output itself. Only where nothing else reads the
+        output: relevance from another reader would have to be added before the division.
+        """
+        for node in self.gm.graph.nodes:
+            step = steps.get(node.name)
+            if step is None or not isinstance(step.layer, L.WeightLayer):
+                continue
+            layer = step.layer
+            if layer.geometry is None or layer.dims != 2 or step.rule.op()[0] != "epsilon":
+                continue
+            user = self._single_user_through_folded_bn(node, steps)
+            if user is not None and steps[user.name].kind == "relu (fused)":
+                user = self._single_user_through_folded_bn(user, steps)
+            if user is not None and isinstance(steps[user.name].layer, L.MaxPoolLayer):
+                layer.divides_at_max_pool = True
 
     def _single_user_through_folded_bn(self, node: fx.Node, steps) -> fx.Node | None:
         while len(node.users) == 1:
