@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in one unattended command for a CUDA machine (the device tool's
 # H100/H200): build relprop there, run the tests that a CPU cannot run, and the GPU benchmarks.
 #
-#   bash scripts/gpu.sh [STEP ...]      STEP: tests | suite | resources | bench-ops | bench | profile | all
+#   bash scripts/gpu.sh [STEP ...]      STEP: tests | suite | resources | bench-ops | bench | profile |
+#                                             memory | all
 #
 #   tests      tests marked gpu, and the op and kernel tests (compiled Triton, CUDA kernels)
 #   suite      the rest of the test suite, on a machine where CUDA is visible
@@ -11,10 +12,13 @@
 #   bench      benchmarks/run.py --device cuda: issue 3's table (vgg16, resnet50, batch 64)
 #   profile    one profiled call of the gradient and of each relprop method (float32): the
 #              kernels with the most GPU time, and how much of the call the GPU was busy
+#   memory     benchmarks/peak_steps.py --device cuda: where each method's memory peaks (the
+#              plan step, or the gradient's aten op), cuDNN's workspaces included
 #
 # Narrow a run with TESTS_K (pytest -k expression for `tests`), BENCH_ARGS (more run.py options,
 # e.g. "--dtype bfloat16"), BENCH_NAME (its output files' stem, default gpu), BENCH_OPS_ARGS
-# (e.g. "--filter conv1 --dtypes bf16") and PROFILE_ARGS (e.g. "--models resnet50").
+# (e.g. "--filter conv1 --dtypes bf16"), PROFILE_ARGS (e.g. "--models resnet50") and MEMORY_ARGS
+# (e.g. "--models vgg16 --methods gradient,lrp.epsilon").
 #
 # Logs, CSV and markdown go to $OUT (the device tool sets it; default out/gpu). The machine has
 # torch, Triton, nvcc, CMake, pybind11 and scikit-build-core but no network: Zennit and Captum
@@ -91,7 +95,7 @@ pytest_args=(-q -p no:cacheprovider -rfE --durations=15)
 if "$PY" -c "import xdist" 2>/dev/null; then pytest_args+=(-n "$WORKERS"); fi
 
 steps=("$@")
-[[ ${#steps[@]} -eq 0 || ${steps[0]} == all ]] && steps=(tests suite resources bench-ops bench profile)
+[[ ${#steps[@]} -eq 0 || ${steps[0]} == all ]] && steps=(tests suite resources bench-ops bench profile memory)
 for step in "${steps[@]}"; do
     case $step in
     tests)
@@ -124,8 +128,13 @@ for step in "${steps[@]}"; do
             --no-memory --providers relprop --relprop-backends default --profile 20 \
             --csv "$OUT/results_profile.csv" --markdown "$OUT/profile_times.md" ${PROFILE_ARGS:-}
         ;;
+    memory)
+        # shellcheck disable=SC2086  # MEMORY_ARGS holds several words
+        run_step memory "$PY" benchmarks/peak_steps.py --device cuda --out "$OUT/peak_steps.md" \
+            ${MEMORY_ARGS:-}
+        ;;
     *)
-        echo "unknown step $step (tests, suite, resources, bench-ops, bench, profile, all)" >&2
+        echo "unknown step $step (tests, suite, resources, bench-ops, bench, profile, memory, all)" >&2
         exit 2
         ;;
     esac
