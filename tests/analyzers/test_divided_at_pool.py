@@ -173,3 +173,21 @@ def test_cuda_non_overlapping_pools_give_the_same_bits(monkeypatch, dtype):
     kept, _ = _analyze(monkeypatch, make, x, divided=False)
     assert shares == [(3, 16, 8, 8), (3, 8, 16, 16)]
     assert torch.equal(divided, kept)
+
+
+def test_torch_compile_gives_the_same_relevance(monkeypatch):
+    x = seeded_normal((2, 3, 16, 16), seed=9, dtype=torch.float32)
+    shares = []
+    transposed = layers.WeightLayer._transposed_shares
+
+    def counted(self, saved, relevance):
+        shares.append(tuple(relevance.shape))
+        return transposed(self, saved, relevance)
+
+    monkeypatch.setattr(layers.WeightLayer, "_transposed_shares", counted)
+    analyzer = relprop.create_analyzer("lrp.epsilon", _vgg_like())
+    eager = analyzer.analyze(x)
+    eager_shares = len(shares)
+    compiled = torch.compile(analyzer.analyze, dynamic=False)(x)
+    assert eager_shares == 2 and len(shares) == 4  # traced through the same path
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
