@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "relprop/add_relu.h"
 #include "relprop/bias_relu.h"
@@ -286,15 +287,27 @@ PYBIND11_MODULE(_C, m) {
       "max_pool_relevance_cuda",
       [](int dtype, const Shape6& shape, uintptr_t relevance, const StrideList& relevance_strides,
          uintptr_t indices, const StrideList& indices_strides, uintptr_t out, uintptr_t workspace,
-         uintptr_t stream, int device) {
+         const std::vector<int>& offset_bounds, uintptr_t stream, int device) {
+        if (!offset_bounds.empty() && offset_bounds.size() != 4) {
+          throw std::invalid_argument(
+              "offset_bounds: [row_min, row_max, col_min, col_max] or empty (measured)");
+        }
+        const OffsetBounds known = offset_bounds.empty()
+                                       ? OffsetBounds{0, 0, 0, 0}
+                                       : OffsetBounds{offset_bounds[0], offset_bounds[1],
+                                                      offset_bounds[2], offset_bounds[3]};
         max_pool_relevance_cuda(static_cast<DType>(dtype), plane_shape(shape), relevance,
                                 strides(relevance_strides), indices, strides(indices_strides), out,
-                                workspace, stream, device);
+                                workspace, offset_bounds.empty() ? nullptr : &known, stream,
+                                device);
       },
       py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
       py::arg("indices"), py::arg("indices_strides"), py::arg("out"), py::arg("workspace"),
-      py::arg("stream"), py::arg("device"), release_gil,
-      "workspace: 4 int32 on the device. Deterministic (gather, no float atomics).");
+      py::arg("offset_bounds"), py::arg("stream"), py::arg("device"), release_gil,
+      "workspace: 4 int32 on the device, where offset_bounds is empty (measured there); "
+      "offset_bounds: the winners' [row_min, row_max, col_min, col_max] offsets from their "
+      "outputs' nominal positions, known from a regular pool's geometry. Deterministic (gather, "
+      "no float atomics).");
 
   m.def(
       "avg_pool2d_relevance_cuda",

@@ -147,7 +147,8 @@ def _parameter_names(entry) -> list[str]:
 
 def test_cuda_entries_take_the_cpu_twins_arguments_plus_the_launch(monkeypatch):
     # The Python glue builds one keyword dict for both twins and adds the launch keywords for
-    # CUDA (relprop/ops/*.py: `**_native.cuda_launch_args(...)`, a workspace for the pools). No
+    # CUDA (relprop/ops/*.py: `**_native.cuda_launch_args(...)`, a workspace for the pools, the
+    # max pool's offset bounds). No
     # test here can call a CUDA entry, so a keyword that drifts between the twins would first
     # fail on a GPU; this compares the compiled signatures instead.
     if not _native.native_available():
@@ -170,4 +171,7 @@ def test_cuda_entries_take_the_cpu_twins_arguments_plus_the_launch(monkeypatch):
         cpu = _parameter_names(getattr(module, cpu_name))
         cuda = _parameter_names(getattr(module, f"{name}_cuda"))
         workspace = ["workspace"] if "pool" in name else []
-        assert cuda == cpu + workspace + launch, (name, cpu, cuda)
+        # The max pool's winners' offset bounds, where the pool's window gives them (the CPU
+        # twin scatters and needs none).
+        bounds = ["offset_bounds"] if name == "max_pool_relevance" else []
+        assert cuda == cpu + workspace + bounds + launch, (name, cpu, cuda)

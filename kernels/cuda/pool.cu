@@ -108,8 +108,8 @@ __device__ __forceinline__ void nominal_inverse(I i, I in_size, I out_size, int 
 
 template <typename T, typename I>
 __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides4 rs,
-                                       const int64_t* indices, Strides4 is, const int* bounds,
-                                       T* out) {
+                                       const int64_t* indices, Strides4 is, const int* measured,
+                                       OffsetBounds known, T* out) {
   using Acc = typename Compute<T>::type;
   const I in_w = I(s.in_w), in_h = I(s.in_h), channels = I(s.channels);
   const I total = I(s.batch) * channels * in_h * in_w;
@@ -118,9 +118,13 @@ __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides
   const PlaneIndex<I> at = plane_index<I>(k, channels, in_h, in_w);
   const I n = at.n, c = at.c, ih = at.row, iw = at.col;
   const int64_t flat = int64_t(ih) * s.in_w + iw;
+  // The bounds measured by the pass before, or known from the pool's geometry (uniform: every
+  // thread takes the same branch).
+  const OffsetBounds b =
+      measured != nullptr ? OffsetBounds{measured[0], measured[1], measured[2], measured[3]} : known;
   I oh0, oh1, ow0, ow1;
-  nominal_inverse<I>(ih, in_h, I(s.out_h), bounds[0], bounds[1], &oh0, &oh1);
-  nominal_inverse<I>(iw, in_w, I(s.out_w), bounds[2], bounds[3], &ow0, &ow1);
+  nominal_inverse<I>(ih, in_h, I(s.out_h), b.row_min, b.row_max, &oh0, &oh1);
+  nominal_inverse<I>(iw, in_w, I(s.out_w), b.col_min, b.col_max, &ow0, &ow1);
   const T* r = relevance + n * rs[0] + c * rs[1];
   const int64_t* idx = indices + n * is[0] + c * is[1];
   Acc acc = Acc(0);
@@ -189,22 +193,27 @@ __global__ void avg_gather_kernel(PlaneShape s, Windows windows, const T* x, Str
 
 template <typename T, typename I>
 void launch_max_pool_with(const PlaneShape& s, uintptr_t relevance, const Strides4& rs,
-                          const int64_t* idx, const Strides4& is, int* bounds, uintptr_t out,
-                          cudaStream_t stream) {
+                          const int64_t* idx, const Strides4& is, int* bounds,
+                          const OffsetBounds* known, uintptr_t out, cudaStream_t stream) {
   const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
   const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
-  init_offset_bounds_kernel<<<1, 1, 0, stream>>>(bounds);
-  // Grid-stride loop: a bounded grid keeps the global atomics to a few per block.
-  const unsigned int bound_blocks = min(blocks_for(out_total), 1024u);
-  winner_offset_bounds_kernel<I><<<bound_blocks, kThreads, 0, stream>>>(s, idx, is, bounds);
+  const int* measured = nullptr;
+  if (known == nullptr) {
+    init_offset_bounds_kernel<<<1, 1, 0, stream>>>(bounds);
+    // Grid-stride loop: a bounded grid keeps the global atomics to a few per block.
+    const unsigned int bound_blocks = min(blocks_for(out_total), 1024u);
+    winner_offset_bounds_kernel<I><<<bound_blocks, kThreads, 0, stream>>>(s, idx, is, bounds);
+    measured = bounds;
+  }
   max_pool_gather_kernel<T, I><<<blocks_for(in_total), kThreads, 0, stream>>>(
-      s, reinterpret_cast<const T*>(relevance), rs, idx, is, bounds, reinterpret_cast<T*>(out));
+      s, reinterpret_cast<const T*>(relevance), rs, idx, is, measured,
+      known != nullptr ? *known : OffsetBounds{0, 0, 0, 0}, reinterpret_cast<T*>(out));
 }
 
 template <typename T>
 void launch_max_pool(const PlaneShape& s, uintptr_t relevance, const Strides4& rs,
                      uintptr_t indices, const Strides4& is, uintptr_t out, uintptr_t workspace,
-                     cudaStream_t stream) {
+                     const OffsetBounds* known, cudaStream_t stream) {
   const auto* idx = reinterpret_cast<const int64_t*>(indices);
   auto* bounds = reinterpret_cast<int*>(workspace);
   const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
@@ -217,9 +226,9 @@ void launch_max_pool(const PlaneShape& s, uintptr_t relevance, const Strides4& r
   const bool narrow = in_total < limit && out_total < limit &&
                       3 * s.in_h * (s.out_h + 1) < limit && 3 * s.in_w * (s.out_w + 1) < limit;
   if (narrow) {
-    launch_max_pool_with<T, int>(s, relevance, rs, idx, is, bounds, out, stream);
+    launch_max_pool_with<T, int>(s, relevance, rs, idx, is, bounds, known, out, stream);
   } else {
-    launch_max_pool_with<T, int64_t>(s, relevance, rs, idx, is, bounds, out, stream);
+    launch_max_pool_with<T, int64_t>(s, relevance, rs, idx, is, bounds, known, out, stream);
   }
   check(cudaGetLastError(), "max_pool_relevance launch");
 }
@@ -257,12 +266,12 @@ int cuda_device_count() {
 void max_pool_relevance_cuda(DType dtype, const PlaneShape& shape, uintptr_t relevance,
                              const Strides4& relevance_strides, uintptr_t indices,
                              const Strides4& indices_strides, uintptr_t out, uintptr_t workspace,
-                             uintptr_t stream, int device) {
+                             const OffsetBounds* known, uintptr_t stream, int device) {
   DeviceGuard guard(device);
   dispatch_dtype(dtype, "max_pool_relevance", [&](auto tag) {
     using T = decltype(tag);
     launch_max_pool<T>(shape, relevance, relevance_strides, indices, indices_strides, out,
-                       workspace, reinterpret_cast<cudaStream_t>(stream));
+                       workspace, known, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 

@@ -35,6 +35,13 @@ struct AvgPoolGeometry {
   int64_t divisor_override;  // <= 0: none
 };
 
+// Range of the winners' offsets from their outputs' nominal positions (floor(o * in / out) along
+// each side), which bounds the outputs a CUDA gather thread scans: known on the host from a
+// regular pool's window geometry, else measured on the device (kernels/cuda/pool.cu).
+struct OffsetBounds {
+  int row_min, row_max, col_min, col_max;
+};
+
 // Winner takes all: out[n, c, idx[n, c, o]] += relevance[n, c, o], idx flat in the (H, W) plane.
 // Throws std::out_of_range for an index outside the plane.
 void max_pool_relevance_cpu(DType dtype, const PlaneShape& shape, uintptr_t relevance,
@@ -58,10 +65,13 @@ void adaptive_avg_pool2d_relevance_cpu(DType dtype, const PlaneShape& shape, uin
 // All throw std::runtime_error when no device is present or a launch fails.
 int cuda_device_count();
 
+// `known`: the winners' offset bounds where the caller knows them (a regular pool's geometry:
+// every winner lies in its window), which spares the device pass that measures them; null to
+// measure into `workspace` (4 int32). Bounds wider than the winners' cost scans, never results.
 void max_pool_relevance_cuda(DType dtype, const PlaneShape& shape, uintptr_t relevance,
                              const Strides4& relevance_strides, uintptr_t indices,
                              const Strides4& indices_strides, uintptr_t out, uintptr_t workspace,
-                             uintptr_t stream, int device);
+                             const OffsetBounds* known, uintptr_t stream, int device);
 
 void avg_pool2d_relevance_cuda(DType dtype, const PlaneShape& shape,
                                const AvgPoolGeometry& geometry, uintptr_t x,

@@ -742,8 +742,15 @@ class GateLayer(Layer):
 class MaxPoolLayer(Layer):
     """Max pooling (1-D/2-D, plain or adaptive): winner takes all."""
 
-    def __init__(self, pool: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
+    def __init__(
+        self,
+        pool: Callable[[Tensor], tuple[Tensor, Tensor]],
+        window: tuple[list[int], ...] | None = None,
+    ) -> None:
         self.pool = pool
+        # (kernel_size, stride, padding, dilation) of a regular pool, None for an adaptive one:
+        # where the winners can lie follows from it, which spares the CUDA gather a pass.
+        self.window = window
 
     def forward(self, args, kwargs):
         x = args[0]
@@ -773,7 +780,7 @@ class MaxPoolLayer(Layer):
             share = divide_fast(
                 first, out, epsilon, factor=out, numerator_addend=addend, last_read=True
             )
-            winners = pool_ops.max_pool_relevance(share, indices, shape)
+            winners = pool_ops.max_pool_relevance(share, indices, shape, self.window)
             return [Shares(winners, weakref.ref(x), epsilon)]
         if unformed_out and x is not None and read_mark(x, FORMS_PRODUCT_MARK):
             # R = c · out with out[o] = x[idx[o]]: each window's winner receives c[o] · x[idx[o]],
@@ -781,9 +788,9 @@ class MaxPoolLayer(Layer):
             # by the division of the layer below (which produced x and marked it so) instead of
             # by a pass here; a layer that would form it itself, at x's size, gets it formed.
             coefficient = first if addend is None else first + addend
-            winners = pool_ops.max_pool_relevance(coefficient, indices, shape)
+            winners = pool_ops.max_pool_relevance(coefficient, indices, shape, self.window)
             return [InputProduct(donate(winners), x)]
-        return [pool_ops.max_pool_relevance(formed(relevance), indices, shape)]
+        return [pool_ops.max_pool_relevance(formed(relevance), indices, shape, self.window)]
 
 
 # Set on a weight layer's output whose relevance pass takes an unformed product in its division.

@@ -782,7 +782,8 @@ class PlanBuilder:
                         m.dilation,
                         ceil_mode=m.ceil_mode,
                         return_indices=True,
-                    )
+                    ),
+                    _max_pool_window(dims, m.kernel_size, m.stride, m.padding, m.dilation),
                 )
             elif isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
                 dims = 1 if isinstance(module, nn.AdaptiveMaxPool1d) else 2
@@ -1009,7 +1010,14 @@ class PlanBuilder:
                     o["dilation"],
                     ceil_mode=o["ceil_mode"],
                     return_indices=True,
-                )
+                ),
+                _max_pool_window(
+                    1 if pool is F.max_pool1d else 2,
+                    o["kernel_size"],
+                    o["stride"],
+                    o["padding"],
+                    o["dilation"],
+                ),
             )
         elif not is_method and target in (F.adaptive_max_pool2d, F.adaptive_max_pool1d):
             pool = (
@@ -1278,6 +1286,20 @@ def _batch_norm_eval(bn: nn.Module):
         )
 
     return run
+
+
+def _max_pool_window(dims: int, kernel_size, stride, padding, dilation) -> tuple[list[int], ...]:
+    """A max pool's ``(kernel_size, stride, padding, dilation)``, one entry per pooled side (an
+    int repeated; ``stride`` None or empty is the kernel's, as torch reads it): where its winners
+    can lie (``ops.pool.max_pool_offset_bounds``)."""
+
+    def sides(value) -> list[int]:
+        values = [int(value)] if isinstance(value, int) else [int(v) for v in value]
+        return values * dims if len(values) == 1 else values
+
+    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+        stride = kernel_size
+    return tuple(sides(v) for v in (kernel_size, stride, padding, dilation))
 
 
 def _pool_impl() -> str:

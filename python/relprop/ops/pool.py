@@ -4,10 +4,12 @@ Three ``torch.library`` ops (docs/ops.md), each with a plain-PyTorch reference t
 ``default`` for any device, a native CPU kernel (``csrc/cpu/pool.cpp``) and a CUDA kernel
 (``kernels/cuda/pool.cu``) reached through ``relprop._C``:
 
-``relprop::max_pool_relevance(Tensor relevance, Tensor indices, SymInt[] input_size) -> Tensor``
+``relprop::max_pool_relevance(Tensor relevance, Tensor indices, SymInt[] input_size, int[]? offset_bounds=None) -> Tensor``
     ``R_in[n, c, i] = Σ_{o : idx[n, c, o] = i} R[n, c, o]``: all relevance of a window goes to
     the position the forward picked (Montavon et al., "Layer-Wise Relevance Propagation: An
     Overview", 2019). Takes the indices of ``max_pool{1,2}d`` and ``adaptive_max_pool{1,2}d``.
+    ``offset_bounds`` (:func:`max_pool_offset_bounds`, from a regular pool's window) spares the
+    CUDA kernel the pass that measures where the winners can be; the other paths ignore it.
 ``relprop::avg_pool2d_relevance`` and ``relprop::adaptive_avg_pool2d_relevance``
     ``R_in = x · Pᵀ(R / stab(P x, e))`` with ``P`` the pooling and
     ``stab(d, e) = d + e·(sign(d) + [d = 0])``: the z-rule of Bach et al., "On Pixel-Wise
@@ -25,6 +27,7 @@ it loaded and the references run elsewhere, after one warning.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Union
 
@@ -122,7 +125,50 @@ def _planes(x4: Tensor, r4: Tensor) -> _native.Planes:
     return _native.Planes(*x4.shape, *r4.shape[2:])
 
 
-def _max_pool_native(relevance: Tensor, indices: Tensor, input_size: Sequence[int]) -> Tensor:
+@functools.lru_cache(maxsize=256)
+def _side_offset_bounds(
+    in_size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int
+) -> tuple[int, int]:
+    """The range of ``w − ⌊o·in/out⌋`` over every output ``o`` and every position ``w`` its window
+    can pick along one side: ``w`` in ``[o·s − p, o·s − p + (k − 1)·d]``, clipped to the input (a
+    max pool never picks padding)."""
+    low, high = None, None
+    for o in range(out_size):
+        nominal = (o * in_size) // out_size
+        first = max(o * stride - padding, 0)
+        last = min(o * stride - padding + (kernel - 1) * dilation, in_size - 1)
+        low = first - nominal if low is None else min(low, first - nominal)
+        high = last - nominal if high is None else max(high, last - nominal)
+    return (0, 0) if low is None else (low, high)
+
+
+def max_pool_offset_bounds(
+    input_size: Sequence[int],
+    output_size: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> list[int]:
+    """``[row_min, row_max, col_min, col_max]``: where a regular max pool's winners can lie,
+    as offsets from their outputs' nominal positions ``⌊o·in/out⌋`` (the CUDA gather's
+    coordinates). Every winner lies in its window, so these contain the offsets the kernel would
+    otherwise measure (wider costs scans, never results). 1-D pools are height-1 images."""
+    geometry = [input_size, output_size, kernel_size, stride, padding, dilation]
+    sides = [
+        _side_offset_bounds(*(int(values[i]) for values in geometry))
+        for i in range(len(input_size))
+    ]
+    rows, cols = ((0, 0), sides[0]) if len(sides) == 1 else sides
+    return [*rows, *cols]
+
+
+def _max_pool_native(
+    relevance: Tensor,
+    indices: Tensor,
+    input_size: Sequence[int],
+    offset_bounds: Sequence[int] | None = None,
+) -> Tensor:
     r4 = _as_planes(relevance)
     i4 = _as_planes(indices.to(torch.int64))
     in_h, in_w = (1, *input_size) if len(input_size) == 1 else input_size
@@ -139,11 +185,17 @@ def _max_pool_native(relevance: Tensor, indices: Tensor, input_size: Sequence[in
     }
     module = _native.native()
     if _native.on_cuda(relevance):
-        # Four int32: the range of the winners' offsets from their windows (see pool.cu).
-        workspace = torch.empty(4, dtype=torch.int32, device=relevance.device)
+        # Four int32: the range of the winners' offsets from their windows (see pool.cu),
+        # measured on the device where the pool's geometry did not give it.
+        workspace = (
+            torch.empty(4, dtype=torch.int32, device=relevance.device)
+            if not offset_bounds
+            else None
+        )
         module.max_pool_relevance_cuda(
             dtype=_native.dtype_code(relevance, _native.CUDA_DTYPES),
-            workspace=_native.pointer(workspace),
+            workspace=0 if workspace is None else _native.pointer(workspace),
+            offset_bounds=[int(b) for b in offset_bounds or ()],
             **_native.cuda_launch_args(relevance),
             **args,
         )
@@ -190,22 +242,25 @@ def _avg_native(x: Tensor, relevance: Tensor, stabilizer: float, cpu_entry, cuda
 @torch.library.custom_op(
     "relprop::max_pool_relevance",
     mutates_args=(),
-    schema="(Tensor relevance, Tensor indices, SymInt[] input_size) -> Tensor",
+    schema=(
+        "(Tensor relevance, Tensor indices, SymInt[] input_size, int[]? offset_bounds=None) "
+        "-> Tensor"
+    ),
 )
-def max_pool_relevance_op(relevance, indices, input_size):
+def max_pool_relevance_op(relevance, indices, input_size, offset_bounds=None):
     return max_pool_relevance_reference(relevance, indices, input_size)
 
 
 @max_pool_relevance_op.register_fake
-def _(relevance, indices, input_size):
+def _(relevance, indices, input_size, offset_bounds=None):
     return relevance.new_empty((relevance.shape[0], relevance.shape[1], *input_size))
 
 
 @max_pool_relevance_op.register_kernel(("cpu", "cuda"))
-def max_pool_relevance_kernel(relevance, indices, input_size):
+def max_pool_relevance_kernel(relevance, indices, input_size, offset_bounds=None):
     if not _native.runs_native(relevance) or len(input_size) not in (1, 2):
         return max_pool_relevance_reference(relevance, indices, input_size)
-    return _max_pool_native(relevance, indices, input_size)
+    return _max_pool_native(relevance, indices, input_size, offset_bounds)
 
 
 @torch.library.custom_op(
@@ -305,7 +360,12 @@ def _check_relevance_shape(relevance: Tensor, expected: Sequence[int], op: str) 
         )
 
 
-def max_pool_relevance(relevance: Tensor, indices: Tensor, input_shape: Sequence[int]) -> Tensor:
+def max_pool_relevance(
+    relevance: Tensor,
+    indices: Tensor,
+    input_shape: Sequence[int],
+    window: Sequence[Sequence[int]] | None = None,
+) -> Tensor:
     """Winner-takes-all relevance of a max pool's input.
 
     Parameters
@@ -317,6 +377,11 @@ def max_pool_relevance(relevance: Tensor, indices: Tensor, input_shape: Sequence
         ``adaptive_max_pool{1,2}d(..., return_indices=True)`` (flat positions in each plane).
     input_shape : sequence of int
         ``(N, C, *in)``, the shape of the pool's input.
+    window : (kernel_size, stride, padding, dilation), optional
+        A regular pool's window, one entry per pooled side: where the winners can lie follows
+        from it (:func:`max_pool_offset_bounds`), which spares the CUDA kernel a pass over the
+        indices. Not for adaptive pools. Indices the window does not account for lose relevance
+        on CUDA.
 
     Returns
     -------
@@ -334,8 +399,16 @@ def max_pool_relevance(relevance: Tensor, indices: Tensor, input_shape: Sequence
             f"max_pool_relevance: indices {tuple(indices.shape)} and relevance "
             f"{tuple(relevance.shape)} differ in shape"
         )
+    bounds = None
+    if window is not None:
+        bounds = max_pool_offset_bounds(input_shape[2:], relevance.shape[2:], *window)
     return call_op(
-        max_pool_relevance_op, max_pool_relevance_kernel, relevance, indices, list(input_shape[2:])
+        max_pool_relevance_op,
+        max_pool_relevance_kernel,
+        relevance,
+        indices,
+        list(input_shape[2:]),
+        bounds,
     )
 
 
