@@ -240,7 +240,7 @@ def test_batch_chunks_match_float64(monkeypatch, kind, sign, rule, params):
     if kind == "conv":
         x = torch.rand(11, 4, 7, 9, dtype=torch.float64)
         w, b = torch.randn(5, 4, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-        lin = conv._map([2, 1], [1, 1], [1, 1], 1)
+        lin = conv.geometry_map([2, 1], [1, 1], [1, 1], 1)
     else:
         x = torch.rand(11, 6, dtype=torch.float64)
         w, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
@@ -304,7 +304,7 @@ def test_two_shares_in_one_pass_where_weights_stack(
         groups = 2 if kind == "conv-groups" else 1
         x = torch.rand(3, 8, 8, 7, dtype=torch.float64)
         w = torch.randn(6, 8 // groups, 3, 3, dtype=torch.float64)
-        lin = conv._map([2, 1], [1, 1], [1, 1], groups)
+        lin = conv.geometry_map([2, 1], [1, 1], [1, 1], groups)
     b = torch.randn(6, dtype=torch.float64)
     full = _layer_rules.forward_reference(lin, x, w, b, rule, params)
     assert (full[0] < 0).any() and (full[0] > 0).any()
@@ -338,7 +338,9 @@ def test_alphabeta_on_few_inputs_per_unit_is_as_precise_as_the_reference(kind):
     assert w_shape[1] * (w_shape[2] * w_shape[3] if len(w_shape) == 4 else 1) < (
         _layer_rules.MIN_INPUTS_FOR_DIFFERENCE
     )
-    lin = linear.DENSE_MAP if len(w_shape) == 2 else conv._map([1, 1], [0, 0], [1, 1], groups)
+    lin = (
+        linear.DENSE_MAP if len(w_shape) == 2 else conv.geometry_map([1, 1], [0, 0], [1, 1], groups)
+    )
     params = [2.0, 1.0, 1e-6, 1.0]
     fast_errors, reference_errors = [], []
     for seed in range(4):

@@ -428,10 +428,8 @@ class WeightLayer(Layer):
         # (this step is where VGG16's ε analysis held the most).
         fwd.clear()
         g = self.geometry
-        transpose = conv_ops.conv_map(
-            tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]), g["groups"]
-        ).transpose
-        return [InputProduct(donate(transpose(shares, w_op, x_op)), x_op)]
+        lin = conv_ops.geometry_map(g["stride"], g["padding"], g["dilation"], g["groups"])
+        return [InputProduct(donate(lin.transpose(shares, w_op, x_op)), x_op)]
 
 
 def identity(x: Any, *args: Any, **kwargs: Any) -> Any:

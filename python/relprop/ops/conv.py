@@ -132,7 +132,9 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
     )
 
 
-def _map(stride, padding, dilation, groups) -> rules.LinearMap:
+def geometry_map(stride, padding, dilation, groups) -> rules.LinearMap:
+    """:func:`conv_map` for a geometry given as any int sequences (an op's arguments, a plan's
+    lists)."""
     return conv_map(tuple(stride), tuple(padding), tuple(dilation), int(groups))
 
 
@@ -148,7 +150,7 @@ def conv2d_forward_reference(
     params: Sequence[float],
 ) -> list[Tensor]:
     """Reference ``[z, *aux]`` of a convolution under ``rule`` (docs/ops.md)."""
-    lin = _map(stride, padding, dilation, groups)
+    lin = geometry_map(stride, padding, dilation, groups)
     return rules.forward_reference(lin, x, weight, bias, rule, params)
 
 
@@ -168,7 +170,7 @@ def conv2d_relevance_reference(
     times_input: bool = True,
 ) -> Tensor:
     """Reference relevance of a convolution's input under ``rule`` (docs/ops.md)."""
-    lin = _map(stride, padding, dilation, groups)
+    lin = geometry_map(stride, padding, dilation, groups)
     return rules.relevance_reference(
         lin, x, weight, bias, saved, relevance, rule, params, relevance_factor, times_input
     )
@@ -221,7 +223,7 @@ def forward_kernel(x, weight, bias, stride, padding, dilation, groups, rule, par
         return lambda x, w, b, rule, params: launch(x, w, b, *geometry, rule, params)
 
     return rules.forward_by_backend(
-        _map(stride, padding, dilation, groups),
+        geometry_map(stride, padding, dilation, groups),
         triton_forward,
         layer_backend(),
         x,
@@ -245,7 +247,7 @@ def relevance_kernel(
         )
 
     return rules.relevance_by_backend(
-        _map(stride, padding, dilation, groups),
+        geometry_map(stride, padding, dilation, groups),
         triton_relevance,
         layer_backend(),
         x,
