@@ -114,8 +114,8 @@ def trace(
         Module paths to keep whole (those a composite's ``name_map`` maps to ``Pass``).
     """
     model = unwrapped(model)
-    _refuse_torchscript(model, extra_leaf_types, leaf_names)
     tracer = _Tracer(extra_leaf_types, leaf_names)
+    _refuse_torchscript(model, tracer)
     try:
         graph = tracer.trace(model)
     except Exception as err:  # fx raises many kinds of errors on untraceable Python
@@ -128,18 +128,17 @@ def trace(
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _refuse_torchscript(
-    model: nn.Module, leaf_types: tuple[type, ...], leaf_names: frozenset[str]
-) -> None:
+def _refuse_torchscript(model: nn.Module, tracer: _Tracer) -> None:
     """A TorchScript module (``torch.jit.script``/``torch.jit.trace``) keeps compiled code, no
     Python ``forward`` for torch.fx to follow: say which module it is and what to pass instead
-    (fx's own error, "traced_func_name=forward doesn't exist", names neither). One the
-    composite keeps whole (mapped by name or type) is not traced into and may stay."""
+    (fx's own error, "traced_func_name=forward doesn't exist", names neither). One the tracer
+    keeps whole (a leaf: mapped by name or type in the composite) is not traced into and may
+    stay."""
     kept: list[str] = []
     for path, module in named_submodules(model):
         if any(path.startswith(k + ".") for k in kept):
             continue
-        if path and (path in leaf_names or isinstance(module, leaf_types)):
+        if path and tracer.is_leaf_module(module, path):
             kept.append(path)
             continue
         if isinstance(module, torch.jit.ScriptModule):
