@@ -97,3 +97,7 @@ def test_peak_memory_within_issue_3s_target(ratios):
     for method, (_, _, per_sample, fixed) in by_method.items():
         assert per_sample <= 1.2, (model, method, per_sample)
         assert fixed <= 3.0, (model, method, fixed)
+    if model == "vgg16":
+        # Its ε convolutions under max pools keep nothing of their outputs for the relevance
+        # pass (docs/ops.md, "Divided above the max pool"): 0.70× here, 1.03× before.
+        assert by_method["lrp.epsilon"][2] <= 0.8

@@ -69,9 +69,10 @@ def test_non_overlapping_pools_give_the_same_bits(monkeypatch, dtype):
     divided, shares = _analyze(monkeypatch, _vgg_like, x, divided=True)
     kept, none = _analyze(monkeypatch, _vgg_like, x, divided=False)
     assert torch.equal(divided, kept)
-    # The first two pools receive c · out from the ε convolution above them; the last one's
-    # relevance comes formed through the flattening and the dense layer.
-    assert shares == [(3, 16, 8, 8), (3, 8, 16, 16)]
+    # Every pool divides for the convolution below it: the first two receive c · out from the
+    # ε convolution above them, the last one formed relevance through the flattening and the
+    # dense layer.
+    assert shares == [(3, 16, 4, 4), (3, 16, 8, 8), (3, 8, 16, 16)]
     assert none == []
 
 
@@ -96,10 +97,11 @@ def test_lrp0_through_divided_pools_is_gradient_times_input(monkeypatch, make):
     torch.testing.assert_close(relevance, grad * x, rtol=1e-10, atol=1e-12)
 
 
-def test_the_output_is_let_go_before_the_transposed_product(monkeypatch):
-    # The convolution under the pool no longer holds its output into its step (batch 32, 8
-    # channels at 16×16: 262144 bytes in float32), which was where this net's analysis held the
-    # most; the peak moves to another step, 98 KB lower (a quarter of that output at least).
+def test_the_layer_under_a_pool_keeps_nothing_of_its_output(monkeypatch):
+    # The convolutions under the pools keep nothing of their outputs for the relevance pass (the
+    # second's: 8 channels at 16×16, batch 32, 262144 bytes in float32; the others' a quarter
+    # and a sixteenth of that); the pools keep their outputs, which the layers above them keep
+    # anyway. The ledger's peak drops by more than the largest of them (458752 bytes).
     x = seeded_normal((32, 3, 16, 16), seed=7, dtype=torch.float32)
 
     def peak(divided: bool) -> int:
@@ -108,7 +110,25 @@ def test_the_output_is_let_go_before_the_transposed_product(monkeypatch):
             _analyze(monkeypatch, _vgg_like, x, divided)
         return memory.peak
 
-    assert peak(True) <= peak(False) - 32 * 8 * 16 * 16 * 4 // 4
+    assert peak(True) <= peak(False) - 32 * 8 * 16 * 16 * 4
+
+
+def test_a_layer_whose_pool_did_not_divide_computes_its_output_again(monkeypatch):
+    # The layer drops its output where its mark took; should the pool above not divide for it
+    # all the same (here: the pool's forward made to miss the mark), its ε relevance op computes
+    # the output again from its input, and the relevance is the same.
+    x = seeded_normal((2, 3, 16, 16), seed=10, dtype=torch.float32)
+    expected, _ = _analyze(monkeypatch, _vgg_like, x, divided=False)
+    forward = layers.MaxPoolLayer.forward
+
+    def blind(self, args, kwargs):
+        out, saved = forward(self, args, kwargs)
+        return out, (*saved[:-1], None)
+
+    monkeypatch.setattr(layers.MaxPoolLayer, "forward", blind)
+    relevance, shares = _analyze(monkeypatch, _vgg_like, x, divided=True)
+    assert shares == []
+    torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_the_plan_lets_a_pool_divide_only_for_an_epsilon_layer_it_alone_reads():
@@ -171,7 +191,7 @@ def test_cuda_non_overlapping_pools_give_the_same_bits(monkeypatch, dtype):
 
     divided, shares = _analyze(monkeypatch, make, x, divided=True)
     kept, _ = _analyze(monkeypatch, make, x, divided=False)
-    assert shares == [(3, 16, 8, 8), (3, 8, 16, 16)]
+    assert shares == [(3, 16, 4, 4), (3, 16, 8, 8), (3, 8, 16, 16)]
     assert torch.equal(divided, kept)
 
 
@@ -189,5 +209,5 @@ def test_torch_compile_gives_the_same_relevance(monkeypatch):
     eager = analyzer.analyze(x)
     eager_shares = len(shares)
     compiled = torch.compile(analyzer.analyze, dynamic=False)(x)
-    assert eager_shares == 2 and len(shares) == 4  # traced through the same path
+    assert eager_shares == 3 and len(shares) == 6  # traced through the same path
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)

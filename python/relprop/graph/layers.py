@@ -335,11 +335,16 @@ class WeightLayer(Layer):
             and saved[0] is out
         ):
             # The division of its relevance pass is R / stab(out, ε) with ``out`` itself: the max
-            # pool above may do it at its own output's size (Shares).
+            # pool above does it at its own output's size (Shares), whatever form the relevance
+            # reaches it in, so this step keeps nothing of its output for the relevance pass —
+            # where its mark took (an inference tensor takes none; a relevance op given no z
+            # would compute it again).
             try:
                 stamp_mark(out, DIVIDED_AT_MAX_POOL_MARK, float(rule_params[0]))
             except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
                 pass
+            if read_mark(out, DIVIDED_AT_MAX_POOL_MARK) is not None:
+                saved = []
         if lean and prefers_factor(name, stacks, nonnegative):
             # Its relevance pass will divide an unformed c · out at no extra cost (the factor is
             # read by the division): a max pool above may hand its relevance down that way.
@@ -382,7 +387,8 @@ class WeightLayer(Layer):
             # the relevance of u = (x − l)/(h − l) that of x.
             groups = 1 if self.geometry is None else self.geometry["groups"]
             x_op, w_op = box.unit_box(x_op, w_op, groups)
-        if isinstance(relevance, Shares) and relevance.output() is _output_of(fwd, self.dims):
+        if isinstance(relevance, Shares):
+            # Only the max pool that alone reads this layer's output makes them (plan.py).
             return self._transposed_shares(saved, relevance.shares)
         relevance, factor = unformed(relevance)
         # Leave the product with x to the layer below where the rule's relevance is x · c (on
@@ -423,10 +429,7 @@ class WeightLayer(Layer):
     def _transposed_shares(self, saved, shares: Tensor):
         """ε's relevance ``x · Wᵀ shares`` from shares a max pool above divided (Shares): the
         transposed product only, handed down as ``c · x`` as the native ε path does."""
-        x_op, w_op, _, fwd, _, _ = saved
-        # The output is no longer read: let it go before the product's output is allocated
-        # (this step is where VGG16's ε analysis held the most).
-        fwd.clear()
+        x_op, w_op = saved[:2]
         g = self.geometry
         lin = conv_ops.geometry_map(g["stride"], g["padding"], g["dilation"], g["groups"])
         return [InputProduct(donate(lin.transpose(shares, w_op, x_op)), x_op)]
@@ -756,30 +759,37 @@ class MaxPoolLayer(Layer):
         _keep_nonnegative_mark(x, out)
         # Weak references: the input and output are only looked at if something else keeps
         # them (the layer below saved its output, the layer above its input), never kept alive
-        # for this layer's sake.
-        return out, (indices, x.shape, weakref.ref(x), weakref.ref(out))
+        # for this layer's sake — except the output where this pool divides for the ε layer
+        # below (its mark on x): then the output is the denominator, and a quarter of the x that
+        # layer no longer keeps.
+        epsilon = read_mark(x, DIVIDED_AT_MAX_POOL_MARK)
+        divides = None if epsilon is None else (epsilon, out)
+        return out, (indices, x.shape, weakref.ref(x), weakref.ref(out), divides)
 
     takes_input_product = True
 
     def relevance(self, saved, relevance):
-        indices, shape, input_ref, output_ref = saved
+        indices, shape, input_ref, output_ref, divides = saved
         first, addend, factor = unformed_parts(relevance)
-        x, out = input_ref(), output_ref()
-        # The marks are stamped with x's version: they also say x is unchanged since the pool
-        # read it.
-        unformed_out = factor is not None and out is not None and _same_view(factor, out)
-        epsilon = read_mark(x, DIVIDED_AT_MAX_POOL_MARK) if unformed_out and x is not None else None
-        if epsilon is not None and out.dim() == 4:
-            # R = c · out reaches the winners, where the ε layer below divides it by its own
-            # output x: x[idx[o]] = out[o], so each winner's share is c[o] · out[o] / stab(out[o])
-            # — divided here at the pool's output size, then spread (docs/ops.md). Two paths'
-            # coefficients (a ResNet's stem pool feeds a block and its shortcut) are summed by
-            # the division.
-            share = divide_fast(
-                first, out, epsilon, factor=out, numerator_addend=addend, last_read=True
-            )
+        if divides is not None:
+            # R reaches the winners, where the ε layer below divides it by its own output x:
+            # x[idx[o]] = out[o], so each winner's share is R[o] / stab(out[o]) — divided here at
+            # the pool's output size, then spread (docs/ops.md). Relevance c · out arriving
+            # unformed is formed by the division, two paths' coefficients (a ResNet's stem pool
+            # feeds a block and its shortcut) summed by it.
+            epsilon, out = divides
+            if factor is not None and _same_view(factor, out):
+                share = divide_fast(
+                    first, out, epsilon, factor=out, numerator_addend=addend, last_read=True
+                )
+            else:
+                share = divide_fast(formed(relevance), out, epsilon)
             winners = pool_ops.max_pool_relevance(share, indices, shape, self.window)
-            return [Shares(winners, weakref.ref(x), epsilon)]
+            return [Shares(winners, input_ref, epsilon)]
+        x, out = input_ref(), output_ref()
+        # The mark is stamped with x's version: it also says x is unchanged since the pool read
+        # it.
+        unformed_out = factor is not None and out is not None and _same_view(factor, out)
         if unformed_out and x is not None and read_mark(x, FORMS_PRODUCT_MARK):
             # R = c · out with out[o] = x[idx[o]]: each window's winner receives c[o] · x[idx[o]],
             # so R_in = x · (winner-takes-all of c). Handed down unformed, the product is formed
@@ -796,11 +806,6 @@ FORMS_PRODUCT_MARK = "_relprop_forms_product"
 # Set on an ε layer's output that a max pool alone reads: the value is the layer's ε, and the pool
 # may divide by it for the layer (Shares).
 DIVIDED_AT_MAX_POOL_MARK = "_relprop_divided_at_max_pool"
-
-
-def _output_of(fwd: list, dims: int) -> Tensor | None:
-    """The layer output a lean ε forward saved (``z``, which is the output for a 2-D layer)."""
-    return fwd[0] if fwd and dims == 2 else None
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:
