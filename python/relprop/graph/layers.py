@@ -795,7 +795,7 @@ class MaxPoolLayer(Layer):
             # so R_in = x · (winner-takes-all of c). Handed down unformed, the product is formed
             # by the division of the layer below (which produced x and marked it so) instead of
             # by a pass here; a layer that would form it itself, at x's size, gets it formed.
-            coefficient = first if addend is None else first + addend
+            coefficient = relevance.coefficient_sum()  # an InputProduct: it has a factor
             winners = pool_ops.max_pool_relevance(coefficient, indices, shape, self.window)
             return [InputProduct(donate(winners), x)]
         return [pool_ops.max_pool_relevance(formed(relevance), indices, shape, self.window)]
