@@ -2,7 +2,7 @@
 
 Every native op takes its CUDA branch — a convolution's bias with its fused ReLU, a residual sum
 with its ReLU, the stabilised division with and without its factor (also a max pool's, made for
-the ε convolution below it), the paired shares of α-β and γ, max, average and adaptive pooling — with the 16-bit dtypes the CPU twins do not take; the
+the ε convolution below it, and a z⁺ or γ convolution's at the pool's winners), the paired shares of α-β and γ, max, average and adaptive pooling — with the 16-bit dtypes the CPU twins do not take; the
 products stay torch's. Oracle: the reference analysis in float64; the
 emulated analysis must be as close to it as the same analysis without the CUDA kernels is
 (flash-attention's criterion: at most twice its error): the native path with the CPU twins, and
@@ -34,7 +34,13 @@ MODELS = {
 }
 
 
-EXTRA_MODELS = {"small_cnn_without_bias": (lambda: nets.SmallCNN(bias=False), (2, 3, 8, 8))}
+EXTRA_MODELS = {
+    "small_cnn_without_bias": (lambda: nets.SmallCNN(bias=False), (2, 3, 8, 8)),
+    # Its second convolution's input is a ReLU's output and a max pool alone reads its output:
+    # under z⁺ and γ it divides at the pool's winners (graph.layers.Unspread), the bias of its
+    # product in the division (relprop::stabilized_divide's denominator_bias) at the pool's size.
+    "small_cnn_max_pools": (lambda: nets.SmallCNN(avg_pool=False), (2, 3, 8, 8)),
+}
 
 
 def _relevance(model_name, composite, dtype, monkeypatch, backend: str):
@@ -66,6 +72,10 @@ def _cases():
                 yield pytest.param(
                     dtype, model_name, composite, id=f"{composite}-{model_name}-{dtype}"
                 )
+    for composite in ("EpsilonPlusFlat", "EpsilonGammaBox"):
+        for dtype in (torch.float32, torch.bfloat16):
+            model_name = "small_cnn_max_pools"
+            yield pytest.param(dtype, model_name, composite, id=f"{composite}-{model_name}-{dtype}")
 
 
 @pytest.mark.parametrize(("dtype", "model_name", "composite"), list(_cases()))

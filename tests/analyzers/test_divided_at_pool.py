@@ -131,7 +131,7 @@ def test_a_layer_whose_pool_did_not_divide_computes_its_output_again(monkeypatch
     torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_the_plan_lets_a_pool_divide_only_for_an_epsilon_layer_it_alone_reads():
+def test_the_plan_lets_a_pool_divide_only_for_a_layer_it_alone_reads():
     class TwoReaders(nn.Module):
         """The ReLU's output goes to the pool and to a strided convolution beside it."""
 
@@ -157,12 +157,14 @@ def test_the_plan_lets_a_pool_divide_only_for_an_epsilon_layer_it_alone_reads():
     assert flagged(_vgg_like()) == ["2", "7", "10"]
     assert flagged(_stem_like()) == ["0"]  # through the folded BatchNorm
     assert flagged(TwoReaders().eval()) == []
-    z_plus = relprop.create_analyzer(
-        "lrp", _vgg_like(), composite=relprop.composites.EpsilonPlus()
+    # z⁺ and γ convolutions are flagged too, and divide at the winners themselves
+    # (test_divided_at_winners.py); α-β's are not.
+    alpha_beta = relprop.create_analyzer(
+        "lrp", _vgg_like(), composite=relprop.composites.EpsilonAlpha2Beta1()
     ).plan
     assert not any(
         isinstance(s.layer, layers.WeightLayer) and s.layer.divides_at_max_pool
-        for s in z_plus.steps
+        for s in alpha_beta.steps
     )
 
 

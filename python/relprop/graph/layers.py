@@ -34,6 +34,7 @@ from relprop.ops._backend import (
 )
 from relprop.ops._layer_rules import (
     COMPUTE_DTYPES,
+    DIVIDES_AT_WINNERS,
     INPUT_PRODUCT_RULES,
     TRITON_DTYPES,
     _is_nonnegative,
@@ -48,6 +49,7 @@ from relprop.ops._layer_rules import (
     stabilize,
     stamp_mark,
     times_factor,
+    winner_division_terms,
 )
 from relprop.ops.add_relu import add_relu_fast
 from relprop.ops.bias_relu import bias_relu_fast
@@ -112,13 +114,46 @@ class Shares:
         return self.shares * stabilize(output, self.epsilon)
 
 
+@dataclass(frozen=True)
+class Unspread:
+    """A max pool's relevance not yet spread to its winners, handed to the z⁺ or γ layer whose
+    output the pool alone reads (``WeightLayer.divides_at_max_pool``).
+
+    That layer divides by a product it makes in its own relevance step (``W⁺x``,
+    ``(W + γW⁺)x``), so the pool cannot divide for it as it does for ε (:class:`Shares`); but
+    the relevance is zero except at the winners, so the layer gathers its product there and
+    divides at the pool's output size, then spreads the shares. That spares the layer's
+    division at the (four times larger) input size — the spread relevance written and read back,
+    γ's ``z`` read for its sign — and γ keeps nothing of its output from the forward: at a
+    winner ``z`` is the pool's output (docs/ops.md, "Divided at the max pool's winners").
+    """
+
+    # The relevance of the pool's output, as it reached the pool (InputProduct or tensor).
+    relevance: Tensor | InputProduct
+    # The pool's output: each window's winner, z at the winners (held by the layer above too).
+    output: Tensor
+    indices: Tensor
+    input_shape: torch.Size
+    window: tuple[list[int], ...] | None
+
+    def spread(self, values: Tensor) -> Tensor:
+        """``values`` (at the pool's output size) spread to the winners: zero elsewhere."""
+        return pool_ops.max_pool_relevance(values, self.indices, self.input_shape, self.window)
+
+    def formed(self) -> Tensor:
+        """The relevance of the pool's input, as the pool hands it to any other step."""
+        return self.spread(formed(self.relevance))
+
+
 # typing.Union, not `|`: a module-level alias is evaluated, and Python 3.9 has no `type | type`.
-Relevance = Union[Tensor, InputProduct, Shares]
+Relevance = Union[Tensor, InputProduct, Shares, Unspread]
 
 
 def formed(relevance: Relevance) -> Tensor:
     """The relevance as a tensor."""
-    return relevance.formed() if isinstance(relevance, (InputProduct, Shares)) else relevance
+    if isinstance(relevance, (InputProduct, Shares, Unspread)):
+        return relevance.formed()
+    return relevance
 
 
 def unformed(relevance: Relevance) -> tuple[Tensor, Tensor | None]:
@@ -217,7 +252,9 @@ class WeightLayer(Layer):
         # Set by the plan when the ReLU after this layer may run here, in place (plan.py).
         self.fused_relu = False
         # Set by the plan when the layer's output (after a fused ReLU) goes to a max pool alone:
-        # under ε the pool may divide for it (Shares, plan.py `_divide_at_max_pools`).
+        # the layer's division may then run at the pool's output size — made by the pool under
+        # ε (Shares), by the layer at the pool's winners under z⁺ and γ (Unspread); plan.py
+        # `_divide_at_max_pools`.
         self.divides_at_max_pool = False
         # RELPROP_BACKEND=auto: the backend measured fastest for each input signature met.
         self.chosen: dict[LayerSignature, str] = {}
@@ -345,6 +382,26 @@ class WeightLayer(Layer):
                 pass
             if read_mark(out, DIVIDED_AT_MAX_POOL_MARK) is not None:
                 saved = []
+        elif (
+            self.divides_at_max_pool
+            and lean
+            and name in DIVIDES_AT_WINNERS
+            and not boxed
+            and self.geometry is not None
+            and self.dims == 2
+            and (name == "zplus" or (saved and saved[0] is out and is_marked_nonnegative(out)))
+            and _is_nonnegative(x_op)
+        ):
+            # Its one division reads a product it makes in its relevance step; the max pool
+            # above hands its relevance unspread (Unspread), and the step divides at the
+            # winners, where γ's z is the pool's output: nothing of the output is kept here.
+            # (γ's other branch, z < 0, has no entry after a ReLU; z⁺ keeps nothing anyway.)
+            try:
+                stamp_mark(out, SPREAD_BY_LAYER_MARK, True)
+            except (AttributeError, RuntimeError):  # tensor subclasses under tracing may refuse
+                pass
+            if read_mark(out, SPREAD_BY_LAYER_MARK) is not None:
+                saved = []
         if lean and prefers_factor(name, stacks, nonnegative):
             # Its relevance pass will divide an unformed c · out at no extra cost (the factor is
             # read by the division): a max pool above may hand its relevance down that way.
@@ -390,6 +447,9 @@ class WeightLayer(Layer):
         if isinstance(relevance, Shares):
             # Only the max pool that alone reads this layer's output makes them (plan.py).
             return self._transposed_shares(saved, relevance.shares)
+        if isinstance(relevance, Unspread):
+            # Only that pool hands them, where this layer's forward marked its output.
+            return self._relevance_at_winners(saved, relevance)
         relevance, factor = unformed(relevance)
         # Leave the product with x to the layer below where the rule's relevance is x · c (on
         # the native path: the fused kernels end with the product).
@@ -425,6 +485,39 @@ class WeightLayer(Layer):
         # r is the fresh output of this step's op, read by the layer below alone: it may take
         # the result of that layer's division (ops._layer_rules.DONATED_MARK).
         return [r if times_input else InputProduct(donate(r), x)]
+
+    def _relevance_at_winners(self, saved, pooled: Unspread):
+        """z⁺'s or γ's relevance ``x · Tᵀ spread(R / stab(d[idx], ε))`` from a max pool's
+        relevance ``R`` not yet spread (Unspread): the denominator's product ``d`` made at the
+        layer's output size and read at the winners ``idx`` only, the division at the pool's
+        output size; handed down as ``c · x``, as the native path does on non-negative input.
+
+        Bitwise the division the layer made at its output size where windows do not overlap:
+        elsewhere the relevance is zero, and at a winner γ's sign test reads ``z``, which is the
+        pool's output there.
+        """
+        x_op, w_op, op_bias = saved[:3]
+        name, rule_params = self.rule.op()
+        g = self.geometry
+        lin = conv_ops.geometry_map(g["stride"], g["padding"], g["dilation"], g["groups"])
+        product, product_bias, epsilon, transposed_weight = winner_division_terms(
+            lin, x_op, w_op, op_bias, name, rule_params
+        )
+        at_winners = pool_ops.gather_winners(product, pooled.indices)
+        del product
+        numerator, addend, factor = unformed_parts(pooled.relevance)
+        if factor is not None and not _same_view(factor, pooled.output):
+            numerator, addend, factor = formed(pooled.relevance), None, None
+        share = divide_fast(
+            numerator, at_winners, epsilon,
+            sign_reference=pooled.output if name == "gamma" else None, sign=1,
+            factor=factor, denominator_bias=product_bias, numerator_addend=addend,
+            last_read=True,
+        )  # fmt: skip
+        del at_winners, numerator, addend
+        spread = pooled.spread(share)
+        del share
+        return [InputProduct(donate(lin.transpose(spread, transposed_weight, x_op)), x_op)]
 
     def _transposed_shares(self, saved, shares: Tensor):
         """ε's relevance ``x · Wᵀ shares`` from shares a max pool above divided (Shares): the
@@ -764,12 +857,19 @@ class MaxPoolLayer(Layer):
         # layer no longer keeps.
         epsilon = read_mark(x, DIVIDED_AT_MAX_POOL_MARK)
         divides = None if epsilon is None else (epsilon, out)
+        if divides is None and read_mark(x, SPREAD_BY_LAYER_MARK):
+            # The z⁺/γ layer below divides at this pool's winners: its relevance goes there
+            # unspread, with the output (z at the winners) it reads (Unspread).
+            divides = (None, out)
         return out, (indices, x.shape, weakref.ref(x), weakref.ref(out), divides)
 
     takes_input_product = True
 
     def relevance(self, saved, relevance):
         indices, shape, input_ref, output_ref, divides = saved
+        if divides is not None and divides[0] is None:
+            relevance = relevance if isinstance(relevance, InputProduct) else formed(relevance)
+            return [Unspread(relevance, divides[1], indices, shape, self.window)]
         first, addend, factor = unformed_parts(relevance)
         if divides is not None:
             # R reaches the winners, where the ε layer below divides it by its own output x:
@@ -806,6 +906,9 @@ FORMS_PRODUCT_MARK = "_relprop_forms_product"
 # Set on an ε layer's output that a max pool alone reads: the value is the layer's ε, and the pool
 # may divide by it for the layer (Shares).
 DIVIDED_AT_MAX_POOL_MARK = "_relprop_divided_at_max_pool"
+# Set on a z⁺/γ layer's output that a max pool alone reads: the pool hands its relevance down
+# unspread, and the layer divides at the winners (Unspread).
+SPREAD_BY_LAYER_MARK = "_relprop_spread_by_layer"
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:

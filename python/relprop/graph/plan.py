@@ -23,6 +23,7 @@ from relprop.graph import layers as L
 from relprop.graph.canonize import FoldedParameters, can_fold
 from relprop.graph.trace import OPERATOR_NAMES, check_no_softmax_output, is_softmax, output_node
 from relprop.ops._backend import forced_backend, layer_backend
+from relprop.ops._layer_rules import DIVIDES_AT_WINNERS
 from relprop.rules.base import Norm, Pass, Rule, WinnerTakesAll
 
 ACTIVATION_MODULES = (
@@ -603,20 +604,27 @@ class PlanBuilder:
             relu_step.layer = L.PassLayer(_identity)
 
     def _divide_at_max_pools(self, steps: dict[str, Step]) -> None:
-        """Let a max pool divide for the ε convolution whose output (after a fused ReLU) it
-        alone reads (``layers.Shares``).
+        """Let the division of a convolution whose output (after a fused ReLU) a max pool
+        alone reads run at the pool's output size: made by the pool under ε
+        (``layers.Shares``), by the convolution at the pool's winners under z⁺ and γ
+        (``layers.Unspread``).
 
         The convolution's division reads its relevance — zero but at the pool's winners — and
-        its output, both at the pool's input size; the pool has the same numbers at its output
-        size, where each window's winner is the output itself. Only where nothing else reads the
-        output: relevance from another reader would have to be added before the division.
+        a denominator at the pool's input size: under ε its output, which at each window's
+        winner is the pool's output itself; under z⁺ and γ a product the layer makes in its
+        relevance step, which it can read at the winners alone. Only where nothing else reads
+        the output: relevance from another reader would have to be added before the division.
+        The layer's forward checks what a plan cannot know (its input ≥ 0, the backend).
         """
         for node in self.gm.graph.nodes:
             step = steps.get(node.name)
             if step is None or not isinstance(step.layer, L.WeightLayer):
                 continue
             layer = step.layer
-            if layer.geometry is None or layer.dims != 2 or step.rule.op()[0] != "epsilon":
+            rule = step.rule.op()[0]
+            if layer.geometry is None or layer.dims != 2:
+                continue
+            if rule != "epsilon" and rule not in DIVIDES_AT_WINNERS:
                 continue
             user = self._single_user_through_folded_bn(node, steps)
             if user is not None and steps[user.name].kind == "relu (fused)":

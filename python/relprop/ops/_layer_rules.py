@@ -942,6 +942,37 @@ def _product_and_bias(
     return lin.forward(x, weight, bias), None
 
 
+# Rules whose relevance a max pool above may hand down unspread, for the layer to divide at the
+# pool's winners (graph/layers.Unspread): one division, by a product the layer makes itself.
+DIVIDES_AT_WINNERS = ("zplus", "gamma")
+
+
+def winner_division_terms(
+    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, rule: str, params
+) -> tuple[Tensor, Tensor | None, float, Tensor]:
+    """What z⁺'s or γ's one division reads, for ``x ≥ 0`` and ``z ≥ 0`` (a fused ReLU): the
+    denominator's product at the layer's output size, its bias where the division adds it
+    (:func:`_product_and_bias`), ε, and the weight of the transposed product.
+
+    z⁺ (Montavon et al. 2017, "Explaining nonlinear classification decisions with deep Taylor
+    decomposition"): ``W⁺x (+ b⁺)`` with ``W⁺``; γ (Montavon et al. 2019, "Layer-Wise Relevance Propagation: An Overview"):
+    ``(W + γW⁺)x + b + γb⁺`` with ``W + γW⁺`` — γ's ``z < 0`` branch has no entry where a ReLU
+    made ``z``. The same terms :func:`relevance_fast` divides by, for a caller that divides at
+    a max pool's winners only (``graph.layers.WeightLayer._relevance_at_winners``).
+    """
+    if rule == "zplus":
+        positive = _positive_weight(weight)
+        product, product_bias = _product_and_bias(
+            lin, x, positive, _positive(bias) if params[1] != 0 else None
+        )
+        return product, product_bias, float(params[0]), positive
+    if rule == "gamma":
+        shifted, shifted_bias = _gamma_shifted(weight, bias, params[0], up=True)
+        product, product_bias = _product_and_bias(lin, x, shifted, shifted_bias)
+        return product, product_bias, float(params[1]), shifted
+    raise ValueError(f"relprop: {rule!r} does not divide at a max pool's winners")
+
+
 def _zbox_denominator(lin: LinearMap, x: Tensor, weight: Tensor, low: float, high: float):
     """``Wx − W⁺l − W⁻h`` (no bias).
 

@@ -412,6 +412,32 @@ def max_pool_relevance(
     )
 
 
+def gather_winners(values: Tensor, indices: Tensor) -> Tensor:
+    """``values`` at a max pool's winners: ``out[n, c, o] = values[n, c, idx[n, c, o]]``, the
+    transpose of :func:`max_pool_relevance`'s spread (for non-overlapping windows, its inverse
+    at the winners).
+
+    Parameters
+    ----------
+    values : Tensor
+        ``(N, C, *in)``, shaped as the pool's input.
+    indices : Tensor
+        The forward's indices, ``(N, C, *out)`` (flat positions in each plane).
+
+    Returns
+    -------
+    Tensor
+        ``(N, C, *out)``, ``values``' dtype.
+    """
+    if values.dim() != indices.dim() or values.shape[:2] != indices.shape[:2]:
+        raise ValueError(
+            f"gather_winners: values {tuple(values.shape)} and indices {tuple(indices.shape)} "
+            f"are not of one pool's input and output"
+        )
+    planes = values.reshape(*values.shape[:2], -1)
+    return planes.gather(2, indices.reshape(*indices.shape[:2], -1)).view(indices.shape)
+
+
 def avg_pool_relevance(
     x: Tensor,
     relevance: Tensor,
