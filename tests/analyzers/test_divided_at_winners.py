@@ -257,3 +257,23 @@ def test_torch_compile_gives_the_same_relevance(monkeypatch):
     compiled = torch.compile(analyzer.analyze, dynamic=False)(x)
     assert eager_calls == 3 and len(calls) == 6  # traced through the same path
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_the_memory_budget_counts_relevance_held_at_a_pools_size():
+    # A step that may run in chunks asks what the pass holds outside the forward's saved
+    # tensors (graph/program._HeldBytes): relevance waiting unspread (or as a pool's shares) is
+    # counted by its tensors, at the pool's output size.
+    from relprop.graph.program import _HeldBytes
+
+    out, indices = nn.functional.max_pool2d(torch.rand(2, 4, 8, 8), 2, return_indices=True)
+    coefficient = torch.rand(2, 4, 4, 4)
+    held = _HeldBytes({}, [])
+    unspread = layers.Unspread(
+        layers.InputProduct(coefficient, out), out, indices, torch.Size((2, 4, 8, 8)), None
+    )
+    assert held.outside([unspread]) == 2 * coefficient.nbytes
+    assert held.outside([layers.Unspread(coefficient, out, indices, out.shape, None)]) == (
+        coefficient.nbytes
+    )
+    shares = layers.Shares(coefficient, lambda: None, 0.0)
+    assert held.outside([shares]) == coefficient.nbytes

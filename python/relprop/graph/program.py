@@ -19,7 +19,7 @@ from torch import Tensor, fx
 
 from relprop.errors import AnalyzerInputError
 from relprop.graph.canonize import fold_all
-from relprop.graph.layers import InputProduct, PassLayer, formed, join
+from relprop.graph.layers import InputProduct, PassLayer, Shares, Unspread, formed, join
 from relprop.graph.plan import Plan, attribute
 from relprop.ops._backend import one_pass
 from relprop.ops._layer_rules import transient_budget
@@ -211,8 +211,12 @@ class _HeldBytes:
         """Bytes of the relevances' storages not among the saved ones."""
         tensors = []
         for r in relevances:
+            if isinstance(r, Unspread):  # a max pool's, at its output size
+                r = r.relevance
             if isinstance(r, InputProduct):
                 tensors.extend(t for t in (r.coefficient, r.addend, r.factor) if t is not None)
+            elif isinstance(r, Shares):
+                tensors.append(r.shares)
             else:
                 tensors.append(r)
         sizes: dict[int, int] = {}
