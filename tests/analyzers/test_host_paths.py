@@ -55,6 +55,44 @@ def test_submodules_walk_as_torch_does(index):
     assert all(a is b for (_, a), (_, b) in zip(named, expected_named))
 
 
+def test_an_analysis_walks_its_model_once_and_sees_a_replaced_module_after(monkeypatch):
+    # Its train/eval flags, hooks and trace check share one walk (graph.trace.OneWalk); outside
+    # an analysis nothing is kept: a module replaced between two analyses is walked, and the
+    # next analysis runs the new module (oracle: a new analyzer of the changed model).
+    from relprop.graph import trace as trace_module
+
+    model = tiny_cnn().double().eval()
+    analyzer = relprop.create_analyzer("lrp.epsilon", model, epsilon=0.0)
+    x = seeded_normal((2, 3, 8, 8), seed=1)
+    analyzer.analyze(x)
+    walks = []
+    walk = trace_module.named_submodules
+
+    def recorded(module):
+        walks.append(walk(module))
+        return walks[-1]
+
+    monkeypatch.setattr(trace_module, "named_submodules", recorded)
+    analyzer.analyze(x)
+    # Three asked for (flags, hooks, the trace's modules), one made.
+    assert len(walks) == 3 and all(w is walks[0] for w in walks)
+    with trace_module.OneWalk(model) as outer:
+        with trace_module.OneWalk(model) as inner:
+            assert inner is outer
+        assert trace_module.named_submodules(model) is outer  # the outer one kept
+    assert trace_module.named_submodules(model) is not outer
+    model[7] = nn.Linear(24, 4).double()
+    relevance = analyzer.analyze(x)
+    fresh = relprop.create_analyzer("lrp.epsilon", model, epsilon=0.0).analyze(x)
+    assert torch.equal(relevance, fresh)
+    # Not the relevance of the old head: LRP-0 on this ReLU net is gradient × input (to the
+    # average pool's stabiliser).
+    leaf = x.clone().requires_grad_()
+    output = model(leaf)
+    (grad,) = torch.autograd.grad(output.gather(1, output.argmax(1, keepdim=True)).sum(), leaf)
+    torch.testing.assert_close(relevance, grad * x, rtol=1e-2, atol=1e-6)
+
+
 class _Arguments(nn.Module):
     """Calls with flat, nested, keyword and slice arguments, as traced models have them."""
 

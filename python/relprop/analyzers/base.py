@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from relprop.errors import AnalyzerInputError
-from relprop.graph.trace import submodules
+from relprop.graph.trace import OneWalk
 
 NeuronSelection = Union[int, Sequence[int], Tensor, None]
 SELECTION_MODES = ("max_activation", "index", "all")
@@ -293,8 +293,8 @@ _model_locks_guard = threading.Lock()
 def preserved_state(model: nn.Module):
     """Hold the model's lock (:func:`model_lock`), run the model in eval mode and restore every
     module's train/eval flag afterwards."""
-    with model_lock(model):
-        modes = [(m, m.training) for m in submodules(model)]
+    with model_lock(model), OneWalk(model) as walk:
+        modes = [(m, m.training) for _, m in walk]
         if not any(training for _, training in modes):
             # Already in eval mode (the usual case): nothing to switch or restore, which spares
             # two passes of nn.Module.__setattr__ over every module per analysis.
