@@ -64,6 +64,7 @@ LEAF_OPS = {
     "stabilized_divide",
     "paired_shares",
     "max_pool_relevance",
+    "max_pool_divided_relevance",
     "avg_pool2d_relevance",
     "adaptive_avg_pool2d_relevance",
 }

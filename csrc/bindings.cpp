@@ -65,6 +65,15 @@ constexpr const char* kStabilizedDivideDoc =
     "elsewhere), sign = 0 ignores sign_reference. All buffers contiguous, numel elements; dtype: "
     "0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
 
+constexpr const char* kMaxPoolDividedDoc =
+    "out[n, c, i] = sum over o with indices[n, c, o] = i (raster order) of keep ? (relevance[o] "
+    "* factor[o]) / stab(denominator[n, c, i] + denominator_bias[c], epsilon) : 0, keep = stab "
+    "!= 0 and sign_reference[o] > 0; factor, sign_reference, denominator_bias = 0 (no address): "
+    "absent. factor and sign_reference have the relevance's shape and strides; denominator and "
+    "out are contiguous (N, C, H, W) of the pool's input size; dtype: 0 float32, 1 float64, 2 "
+    "float16, 3 bfloat16 (CUDA only). On CUDA, workspace and offset_bounds as for "
+    "max_pool_relevance_cuda. Deterministic (gather, no float atomics).";
+
 constexpr const char* kPairedSharesDoc =
     "out[n, 0, j] = scale * R / stab(zp, epsilon), out[n, 1, j] = second_scale * R / "
     "stab(z_weight * z - zp, epsilon), each 0 where its stab is 0 and, with sign_masks, where "
@@ -157,6 +166,22 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
       py::arg("indices"), py::arg("indices_strides"), py::arg("out"), release_gil, kShapeDoc);
+
+  m.def(
+      "max_pool_divided_relevance_cpu",
+      [](int dtype, const Shape6& shape, uintptr_t relevance, const StrideList& relevance_strides,
+         uintptr_t indices, const StrideList& indices_strides, uintptr_t factor,
+         uintptr_t sign_reference, uintptr_t denominator, uintptr_t denominator_bias,
+         double epsilon, uintptr_t out) {
+        max_pool_divided_relevance_cpu(
+            static_cast<DType>(dtype), plane_shape(shape), relevance, strides(relevance_strides),
+            indices, strides(indices_strides),
+            WinnerDivision{factor, sign_reference, denominator, denominator_bias, epsilon}, out);
+      },
+      py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
+      py::arg("indices"), py::arg("indices_strides"), py::arg("factor"),
+      py::arg("sign_reference"), py::arg("denominator"), py::arg("denominator_bias"),
+      py::arg("epsilon"), py::arg("out"), release_gil, kMaxPoolDividedDoc);
 
   m.def(
       "avg_pool2d_relevance_cpu",
@@ -282,6 +307,33 @@ PYBIND11_MODULE(_C, m) {
       py::arg("inner"), py::arg("epsilon"), py::arg("scale"), py::arg("sign_reference"),
       py::arg("sign"), py::arg("out"), py::arg("stream"), py::arg("device"), release_gil,
       kStabilizedDivideDoc);
+
+  m.def(
+      "max_pool_divided_relevance_cuda",
+      [](int dtype, const Shape6& shape, uintptr_t relevance, const StrideList& relevance_strides,
+         uintptr_t indices, const StrideList& indices_strides, uintptr_t factor,
+         uintptr_t sign_reference, uintptr_t denominator, uintptr_t denominator_bias,
+         double epsilon, uintptr_t out, uintptr_t workspace,
+         const std::vector<int>& offset_bounds, uintptr_t stream, int device) {
+        if (!offset_bounds.empty() && offset_bounds.size() != 4) {
+          throw std::invalid_argument(
+              "offset_bounds: [row_min, row_max, col_min, col_max] or empty (measured)");
+        }
+        const OffsetBounds known = offset_bounds.empty()
+                                       ? OffsetBounds{0, 0, 0, 0}
+                                       : OffsetBounds{offset_bounds[0], offset_bounds[1],
+                                                      offset_bounds[2], offset_bounds[3]};
+        max_pool_divided_relevance_cuda(
+            static_cast<DType>(dtype), plane_shape(shape), relevance, strides(relevance_strides),
+            indices, strides(indices_strides),
+            WinnerDivision{factor, sign_reference, denominator, denominator_bias, epsilon}, out,
+            workspace, offset_bounds.empty() ? nullptr : &known, stream, device);
+      },
+      py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
+      py::arg("indices"), py::arg("indices_strides"), py::arg("factor"),
+      py::arg("sign_reference"), py::arg("denominator"), py::arg("denominator_bias"),
+      py::arg("epsilon"), py::arg("out"), py::arg("workspace"), py::arg("offset_bounds"),
+      py::arg("stream"), py::arg("device"), release_gil, kMaxPoolDividedDoc);
 
   m.def(
       "max_pool_relevance_cuda",

@@ -159,7 +159,7 @@ def test_cuda_entries_take_the_cpu_twins_arguments_plus_the_launch(monkeypatch):
     cpu_entries = sorted(n for n in dir(module) if n.endswith("_cpu"))
     assert cpu_entries == [
         "adaptive_avg_pool2d_relevance_cpu", "add_relu_cpu", "avg_pool2d_relevance_cpu",
-        "bias_relu_cpu",
+        "bias_relu_cpu", "max_pool_divided_relevance_cpu",
         "max_pool_relevance_cpu", "paired_shares_cpu", "stabilized_divide_cpu",
     ]  # fmt: skip
     # The launch keywords as the glue makes them, with torch's stream queries stubbed (no GPU).
@@ -173,5 +173,5 @@ def test_cuda_entries_take_the_cpu_twins_arguments_plus_the_launch(monkeypatch):
         workspace = ["workspace"] if "pool" in name else []
         # The max pool's winners' offset bounds, where the pool's window gives them (the CPU
         # twin scatters and needs none).
-        bounds = ["offset_bounds"] if name == "max_pool_relevance" else []
+        bounds = ["offset_bounds"] if name.startswith("max_pool") else []
         assert cuda == cpu + workspace + bounds + launch, (name, cpu, cuda)

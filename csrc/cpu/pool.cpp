@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "relprop/elementwise.h"
 #include "relprop/pool_geometry.h"
 
 namespace relprop {
@@ -40,6 +41,73 @@ void max_pool_relevance_impl(const PlaneShape& s, const T* relevance, const Stri
   }
   if (out_of_range.load()) {
     throw std::out_of_range("max_pool_relevance: an index lies outside the input plane of " +
+                            std::to_string(in_numel) + " elements");
+  }
+}
+
+// The division of the layer under the pool at its winners, spread (pool.h), in two passes per
+// plane: each output's share computed as stabilized_divide's CPU twin computes it
+// (csrc/cpu/elementwise.cpp, scale 1) into a buffer — a loop the compiler vectorises (the
+// divisions are most of the work) — then added to its winner in raster order as
+// max_pool_relevance_impl adds relevance: the same bits as the two ops one after the other.
+template <typename T>
+void max_pool_divided_relevance_impl(const PlaneShape& s, const T* relevance, const Strides4& rs,
+                                     const int64_t* indices, const Strides4& is,
+                                     const WinnerDivision& w, T* out) {
+  const int64_t planes = s.batch * s.channels;
+  const int64_t in_numel = s.in_h * s.in_w;
+  const T* factor = reinterpret_cast<const T*>(w.factor);
+  const T* reference = reinterpret_cast<const T*>(w.sign_reference);
+  const T* denominator = reinterpret_cast<const T*>(w.denominator);
+  const T* bias = reinterpret_cast<const T*>(w.denominator_bias);
+  const T epsilon = static_cast<T>(w.epsilon);
+  std::atomic<bool> out_of_range{false};
+#pragma omp parallel
+  {
+    std::vector<T> shares(static_cast<size_t>(s.out_w));
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      const int64_t n = plane / s.channels, c = plane % s.channels;
+      T* out_plane = out + plane * in_numel;
+      for (int64_t i = 0; i < in_numel; ++i) out_plane[i] = T(0);
+      const T* d = denominator + plane * in_numel;
+      const T shift = bias != nullptr ? bias[c] : T(0);
+      const int64_t first = n * rs[0] + c * rs[1];
+      const int64_t* idx = indices + n * is[0] + c * is[1];
+      T* share = shares.data();
+      for (int64_t oh = 0; oh < s.out_h; ++oh) {
+        const int64_t* row_idx = idx + oh * is[2];
+        bool row_in_range = true;
+        for (int64_t ow = 0; ow < s.out_w; ++ow) {
+          const int64_t winner = row_idx[ow * is[3]];
+          row_in_range = row_in_range && winner >= 0 && winner < in_numel;
+        }
+        if (!row_in_range) {
+          out_of_range.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        const int64_t row = first + oh * rs[2];
+#pragma omp simd
+        for (int64_t ow = 0; ow < s.out_w; ++ow) {
+          const int64_t o = row + ow * rs[3];
+          const T value = d[row_idx[ow * is[3]]];
+          const T stabilized = stabilize_denominator(bias != nullptr ? value + shift : value,
+                                                     epsilon);
+          const T numerator = factor == nullptr ? relevance[o]
+                              : factor[o] == T(0) ? T(0)
+                                                  : relevance[o] * factor[o];
+          const T quotient = (T(1) * numerator) / stabilized;
+          // `&`, not `&&`: a short-circuit would make the reference load conditional.
+          bool keep = stabilized != T(0);
+          if (reference != nullptr) keep = keep & (reference[o] > T(0));
+          share[ow] = keep ? quotient : T(0);
+        }
+        for (int64_t ow = 0; ow < s.out_w; ++ow) out_plane[row_idx[ow * is[3]]] += share[ow];
+      }
+    }
+  }
+  if (out_of_range.load()) {
+    throw std::out_of_range("max_pool_divided_relevance: an index lies outside the input plane of " +
                             std::to_string(in_numel) + " elements");
   }
 }
@@ -120,6 +188,25 @@ void max_pool_relevance_cpu(DType dtype, const PlaneShape& shape, uintptr_t rele
                                      reinterpret_cast<double*>(out));
     default:
       unsupported_dtype("max_pool_relevance", dtype);
+  }
+}
+
+void max_pool_divided_relevance_cpu(DType dtype, const PlaneShape& shape, uintptr_t relevance,
+                                    const Strides4& relevance_strides, uintptr_t indices,
+                                    const Strides4& indices_strides,
+                                    const WinnerDivision& division, uintptr_t out) {
+  const auto* idx = reinterpret_cast<const int64_t*>(indices);
+  switch (dtype) {
+    case DType::Float32:
+      return max_pool_divided_relevance_impl(shape, reinterpret_cast<const float*>(relevance),
+                                             relevance_strides, idx, indices_strides, division,
+                                             reinterpret_cast<float*>(out));
+    case DType::Float64:
+      return max_pool_divided_relevance_impl(shape, reinterpret_cast<const double*>(relevance),
+                                             relevance_strides, idx, indices_strides, division,
+                                             reinterpret_cast<double*>(out));
+    default:
+      unsupported_dtype("max_pool_divided_relevance", dtype);
   }
 }
 

@@ -11,6 +11,7 @@
 
 #include "relprop/cuda_common.cuh"
 #include "relprop/cuda_scalars.cuh"
+#include "relprop/elementwise.h"
 #include "relprop/pool.h"
 #include "relprop/pool_geometry.h"
 
@@ -136,6 +137,62 @@ __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides
   out[k] = from_compute<T>(acc);
 }
 
+// The division of the layer under the pool at its winners, spread (pool.h): the gather above,
+// each matching output's share computed as stabilized_divide computes it (elementwise.cu's
+// `share`, scale 1) with this input's denominator, summed in the compute type and rounded once.
+template <typename T>
+struct WinnerOperands {
+  const T* factor;     // null: none
+  const T* reference;  // null: no sign test
+  const T* denominator;
+  const T* bias;  // null: none
+  typename Compute<T>::type epsilon;
+};
+
+template <typename T, typename I>
+__global__ void max_pool_divided_gather_kernel(PlaneShape s, const T* relevance, Strides4 rs,
+                                               const int64_t* indices, Strides4 is,
+                                               const int* measured, OffsetBounds known,
+                                               WinnerOperands<T> w, T* out) {
+  using Acc = typename Compute<T>::type;
+  const I in_w = I(s.in_w), in_h = I(s.in_h), channels = I(s.channels);
+  const I total = I(s.batch) * channels * in_h * in_w;
+  const I k = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x);
+  if (k >= total) return;
+  const PlaneIndex<I> at = plane_index<I>(k, channels, in_h, in_w);
+  const I n = at.n, c = at.c, ih = at.row, iw = at.col;
+  const int64_t flat = int64_t(ih) * s.in_w + iw;
+  const OffsetBounds b =
+      measured != nullptr ? OffsetBounds{measured[0], measured[1], measured[2], measured[3]} : known;
+  I oh0, oh1, ow0, ow1;
+  nominal_inverse<I>(ih, in_h, I(s.out_h), b.row_min, b.row_max, &oh0, &oh1);
+  nominal_inverse<I>(iw, in_w, I(s.out_w), b.col_min, b.col_max, &ow0, &ow1);
+  const int64_t first = n * rs[0] + c * rs[1];
+  const int64_t* idx = indices + n * is[0] + c * is[1];
+  // The input's stabilised denominator, read once (coalesced: consecutive threads, consecutive
+  // inputs) whether or not the input won a window.
+  const Acc denominator = w.bias != nullptr ? to_compute(w.denominator[k]) + to_compute(w.bias[c])
+                                            : to_compute(w.denominator[k]);
+  const Acc stabilized = stabilize_denominator(denominator, w.epsilon);
+  Acc acc = Acc(0);
+  for (I oh = oh0; oh <= oh1; ++oh) {
+    for (I ow = ow0; ow <= ow1; ++ow) {
+      if (idx[oh * is[2] + ow * is[3]] != flat) continue;
+      const int64_t o = first + oh * rs[2] + ow * rs[3];
+      bool keep = stabilized != Acc(0);
+      if (w.reference != nullptr) keep = keep && to_compute(w.reference[o]) > Acc(0);
+      const Acc r = to_compute(relevance[o]);
+      Acc numerator = r;
+      if (w.factor != nullptr) {
+        const Acc f = to_compute(w.factor[o]);
+        numerator = f == Acc(0) ? Acc(0) : r * f;
+      }
+      acc += keep ? (Acc(1) * numerator) / stabilized : Acc(0);
+    }
+  }
+  out[k] = from_compute<T>(acc);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Average pools (z-rule), as in the CPU twin. Pass 1, one thread per output:
 // share = R / stab(z, e) / divisor with z = P x. Pass 2, one thread per input:
@@ -233,6 +290,54 @@ void launch_max_pool(const PlaneShape& s, uintptr_t relevance, const Strides4& r
   check(cudaGetLastError(), "max_pool_relevance launch");
 }
 
+template <typename T, typename I>
+void launch_max_pool_divided_with(const PlaneShape& s, uintptr_t relevance, const Strides4& rs,
+                                  const int64_t* idx, const Strides4& is,
+                                  const WinnerOperands<T>& w, int* bounds,
+                                  const OffsetBounds* known, uintptr_t out, cudaStream_t stream) {
+  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
+  const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
+  const int* measured = nullptr;
+  if (known == nullptr) {
+    init_offset_bounds_kernel<<<1, 1, 0, stream>>>(bounds);
+    const unsigned int bound_blocks = min(blocks_for(out_total), 1024u);
+    winner_offset_bounds_kernel<I><<<bound_blocks, kThreads, 0, stream>>>(s, idx, is, bounds);
+    measured = bounds;
+  }
+  max_pool_divided_gather_kernel<T, I><<<blocks_for(in_total), kThreads, 0, stream>>>(
+      s, reinterpret_cast<const T*>(relevance), rs, idx, is, measured,
+      known != nullptr ? *known : OffsetBounds{0, 0, 0, 0}, w, reinterpret_cast<T*>(out));
+}
+
+template <typename T>
+void launch_max_pool_divided(const PlaneShape& s, uintptr_t relevance, const Strides4& rs,
+                             uintptr_t indices, const Strides4& is, const WinnerDivision& d,
+                             uintptr_t out, uintptr_t workspace, const OffsetBounds* known,
+                             cudaStream_t stream) {
+  using Acc = typename Compute<T>::type;
+  const auto* idx = reinterpret_cast<const int64_t*>(indices);
+  auto* bounds = reinterpret_cast<int*>(workspace);
+  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
+  const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
+  if (in_total == 0) return;
+  const WinnerOperands<T> w{reinterpret_cast<const T*>(d.factor),
+                            reinterpret_cast<const T*>(d.sign_reference),
+                            reinterpret_cast<const T*>(d.denominator),
+                            reinterpret_cast<const T*>(d.denominator_bias),
+                            static_cast<Acc>(d.epsilon)};
+  // 32-bit index arithmetic where it cannot overflow, as launch_max_pool decides.
+  const int64_t limit = INT_MAX - kThreads;
+  const bool narrow = in_total < limit && out_total < limit &&
+                      3 * s.in_h * (s.out_h + 1) < limit && 3 * s.in_w * (s.out_w + 1) < limit;
+  if (narrow) {
+    launch_max_pool_divided_with<T, int>(s, relevance, rs, idx, is, w, bounds, known, out, stream);
+  } else {
+    launch_max_pool_divided_with<T, int64_t>(s, relevance, rs, idx, is, w, bounds, known, out,
+                                             stream);
+  }
+  check(cudaGetLastError(), "max_pool_divided_relevance launch");
+}
+
 template <typename T, typename Windows>
 void launch_avg(const PlaneShape& s, const Windows& windows, uintptr_t x, const Strides4& xs,
                 uintptr_t relevance, const Strides4& rs, double stabilizer, uintptr_t out,
@@ -272,6 +377,21 @@ void max_pool_relevance_cuda(DType dtype, const PlaneShape& shape, uintptr_t rel
     using T = decltype(tag);
     launch_max_pool<T>(shape, relevance, relevance_strides, indices, indices_strides, out,
                        workspace, known, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+void max_pool_divided_relevance_cuda(DType dtype, const PlaneShape& shape, uintptr_t relevance,
+                                     const Strides4& relevance_strides, uintptr_t indices,
+                                     const Strides4& indices_strides,
+                                     const WinnerDivision& division, uintptr_t out,
+                                     uintptr_t workspace, const OffsetBounds* known,
+                                     uintptr_t stream, int device) {
+  DeviceGuard guard(device);
+  dispatch_dtype(dtype, "max_pool_divided_relevance", [&](auto tag) {
+    using T = decltype(tag);
+    launch_max_pool_divided<T>(shape, relevance, relevance_strides, indices, indices_strides,
+                               division, out, workspace, known,
+                               reinterpret_cast<cudaStream_t>(stream));
   });
 }
 

@@ -37,8 +37,8 @@ MODELS = {
 EXTRA_MODELS = {
     "small_cnn_without_bias": (lambda: nets.SmallCNN(bias=False), (2, 3, 8, 8)),
     # Its second convolution's input is a ReLU's output and a max pool alone reads its output:
-    # under z⁺ and γ it divides at the pool's winners (graph.layers.Unspread), the bias of its
-    # product in the division (relprop::stabilized_divide's denominator_bias) at the pool's size.
+    # under z⁺ and γ it divides at the pool's winners (graph.layers.Unspread) as the pool's
+    # relevance is spread (relprop::max_pool_divided_relevance), the bias of its product there.
     "small_cnn_max_pools": (lambda: nets.SmallCNN(avg_pool=False), (2, 3, 8, 8)),
 }
 
@@ -102,9 +102,10 @@ def test_as_close_to_float64_as_the_reference(dtype, model_name, composite, monk
 
 
 def test_every_kernel_runs(monkeypatch):
-    """The models above reach every CUDA entry point (else a kernel would go untested here)."""
+    """The models above (and the one whose z⁺/γ layer divides at a max pool's winners) reach
+    every CUDA entry point (else a kernel would go untested here)."""
     seen = set()
-    for model_name in MODELS:
+    for model_name in [*MODELS, "small_cnn_max_pools"]:
         for composite in COMPOSITES:
             _, module = _relevance(
                 model_name, composite, torch.float32, monkeypatch, "cuda-emulated"
@@ -116,6 +117,7 @@ def test_every_kernel_runs(monkeypatch):
         "stabilized_divide_cuda",
         "paired_shares_cuda",
         "max_pool_relevance_cuda",
+        "max_pool_divided_relevance_cuda",
         "avg_pool2d_relevance_cuda",
         "adaptive_avg_pool2d_relevance_cuda",
     }

@@ -359,10 +359,16 @@ def _opcheck_samples():
             pool.adaptive_avg_pool2d_relevance_op,
             (x, torch.randn(2, 3, 3, 4, dtype=torch.float64), [3, 4], 1e-6),
         ),
+        # The division at the winners: bare, and with every optional operand (1-D).
+        (pool.max_pool_divided_relevance_op, (torch.randn_like(out), indices, x, 1e-3)),
+        (
+            pool.max_pool_divided_relevance_op,
+            (torch.randn_like(out1), indices1, x1, 1e-3, out1, out1, torch.randn(3)),
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(backend, case):
     op, args = _opcheck_samples()[case]
     torch.library.opcheck(op, args)
@@ -400,7 +406,7 @@ def test_cuda_kernels_match_the_reference(monkeypatch, cuda_device, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck_cuda(monkeypatch, case):
     use_backend("cuda", monkeypatch)
     op, args = _opcheck_samples()[case]

@@ -121,11 +121,12 @@ class Unspread:
 
     That layer divides by a product it makes in its own relevance step (``W⁺x``,
     ``(W + γW⁺)x``), so the pool cannot divide for it as it does for ε (:class:`Shares`); but
-    the relevance is zero except at the winners, so the layer gathers its product there and
-    divides at the pool's output size, then spreads the shares. That spares the layer's
-    division at the (four times larger) input size — the spread relevance written and read back,
-    γ's ``z`` read for its sign — and γ keeps nothing of its output from the forward: at a
-    winner ``z`` is the pool's output (docs/ops.md, "Divided at the max pool's winners").
+    the relevance is zero except at the winners, so the layer reads its product there alone and
+    divides at the pool's output size as it spreads the shares, in one pass
+    (``relprop::max_pool_divided_relevance``). That spares the layer's division at the (four
+    times larger) input size — the spread relevance written and read back, γ's ``z`` read for its
+    sign — and γ keeps nothing of its output from the forward: at a winner ``z`` is the pool's
+    output (docs/ops.md, "Divided at the max pool's winners").
     """
 
     # The relevance of the pool's output, as it reached the pool (InputProduct or tensor).
@@ -136,13 +137,11 @@ class Unspread:
     input_shape: torch.Size
     window: tuple[list[int], ...] | None
 
-    def spread(self, values: Tensor) -> Tensor:
-        """``values`` (at the pool's output size) spread to the winners: zero elsewhere."""
-        return pool_ops.max_pool_relevance(values, self.indices, self.input_shape, self.window)
-
     def formed(self) -> Tensor:
         """The relevance of the pool's input, as the pool hands it to any other step."""
-        return self.spread(formed(self.relevance))
+        return pool_ops.max_pool_relevance(
+            formed(self.relevance), self.indices, self.input_shape, self.window
+        )
 
 
 # typing.Union, not `|`: a module-level alias is evaluated, and Python 3.9 has no `type | type`.
@@ -489,8 +488,9 @@ class WeightLayer(Layer):
     def _relevance_at_winners(self, saved, pooled: Unspread):
         """z⁺'s or γ's relevance ``x · Tᵀ spread(R / stab(d[idx], ε))`` from a max pool's
         relevance ``R`` not yet spread (Unspread): the denominator's product ``d`` made at the
-        layer's output size and read at the winners ``idx`` only, the division at the pool's
-        output size; handed down as ``c · x``, as the native path does on non-negative input.
+        layer's output size and read at the winners ``idx`` only, divided at the pool's output
+        size and spread in one op; handed down as ``c · x``, as the native path does on
+        non-negative input.
 
         Bitwise the division the layer made at its output size where windows do not overlap:
         elsewhere the relevance is zero, and at a winner γ's sign test reads ``z``, which is the
@@ -503,20 +503,19 @@ class WeightLayer(Layer):
         product, product_bias, epsilon, transposed_weight = winner_division_terms(
             lin, x_op, w_op, op_bias, name, rule_params
         )
-        at_winners = pool_ops.gather_winners(product, pooled.indices)
-        del product
-        numerator, addend, factor = unformed_parts(pooled.relevance)
-        if factor is not None and not _same_view(factor, pooled.output):
-            numerator, addend, factor = formed(pooled.relevance), None, None
-        share = divide_fast(
-            numerator, at_winners, epsilon,
-            sign_reference=pooled.output if name == "gamma" else None, sign=1,
-            factor=factor, denominator_bias=product_bias, numerator_addend=addend,
-            last_read=True,
+        relevance = pooled.relevance
+        if isinstance(relevance, InputProduct) and _same_view(relevance.factor, pooled.output):
+            # c · out, formed by the division (two paths' coefficients summed first, at the
+            # pool's size: no pool output in these networks has two readers).
+            numerator, factor = relevance.coefficient_sum(), pooled.output
+        else:
+            numerator, factor = formed(relevance), None
+        # The gather, the division and the spread in one pass (relprop::max_pool_divided_relevance).
+        spread = pool_ops.max_pool_divided_relevance(
+            numerator, pooled.indices, product, epsilon, factor,
+            pooled.output if name == "gamma" else None, product_bias, pooled.window,
         )  # fmt: skip
-        del at_winners, numerator, addend
-        spread = pooled.spread(share)
-        del share
+        del product, numerator
         return [InputProduct(donate(lin.transpose(spread, transposed_weight, x_op)), x_op)]
 
     def _transposed_shares(self, saved, shares: Tensor):

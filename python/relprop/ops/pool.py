@@ -1,6 +1,6 @@
 """Relevance of pooling layers: winner-takes-all for max pools, the z-rule for average pools.
 
-Three ``torch.library`` ops (docs/ops.md), each with a plain-PyTorch reference that is the
+Four ``torch.library`` ops (docs/ops.md), each with a plain-PyTorch reference that is the
 ``default`` for any device, a native CPU kernel (``csrc/cpu/pool.cpp``) and a CUDA kernel
 (``kernels/cuda/pool.cu``) reached through ``relprop._C``:
 
@@ -10,6 +10,10 @@ Three ``torch.library`` ops (docs/ops.md), each with a plain-PyTorch reference t
     Overview", 2019). Takes the indices of ``max_pool{1,2}d`` and ``adaptive_max_pool{1,2}d``.
     ``offset_bounds`` (:func:`max_pool_offset_bounds`, from a regular pool's window) spares the
     CUDA kernel the pass that measures where the winners can be; the other paths ignore it.
+``relprop::max_pool_divided_relevance(Tensor relevance, Tensor indices, Tensor denominator, float epsilon, Tensor? factor=None, Tensor? sign_reference=None, Tensor? denominator_bias=None, int[]? offset_bounds=None) -> Tensor``
+    The same winner-takes-all of shares ``R[o]·f[o] / stab(d[idx[o]] + b, ε)``: the division of
+    a z⁺ or γ layer under the pool, at the pool's winners, and the spread in one pass
+    (:func:`max_pool_divided_relevance`).
 ``relprop::avg_pool2d_relevance`` and ``relprop::adaptive_avg_pool2d_relevance``
     ``R_in = x · Pᵀ(R / stab(P x, e))`` with ``P`` the pooling and
     ``stab(d, e) = d + e·(sign(d) + [d = 0])``: the z-rule of Bach et al., "On Pixel-Wise
@@ -38,6 +42,7 @@ from torch import Tensor
 from relprop import _native
 from relprop.ops._backend import call_op
 from relprop.ops._layer_rules import divide, times_factor
+from relprop.ops.elementwise import stabilized_divide_reference
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -77,6 +82,25 @@ def max_pool_relevance_reference(
         2, indices.reshape(batch, channels, -1), relevance.reshape(batch, channels, -1)
     )
     return out.reshape(batch, channels, *input_size)
+
+
+def max_pool_divided_relevance_reference(
+    relevance: Tensor,
+    indices: Tensor,
+    denominator: Tensor,
+    epsilon: float,
+    factor: Tensor | None = None,
+    sign_reference: Tensor | None = None,
+    denominator_bias: Tensor | None = None,
+) -> Tensor:
+    """The division at the winners, then the spread, as three torch steps: the denominator read
+    at the winners, ``stabilized_divide``'s reference at the pool's output size, and
+    :func:`max_pool_relevance_reference`."""
+    at_winners = gather_winners(denominator, indices)
+    shares = stabilized_divide_reference(
+        relevance, at_winners, epsilon, 1.0, sign_reference, 1, factor, denominator_bias
+    )
+    return max_pool_relevance_reference(shares, indices, denominator.shape[2:])
 
 
 def avg_pool2d_relevance_reference(
@@ -206,6 +230,61 @@ def _max_pool_native(
     return out.view(relevance.shape[0], relevance.shape[1], *input_size)
 
 
+def _max_pool_divided_native(
+    relevance: Tensor,
+    indices: Tensor,
+    denominator: Tensor,
+    epsilon: float,
+    factor: Tensor | None,
+    sign_reference: Tensor | None,
+    denominator_bias: Tensor | None,
+    offset_bounds: Sequence[int] | None,
+) -> Tensor:
+    # The pool-size operands share the relevance's strides: all contiguous.
+    r4 = _as_planes(relevance.contiguous())
+    i4 = _as_planes(indices.to(torch.int64))
+    d4 = _as_planes(denominator.contiguous())
+    out = torch.empty(d4.shape, dtype=relevance.dtype, device=relevance.device)
+
+    def optional(t: Tensor | None) -> int:
+        return 0 if t is None else _native.pointer(t.contiguous())
+
+    kept = [t.contiguous() for t in (factor, sign_reference, denominator_bias) if t is not None]
+    args = {
+        "shape": _planes(d4, r4),
+        "relevance": _native.pointer(r4),
+        "relevance_strides": _native.strides4(r4),
+        "indices": _native.pointer(i4),
+        "indices_strides": _native.strides4(i4),
+        "factor": optional(factor),
+        "sign_reference": optional(sign_reference),
+        "denominator": _native.pointer(d4),
+        "denominator_bias": optional(denominator_bias),
+        "epsilon": float(epsilon),
+        "out": _native.pointer(out),
+    }
+    module = _native.native()
+    if _native.on_cuda(relevance):
+        workspace = (
+            torch.empty(4, dtype=torch.int32, device=relevance.device)
+            if not offset_bounds
+            else None
+        )
+        module.max_pool_divided_relevance_cuda(
+            dtype=_native.dtype_code(relevance, _native.CUDA_DTYPES),
+            workspace=0 if workspace is None else _native.pointer(workspace),
+            offset_bounds=[int(b) for b in offset_bounds or ()],
+            **_native.cuda_launch_args(relevance),
+            **args,
+        )
+    else:
+        module.max_pool_divided_relevance_cpu(
+            dtype=_native.dtype_code(relevance, _native.CPU_DTYPES), **args
+        )
+    del kept  # the contiguous copies (if any) lived until the kernel ran
+    return out.view(denominator.shape)
+
+
 def _avg_native(x: Tensor, relevance: Tensor, stabilizer: float, cpu_entry, cuda_entry, **geometry):
     x4, r4 = _as_planes(x), _as_planes(relevance)
     out = torch.empty(x4.shape, dtype=x.dtype, device=x.device)
@@ -261,6 +340,45 @@ def max_pool_relevance_kernel(relevance, indices, input_size, offset_bounds=None
     if not _native.runs_native(relevance) or len(input_size) not in (1, 2):
         return max_pool_relevance_reference(relevance, indices, input_size)
     return _max_pool_native(relevance, indices, input_size, offset_bounds)
+
+
+@torch.library.custom_op(
+    "relprop::max_pool_divided_relevance",
+    mutates_args=(),
+    schema=(
+        "(Tensor relevance, Tensor indices, Tensor denominator, float epsilon, "
+        "Tensor? factor=None, Tensor? sign_reference=None, Tensor? denominator_bias=None, "
+        "int[]? offset_bounds=None) -> Tensor"
+    ),
+)
+def max_pool_divided_relevance_op(
+    relevance, indices, denominator, epsilon, factor=None, sign_reference=None,
+    denominator_bias=None, offset_bounds=None,
+):  # fmt: skip
+    return max_pool_divided_relevance_reference(
+        relevance, indices, denominator, epsilon, factor, sign_reference, denominator_bias
+    )
+
+
+@max_pool_divided_relevance_op.register_fake
+def _(relevance, indices, denominator, epsilon, factor=None, sign_reference=None,
+      denominator_bias=None, offset_bounds=None):  # fmt: skip
+    return relevance.new_empty(denominator.shape)
+
+
+@max_pool_divided_relevance_op.register_kernel(("cpu", "cuda"))
+def max_pool_divided_relevance_kernel(
+    relevance, indices, denominator, epsilon, factor=None, sign_reference=None,
+    denominator_bias=None, offset_bounds=None,
+):  # fmt: skip
+    if not _native.runs_native(relevance) or denominator.dim() not in (3, 4):
+        return max_pool_divided_relevance_reference(
+            relevance, indices, denominator, epsilon, factor, sign_reference, denominator_bias
+        )
+    return _max_pool_divided_native(
+        relevance, indices, denominator, epsilon, factor, sign_reference, denominator_bias,
+        offset_bounds,
+    )  # fmt: skip
 
 
 @torch.library.custom_op(
@@ -436,6 +554,82 @@ def gather_winners(values: Tensor, indices: Tensor) -> Tensor:
         )
     planes = values.reshape(*values.shape[:2], -1)
     return planes.gather(2, indices.reshape(*indices.shape[:2], -1)).view(indices.shape)
+
+
+def max_pool_divided_relevance(
+    relevance: Tensor,
+    indices: Tensor,
+    denominator: Tensor,
+    epsilon: float,
+    factor: Tensor | None = None,
+    sign_reference: Tensor | None = None,
+    denominator_bias: Tensor | None = None,
+    window: Sequence[Sequence[int]] | None = None,
+) -> Tensor:
+    """Winner-takes-all of shares: the division a layer under a max pool makes, at the pool's
+    winners, and the spread, in one pass.
+
+    ``R_in[n, c, i] = Σ_{o : idx[n, c, o] = i} keep · (R[o] · f[o]) / stab(d[n, c, i] + b[c], ε)``
+    with ``stab(d, ε) = d + ε·(sign(d) + [d = 0])``, ``keep = stab ≠ 0 ∧ ref[o] > 0`` (the
+    reference where given), ``R · f = 0`` where ``f = 0``: ``relprop::stabilized_divide`` at the
+    pool's output size with the denominator read at the winners (:func:`gather_winners`),
+    followed by :func:`max_pool_relevance`. The layer under the pool divides by a product it
+    makes (z⁺: ``W⁺x``, γ: ``(W + γW⁺)x``) that is zero-relevance everywhere but at the
+    winners (``graph.layers.Unspread``; Montavon et al., "Layer-Wise Relevance Propagation: An
+    Overview", 2019, for the rules). Three passes — the gather, the division, the spread — and
+    the gathered tensor become one: the kernel runs one thread per input, reads that input's
+    denominator once and gathers the shares of the windows it won.
+
+    Parameters
+    ----------
+    relevance, factor, sign_reference : Tensor
+        ``(N, C, *out)``: the relevance of the pool's output; its factor (the relevance is
+        ``R · f``, unformed) and the sign test's reference, or None.
+    indices : Tensor
+        The forward's indices, ``(N, C, *out)``.
+    denominator : Tensor
+        ``(N, C, *in)``, the pool's input size: the layer's pre-activation that divides.
+    epsilon : float
+        The stabiliser.
+    denominator_bias : Tensor, optional
+        ``(C,)``, added to the denominator (a bias the product did not add).
+    window : (kernel_size, stride, padding, dilation), optional
+        A regular pool's window (:func:`max_pool_relevance`).
+
+    Returns
+    -------
+    Tensor
+        The shares at the pool's input size (zero but at the winners), ``denominator``'s shape.
+    """
+    if indices.shape != relevance.shape or relevance.dim() not in (3, 4):
+        raise ValueError(
+            f"max_pool_divided_relevance: relevance {tuple(relevance.shape)} and indices "
+            f"{tuple(indices.shape)} must both be (N, C, L) or (N, C, H, W)"
+        )
+    if denominator.dim() != relevance.dim() or denominator.shape[:2] != relevance.shape[:2]:
+        raise ValueError(
+            f"max_pool_divided_relevance: denominator {tuple(denominator.shape)} is not of the "
+            f"pool's input for relevance {tuple(relevance.shape)}"
+        )
+    for name, t in (("factor", factor), ("sign_reference", sign_reference)):
+        if t is not None and t.shape != relevance.shape:
+            raise ValueError(
+                f"max_pool_divided_relevance: {name} {tuple(t.shape)} differs from relevance "
+                f"{tuple(relevance.shape)}"
+            )
+    if denominator_bias is not None and denominator_bias.shape != (relevance.shape[1],):
+        raise ValueError(
+            f"max_pool_divided_relevance: denominator_bias {tuple(denominator_bias.shape)} is "
+            f"not one value per channel ({relevance.shape[1]})"
+        )
+    bounds = None
+    if window is not None:
+        bounds = max_pool_offset_bounds(denominator.shape[2:], relevance.shape[2:], *window)
+    return call_op(
+        max_pool_divided_relevance_op, max_pool_divided_relevance_kernel,
+        relevance, indices, denominator, float(epsilon), factor, sign_reference,
+        denominator_bias, bounds,
+    )  # fmt: skip
 
 
 def avg_pool_relevance(
