@@ -191,3 +191,24 @@ def test_bad_shapes_are_refused_with_the_reason():
         pool.max_pool_divided_relevance(
             relevance, indices, denominator, EPSILON, denominator_bias=bias[:1]
         )
+
+
+@pytest.mark.parametrize("emulated", [False, True], ids=["cpu", "cuda-emulated"])
+def test_operands_in_any_layout(monkeypatch, emulated):
+    # A channels-last denominator (a convolution's output in that format), and pool-size operands
+    # that are views with gaps: copied to the kernels' layout, each kept until the kernel ran.
+    relevance, denominator, out, bias, indices, window = _case(GEOMETRIES[1], 2, torch.float32)
+    operands = (out, out, bias)
+    expected = _composed(relevance, indices, denominator, EPSILON, *operands, window)
+    wide = torch.zeros(*relevance.shape[:3], 2 * relevance.shape[3])
+    strided = wide[..., ::2]
+    strided.copy_(relevance)
+    factor = torch.zeros_like(wide)[..., ::2]
+    factor.copy_(out)
+    if emulated:
+        emulate_cuda(monkeypatch)
+    fused = pool.max_pool_divided_relevance(
+        strided, indices, denominator.to(memory_format=torch.channels_last), EPSILON,
+        factor, out, bias, window,
+    )  # fmt: skip
+    assert torch.equal(fused, expected)

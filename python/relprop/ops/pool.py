@@ -240,16 +240,19 @@ def _max_pool_divided_native(
     denominator_bias: Tensor | None,
     offset_bounds: Sequence[int] | None,
 ) -> Tensor:
-    # The pool-size operands share the relevance's strides: all contiguous.
+    # The pool-size operands share the relevance's strides: all contiguous (copies, where they
+    # were not, held here until the kernel has run).
     r4 = _as_planes(relevance.contiguous())
     i4 = _as_planes(indices.to(torch.int64))
     d4 = _as_planes(denominator.contiguous())
+    factor, sign_reference, denominator_bias = (
+        None if t is None else t.contiguous() for t in (factor, sign_reference, denominator_bias)
+    )
     out = torch.empty(d4.shape, dtype=relevance.dtype, device=relevance.device)
 
     def optional(t: Tensor | None) -> int:
-        return 0 if t is None else _native.pointer(t.contiguous())
+        return 0 if t is None else _native.pointer(t)
 
-    kept = [t.contiguous() for t in (factor, sign_reference, denominator_bias) if t is not None]
     args = {
         "shape": _planes(d4, r4),
         "relevance": _native.pointer(r4),
@@ -281,7 +284,6 @@ def _max_pool_divided_native(
         module.max_pool_divided_relevance_cpu(
             dtype=_native.dtype_code(relevance, _native.CPU_DTYPES), **args
         )
-    del kept  # the contiguous copies (if any) lived until the kernel ran
     return out.view(denominator.shape)
 
 
