@@ -277,3 +277,47 @@ def test_the_memory_budget_counts_relevance_held_at_a_pools_size():
     )
     shares = layers.Shares(coefficient, lambda: None, 0.0)
     assert held.outside([shares]) == coefficient.nbytes
+
+
+def _one_d(dtype=torch.float32, overlapping=False) -> nn.Module:
+    """A 1-D VGG (a signal, not an image): the same steps with Conv1d and MaxPool1d."""
+    torch.manual_seed(0)
+    last = nn.MaxPool1d(3, 2, 1) if overlapping else nn.MaxPool1d(2)
+    return nn.Sequential(
+        nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.MaxPool1d(2), nn.Conv1d(8, 16, 3, padding=1), nn.ReLU(), last, nn.Flatten(),
+        nn.Linear(16 * 8, 5),
+    ).eval().to(dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("overlapping", [False, True], ids=["2", "3-stride2-pad1"])
+@pytest.mark.parametrize("method", ["epsilon", *METHODS])
+def test_one_d_convolutions_divide_at_their_pools_too(monkeypatch, method, overlapping):
+    # ε's pool divides for it (layers.Shares), z⁺'s and γ's layers divide at the winners: the
+    # same bits as the division in the layer where windows do not overlap, to rounding where
+    # they do.
+    x = seeded_normal((3, 3, 32), seed=12, dtype=torch.float64)
+    shares = []
+    transposed = layers.WeightLayer._transposed_shares
+
+    def counted(self, saved, relevance):
+        shares.append(tuple(relevance.shape))
+        return transposed(self, saved, relevance)
+
+    monkeypatch.setattr(layers.WeightLayer, "_transposed_shares", counted)
+
+    def make(dtype):
+        return _one_d(dtype, overlapping)
+
+    if method == "epsilon":
+        monkeypatch.setitem(METHODS, "epsilon", ("lrp.epsilon", {}))
+    divided, calls = _analyze(monkeypatch, make, x, True, method)
+    kept, _ = _analyze(monkeypatch, make, x, False, method)
+    if method == "epsilon":  # the pools' shares, spread to their convolutions' outputs
+        assert shares == [(3, 16, 16), (3, 8, 32)] and calls == []
+    else:  # the pools' outputs
+        assert calls == [(3, 16, 8), (3, 8, 16)] and shares == []
+    if overlapping:
+        torch.testing.assert_close(divided, kept, rtol=1e-10, atol=1e-14)
+    else:
+        assert torch.equal(divided, kept)

@@ -366,9 +366,8 @@ class WeightLayer(Layer):
             and lean
             and name == "epsilon"
             and self.geometry is not None
-            and self.dims == 2
             and saved
-            and saved[0] is out
+            and saved[0] is z  # out is z (a 1-D layer's: a view of it), the fused ReLU's output
         ):
             # The division of its relevance pass is R / stab(out, ε) with ``out`` itself: the max
             # pool above does it at its own output's size (Shares), whatever form the relevance
@@ -387,8 +386,7 @@ class WeightLayer(Layer):
             and name in DIVIDES_AT_WINNERS
             and not boxed
             and self.geometry is not None
-            and self.dims == 2
-            and (name == "zplus" or (saved and saved[0] is out and is_marked_nonnegative(out)))
+            and (name == "zplus" or (saved and saved[0] is z and is_marked_nonnegative(out)))
             and _is_nonnegative(x_op)
         ):
             # Its one division reads a product it makes in its relevance step; the max pool
@@ -503,6 +501,8 @@ class WeightLayer(Layer):
         product, product_bias, epsilon, transposed_weight = winner_division_terms(
             lin, x_op, w_op, op_bias, name, rule_params
         )
+        if self.dims == 1:  # the map's (N, C, 1, L) as the pool's (N, C, L)
+            product = product.squeeze(2)
         relevance = pooled.relevance
         if isinstance(relevance, InputProduct) and _same_view(relevance.factor, pooled.output):
             # c · out, formed by the division (two paths' coefficients summed first, at the
@@ -516,7 +516,15 @@ class WeightLayer(Layer):
             pooled.output if name == "gamma" else None, product_bias, pooled.window,
         )  # fmt: skip
         del product, numerator
-        return [InputProduct(donate(lin.transpose(spread, transposed_weight, x_op)), x_op)]
+        return self._transposed_product(lin, spread, transposed_weight, x_op)
+
+    def _transposed_product(self, lin, shares: Tensor, weight: Tensor, x_op: Tensor):
+        """``[c · x]`` with ``c = Tᵀ shares`` for shares at the layer's output size, as the pool
+        spread them (a 1-D layer's without the map's height)."""
+        if self.dims == 1:
+            c = lin.transpose(shares.unsqueeze(2), weight, x_op).squeeze(2)
+            return [InputProduct(donate(c), x_op.squeeze(2))]
+        return [InputProduct(donate(lin.transpose(shares, weight, x_op)), x_op)]
 
     def _transposed_shares(self, saved, shares: Tensor):
         """ε's relevance ``x · Wᵀ shares`` from shares a max pool above divided (Shares): the
@@ -524,7 +532,7 @@ class WeightLayer(Layer):
         x_op, w_op = saved[:2]
         g = self.geometry
         lin = conv_ops.geometry_map(g["stride"], g["padding"], g["dilation"], g["groups"])
-        return [InputProduct(donate(lin.transpose(shares, w_op, x_op)), x_op)]
+        return self._transposed_product(lin, shares, w_op, x_op)
 
 
 def identity(x: Any, *args: Any, **kwargs: Any) -> Any:

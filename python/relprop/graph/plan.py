@@ -622,7 +622,7 @@ class PlanBuilder:
                 continue
             layer = step.layer
             rule = step.rule.op()[0]
-            if layer.geometry is None or layer.dims != 2:
+            if layer.geometry is None:  # a convolution, 1-D or 2-D
                 continue
             if rule != "epsilon" and rule not in DIVIDES_AT_WINNERS:
                 continue
