@@ -17,6 +17,11 @@ It also records peak extra GPU memory per step and the largest relative deviatio
 relevance from the reference, prints a table and writes long-format CSV rows (one per op,
 provider, shape, rule, dtype and metric) in the format of the other benchmarks.
 
+Then VGG16's max pools and ResNet50's: the relevance step between a pool and the γ convolution
+under it — ``relprop::max_pool_divided_relevance`` (one kernel) against the three ops it replaces
+and against the spread followed by the division at full size, beside the gradient's pool and
+ReLU backward (:func:`pool_providers`).
+
 Run on a GPU machine, unattended::
 
     python benchmarks/bench_ops_triton.py --out bench_ops_triton.csv
@@ -95,6 +100,81 @@ SMOKE_LAYERS = [
     Layer("smoke.pointwise_conv", "conv", 6, 4, 5, 1),
     Layer("smoke.linear", "linear", 33, 17),
 ]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A max pool over a ReLU'd convolution output: its relevance step for the γ layer below."""
+
+    name: str
+    channels: int
+    size: int
+    kernel: int = 2
+    stride: int = 2
+    padding: int = 0
+
+
+POOLS = [
+    Pool("vgg16.pool1", 64, 224),
+    Pool("vgg16.pool2", 128, 112),
+    Pool("vgg16.pool3", 256, 56),
+    Pool("vgg16.pool4", 512, 28),
+    Pool("vgg16.pool5", 512, 14),
+    Pool("resnet50.maxpool", 64, 112, 3, 2, 1),
+]
+SMOKE_POOLS = [Pool("smoke.pool2x2", 5, 10), Pool("smoke.pool3x3s2", 6, 9, 3, 2, 1)]
+POOL_PROVIDERS = ("gradient", "fused", "composed", "spread first")
+
+
+def pool_providers(pool: Pool, batch: int, dtype: torch.dtype, device: str):
+    """The relevance step between a max pool and the γ convolution under it, four ways:
+
+    - ``gradient``: what autograd runs there (the pool's backward, the ReLU's);
+    - ``fused``: ``relprop::max_pool_divided_relevance``, the division at the winners and the
+      spread in one kernel (what the engine runs);
+    - ``composed``: the three ops it replaces (the denominator gathered at the winners, the
+      division at the pool's size, the spread);
+    - ``spread first``: the spread, then the division at the pool's input size (the engine
+      before the layer divided at the winners).
+    """
+    from relprop.ops import pool as pool_ops
+    from relprop.ops._layer_rules import divide_fast
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, pool.channels, pool.size, pool.size)
+    x = torch.randn(shape, generator=generator, device=device).relu().to(dtype)
+    geometry = ([pool.kernel] * 2, [pool.stride] * 2, [pool.padding] * 2)
+    out, indices = F.max_pool2d(x, *geometry, return_indices=True)
+    coefficient = torch.randn(out.shape, generator=generator, device=device).to(dtype)
+    denominator = torch.randn(shape, generator=generator, device=device).to(dtype)
+    window = (*geometry, [1, 1])
+
+    def gradient():
+        spread = torch.ops.aten.max_pool2d_with_indices_backward(
+            coefficient, x, *geometry, [1, 1], False, indices
+        )
+        return torch.ops.aten.threshold_backward(spread, x, 0)
+
+    def fused():
+        return pool_ops.max_pool_divided_relevance(
+            coefficient, indices, denominator, 1e-9, out, out, None, window
+        )
+
+    def composed():
+        at_winners = pool_ops.gather_winners(denominator, indices)
+        share = divide_fast(coefficient, at_winners, 1e-9, sign_reference=out, factor=out)
+        return pool_ops.max_pool_relevance(share, indices, shape, window)
+
+    def spread_first():
+        spread = pool_ops.max_pool_relevance(coefficient, indices, shape, window)
+        return divide_fast(spread, denominator, 1e-9, sign_reference=x, factor=x)
+
+    return {
+        "gradient": gradient,
+        "fused": fused,
+        "composed": composed,
+        "spread first": spread_first,
+    }
 
 
 def rules_for(layer: Layer) -> list[str]:
@@ -280,6 +360,45 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rows.append({**base, "provider": "triton-vs-reference", "metric": "max_rel_dev",
                              "p50": deviation, "p20": "", "p80": ""})  # fmt: skip
             del x, w, b, z, r
+            if cuda:
+                torch.cuda.empty_cache()
+    for pool in SMOKE_POOLS if args.smoke else POOLS:
+        if args.filter and args.filter not in pool.name:
+            continue
+        for dtype_name in args.dtypes.split(","):
+            steps = pool_providers(pool, args.batch, DTYPES[dtype_name], args.device)
+            fused, composed = steps["fused"](), steps["composed"]()
+            scale = composed.float().abs().max().clamp(min=1e-30)
+            deviation = ((fused.float() - composed.float()).abs().max() / scale).item()
+            del fused, composed
+            times = {}
+            base = {
+                "op": "max_pool_divided_relevance", "layer": pool.name,
+                "shape": f"{args.batch}x{pool.channels}x{pool.size}x{pool.size} "
+                         f"k{pool.kernel}s{pool.stride}p{pool.padding}",
+                "rule": "gamma", "dtype": dtype_name, "device": device_name, "version": version,
+            }  # fmt: skip
+            for name, step in steps.items():
+                if cuda:
+                    p50, p20, p80 = do_bench(step, quantiles=QUANTILES)
+                else:
+                    p50, p20, p80 = cpu_bench(step)
+                times[name] = p50
+                row = {**base, "provider": name}
+                rows.append({**row, "metric": "time_ms", "p50": p50, "p20": p20, "p80": p80})
+                if cuda:
+                    rows.append({**row, "metric": "peak_extra_mib",
+                                 "p50": peak_extra_memory(step) / 2**20, "p20": "", "p80": ""})  # fmt: skip
+            rows.append({**base, "provider": "fused-vs-composed", "metric": "max_rel_dev",
+                         "p50": deviation, "p20": "", "p80": ""})  # fmt: skip
+            print(
+                f"{pool.name:28s} {dtype_name:4s} pool      grad {times['gradient']:7.3f} ms  "
+                f"fused {times['fused']:7.3f} ({times['fused'] / times['gradient']:5.2f}x)  "
+                f"composed {times['composed']:7.3f}  spread first {times['spread first']:7.3f}  "
+                f"max rel dev {deviation:.1e}",
+                flush=True,
+            )
+            del steps
             if cuda:
                 torch.cuda.empty_cache()
     return rows

@@ -34,6 +34,8 @@ def test_smoke_run_writes_every_row_and_the_kernels_match_the_reference(tmp_path
         for dtype in MAX_DEVIATION
         for provider in PROVIDERS
     }
+    pooled = [r for r in rows if r["op"] == "max_pool_divided_relevance"]
+    rows = [r for r in rows if r["op"] != "max_pool_divided_relevance"]
     times = {(r["layer"], r["rule"], r["dtype"], r["provider"]): r for r in rows
              if r["metric"] == "time_ms"}  # fmt: skip
     assert set(times) == expected
@@ -41,6 +43,19 @@ def test_smoke_run_writes_every_row_and_the_kernels_match_the_reference(tmp_path
     deviations = [r for r in rows if r["metric"] == "max_rel_dev"]
     assert len(deviations) == len(expected) // len(PROVIDERS)
     for row in deviations:
+        assert float(row["p50"]) <= MAX_DEVIATION[row["dtype"]], row
+    # The pools' step: every provider timed, the fused op against the three ops it replaces.
+    pool_times = {(r["layer"], r["dtype"], r["provider"]) for r in pooled
+                  if r["metric"] == "time_ms"}  # fmt: skip
+    assert pool_times == {
+        (pool.name, dtype, provider)
+        for pool in bench.SMOKE_POOLS
+        for dtype in MAX_DEVIATION
+        for provider in bench.POOL_PROVIDERS
+    }
+    pool_deviations = [r for r in pooled if r["metric"] == "max_rel_dev"]
+    assert len(pool_deviations) == len(bench.SMOKE_POOLS) * len(MAX_DEVIATION)
+    for row in pool_deviations:
         assert float(row["p50"]) <= MAX_DEVIATION[row["dtype"]], row
 
 
