@@ -66,13 +66,15 @@ constexpr const char* kStabilizedDivideDoc =
     "0 float32, 1 float64, 2 float16, 3 bfloat16 (CUDA only).";
 
 constexpr const char* kMaxPoolDividedDoc =
-    "out[n, c, i] = sum over o with indices[n, c, o] = i (raster order) of keep ? (relevance[o] "
-    "* factor[o]) / stab(denominator[n, c, i] + denominator_bias[c], epsilon) : 0, keep = stab "
-    "!= 0 and sign_reference[o] > 0; factor, sign_reference, denominator_bias = 0 (no address): "
-    "absent. factor and sign_reference have the relevance's shape and strides; denominator and "
-    "out are contiguous (N, C, H, W) of the pool's input size; dtype: 0 float32, 1 float64, 2 "
-    "float16, 3 bfloat16 (CUDA only). On CUDA, workspace and offset_bounds as for "
-    "max_pool_relevance_cuda. Deterministic (gather, no float atomics).";
+    "out[n, c, i] = sum over o with indices[n, c, o] = i (raster order) of keep ? ((relevance[o] "
+    "+ addend[o]) * factor[o]) / stab(D + denominator_bias[c], epsilon) : 0, D = "
+    "denominator[n, c, i] (denominator[o] with denominator_at_outputs), keep = stab != 0 and "
+    "sign_reference[o] > 0; addend, factor, sign_reference, denominator_bias = 0 (no address): "
+    "absent. addend, factor and sign_reference (and the denominator at the outputs) have the "
+    "relevance's shape and strides; out (and the denominator at the winners) are contiguous "
+    "(N, C, H, W) of the pool's input size; dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 "
+    "(CUDA only). On CUDA, workspace and offset_bounds as for max_pool_relevance_cuda. "
+    "Deterministic (gather, no float atomics).";
 
 constexpr const char* kPairedSharesDoc =
     "out[n, 0, j] = scale * R / stab(zp, epsilon), out[n, 1, j] = second_scale * R / "
@@ -170,18 +172,21 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "max_pool_divided_relevance_cpu",
       [](int dtype, const Shape6& shape, uintptr_t relevance, const StrideList& relevance_strides,
-         uintptr_t indices, const StrideList& indices_strides, uintptr_t factor,
+         uintptr_t indices, const StrideList& indices_strides, uintptr_t addend, uintptr_t factor,
          uintptr_t sign_reference, uintptr_t denominator, uintptr_t denominator_bias,
-         double epsilon, uintptr_t out) {
+         bool denominator_at_outputs, double epsilon, uintptr_t out) {
         max_pool_divided_relevance_cpu(
             static_cast<DType>(dtype), plane_shape(shape), relevance, strides(relevance_strides),
             indices, strides(indices_strides),
-            WinnerDivision{factor, sign_reference, denominator, denominator_bias, epsilon}, out);
+            WinnerDivision{addend, factor, sign_reference, denominator, denominator_bias,
+                           denominator_at_outputs, epsilon},
+            out);
       },
       py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
-      py::arg("indices"), py::arg("indices_strides"), py::arg("factor"),
+      py::arg("indices"), py::arg("indices_strides"), py::arg("addend"), py::arg("factor"),
       py::arg("sign_reference"), py::arg("denominator"), py::arg("denominator_bias"),
-      py::arg("epsilon"), py::arg("out"), release_gil, kMaxPoolDividedDoc);
+      py::arg("denominator_at_outputs"), py::arg("epsilon"), py::arg("out"), release_gil,
+      kMaxPoolDividedDoc);
 
   m.def(
       "avg_pool2d_relevance_cpu",
@@ -311,9 +316,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "max_pool_divided_relevance_cuda",
       [](int dtype, const Shape6& shape, uintptr_t relevance, const StrideList& relevance_strides,
-         uintptr_t indices, const StrideList& indices_strides, uintptr_t factor,
+         uintptr_t indices, const StrideList& indices_strides, uintptr_t addend, uintptr_t factor,
          uintptr_t sign_reference, uintptr_t denominator, uintptr_t denominator_bias,
-         double epsilon, uintptr_t out, uintptr_t workspace,
+         bool denominator_at_outputs, double epsilon, uintptr_t out, uintptr_t workspace,
          const std::vector<int>& offset_bounds, uintptr_t stream, int device) {
         if (!offset_bounds.empty() && offset_bounds.size() != 4) {
           throw std::invalid_argument(
@@ -326,14 +331,16 @@ PYBIND11_MODULE(_C, m) {
         max_pool_divided_relevance_cuda(
             static_cast<DType>(dtype), plane_shape(shape), relevance, strides(relevance_strides),
             indices, strides(indices_strides),
-            WinnerDivision{factor, sign_reference, denominator, denominator_bias, epsilon}, out,
-            workspace, offset_bounds.empty() ? nullptr : &known, stream, device);
+            WinnerDivision{addend, factor, sign_reference, denominator, denominator_bias,
+                           denominator_at_outputs, epsilon},
+            out, workspace, offset_bounds.empty() ? nullptr : &known, stream, device);
       },
       py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
-      py::arg("indices"), py::arg("indices_strides"), py::arg("factor"),
+      py::arg("indices"), py::arg("indices_strides"), py::arg("addend"), py::arg("factor"),
       py::arg("sign_reference"), py::arg("denominator"), py::arg("denominator_bias"),
-      py::arg("epsilon"), py::arg("out"), py::arg("workspace"), py::arg("offset_bounds"),
-      py::arg("stream"), py::arg("device"), release_gil, kMaxPoolDividedDoc);
+      py::arg("denominator_at_outputs"), py::arg("epsilon"), py::arg("out"), py::arg("workspace"),
+      py::arg("offset_bounds"), py::arg("stream"), py::arg("device"), release_gil,
+      kMaxPoolDividedDoc);
 
   m.def(
       "max_pool_relevance_cuda",

@@ -96,9 +96,10 @@ def test_bytes_moved_against_the_gradient(ratios):
     model, by_method, _ = ratios
     assert by_method["lrp.epsilon"][1] <= 1.0, model
     if model == "vgg16":
-        # Its max pools make the division of the ε convolution below each at their own size
-        # (docs/ops.md, "Divided above the max pool"): 0.91× here (0.98× before), 0.87× at 224².
-        assert by_method["lrp.epsilon"][1] <= 0.93
+        # Its max pools make the division of the ε convolution below each at their own size as
+        # they spread their relevance (docs/ops.md, "Divided above the max pool"): 0.89× here
+        # (0.98× before, 0.91× with the division and the spread apart), 0.85× at 224².
+        assert by_method["lrp.epsilon"][1] <= 0.91
         # Its z⁺ and γ convolutions under max pools divide at the winners as the pools spread
         # their relevance, in one op (docs/ops.md, "Divided at the max pool's winners";
         # ResNet50's one max pool is on its first layer, whose input has both signs): here

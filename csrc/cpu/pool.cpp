@@ -56,10 +56,12 @@ void max_pool_divided_relevance_impl(const PlaneShape& s, const T* relevance, co
                                      const WinnerDivision& w, T* out) {
   const int64_t planes = s.batch * s.channels;
   const int64_t in_numel = s.in_h * s.in_w;
+  const T* addend = reinterpret_cast<const T*>(w.addend);
   const T* factor = reinterpret_cast<const T*>(w.factor);
   const T* reference = reinterpret_cast<const T*>(w.sign_reference);
   const T* denominator = reinterpret_cast<const T*>(w.denominator);
   const T* bias = reinterpret_cast<const T*>(w.denominator_bias);
+  const bool at_outputs = w.denominator_at_outputs;
   const T epsilon = static_cast<T>(w.epsilon);
   std::atomic<bool> out_of_range{false};
 #pragma omp parallel
@@ -70,7 +72,8 @@ void max_pool_divided_relevance_impl(const PlaneShape& s, const T* relevance, co
       const int64_t n = plane / s.channels, c = plane % s.channels;
       T* out_plane = out + plane * in_numel;
       for (int64_t i = 0; i < in_numel; ++i) out_plane[i] = T(0);
-      const T* d = denominator + plane * in_numel;
+      // The denominator at the winners (the pool's input size), or at the outputs.
+      const T* d = at_outputs ? denominator : denominator + plane * in_numel;
       const T shift = bias != nullptr ? bias[c] : T(0);
       const int64_t first = n * rs[0] + c * rs[1];
       const int64_t* idx = indices + n * is[0] + c * is[1];
@@ -90,12 +93,13 @@ void max_pool_divided_relevance_impl(const PlaneShape& s, const T* relevance, co
 #pragma omp simd
         for (int64_t ow = 0; ow < s.out_w; ++ow) {
           const int64_t o = row + ow * rs[3];
-          const T value = d[row_idx[ow * is[3]]];
+          const T value = at_outputs ? d[o] : d[row_idx[ow * is[3]]];
           const T stabilized = stabilize_denominator(bias != nullptr ? value + shift : value,
                                                      epsilon);
-          const T numerator = factor == nullptr ? relevance[o]
+          const T sum = addend != nullptr ? relevance[o] + addend[o] : relevance[o];
+          const T numerator = factor == nullptr ? sum
                               : factor[o] == T(0) ? T(0)
-                                                  : relevance[o] * factor[o];
+                                                  : sum * factor[o];
           const T quotient = (T(1) * numerator) / stabilized;
           // `&`, not `&&`: a short-circuit would make the reference load conditional.
           bool keep = stabilized != T(0);

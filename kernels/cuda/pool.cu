@@ -142,10 +142,12 @@ __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides
 // `share`, scale 1) with this input's denominator, summed in the compute type and rounded once.
 template <typename T>
 struct WinnerOperands {
+  const T* addend;     // null: none
   const T* factor;     // null: none
   const T* reference;  // null: no sign test
   const T* denominator;
   const T* bias;  // null: none
+  bool at_outputs;  // the denominator has the relevance's shape: read per output
   typename Compute<T>::type epsilon;
 };
 
@@ -170,18 +172,22 @@ __global__ void max_pool_divided_gather_kernel(PlaneShape s, const T* relevance,
   const int64_t first = n * rs[0] + c * rs[1];
   const int64_t* idx = indices + n * is[0] + c * is[1];
   // The input's stabilised denominator, read once (coalesced: consecutive threads, consecutive
-  // inputs) whether or not the input won a window.
-  const Acc denominator = w.bias != nullptr ? to_compute(w.denominator[k]) + to_compute(w.bias[c])
-                                            : to_compute(w.denominator[k]);
-  const Acc stabilized = stabilize_denominator(denominator, w.epsilon);
+  // inputs) whether or not the input won a window — or each winning output's (uniform branch).
+  const Acc shift = w.bias != nullptr ? to_compute(w.bias[c]) : Acc(0);
+  const Acc own = w.at_outputs ? Acc(0)
+                  : stabilize_denominator(to_compute(w.denominator[k]) + shift, w.epsilon);
   Acc acc = Acc(0);
   for (I oh = oh0; oh <= oh1; ++oh) {
     for (I ow = ow0; ow <= ow1; ++ow) {
       if (idx[oh * is[2] + ow * is[3]] != flat) continue;
       const int64_t o = first + oh * rs[2] + ow * rs[3];
+      const Acc stabilized =
+          w.at_outputs ? stabilize_denominator(to_compute(w.denominator[o]) + shift, w.epsilon)
+                       : own;
       bool keep = stabilized != Acc(0);
       if (w.reference != nullptr) keep = keep && to_compute(w.reference[o]) > Acc(0);
-      const Acc r = to_compute(relevance[o]);
+      const Acc r = w.addend != nullptr ? to_compute(relevance[o]) + to_compute(w.addend[o])
+                                        : to_compute(relevance[o]);
       Acc numerator = r;
       if (w.factor != nullptr) {
         const Acc f = to_compute(w.factor[o]);
@@ -320,10 +326,12 @@ void launch_max_pool_divided(const PlaneShape& s, uintptr_t relevance, const Str
   const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
   const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
   if (in_total == 0) return;
-  const WinnerOperands<T> w{reinterpret_cast<const T*>(d.factor),
+  const WinnerOperands<T> w{reinterpret_cast<const T*>(d.addend),
+                            reinterpret_cast<const T*>(d.factor),
                             reinterpret_cast<const T*>(d.sign_reference),
                             reinterpret_cast<const T*>(d.denominator),
                             reinterpret_cast<const T*>(d.denominator_bias),
+                            d.denominator_at_outputs,
                             static_cast<Acc>(d.epsilon)};
   // 32-bit index arithmetic where it cannot overflow, as launch_max_pool decides.
   const int64_t limit = INT_MAX - kThreads;

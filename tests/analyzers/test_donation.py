@@ -75,10 +75,11 @@ def test_donation_changes_no_bit(monkeypatch, model_name, composite):
     assert torch.equal(donated, kept)
     if composite == "epsilon":
         # ε reads the coefficient once: each convolution whose relevance arrives as the fresh
-        # output of the step above takes it. In the VGG-like net every convolution but the last
-        # (its relevance comes formed, through the flattening; the second's division is made by
-        # the max pool above it, at the pool's size, into the third's fresh output); in the
-        # ResNet each block's first (from its second), not the second, which gets the sum's
-        # share that the shortcut reads too, nor the stem, whose division the max pool makes
-        # from the first block's two paths (layers.Shares).
-        assert donations == {"vgg_like": 3, "small_resnet": 4}[model_name]
+        # output of the step above takes it. In the VGG-like net the first and the third
+        # convolution; the second's and the fourth's divisions are made by the max pools above
+        # them as they spread their relevance, in one op that writes the spread shares
+        # (layers.Shares; the fourth's relevance comes formed, through the flattening). In the
+        # ResNet each block's first (from its
+        # second), not the second, which gets the sum's share that the shortcut reads too, nor
+        # the stem, whose division the max pool makes from the first block's two paths.
+        assert donations == {"vgg_like": 2, "small_resnet": 4}[model_name]

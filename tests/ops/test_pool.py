@@ -365,10 +365,15 @@ def _opcheck_samples():
             pool.max_pool_divided_relevance_op,
             (torch.randn_like(out1), indices1, x1, 1e-3, out1, out1, torch.randn(3)),
         ),
+        # The denominator at the outputs (an ε layer's), with a second coefficient.
+        (
+            pool.max_pool_divided_relevance_op,
+            (torch.randn_like(out), indices, out, 1e-3, out, None, None, None, out.neg(), [7, 9]),
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck(backend, case):
     op, args = _opcheck_samples()[case]
     torch.library.opcheck(op, args)
@@ -406,7 +411,7 @@ def test_cuda_kernels_match_the_reference(monkeypatch, cuda_device, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck_cuda(monkeypatch, case):
     use_backend("cuda", monkeypatch)
     op, args = _opcheck_samples()[case]

@@ -212,3 +212,65 @@ def test_operands_in_any_layout(monkeypatch, emulated):
         factor, out, bias, window,
     )  # fmt: skip
     assert torch.equal(fused, expected)
+
+
+def _at_outputs_loop(relevance, addend, indices, out, epsilon, factor, input_size):
+    """The formula with the denominator at each output (an ε layer's: its output at the winner
+    is the pool's), in float64, one output at a time."""
+    result = torch.zeros(*relevance.shape[:2], *input_size, dtype=torch.float64)
+    flat_out = result.reshape(*result.shape[:2], -1)
+    r, a, d = (t.double().reshape(*t.shape[:2], -1) for t in (relevance, addend, out))
+    f = None if factor is None else factor.double().reshape(r.shape)
+    flat_i = indices.reshape(r.shape)
+    for n, c, o in itertools.product(*(range(size) for size in r.shape)):
+        value = float(d[n, c, o])
+        stabilized = value + (epsilon if value >= 0 else -epsilon)
+        numerator = (float(r[n, c, o]) + float(a[n, c, o])) * (
+            1.0 if f is None else float(f[n, c, o])
+        )
+        flat_out[n, c, int(flat_i[n, c, o])] += numerator / stabilized
+    return result
+
+
+@pytest.mark.parametrize("with_factor", [False, True], ids=["formed", "unformed"])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_denominator_at_the_outputs_with_an_addend(monkeypatch, geometry, with_factor):
+    # An ε layer's division, made by its pool: the denominator is the pool's output (the layer's
+    # output at each winner), the relevance c · out from two paths (c + a) — ResNet's stem pool.
+    # Oracles: the float64 formula; the composition the engine ran before (stabilized_divide at
+    # the pool's size, then the spread), bitwise on the CPU twin and the emulated CUDA kernel.
+    relevance, denominator, out, _, indices, window = _case(geometry)
+    addend = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
+    factor = out if with_factor else None
+    input_size = denominator.shape[2:]
+    expected = _at_outputs_loop(relevance, addend, indices, out, EPSILON, factor, input_size)
+
+    def fused():
+        return pool.max_pool_divided_relevance(
+            relevance, indices, out, EPSILON, factor, None, None, window, addend, input_size
+        )
+
+    torch.testing.assert_close(fused(), expected, rtol=1e-12, atol=1e-12)
+    for dtype in (torch.float32, torch.float64):
+        low = [t.to(dtype) for t in (relevance, out, addend)]
+        share = stabilized_divide_reference(
+            low[0], low[1], EPSILON, 1.0, None, 1, low[1] if with_factor else None, None, low[2]
+        )
+        composed = pool.max_pool_relevance(share, indices, denominator.shape, window)
+        cpu = pool.max_pool_divided_relevance(
+            low[0], indices, low[1], EPSILON, low[1] if with_factor else None, None, None,
+            window, low[2], input_size,
+        )  # fmt: skip
+        assert torch.equal(cpu, composed), dtype
+        with monkeypatch.context() as patch:
+            module = emulate_cuda(patch)
+            emulated = pool.max_pool_divided_relevance(
+                low[0], indices, low[1], EPSILON, low[1] if with_factor else None, None, None,
+                window, low[2], input_size,
+            )  # fmt: skip
+            assert module.calls["max_pool_divided_relevance_cuda"] == 1
+        assert torch.equal(emulated, composed), dtype
+    with pytest.raises(ValueError, match="the one at each output"):
+        pool.max_pool_divided_relevance(
+            relevance, indices, denominator, EPSILON, input_size=input_size
+        )

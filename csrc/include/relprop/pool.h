@@ -49,23 +49,28 @@ void max_pool_relevance_cpu(DType dtype, const PlaneShape& shape, uintptr_t rele
                             const Strides4& indices_strides, uintptr_t out);
 
 // The division a layer under a max pool makes at the pool's winners (max_pool_divided_relevance):
-// `factor` and `sign_reference` have the relevance's shape and strides, `denominator` is a
-// contiguous (N, C, H, W) buffer of the pool's input size, `denominator_bias` C values. Address 0:
-// an absent operand.
+// `addend`, `factor` and `sign_reference` have the relevance's shape and strides; `denominator`
+// is a contiguous (N, C, H, W) buffer of the pool's input size — or, with
+// `denominator_at_outputs`, of the relevance's shape and strides (a denominator the pool's output
+// gives: an ε layer's, whose output at a winner is the pool's); `denominator_bias` C values.
+// Address 0: an absent operand.
 struct WinnerDivision {
+  uintptr_t addend = 0;
   uintptr_t factor = 0;
   uintptr_t sign_reference = 0;
   uintptr_t denominator = 0;
   uintptr_t denominator_bias = 0;
+  bool denominator_at_outputs = false;
   double epsilon = 0;
 };
 
 // Winner takes all of shares: out[n, c, i] = sum over the outputs o with idx[n, c, o] = i, in
-// raster order, of keep ? (R[o] * f[o]) / stab(d[n, c, i] + b[c], epsilon) : 0, with keep =
-// stab != 0 and (no sign reference, or sign_reference[o] > 0); R * f is 0 where f is 0, and f = 1,
-// b = 0 where absent. The same arithmetic as stabilized_divide (elementwise.h) at the pool's
-// output size with the denominator read at the winners, followed by max_pool_relevance: one pass
-// instead of three (docs/ops.md). Throws std::out_of_range for an index outside the plane.
+// raster order, of keep ? ((R[o] + a[o]) * f[o]) / stab(D + b[c], epsilon) : 0 with D = d[n, c, i]
+// (d[o] with denominator_at_outputs), keep = stab != 0 and (no sign reference, or
+// sign_reference[o] > 0); (R + a) * f is 0 where f is 0, and a = 0, f = 1, b = 0 where absent. The
+// same arithmetic as stabilized_divide (elementwise.h) at the pool's output size with the
+// denominator read at the winners, followed by max_pool_relevance: one pass instead of two or
+// three (docs/ops.md). Throws std::out_of_range for an index outside the plane.
 void max_pool_divided_relevance_cpu(DType dtype, const PlaneShape& shape, uintptr_t relevance,
                                     const Strides4& relevance_strides, uintptr_t indices,
                                     const Strides4& indices_strides,

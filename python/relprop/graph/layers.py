@@ -880,18 +880,19 @@ class MaxPoolLayer(Layer):
         first, addend, factor = unformed_parts(relevance)
         if divides is not None:
             # R reaches the winners, where the ε layer below divides it by its own output x:
-            # x[idx[o]] = out[o], so each winner's share is R[o] / stab(out[o]) — divided here at
-            # the pool's output size, then spread (docs/ops.md). Relevance c · out arriving
-            # unformed is formed by the division, two paths' coefficients (a ResNet's stem pool
-            # feeds a block and its shortcut) summed by it.
+            # x[idx[o]] = out[o], so each winner's share is R[o] / stab(out[o]) — divided at the
+            # pool's output size as it is spread, in one op (docs/ops.md). Relevance c · out
+            # arriving unformed is formed by the division, two paths' coefficients (a ResNet's
+            # stem pool feeds a block and its shortcut) summed by it.
             epsilon, out = divides
             if factor is not None and _same_view(factor, out):
-                share = divide_fast(
-                    first, out, epsilon, factor=out, numerator_addend=addend, last_read=True
-                )
+                numerator, factor = first, out
             else:
-                share = divide_fast(formed(relevance), out, epsilon)
-            winners = pool_ops.max_pool_relevance(share, indices, shape, self.window)
+                numerator, factor, addend = formed(relevance), None, None
+            winners = pool_ops.max_pool_divided_relevance(
+                numerator, indices, out, epsilon, factor, None, None, self.window, addend,
+                input_size=shape[2:],
+            )  # fmt: skip
             return [Shares(winners, input_ref, epsilon)]
         x, out = input_ref(), output_ref()
         # The mark is stamped with x's version: it also says x is unchanged since the pool read

@@ -10,10 +10,10 @@ Four ``torch.library`` ops (docs/ops.md), each with a plain-PyTorch reference th
     Overview", 2019). Takes the indices of ``max_pool{1,2}d`` and ``adaptive_max_pool{1,2}d``.
     ``offset_bounds`` (:func:`max_pool_offset_bounds`, from a regular pool's window) spares the
     CUDA kernel the pass that measures where the winners can be; the other paths ignore it.
-``relprop::max_pool_divided_relevance(Tensor relevance, Tensor indices, Tensor denominator, float epsilon, Tensor? factor=None, Tensor? sign_reference=None, Tensor? denominator_bias=None, int[]? offset_bounds=None) -> Tensor``
-    The same winner-takes-all of shares ``R[o]·f[o] / stab(d[idx[o]] + b, ε)``: the division of
-    a z⁺ or γ layer under the pool, at the pool's winners, and the spread in one pass
-    (:func:`max_pool_divided_relevance`).
+``relprop::max_pool_divided_relevance(Tensor relevance, Tensor indices, Tensor denominator, float epsilon, Tensor? factor=None, Tensor? sign_reference=None, Tensor? denominator_bias=None, int[]? offset_bounds=None, Tensor? numerator_addend=None, SymInt[]? input_size=None) -> Tensor``
+    The same winner-takes-all of shares ``(R[o] + a[o])·f[o] / stab(d[idx[o]] + b, ε)`` (or
+    ``d[o]``): the division of the layer under the pool, at the pool's winners, and the spread in
+    one pass (:func:`max_pool_divided_relevance`).
 ``relprop::avg_pool2d_relevance`` and ``relprop::adaptive_avg_pool2d_relevance``
     ``R_in = x · Pᵀ(R / stab(P x, e))`` with ``P`` the pooling and
     ``stab(d, e) = d + e·(sign(d) + [d = 0])``: the z-rule of Bach et al., "On Pixel-Wise
@@ -92,15 +92,21 @@ def max_pool_divided_relevance_reference(
     factor: Tensor | None = None,
     sign_reference: Tensor | None = None,
     denominator_bias: Tensor | None = None,
+    numerator_addend: Tensor | None = None,
+    input_size: Sequence[int] | None = None,
 ) -> Tensor:
-    """The division at the winners, then the spread, as three torch steps: the denominator read
-    at the winners, ``stabilized_divide``'s reference at the pool's output size, and
-    :func:`max_pool_relevance_reference`."""
-    at_winners = gather_winners(denominator, indices)
+    """The division at the winners, then the spread, as torch steps: the denominator read at the
+    winners (unless ``input_size`` says it is the pool's output's), ``stabilized_divide``'s
+    reference at the pool's output size, and :func:`max_pool_relevance_reference`."""
+    if input_size is None:
+        at_winners, input_size = gather_winners(denominator, indices), denominator.shape[2:]
+    else:
+        at_winners = denominator
     shares = stabilized_divide_reference(
-        relevance, at_winners, epsilon, 1.0, sign_reference, 1, factor, denominator_bias
-    )
-    return max_pool_relevance_reference(shares, indices, denominator.shape[2:])
+        relevance, at_winners, epsilon, 1.0, sign_reference, 1, factor, denominator_bias,
+        numerator_addend,
+    )  # fmt: skip
+    return max_pool_relevance_reference(shares, indices, input_size)
 
 
 def avg_pool2d_relevance_reference(
@@ -239,30 +245,40 @@ def _max_pool_divided_native(
     sign_reference: Tensor | None,
     denominator_bias: Tensor | None,
     offset_bounds: Sequence[int] | None,
+    numerator_addend: Tensor | None,
+    input_size: Sequence[int] | None,
 ) -> Tensor:
     # The pool-size operands share the relevance's strides: all contiguous (copies, where they
     # were not, held here until the kernel has run).
     r4 = _as_planes(relevance.contiguous())
     i4 = _as_planes(indices.to(torch.int64))
     d4 = _as_planes(denominator.contiguous())
-    factor, sign_reference, denominator_bias = (
-        None if t is None else t.contiguous() for t in (factor, sign_reference, denominator_bias)
+    addend, factor, sign_reference, denominator_bias = (
+        None if t is None else t.contiguous()
+        for t in (numerator_addend, factor, sign_reference, denominator_bias)
     )
-    out = torch.empty(d4.shape, dtype=relevance.dtype, device=relevance.device)
+    at_outputs = input_size is not None
+    size = list(input_size) if at_outputs else list(denominator.shape[2:])
+    in_h, in_w = (1, *size) if len(size) == 1 else size
+    out = torch.empty(
+        (r4.shape[0], r4.shape[1], in_h, in_w), dtype=relevance.dtype, device=relevance.device
+    )
 
     def optional(t: Tensor | None) -> int:
         return 0 if t is None else _native.pointer(t)
 
     args = {
-        "shape": _planes(d4, r4),
+        "shape": _planes(out, r4),
         "relevance": _native.pointer(r4),
         "relevance_strides": _native.strides4(r4),
         "indices": _native.pointer(i4),
         "indices_strides": _native.strides4(i4),
+        "addend": optional(addend),
         "factor": optional(factor),
         "sign_reference": optional(sign_reference),
         "denominator": _native.pointer(d4),
         "denominator_bias": optional(denominator_bias),
+        "denominator_at_outputs": at_outputs,
         "epsilon": float(epsilon),
         "out": _native.pointer(out),
     }
@@ -284,7 +300,7 @@ def _max_pool_divided_native(
         module.max_pool_divided_relevance_cpu(
             dtype=_native.dtype_code(relevance, _native.CPU_DTYPES), **args
         )
-    return out.view(denominator.shape)
+    return out.view(relevance.shape[0], relevance.shape[1], *size)
 
 
 def _avg_native(x: Tensor, relevance: Tensor, stabilizer: float, cpu_entry, cuda_entry, **geometry):
@@ -350,36 +366,41 @@ def max_pool_relevance_kernel(relevance, indices, input_size, offset_bounds=None
     schema=(
         "(Tensor relevance, Tensor indices, Tensor denominator, float epsilon, "
         "Tensor? factor=None, Tensor? sign_reference=None, Tensor? denominator_bias=None, "
-        "int[]? offset_bounds=None) -> Tensor"
+        "int[]? offset_bounds=None, Tensor? numerator_addend=None, SymInt[]? input_size=None) "
+        "-> Tensor"
     ),
 )
 def max_pool_divided_relevance_op(
     relevance, indices, denominator, epsilon, factor=None, sign_reference=None,
-    denominator_bias=None, offset_bounds=None,
+    denominator_bias=None, offset_bounds=None, numerator_addend=None, input_size=None,
 ):  # fmt: skip
     return max_pool_divided_relevance_reference(
-        relevance, indices, denominator, epsilon, factor, sign_reference, denominator_bias
-    )
+        relevance, indices, denominator, epsilon, factor, sign_reference, denominator_bias,
+        numerator_addend, input_size,
+    )  # fmt: skip
 
 
 @max_pool_divided_relevance_op.register_fake
 def _(relevance, indices, denominator, epsilon, factor=None, sign_reference=None,
-      denominator_bias=None, offset_bounds=None):  # fmt: skip
-    return relevance.new_empty(denominator.shape)
+      denominator_bias=None, offset_bounds=None, numerator_addend=None,
+      input_size=None):  # fmt: skip
+    size = denominator.shape[2:] if input_size is None else input_size
+    return relevance.new_empty((relevance.shape[0], relevance.shape[1], *size))
 
 
 @max_pool_divided_relevance_op.register_kernel(("cpu", "cuda"))
 def max_pool_divided_relevance_kernel(
     relevance, indices, denominator, epsilon, factor=None, sign_reference=None,
-    denominator_bias=None, offset_bounds=None,
+    denominator_bias=None, offset_bounds=None, numerator_addend=None, input_size=None,
 ):  # fmt: skip
-    if not _native.runs_native(relevance) or denominator.dim() not in (3, 4):
+    if not _native.runs_native(relevance) or relevance.dim() not in (3, 4):
         return max_pool_divided_relevance_reference(
-            relevance, indices, denominator, epsilon, factor, sign_reference, denominator_bias
-        )
+            relevance, indices, denominator, epsilon, factor, sign_reference, denominator_bias,
+            numerator_addend, input_size,
+        )  # fmt: skip
     return _max_pool_divided_native(
         relevance, indices, denominator, epsilon, factor, sign_reference, denominator_bias,
-        offset_bounds,
+        offset_bounds, numerator_addend, input_size,
     )  # fmt: skip
 
 
@@ -567,53 +588,72 @@ def max_pool_divided_relevance(
     sign_reference: Tensor | None = None,
     denominator_bias: Tensor | None = None,
     window: Sequence[Sequence[int]] | None = None,
+    numerator_addend: Tensor | None = None,
+    input_size: Sequence[int] | None = None,
 ) -> Tensor:
     """Winner-takes-all of shares: the division a layer under a max pool makes, at the pool's
     winners, and the spread, in one pass.
 
-    ``R_in[n, c, i] = Σ_{o : idx[n, c, o] = i} keep · (R[o] · f[o]) / stab(d[n, c, i] + b[c], ε)``
-    with ``stab(d, ε) = d + ε·(sign(d) + [d = 0])``, ``keep = stab ≠ 0 ∧ ref[o] > 0`` (the
-    reference where given), ``R · f = 0`` where ``f = 0``: ``relprop::stabilized_divide`` at the
-    pool's output size with the denominator read at the winners (:func:`gather_winners`),
+    ``R_in[n, c, i] = Σ_{o : idx[n, c, o] = i} keep · ((R[o] + a[o]) · f[o]) / stab(D + b[c], ε)``
+    with ``D = d[n, c, i]`` (``d[n, c, o]`` where ``input_size`` is given),
+    ``stab(d, ε) = d + ε·(sign(d) + [d = 0])``, ``keep = stab ≠ 0 ∧ ref[o] > 0`` (the
+    reference where given), ``(R + a) · f = 0`` where ``f = 0``: ``relprop::stabilized_divide``
+    at the pool's output size with the denominator read at the winners (:func:`gather_winners`),
     followed by :func:`max_pool_relevance`. The layer under the pool divides by a product it
     makes (z⁺: ``W⁺x``, γ: ``(W + γW⁺)x``) that is zero-relevance everywhere but at the
-    winners (``graph.layers.Unspread``; Montavon et al., "Layer-Wise Relevance Propagation: An
-    Overview", 2019, for the rules). Three passes — the gather, the division, the spread — and
-    the gathered tensor become one: the kernel runs one thread per input, reads that input's
-    denominator once and gathers the shares of the windows it won.
+    winners (``graph.layers.Unspread``), or — an ε layer — by its output, which at a winner is
+    the pool's output (``graph.layers.Shares``; Montavon et al., "Layer-Wise Relevance
+    Propagation: An Overview", 2019, for the rules). Two or three passes — the gather, the
+    division, the spread — and their intermediates become one: the kernel runs one thread per
+    input, reads its denominator and gathers the shares of the windows it won.
 
     Parameters
     ----------
-    relevance, factor, sign_reference : Tensor
+    relevance, factor, sign_reference, numerator_addend : Tensor
         ``(N, C, *out)``: the relevance of the pool's output; its factor (the relevance is
-        ``R · f``, unformed) and the sign test's reference, or None.
+        ``(R + a) · f``, unformed), the sign test's reference and a second coefficient reaching
+        the same output (``a``), or None.
     indices : Tensor
         The forward's indices, ``(N, C, *out)``.
     denominator : Tensor
-        ``(N, C, *in)``, the pool's input size: the layer's pre-activation that divides.
+        ``(N, C, *in)``, the pool's input size: the layer's pre-activation that divides; with
+        ``input_size``, ``(N, C, *out)``: the denominator at each output.
     epsilon : float
         The stabiliser.
     denominator_bias : Tensor, optional
         ``(C,)``, added to the denominator (a bias the product did not add).
     window : (kernel_size, stride, padding, dilation), optional
         A regular pool's window (:func:`max_pool_relevance`).
+    input_size : sequence of int, optional
+        The pool's input size where ``denominator`` has the output's.
 
     Returns
     -------
     Tensor
-        The shares at the pool's input size (zero but at the winners), ``denominator``'s shape.
+        The shares at the pool's input size (zero but at the winners).
     """
     if indices.shape != relevance.shape or relevance.dim() not in (3, 4):
         raise ValueError(
             f"max_pool_divided_relevance: relevance {tuple(relevance.shape)} and indices "
             f"{tuple(indices.shape)} must both be (N, C, L) or (N, C, H, W)"
         )
-    if denominator.dim() != relevance.dim() or denominator.shape[:2] != relevance.shape[:2]:
+    if input_size is not None:
+        input_size = [int(v) for v in input_size]
+        if denominator.shape != relevance.shape or len(input_size) != relevance.dim() - 2:
+            raise ValueError(
+                f"max_pool_divided_relevance: with input_size {tuple(input_size)} the "
+                f"denominator {tuple(denominator.shape)} is the one at each output: relevance's "
+                f"shape {tuple(relevance.shape)}"
+            )
+    elif denominator.dim() != relevance.dim() or denominator.shape[:2] != relevance.shape[:2]:
         raise ValueError(
             f"max_pool_divided_relevance: denominator {tuple(denominator.shape)} is not of the "
             f"pool's input for relevance {tuple(relevance.shape)}"
         )
-    for name, t in (("factor", factor), ("sign_reference", sign_reference)):
+    for name, t in (
+        ("factor", factor), ("sign_reference", sign_reference),
+        ("numerator_addend", numerator_addend),
+    ):  # fmt: skip
         if t is not None and t.shape != relevance.shape:
             raise ValueError(
                 f"max_pool_divided_relevance: {name} {tuple(t.shape)} differs from relevance "
@@ -626,11 +666,12 @@ def max_pool_divided_relevance(
         )
     bounds = None
     if window is not None:
-        bounds = max_pool_offset_bounds(denominator.shape[2:], relevance.shape[2:], *window)
+        size = denominator.shape[2:] if input_size is None else input_size
+        bounds = max_pool_offset_bounds(size, relevance.shape[2:], *window)
     return call_op(
         max_pool_divided_relevance_op, max_pool_divided_relevance_kernel,
         relevance, indices, denominator, float(epsilon), factor, sign_reference,
-        denominator_bias, bounds,
+        denominator_bias, bounds, numerator_addend, input_size,
     )  # fmt: skip
 
 
