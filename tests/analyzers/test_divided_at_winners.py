@@ -7,8 +7,8 @@ sign test reads the pool's output, which is ``z`` at a winner, and the layer kee
 its output from the forward. Oracles: the same analysis with the division where it was (the
 plan's ``_divide_at_max_pools`` off) — bitwise for pools whose windows do not overlap, to rounding
 where an input wins two windows — the reference backend in float64, Zennit's γ and z⁺ rules
-(``tests/analyzers/test_zennit.py`` runs its composites through this path), and the live-bytes
-ledger for the memory it frees.
+(``tests/analyzers/test_zennit.py``'s VGG16 rows run EpsilonPlusFlat and EpsilonGammaBox through
+this path at every pool), and the live-bytes ledger for the memory it frees.
 """
 
 from __future__ import annotations
