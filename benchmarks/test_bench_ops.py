@@ -17,15 +17,18 @@ in a few minutes on two cores. Run it (it is not part of the test suite)::
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import relprop  # noqa: F401  (registers the relprop:: ops)
-from relprop.ops import pool as pool_ops
-from relprop.ops._layer_rules import divide_fast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_ops_triton  # its pool step, timed here on the CPU
 
 pytest.importorskip("pytest_benchmark")
 
@@ -250,52 +253,25 @@ def test_pool_step(benchmark, monkeypatch, pool: Pool, provider: str) -> None:
 # -- a max pool's relevance divided at its winners (the z⁺/γ layer below it) --------------------
 
 
-def _divided_step(pool: Pool, provider: str, x: torch.Tensor):
-    """The relevance pass's step between a max pool and the γ convolution under it: the layer's
-    denominator (full size) divided at the pool's winners and spread (``fused``: one
-    ``relprop::max_pool_divided_relevance``; ``composed``: the three ops it replaces; ``spread
-    first``: the division at full size after the spread, as before the layer divided at the
-    winners)."""
-    geometry = ([pool.kernel] * 2, [pool.stride] * 2, [pool.padding] * 2)
-    out, indices = F.max_pool2d(x, *geometry, return_indices=True)
-    generator = torch.Generator().manual_seed(1)
-    coefficient = torch.randn(out.shape, generator=generator)
-    denominator = torch.randn(x.shape, generator=generator)
-    window = (*geometry, [1, 1])
-    if provider == "fused":
-        return lambda: pool_ops.max_pool_divided_relevance(
-            coefficient, indices, denominator, 1e-6, out, out, None, window
-        )
-    if provider == "composed":
-
-        def composed():
-            at_winners = pool_ops.gather_winners(denominator, indices)
-            share = divide_fast(coefficient, at_winners, 1e-6, sign_reference=out, factor=out)
-            return pool_ops.max_pool_relevance(share, indices, x.shape, window)
-
-        return composed
-
-    def spread_first():
-        spread = pool_ops.max_pool_relevance(coefficient, indices, x.shape, window)
-        return divide_fast(spread, denominator, 1e-6, sign_reference=x, factor=x)
-
-    return spread_first
-
-
 @pytest.mark.parametrize(
     ("pool", "provider"),
     [
         pytest.param(p, prov, id=f"{p.name}-{prov}")
         for p in POOLS
         if p.kind == "max"
-        for prov in ("fused", "composed", "spread first")
+        for prov in bench_ops_triton.POOL_PROVIDERS
     ],
 )
 def test_pool_divided_step(benchmark, pool: Pool, provider: str) -> None:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, pool.channels, pool.size, pool.size, generator=generator).relu()
-    call = _divided_step(pool, provider, x)
+    """The relevance step between a max pool and the γ convolution under it, as the GPU script
+    times it (``bench_ops_triton.pool_providers``): the fused op, the three ops it replaces, the
+    spread then the division at full size, and the gradient's pool and ReLU backward."""
+    geometry = bench_ops_triton.Pool(
+        pool.name, pool.channels, pool.size, pool.kernel, pool.stride, pool.padding
+    )
+    call = bench_ops_triton.pool_providers(geometry, 1, torch.float32, "cpu")[provider]
     benchmark.group = f"{pool.name} divided at the winners"
     benchmark.extra_info.update(layer=pool.name, provider=provider)
     result = benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=1)
-    assert result.shape == x.shape and bool(torch.isfinite(result).all())
+    shape = (1, pool.channels, pool.size, pool.size)
+    assert result.shape == shape and bool(torch.isfinite(result).all())

@@ -107,31 +107,44 @@ __device__ __forceinline__ void nominal_inverse(I i, I in_size, I out_size, int 
   *last = end < out_size - 1 ? end : out_size - 1;
 }
 
+// The outputs whose winner input k can be: its sample and channel, its flat position in the
+// plane, and the output rows and columns to scan. The bounds are those measured by the pass
+// before, or known from the pool's geometry (uniform: every thread takes the same branch).
+template <typename I>
+struct Candidates {
+  I n, c;
+  int64_t flat;
+  I oh0, oh1, ow0, ow1;
+};
+
+template <typename I>
+__device__ __forceinline__ Candidates<I> candidates(const PlaneShape& s, I k, const int* measured,
+                                                    const OffsetBounds& known) {
+  const I in_w = I(s.in_w), in_h = I(s.in_h);
+  const PlaneIndex<I> at = plane_index<I>(k, I(s.channels), in_h, in_w);
+  const OffsetBounds b =
+      measured != nullptr ? OffsetBounds{measured[0], measured[1], measured[2], measured[3]} : known;
+  Candidates<I> found{at.n, at.c, int64_t(at.row) * s.in_w + at.col, 0, 0, 0, 0};
+  nominal_inverse<I>(at.row, in_h, I(s.out_h), b.row_min, b.row_max, &found.oh0, &found.oh1);
+  nominal_inverse<I>(at.col, in_w, I(s.out_w), b.col_min, b.col_max, &found.ow0, &found.ow1);
+  return found;
+}
+
 template <typename T, typename I>
 __global__ void max_pool_gather_kernel(PlaneShape s, const T* relevance, Strides4 rs,
                                        const int64_t* indices, Strides4 is, const int* measured,
                                        OffsetBounds known, T* out) {
   using Acc = typename Compute<T>::type;
-  const I in_w = I(s.in_w), in_h = I(s.in_h), channels = I(s.channels);
-  const I total = I(s.batch) * channels * in_h * in_w;
+  const I total = I(s.batch) * I(s.channels) * I(s.in_h) * I(s.in_w);
   const I k = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x);
   if (k >= total) return;
-  const PlaneIndex<I> at = plane_index<I>(k, channels, in_h, in_w);
-  const I n = at.n, c = at.c, ih = at.row, iw = at.col;
-  const int64_t flat = int64_t(ih) * s.in_w + iw;
-  // The bounds measured by the pass before, or known from the pool's geometry (uniform: every
-  // thread takes the same branch).
-  const OffsetBounds b =
-      measured != nullptr ? OffsetBounds{measured[0], measured[1], measured[2], measured[3]} : known;
-  I oh0, oh1, ow0, ow1;
-  nominal_inverse<I>(ih, in_h, I(s.out_h), b.row_min, b.row_max, &oh0, &oh1);
-  nominal_inverse<I>(iw, in_w, I(s.out_w), b.col_min, b.col_max, &ow0, &ow1);
-  const T* r = relevance + n * rs[0] + c * rs[1];
-  const int64_t* idx = indices + n * is[0] + c * is[1];
+  const Candidates<I> at = candidates<I>(s, k, measured, known);
+  const T* r = relevance + at.n * rs[0] + at.c * rs[1];
+  const int64_t* idx = indices + at.n * is[0] + at.c * is[1];
   Acc acc = Acc(0);
-  for (I oh = oh0; oh <= oh1; ++oh) {
-    for (I ow = ow0; ow <= ow1; ++ow) {
-      if (idx[oh * is[2] + ow * is[3]] == flat) acc += to_compute(r[oh * rs[2] + ow * rs[3]]);
+  for (I oh = at.oh0; oh <= at.oh1; ++oh) {
+    for (I ow = at.ow0; ow <= at.ow1; ++ow) {
+      if (idx[oh * is[2] + ow * is[3]] == at.flat) acc += to_compute(r[oh * rs[2] + ow * rs[3]]);
     }
   }
   out[k] = from_compute<T>(acc);
@@ -157,29 +170,21 @@ __global__ void max_pool_divided_gather_kernel(PlaneShape s, const T* relevance,
                                                const int* measured, OffsetBounds known,
                                                WinnerOperands<T> w, T* out) {
   using Acc = typename Compute<T>::type;
-  const I in_w = I(s.in_w), in_h = I(s.in_h), channels = I(s.channels);
-  const I total = I(s.batch) * channels * in_h * in_w;
+  const I total = I(s.batch) * I(s.channels) * I(s.in_h) * I(s.in_w);
   const I k = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x);
   if (k >= total) return;
-  const PlaneIndex<I> at = plane_index<I>(k, channels, in_h, in_w);
-  const I n = at.n, c = at.c, ih = at.row, iw = at.col;
-  const int64_t flat = int64_t(ih) * s.in_w + iw;
-  const OffsetBounds b =
-      measured != nullptr ? OffsetBounds{measured[0], measured[1], measured[2], measured[3]} : known;
-  I oh0, oh1, ow0, ow1;
-  nominal_inverse<I>(ih, in_h, I(s.out_h), b.row_min, b.row_max, &oh0, &oh1);
-  nominal_inverse<I>(iw, in_w, I(s.out_w), b.col_min, b.col_max, &ow0, &ow1);
-  const int64_t first = n * rs[0] + c * rs[1];
-  const int64_t* idx = indices + n * is[0] + c * is[1];
+  const Candidates<I> at = candidates<I>(s, k, measured, known);
+  const int64_t first = at.n * rs[0] + at.c * rs[1];
+  const int64_t* idx = indices + at.n * is[0] + at.c * is[1];
   // The input's stabilised denominator, read once (coalesced: consecutive threads, consecutive
   // inputs) whether or not the input won a window — or each winning output's (uniform branch).
-  const Acc shift = w.bias != nullptr ? to_compute(w.bias[c]) : Acc(0);
+  const Acc shift = w.bias != nullptr ? to_compute(w.bias[at.c]) : Acc(0);
   const Acc own = w.at_outputs ? Acc(0)
                   : stabilize_denominator(to_compute(w.denominator[k]) + shift, w.epsilon);
   Acc acc = Acc(0);
-  for (I oh = oh0; oh <= oh1; ++oh) {
-    for (I ow = ow0; ow <= ow1; ++ow) {
-      if (idx[oh * is[2] + ow * is[3]] != flat) continue;
+  for (I oh = at.oh0; oh <= at.oh1; ++oh) {
+    for (I ow = at.ow0; ow <= at.ow1; ++ow) {
+      if (idx[oh * is[2] + ow * is[3]] != at.flat) continue;
       const int64_t o = first + oh * rs[2] + ow * rs[3];
       const Acc stabilized =
           w.at_outputs ? stabilize_denominator(to_compute(w.denominator[o]) + shift, w.epsilon)
@@ -254,20 +259,36 @@ __global__ void avg_gather_kernel(PlaneShape s, Windows windows, const T* x, Str
 // ---------------------------------------------------------------------------------------------
 // Host launchers.
 
+// The winners' offset bounds a gather reads: null where they are known (the kernel takes them by
+// value), else `bounds` after two launches that measure them on the device.
+template <typename I>
+const int* measured_bounds(const PlaneShape& s, const int64_t* idx, const Strides4& is,
+                           int* bounds, const OffsetBounds* known, cudaStream_t stream) {
+  if (known != nullptr) return nullptr;
+  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
+  init_offset_bounds_kernel<<<1, 1, 0, stream>>>(bounds);
+  // Grid-stride loop: a bounded grid keeps the global atomics to a few per block.
+  const unsigned int bound_blocks = min(blocks_for(out_total), 1024u);
+  winner_offset_bounds_kernel<I><<<bound_blocks, kThreads, 0, stream>>>(s, idx, is, bounds);
+  return bounds;
+}
+
+// Whether a gather's index arithmetic fits 32 bits (see I above): the element counts (a grid's
+// last block runs past them by up to kThreads), and nominal_inverse's (i - lo + 1) * out_size
+// with |lo|, |hi| at most the plane's side.
+bool narrow_gather(const PlaneShape& s) {
+  const int64_t limit = INT_MAX - kThreads;
+  return s.batch * s.channels * s.in_h * s.in_w < limit &&
+         s.batch * s.channels * s.out_h * s.out_w < limit && 3 * s.in_h * (s.out_h + 1) < limit &&
+         3 * s.in_w * (s.out_w + 1) < limit;
+}
+
 template <typename T, typename I>
 void launch_max_pool_with(const PlaneShape& s, uintptr_t relevance, const Strides4& rs,
                           const int64_t* idx, const Strides4& is, int* bounds,
                           const OffsetBounds* known, uintptr_t out, cudaStream_t stream) {
-  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
   const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
-  const int* measured = nullptr;
-  if (known == nullptr) {
-    init_offset_bounds_kernel<<<1, 1, 0, stream>>>(bounds);
-    // Grid-stride loop: a bounded grid keeps the global atomics to a few per block.
-    const unsigned int bound_blocks = min(blocks_for(out_total), 1024u);
-    winner_offset_bounds_kernel<I><<<bound_blocks, kThreads, 0, stream>>>(s, idx, is, bounds);
-    measured = bounds;
-  }
+  const int* measured = measured_bounds<I>(s, idx, is, bounds, known, stream);
   max_pool_gather_kernel<T, I><<<blocks_for(in_total), kThreads, 0, stream>>>(
       s, reinterpret_cast<const T*>(relevance), rs, idx, is, measured,
       known != nullptr ? *known : OffsetBounds{0, 0, 0, 0}, reinterpret_cast<T*>(out));
@@ -279,16 +300,8 @@ void launch_max_pool(const PlaneShape& s, uintptr_t relevance, const Strides4& r
                      const OffsetBounds* known, cudaStream_t stream) {
   const auto* idx = reinterpret_cast<const int64_t*>(indices);
   auto* bounds = reinterpret_cast<int*>(workspace);
-  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
-  const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
-  if (in_total == 0) return;
-  // 32-bit indices where they cannot overflow: the element counts (a grid's last block runs past
-  // them by up to kThreads), and nominal_inverse's (i - lo + 1) * out_size with |lo|, |hi| at most
-  // the plane's side.
-  const int64_t limit = INT_MAX - kThreads;
-  const bool narrow = in_total < limit && out_total < limit &&
-                      3 * s.in_h * (s.out_h + 1) < limit && 3 * s.in_w * (s.out_w + 1) < limit;
-  if (narrow) {
+  if (s.batch * s.channels * s.in_h * s.in_w == 0) return;
+  if (narrow_gather(s)) {
     launch_max_pool_with<T, int>(s, relevance, rs, idx, is, bounds, known, out, stream);
   } else {
     launch_max_pool_with<T, int64_t>(s, relevance, rs, idx, is, bounds, known, out, stream);
@@ -301,15 +314,8 @@ void launch_max_pool_divided_with(const PlaneShape& s, uintptr_t relevance, cons
                                   const int64_t* idx, const Strides4& is,
                                   const WinnerOperands<T>& w, int* bounds,
                                   const OffsetBounds* known, uintptr_t out, cudaStream_t stream) {
-  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
   const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
-  const int* measured = nullptr;
-  if (known == nullptr) {
-    init_offset_bounds_kernel<<<1, 1, 0, stream>>>(bounds);
-    const unsigned int bound_blocks = min(blocks_for(out_total), 1024u);
-    winner_offset_bounds_kernel<I><<<bound_blocks, kThreads, 0, stream>>>(s, idx, is, bounds);
-    measured = bounds;
-  }
+  const int* measured = measured_bounds<I>(s, idx, is, bounds, known, stream);
   max_pool_divided_gather_kernel<T, I><<<blocks_for(in_total), kThreads, 0, stream>>>(
       s, reinterpret_cast<const T*>(relevance), rs, idx, is, measured,
       known != nullptr ? *known : OffsetBounds{0, 0, 0, 0}, w, reinterpret_cast<T*>(out));
@@ -323,9 +329,7 @@ void launch_max_pool_divided(const PlaneShape& s, uintptr_t relevance, const Str
   using Acc = typename Compute<T>::type;
   const auto* idx = reinterpret_cast<const int64_t*>(indices);
   auto* bounds = reinterpret_cast<int*>(workspace);
-  const int64_t out_total = s.batch * s.channels * s.out_h * s.out_w;
-  const int64_t in_total = s.batch * s.channels * s.in_h * s.in_w;
-  if (in_total == 0) return;
+  if (s.batch * s.channels * s.in_h * s.in_w == 0) return;
   const WinnerOperands<T> w{reinterpret_cast<const T*>(d.addend),
                             reinterpret_cast<const T*>(d.factor),
                             reinterpret_cast<const T*>(d.sign_reference),
@@ -333,11 +337,7 @@ void launch_max_pool_divided(const PlaneShape& s, uintptr_t relevance, const Str
                             reinterpret_cast<const T*>(d.denominator_bias),
                             d.denominator_at_outputs,
                             static_cast<Acc>(d.epsilon)};
-  // 32-bit index arithmetic where it cannot overflow, as launch_max_pool decides.
-  const int64_t limit = INT_MAX - kThreads;
-  const bool narrow = in_total < limit && out_total < limit &&
-                      3 * s.in_h * (s.out_h + 1) < limit && 3 * s.in_w * (s.out_w + 1) < limit;
-  if (narrow) {
+  if (narrow_gather(s)) {
     launch_max_pool_divided_with<T, int>(s, relevance, rs, idx, is, w, bounds, known, out, stream);
   } else {
     launch_max_pool_divided_with<T, int64_t>(s, relevance, rs, idx, is, w, bounds, known, out,

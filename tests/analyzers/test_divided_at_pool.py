@@ -14,23 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.oracles.live_bytes import LiveBytes
-from tests.oracles.nets import seeded_normal
+from tests.oracles.nets import pooled_vgg, seeded_normal
 from torch import nn
 
 import relprop
 from relprop.graph import layers
 from relprop.graph.plan import PlanBuilder
-
-
-def _vgg_like(dtype=torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(16 * 2 * 2, 5),
-    ).eval().to(dtype)  # fmt: skip
 
 
 def _stem_like(dtype=torch.float32) -> nn.Module:
@@ -66,8 +55,8 @@ def _analyze(monkeypatch, make, x, divided: bool, method="lrp.epsilon", **kwargs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_non_overlapping_pools_give_the_same_bits(monkeypatch, dtype):
     x = seeded_normal((3, 3, 16, 16), seed=4, dtype=dtype)
-    divided, shares = _analyze(monkeypatch, _vgg_like, x, divided=True)
-    kept, none = _analyze(monkeypatch, _vgg_like, x, divided=False)
+    divided, shares = _analyze(monkeypatch, pooled_vgg, x, divided=True)
+    kept, none = _analyze(monkeypatch, pooled_vgg, x, divided=False)
     assert torch.equal(divided, kept)
     # Every pool divides for the convolution below it: the first two receive c · out from the
     # ε convolution above them, the last one formed relevance through the flattening and the
@@ -84,7 +73,7 @@ def test_overlapping_pool_sums_the_shares_to_rounding(monkeypatch):
     torch.testing.assert_close(divided, kept, rtol=1e-5, atol=1e-6 * float(kept.abs().max()))
 
 
-@pytest.mark.parametrize("make", [_vgg_like, _stem_like], ids=["vgg_like", "stem"])
+@pytest.mark.parametrize("make", [pooled_vgg, _stem_like], ids=["vgg_like", "stem"])
 def test_lrp0_through_divided_pools_is_gradient_times_input(monkeypatch, make):
     x = seeded_normal((2, 3, 32, 32) if make is _stem_like else (2, 3, 16, 16), seed=6)
     model = make(torch.float64)
@@ -107,7 +96,7 @@ def test_the_layer_under_a_pool_keeps_nothing_of_its_output(monkeypatch):
     def peak(divided: bool) -> int:
         memory = LiveBytes()
         with memory:
-            _analyze(monkeypatch, _vgg_like, x, divided)
+            _analyze(monkeypatch, pooled_vgg, x, divided)
         return memory.peak
 
     assert peak(True) <= peak(False) - 32 * 8 * 16 * 16 * 4
@@ -118,7 +107,7 @@ def test_a_layer_whose_pool_did_not_divide_computes_its_output_again(monkeypatch
     # all the same (here: the pool's forward made to miss the mark), its ε relevance op computes
     # the output again from its input, and the relevance is the same.
     x = seeded_normal((2, 3, 16, 16), seed=10, dtype=torch.float32)
-    expected, _ = _analyze(monkeypatch, _vgg_like, x, divided=False)
+    expected, _ = _analyze(monkeypatch, pooled_vgg, x, divided=False)
     forward = layers.MaxPoolLayer.forward
 
     def blind(self, args, kwargs):
@@ -126,7 +115,7 @@ def test_a_layer_whose_pool_did_not_divide_computes_its_output_again(monkeypatch
         return out, (*saved[:-1], None)
 
     monkeypatch.setattr(layers.MaxPoolLayer, "forward", blind)
-    relevance, shares = _analyze(monkeypatch, _vgg_like, x, divided=True)
+    relevance, shares = _analyze(monkeypatch, pooled_vgg, x, divided=True)
     assert shares == []
     torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-7)
 
@@ -154,13 +143,13 @@ def test_the_plan_lets_a_pool_divide_only_for_a_layer_it_alone_reads():
         ]  # fmt: skip
 
     # Each convolution a pool reads (the first does not feed one).
-    assert flagged(_vgg_like()) == ["2", "7", "10"]
+    assert flagged(pooled_vgg()) == ["2", "7", "10"]
     assert flagged(_stem_like()) == ["0"]  # through the folded BatchNorm
     assert flagged(TwoReaders().eval()) == []
     # z⁺ and γ convolutions are flagged too, and divide at the winners themselves
     # (test_divided_at_winners.py); α-β's are not.
     alpha_beta = relprop.create_analyzer(
-        "lrp", _vgg_like(), composite=relprop.composites.EpsilonAlpha2Beta1()
+        "lrp", pooled_vgg(), composite=relprop.composites.EpsilonAlpha2Beta1()
     ).plan
     assert not any(
         isinstance(s.layer, layers.WeightLayer) and s.layer.divides_at_max_pool
@@ -174,10 +163,10 @@ def test_other_backends_keep_the_division_in_the_layer(monkeypatch, backend):
         pytest.importorskip("triton")
     monkeypatch.setenv("RELPROP_BACKEND", backend)
     x = seeded_normal((2, 3, 16, 16), seed=8, dtype=torch.float32)
-    relevance, shares = _analyze(monkeypatch, _vgg_like, x, divided=True)
+    relevance, shares = _analyze(monkeypatch, pooled_vgg, x, divided=True)
     assert shares == []
     monkeypatch.setenv("RELPROP_BACKEND", "native")
-    native, _ = _analyze(monkeypatch, _vgg_like, x, divided=True)
+    native, _ = _analyze(monkeypatch, pooled_vgg, x, divided=True)
     torch.testing.assert_close(relevance, native, rtol=1e-5, atol=1e-7)
 
 
@@ -189,7 +178,7 @@ def test_cuda_non_overlapping_pools_give_the_same_bits(monkeypatch, dtype):
     x = seeded_normal((3, 3, 16, 16), seed=4, dtype=torch.float32).to("cuda", dtype)
 
     def make(dtype):
-        return _vgg_like(dtype).cuda()
+        return pooled_vgg(dtype).cuda()
 
     divided, shares = _analyze(monkeypatch, make, x, divided=True)
     kept, _ = _analyze(monkeypatch, make, x, divided=False)
@@ -207,7 +196,7 @@ def test_torch_compile_gives_the_same_relevance(monkeypatch):
         return transposed(self, saved, relevance)
 
     monkeypatch.setattr(layers.WeightLayer, "_transposed_shares", counted)
-    analyzer = relprop.create_analyzer("lrp.epsilon", _vgg_like())
+    analyzer = relprop.create_analyzer("lrp.epsilon", pooled_vgg())
     eager = analyzer.analyze(x)
     eager_shares = len(shares)
     compiled = torch.compile(analyzer.analyze, dynamic=False)(x)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.oracles.live_bytes import LiveBytes
-from tests.oracles.nets import seeded_normal
+from tests.oracles.nets import pooled_vgg, seeded_normal
 from torch import nn
 
 import relprop
@@ -30,17 +30,6 @@ METHODS = {
     "EpsilonPlusFlat": ("lrp.epsilon_plus_flat", {}),
     "EpsilonGammaBox": ("lrp.epsilon_gamma_box", {"low": -3.0, "high": 3.0}),
 }
-
-
-def _vgg_like(dtype=torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(16 * 2 * 2, 5),
-    ).eval().to(dtype)  # fmt: skip
 
 
 def _overlapping(dtype=torch.float32) -> nn.Module:
@@ -84,8 +73,8 @@ def _analyze(monkeypatch, make, x, divided: bool, method="gamma", composite=None
 @pytest.mark.parametrize("method", list(METHODS))
 def test_non_overlapping_pools_give_the_same_bits(monkeypatch, method, dtype):
     x = seeded_normal((3, 3, 16, 16), seed=4, dtype=dtype)
-    divided, calls = _analyze(monkeypatch, _vgg_like, x, True, method)
-    kept, none = _analyze(monkeypatch, _vgg_like, x, False, method)
+    divided, calls = _analyze(monkeypatch, pooled_vgg, x, True, method)
+    kept, none = _analyze(monkeypatch, pooled_vgg, x, False, method)
     assert torch.equal(divided, kept)
     # Every pool's layer divides at its winners (its input is a ReLU's output): the first two
     # pools get c · out from the layer above them, the last one formed relevance through the
@@ -103,7 +92,7 @@ def test_overlapping_pool_sums_the_shares_to_rounding(monkeypatch, method):
     torch.testing.assert_close(divided, kept, rtol=1e-5, atol=1e-6 * float(kept.abs().max()))
 
 
-@pytest.mark.parametrize("make", [_vgg_like, _overlapping], ids=["vgg_like", "overlapping"])
+@pytest.mark.parametrize("make", [pooled_vgg, _overlapping], ids=["vgg_like", "overlapping"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_float64_matches_the_reference_backend(monkeypatch, make, method):
     # The reference backend runs each rule's formula as written, the division in the layer at its
@@ -129,7 +118,7 @@ def test_gamma_under_a_pool_keeps_nothing_of_its_output(monkeypatch):
     def peak(divided: bool) -> int:
         memory = LiveBytes()
         with memory:
-            _analyze(monkeypatch, _vgg_like, x, divided, "EpsilonGammaBox")
+            _analyze(monkeypatch, pooled_vgg, x, divided, "EpsilonGammaBox")
         return memory.peak
 
     assert peak(True) <= peak(False) - 32 * 8 * 16 * 16 * 4
@@ -142,7 +131,7 @@ def test_a_layer_whose_pool_did_not_hand_it_unspread_relevance_gets_the_same(mon
     # ReLU the forward fused, but relevance is zero wherever the ReLU zeroed z (plan.py fuses it
     # only then) — and the relevance is the same.
     x = seeded_normal((2, 3, 16, 16), seed=10, dtype=torch.float32)
-    expected, _ = _analyze(monkeypatch, _vgg_like, x, False, method)
+    expected, _ = _analyze(monkeypatch, pooled_vgg, x, False, method)
     forward = layers.MaxPoolLayer.forward
 
     def blind(self, args, kwargs):
@@ -150,14 +139,14 @@ def test_a_layer_whose_pool_did_not_hand_it_unspread_relevance_gets_the_same(mon
         return out, (*saved[:-1], None)
 
     monkeypatch.setattr(layers.MaxPoolLayer, "forward", blind)
-    relevance, calls = _analyze(monkeypatch, _vgg_like, x, True, method)
+    relevance, calls = _analyze(monkeypatch, pooled_vgg, x, True, method)
     assert calls == []
     torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_the_plan_flags_z_plus_and_gamma_but_not_alpha_beta():
     def flagged(composite):
-        plan = relprop.create_analyzer("lrp", _vgg_like(), composite=composite).plan
+        plan = relprop.create_analyzer("lrp", pooled_vgg(), composite=composite).plan
         return [
             s.path for s in plan.steps
             if isinstance(s.layer, layers.WeightLayer) and s.layer.divides_at_max_pool
@@ -196,10 +185,10 @@ def test_other_backends_keep_the_division_in_the_layer(monkeypatch, backend):
         pytest.importorskip("triton")
     monkeypatch.setenv("RELPROP_BACKEND", backend)
     x = seeded_normal((2, 3, 16, 16), seed=8, dtype=torch.float32)
-    relevance, calls = _analyze(monkeypatch, _vgg_like, x, True, "EpsilonGammaBox")
+    relevance, calls = _analyze(monkeypatch, pooled_vgg, x, True, "EpsilonGammaBox")
     assert calls == []
     monkeypatch.setenv("RELPROP_BACKEND", "native")
-    native, _ = _analyze(monkeypatch, _vgg_like, x, True, "EpsilonGammaBox")
+    native, _ = _analyze(monkeypatch, pooled_vgg, x, True, "EpsilonGammaBox")
     torch.testing.assert_close(relevance, native, rtol=1e-5, atol=1e-7)
 
 
@@ -233,7 +222,7 @@ def test_cuda_non_overlapping_pools_give_the_same_bits(monkeypatch, method, dtyp
     x = seeded_normal((3, 3, 16, 16), seed=4, dtype=torch.float32).to("cuda", dtype)
 
     def make(dtype):
-        return _vgg_like(dtype).cuda()
+        return pooled_vgg(dtype).cuda()
 
     divided, calls = _analyze(monkeypatch, make, x, True, method)
     kept, _ = _analyze(monkeypatch, make, x, False, method)
@@ -251,7 +240,7 @@ def test_torch_compile_gives_the_same_relevance(monkeypatch):
         return at_winners(self, saved, pooled)
 
     monkeypatch.setattr(layers.WeightLayer, "_relevance_at_winners", counted)
-    analyzer = relprop.create_analyzer("lrp.gamma", _vgg_like())
+    analyzer = relprop.create_analyzer("lrp.gamma", pooled_vgg())
     eager = analyzer.analyze(x)
     eager_calls = len(calls)
     compiled = torch.compile(analyzer.analyze, dynamic=False)(x)

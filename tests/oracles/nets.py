@@ -82,6 +82,20 @@ class SmallCNN1d(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+def pooled_vgg(dtype=torch.float32) -> nn.Sequential:
+    """A small VGG: three max pools, each over a convolution's ReLU output (the second
+    convolution's input is a ReLU's too), the last pool's relevance reaching it formed through a
+    flattening and a dense layer; input ``(N, 3, 16, 16)``, 5 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(16 * 2 * 2, 5),
+    ).eval().to(dtype)  # fmt: skip
+
+
 def tiny_cnn(seed: int = 0) -> nn.Sequential:
     """conv → ReLU → max-pool → strided conv → ReLU → adaptive avg-pool → flatten → linear: one
     layer of each kind a backend implements; input ``(N, 3, 8..9, 7..8)``, 7 classes."""

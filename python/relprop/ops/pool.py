@@ -193,12 +193,17 @@ def max_pool_offset_bounds(
     return [*rows, *cols]
 
 
-def _max_pool_native(
+def _max_pool_gather(
+    name: str,
     relevance: Tensor,
     indices: Tensor,
     input_size: Sequence[int],
-    offset_bounds: Sequence[int] | None = None,
+    offset_bounds: Sequence[int] | None,
+    **operands,
 ) -> Tensor:
+    """Run ``relprop._C``'s ``{name}_cpu`` or ``{name}_cuda`` (a max pool's winner-takes-all,
+    its relevance contiguous) with ``operands`` besides relevance, indices and the output; the
+    output ``(N, C, *input_size)``."""
     r4 = _as_planes(relevance)
     i4 = _as_planes(indices.to(torch.int64))
     in_h, in_w = (1, *input_size) if len(input_size) == 1 else input_size
@@ -212,6 +217,7 @@ def _max_pool_native(
         "indices": _native.pointer(i4),
         "indices_strides": _native.strides4(i4),
         "out": _native.pointer(out),
+        **operands,
     }
     module = _native.native()
     if _native.on_cuda(relevance):
@@ -222,7 +228,7 @@ def _max_pool_native(
             if not offset_bounds
             else None
         )
-        module.max_pool_relevance_cuda(
+        getattr(module, f"{name}_cuda")(
             dtype=_native.dtype_code(relevance, _native.CUDA_DTYPES),
             workspace=0 if workspace is None else _native.pointer(workspace),
             offset_bounds=[int(b) for b in offset_bounds or ()],
@@ -230,10 +236,19 @@ def _max_pool_native(
             **args,
         )
     else:
-        module.max_pool_relevance_cpu(
+        getattr(module, f"{name}_cpu")(
             dtype=_native.dtype_code(relevance, _native.CPU_DTYPES), **args
         )
     return out.view(relevance.shape[0], relevance.shape[1], *input_size)
+
+
+def _max_pool_native(
+    relevance: Tensor,
+    indices: Tensor,
+    input_size: Sequence[int],
+    offset_bounds: Sequence[int] | None = None,
+) -> Tensor:
+    return _max_pool_gather("max_pool_relevance", relevance, indices, input_size, offset_bounds)
 
 
 def _max_pool_divided_native(
@@ -250,57 +265,23 @@ def _max_pool_divided_native(
 ) -> Tensor:
     # The pool-size operands share the relevance's strides: all contiguous (copies, where they
     # were not, held here until the kernel has run).
-    r4 = _as_planes(relevance.contiguous())
-    i4 = _as_planes(indices.to(torch.int64))
-    d4 = _as_planes(denominator.contiguous())
+    denominator = denominator.contiguous()
     addend, factor, sign_reference, denominator_bias = (
         None if t is None else t.contiguous()
         for t in (numerator_addend, factor, sign_reference, denominator_bias)
-    )
-    at_outputs = input_size is not None
-    size = list(input_size) if at_outputs else list(denominator.shape[2:])
-    in_h, in_w = (1, *size) if len(size) == 1 else size
-    out = torch.empty(
-        (r4.shape[0], r4.shape[1], in_h, in_w), dtype=relevance.dtype, device=relevance.device
     )
 
     def optional(t: Tensor | None) -> int:
         return 0 if t is None else _native.pointer(t)
 
-    args = {
-        "shape": _planes(out, r4),
-        "relevance": _native.pointer(r4),
-        "relevance_strides": _native.strides4(r4),
-        "indices": _native.pointer(i4),
-        "indices_strides": _native.strides4(i4),
-        "addend": optional(addend),
-        "factor": optional(factor),
-        "sign_reference": optional(sign_reference),
-        "denominator": _native.pointer(d4),
-        "denominator_bias": optional(denominator_bias),
-        "denominator_at_outputs": at_outputs,
-        "epsilon": float(epsilon),
-        "out": _native.pointer(out),
-    }
-    module = _native.native()
-    if _native.on_cuda(relevance):
-        workspace = (
-            torch.empty(4, dtype=torch.int32, device=relevance.device)
-            if not offset_bounds
-            else None
-        )
-        module.max_pool_divided_relevance_cuda(
-            dtype=_native.dtype_code(relevance, _native.CUDA_DTYPES),
-            workspace=0 if workspace is None else _native.pointer(workspace),
-            offset_bounds=[int(b) for b in offset_bounds or ()],
-            **_native.cuda_launch_args(relevance),
-            **args,
-        )
-    else:
-        module.max_pool_divided_relevance_cpu(
-            dtype=_native.dtype_code(relevance, _native.CPU_DTYPES), **args
-        )
-    return out.view(relevance.shape[0], relevance.shape[1], *size)
+    return _max_pool_gather(
+        "max_pool_divided_relevance", relevance.contiguous(), indices,
+        denominator.shape[2:] if input_size is None else list(input_size), offset_bounds,
+        addend=optional(addend), factor=optional(factor),
+        sign_reference=optional(sign_reference), denominator=_native.pointer(denominator),
+        denominator_bias=optional(denominator_bias), denominator_at_outputs=input_size is not None,
+        epsilon=float(epsilon),
+    )  # fmt: skip
 
 
 def _avg_native(x: Tensor, relevance: Tensor, stabilizer: float, cpu_entry, cuda_entry, **geometry):
