@@ -104,7 +104,9 @@ def test_bytes_moved_against_the_gradient(ratios):
         # their relevance, in one op (docs/ops.md, "Divided at the max pool's winners";
         # ResNet50's one max pool is on its first layer, whose input has both signs): here
         # EpsilonPlusFlat 1.20 → 1.12× and EpsilonGammaBox 1.27 → 1.18× the gradient's bytes.
-        assert by_method["EpsilonPlusFlat"][1] <= 1.14
+        # The flat first layer sums its relevance before its one division (docs/ops.md, "flat:
+        # summed, then divided once"): EpsilonPlusFlat 1.12 → 1.09×.
+        assert by_method["EpsilonPlusFlat"][1] <= 1.10
         assert by_method["EpsilonGammaBox"][1] <= 1.20
 
 

@@ -93,16 +93,23 @@ def conv_map(stride, padding, dilation, groups: int) -> rules.LinearMap:
         return _conv_input_grad(x.shape, weight, s, stride, padding, dilation, groups, x)
 
     def flat_relevance(x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
-        # All-ones weights: every output channel has the same denominator (the receptive field's
-        # size inside the image), and Wᵀs needs s summed over each group's output channels only.
+        # All-ones weights: every output channel of a group has the same denominator (the
+        # receptive field's size inside the image), and Wᵀs needs s summed over each group's
+        # output channels only: the group's relevance summed, then divided once.
         n, c, h, w = x.shape
         out_channels, in_per_group, kh, kw = weight.shape
-        ones_x = x.new_ones((1, in_per_group, h, w))
+        # Counted in float32 at least: a 16-bit count is inexact above 256 terms.
+        count_dtype = rules.COMPUTE_DTYPES.get(x.dtype, x.dtype)
         count = F.conv2d(
-            ones_x, x.new_ones((1, in_per_group, kh, kw)), None, stride, padding, dilation
+            x.new_ones((1, in_per_group, h, w), dtype=count_dtype),
+            x.new_ones((1, in_per_group, kh, kw), dtype=count_dtype),
+            None,
+            stride,
+            padding,
+            dilation,
         )
-        share = rules.divide(relevance, count, eps)
-        share = share.view(n, groups, out_channels // groups, *share.shape[2:]).sum(dim=2)
+        grouped = relevance.reshape(n, groups, out_channels // groups, *relevance.shape[2:])
+        share = rules.flat_share(grouped, 2, count.unsqueeze(1), eps).squeeze(2)
         spread = _conv_input_grad(
             (n, groups, h, w),
             x.new_ones((groups, 1, kh, kw)),

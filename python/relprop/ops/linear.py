@@ -23,8 +23,9 @@ def _transpose(s: Tensor, weight: Tensor, x: Tensor) -> Tensor:
 
 def _flat_relevance(x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:
     # Every output has the same denominator (the fan-in) and Wᵀs = Σ_j s_j for every input.
-    fan_in = torch.full((), float(weight.shape[1]), dtype=relevance.dtype, device=relevance.device)
-    share = rules.divide(relevance, fan_in, eps).sum(dim=-1, keepdim=True)
+    dtype = rules.COMPUTE_DTYPES.get(relevance.dtype, relevance.dtype)
+    fan_in = torch.full((), float(weight.shape[1]), dtype=dtype, device=relevance.device)
+    share = rules.flat_share(relevance, -1, fan_in, eps)
     return share.expand(*relevance.shape[:-1], x.shape[-1]).contiguous()
 
 
