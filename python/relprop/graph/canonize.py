@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from relprop.ops._layer_rules import DerivedWeights, keep_derived_weights
+from relprop.ops._layer_rules import DerivedWeights, derive_biases_together, keep_derived_weights
 
 
 class FoldedParameters:
@@ -163,7 +163,11 @@ def _concatenated_scales_and_shifts(
     sizes = [t.shape[0] for t in var]
     scale = torch.cat(var).add_(eps).sqrt_().reciprocal_().mul_(torch.cat(gamma))
     shift = torch.addcmul(torch.cat(beta), torch.cat(mean), scale, value=-1)
-    return list(scale.split(sizes)), list(shift.split(sizes))
+    shifts = list(shift.split(sizes))
+    # A shift is the folded bias of a layer without one of its own (every torchvision model's):
+    # what the rules derive from the biases (b⁺, b + γb⁺, …) is then one launch for all layers.
+    derive_biases_together(shift, shifts)
+    return list(scale.split(sizes)), shifts
 
 
 def _multi_tensor_scales_and_shifts(

@@ -265,11 +265,44 @@ def divide_fast(
 
 
 def _positive(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.clamp(min=0)
+    """``t⁺`` of a bias (None stays None)."""
+    return None if t is None else _derived_bias(t, ("positive",), lambda b: b.clamp(min=0))
 
 
 def _negative(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.clamp(max=0)
+    """``t⁻`` of a bias (None stays None)."""
+    return None if t is None else _derived_bias(t, ("negative",), lambda b: b.clamp(max=0))
+
+
+# Set by the engine on biases that are slices of one tensor made for many layers at once (the
+# shifts of the BatchNorms folded in one pass, graph/canonize.py): (that tensor, the slice's
+# start, a dict of what was derived from it in this pass).
+BIAS_SET_MARK = "_relprop_bias_set"
+
+
+def derive_biases_together(whole: Tensor, slices: Sequence[Tensor]) -> None:
+    """Let what the rules derive from each of ``slices`` (views of the 1-D ``whole``, in order,
+    end to end) be derived from ``whole`` once, for all of them: ``b⁺``, ``b⁻``, ``b + γb⁺``, …
+    of ResNet50's 53 folded BatchNorm shifts in one launch each instead of 53. Elementwise, so
+    each slice of the result has the bits the slice alone would give."""
+    store: dict[tuple, Tensor] = {}
+    start = 0
+    for piece in slices:
+        stamp_mark(piece, BIAS_SET_MARK, (whole, start, store))
+        start += piece.shape[0]
+
+
+def _derived_bias(bias: Tensor, key: tuple, make: Callable[[Tensor], Tensor]) -> Tensor:
+    """``make(bias)`` for an elementwise ``make``; for a slice of a set of biases
+    (:func:`derive_biases_together`) the slice of ``make`` of the whole set, made once per pass."""
+    mark = read_mark(bias, BIAS_SET_MARK)
+    if mark is None:
+        return make(bias)
+    whole, start, store = mark
+    derived = store.get(key)
+    if derived is None:
+        derived = store[key] = make(whole)
+    return derived[start : start + bias.shape[0]]
 
 
 # Set by the engine on the weights it hands the ops (graph/canonize.FoldedParameters): a
@@ -628,7 +661,12 @@ def _gamma_shifted(
     shifted = _derived(
         weight, ("gamma", gamma, up), weight.shape, lambda out: _gamma_shift(weight, gamma, up, out)
     )
-    return shifted, None if bias is None else _gamma_shift(bias, gamma, up)
+    return shifted, None if bias is None else _gamma_shifted_bias(bias, gamma, up)
+
+
+def _gamma_shifted_bias(bias: Tensor, gamma: float, up: bool) -> Tensor:
+    """``b + γb⁺`` (``up``) or ``b + γb⁻``."""
+    return _derived_bias(bias, ("gamma", gamma, up), lambda b: _gamma_shift(b, gamma, up))
 
 
 def _gamma_shift(t: Tensor, gamma: float, up: bool, out: Tensor | None = None) -> Tensor:
@@ -939,7 +977,7 @@ def _gamma_paired(
     (stacked along the outputs in one buffer): ``zneg = (2 + γ)z − zpos`` is formed inside the
     pass, and the two products' sum inside the product's reduction."""
     both = _stacked_weights(weight, gamma)
-    b_up = None if bias is None else _gamma_shift(bias, gamma, up=True)
+    b_up = None if bias is None else _gamma_shifted_bias(bias, gamma, up=True)
     zpos, zpos_bias = _product_and_bias(lin, x, both[: weight.shape[0]], b_up)
     shares = paired_shares_fast(
         relevance, z, zpos, eps, 1.0, 1.0, 2 + gamma, True, factor, zpos_bias
