@@ -828,6 +828,8 @@ def relevance_fast(
     tr = lin.transpose
     if rule == "flat":
         return _flat_fast(lin, x, weight, relevance, params[0])
+    if rule == "wsquare":
+        return _wsquare_fast(lin, x, weight, bias, relevance, params[0])
     if rule == "epsilon":
         z = saved[0] if saved else lin.forward(x, weight, bias)
         share = divide_fast(relevance, z, params[0], factor=factor, last_read=True)
@@ -1253,6 +1255,23 @@ def _alphabeta_nonnegative(
     if not times_input:
         return c
     return times_input_in_place(c, x, out)
+
+
+def _wsquare_fast(
+    lin: LinearMap, x: Tensor, weight: Tensor, bias: Tensor | None, relevance: Tensor, eps: float
+) -> Tensor:
+    """w² (Montavon et al. 2017, "Explaining nonlinear classification decisions with deep Taylor
+    decomposition"): ``(W²)ᵀ(R / stab(W²·1 + b², e))``. The denominator does not depend on the
+    input, so it is made for one sample and broadcast: the reference's product of a whole batch
+    of ones cost the layer's forward again. The division is the fused one, in the relevance's
+    dtype (16-bit dtypes computed in float32 inside the kernel, not in float32 tensors)."""
+    squared = _derived(
+        weight, ("square",), weight.shape, lambda out: torch.mul(weight, weight, out=out)
+    )
+    ones = x.new_ones((1, *x.shape[1:]))
+    denominator = lin.forward(ones, squared, None if bias is None else bias * bias)
+    share = divide_fast(relevance, denominator.expand_as(relevance), eps)
+    return lin.transpose(share, squared, x)
 
 
 def _flat_fast(lin: LinearMap, x: Tensor, weight: Tensor, relevance: Tensor, eps: float) -> Tensor:

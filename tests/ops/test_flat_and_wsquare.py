@@ -1,10 +1,11 @@
-"""The flat rule's relevance (``_layer_rules.flat_share``): each group's relevance summed, then
-divided once by the count its outputs share.
+"""The rules whose denominators do not depend on the input: flat (``_layer_rules.flat_share``:
+each group's relevance summed, then divided once by the count its outputs share) and w²
+(``_layer_rules._wsquare_fast``: the denominator made for one sample).
 
-Oracles: the float64 reference (``relevance_reference``'s literal ``Wᵀ(R / stab(W₁·1))`` with
-all-ones weights); in 16-bit dtypes the criterion of the Triton tests, an error against float64
-at most twice the reference's computed in the same dtype; the storage ledger of the tests for
-what the step allocates.
+Oracles: the float64 reference (``relevance_reference``'s literal ``Wᵀ(R / stab(W·1))``, with
+all-ones or squared weights); in 16-bit dtypes the criterion of the Triton tests, an error
+against float64 at most twice the reference's computed in the same dtype; the storage ledger of
+the tests for what a step allocates; the ops a step dispatches for the products it makes.
 """
 
 from __future__ import annotations
@@ -114,3 +115,83 @@ def test_flat_step_makes_no_tensor_of_the_output_size(dtype):
         got = conv.conv2d_relevance(x, w, None, saved, relevance, *geometry, "flat", [EPSILON])
     assert got.shape == x.shape
     assert memory.peak < relevance.nbytes // 4, (memory.peak, relevance.nbytes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_wsquare_within_the_reference_error(geometry, dtype, with_bias):
+    x, w, _, relevance = _conv_case(geometry)
+    b = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    b = b if with_bias else None
+    saved = conv.conv2d_forward_reference(x, w, b, *geometry, "wsquare", [EPSILON])
+    truth = conv.conv2d_relevance_reference(
+        x, w, b, saved, relevance, *geometry, "wsquare", [EPSILON]
+    )
+    low = [None if t is None else t.to(dtype) for t in (x, w, b, relevance)]
+    low_saved = [t.to(dtype) for t in saved]
+    reference = conv.conv2d_relevance_reference(
+        *low[:3], low_saved, low[3], *geometry, "wsquare", [EPSILON]
+    )
+    got = conv.conv2d_relevance(*low[:3], low_saved, low[3], *geometry, "wsquare", [EPSILON])
+    assert got.dtype == dtype and got.shape == x.shape
+    assert _error(got, truth) <= _bound(reference, truth)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_wsquare_makes_its_denominator_for_one_sample(kind):
+    """The denominator ``W²·1 + b²`` is the same for every sample: one sample's product, not a
+    batch of ones (which cost the layer's forward again). Counted: the batch sizes of the step's
+    products — a convolution's transposed product is ``convolution_backward`` (not counted), a
+    dense layer's a product of the whole batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "relprop":
+                # A custom op's kernel runs with the mode off: run it with the mode on.
+                with self:
+                    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+                    return func.redispatch(cpu, *args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("conv2d", "convolution", "linear", "matmul", "addmm", "mm"):
+                self.batches.append(args[0].shape[0] if name != "addmm" else args[1].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(2)
+    if kind == "conv":
+        geometry = ([1, 1], [1, 1], [1, 1], 1)
+        x = torch.rand(5, 4, 6, 6, generator=g)
+        w, b = torch.randn(3, 4, 3, 3, generator=g), torch.randn(3, generator=g)
+        saved = conv.conv2d_forward(x, w, b, *geometry, "wsquare", [EPSILON])
+
+        def step():
+            return conv.conv2d_relevance(x, w, b, saved, relevance, *geometry, "wsquare", [EPSILON])
+
+        def truth():
+            return conv.conv2d_relevance_reference(
+                x, w, b, saved, relevance, *geometry, "wsquare", [EPSILON]
+            )
+    else:
+        x = torch.rand(5, 8, generator=g)
+        w, b = torch.randn(3, 8, generator=g), torch.randn(3, generator=g)
+        saved = linear.linear_forward(x, w, b, "wsquare", [EPSILON])
+
+        def step():
+            return linear.linear_relevance(x, w, b, saved, relevance, "wsquare", [EPSILON])
+
+        def truth():
+            return linear.linear_relevance_reference(
+                x, w, b, saved, relevance, "wsquare", [EPSILON]
+            )
+
+    relevance = torch.rand(saved[0].shape, generator=g)
+    counted = Products()
+    with counted:
+        got = step()
+    torch.testing.assert_close(got, truth(), rtol=1e-5, atol=1e-6)
+    assert sorted(counted.batches) == ([1] if kind == "conv" else [1, 5]), counted.batches
