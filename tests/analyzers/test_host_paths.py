@@ -371,15 +371,17 @@ def test_each_weight_is_folded_in_its_own_step():
 
 
 @pytest.mark.parametrize(
-    "composite", ["EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1", "EpsilonPlus"]
+    "composite",
+    ["EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1", "EpsilonPlus", "lrp.w_square"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_biases_derived_together_change_nothing(monkeypatch, composite, dtype):
     """A convolution without a bias of its own gets its BatchNorm's shift as its bias, a slice of
-    one tensor made for all layers of the pass: ``b⁺``, ``b⁻`` and ``b + γb⁺`` are derived from
-    that tensor once, for all (one launch each on ResNet50 instead of 53). Oracle: the same
-    analysis with every bias derived on its own (bitwise: the operations are elementwise); and
-    counted, the rules' clamps of the biases made once per set, not once per layer."""
+    one tensor made for all layers of the pass: ``b⁺``, ``b⁻``, ``b + γb⁺`` and w²'s ``b²`` are
+    derived from that tensor once, for all (one launch each on ResNet50 instead of 53). Oracle:
+    the same analysis with every bias derived on its own (bitwise: the operations are
+    elementwise); and counted, the rules' clamps (w²: products) of the biases made once per set,
+    not once per layer."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from relprop import composites
@@ -398,17 +400,21 @@ def test_biases_derived_together_change_nothing(monkeypatch, composite, dtype):
                 with self:
                     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
                     return func.redispatch(cpu, *args, **(kwargs or {}))
-            if func.overloadpacket is torch.ops.aten.clamp and args[0].dim() == 1:
+            derives = (torch.ops.aten.clamp, torch.ops.aten.mul)
+            if func.overloadpacket in derives and args[0].dim() == 1:
                 self.count += 1
             return func(*args, **(kwargs or {}))
 
     model = small_resnet(seed=4).to(dtype)
     x = seeded_normal((2, 3, 32, 32), seed=7).to(dtype)
-    make = getattr(composites, composite)
     kwargs = {"low": -3.0, "high": 3.0} if composite == "EpsilonGammaBox" else {}
 
     def analyze() -> tuple[torch.Tensor, int]:
-        analyzer = relprop.create_analyzer("lrp", model, composite=make(**kwargs))
+        if composite.startswith("lrp."):
+            analyzer = relprop.create_analyzer(composite, model)
+        else:
+            make = getattr(composites, composite)
+            analyzer = relprop.create_analyzer("lrp", model, composite=make(**kwargs))
         analyzer.analyze(x, neuron_selection=[1, 2])  # the trace
         counted = BiasClamps()
         with counted:

@@ -189,12 +189,14 @@ def flat_share(relevance: Tensor, dim: int, count: Tensor, epsilon: float) -> Te
     """``Σ R / stab(count, ε)`` over ``dim`` (kept, size 1): the flat rule's share summed over the
     outputs that share one denominator (a dense layer's all, a convolution group's channels).
 
-    The flat rule's all-ones weights give every such output the same denominator ``count``, so
-    the sum of their shares is their summed relevance divided once: no tensor of the layer's
-    output size is made (dividing first made three, in float32 for 16-bit dtypes: 2.4 GB at
-    VGG16's first layer, batch 64, bfloat16). The sum and the division run in float32 for
-    16-bit dtypes and round once (float16 saturated, as :func:`divide`'s shares are); ``count``
-    should be exact in that precision (compute it in float32).
+    The flat rule (Lapuschkin et al. 2019, "Unmasking Clever Hans predictors and assessing what
+    machines really learn") takes all weights as one, which gives every such output the same
+    denominator ``count``: the sum of their shares is their summed relevance divided once, and
+    no tensor of the layer's output size is made (dividing first made three, in float32 for
+    16-bit dtypes: VGG16's first layer held 1.6 GB at batch 64 in bfloat16). The sum and the
+    division run in float32 for 16-bit dtypes and round once (float16 saturated, as
+    :func:`divide`'s shares are); ``count`` should be exact in that precision (compute it in
+    float32).
     """
     compute = COMPUTE_DTYPES.get(relevance.dtype, relevance.dtype)
     summed = relevance.sum(dim=dim, keepdim=True, dtype=compute)
@@ -1269,7 +1271,8 @@ def _wsquare_fast(
         weight, ("square",), weight.shape, lambda out: torch.mul(weight, weight, out=out)
     )
     ones = x.new_ones((1, *x.shape[1:]))
-    denominator = lin.forward(ones, squared, None if bias is None else bias * bias)
+    squared_bias = None if bias is None else _derived_bias(bias, ("square",), lambda b: b * b)
+    denominator = lin.forward(ones, squared, squared_bias)
     share = divide_fast(relevance, denominator.expand_as(relevance), eps)
     return lin.transpose(share, squared, x)
 
