@@ -14,6 +14,7 @@ import operator
 import pytest
 import torch
 import torchvision
+from tests.oracles.inside_ops import InsideCustomOps
 from tests.oracles.nets import bn_sequential, seeded_normal, small_resnet, tiny_cnn
 from torch import fx, nn
 
@@ -382,28 +383,20 @@ def test_biases_derived_together_change_nothing(monkeypatch, composite, dtype):
     the same analysis with every bias derived on its own (bitwise: the operations are
     elementwise); and counted, the rules' clamps (w²: products) of the biases made once per set,
     not once per layer."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from relprop import composites
     from relprop.graph import canonize
 
-    class BiasClamps(TorchDispatchMode):
-        """Clamps of 1-D tensors: the biases' (a weight's clamp has more dimensions)."""
+    class BiasClamps(InsideCustomOps):
+        """Clamps (and products) of 1-D tensors: the biases' (a weight's have more dimensions)."""
 
         def __init__(self) -> None:
             super().__init__()
             self.count = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "relprop":
-                # A custom op's kernel runs with the mode off: run it with the mode on.
-                with self:
-                    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-                    return func.redispatch(cpu, *args, **(kwargs or {}))
+        def record(self, func, args, kwargs, out) -> None:
             derives = (torch.ops.aten.clamp, torch.ops.aten.mul)
             if func.overloadpacket in derives and args[0].dim() == 1:
                 self.count += 1
-            return func(*args, **(kwargs or {}))
 
     model = small_resnet(seed=4).to(dtype)
     x = seeded_normal((2, 3, 32, 32), seed=7).to(dtype)

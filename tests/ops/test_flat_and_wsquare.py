@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.oracles.inside_ops import InsideCustomOps
 from tests.oracles.live_bytes import LiveBytes
 
 from relprop.ops import conv, linear
@@ -144,23 +145,16 @@ def test_wsquare_makes_its_denominator_for_one_sample(kind):
     batch of ones (which cost the layer's forward again). Counted: the batch sizes of the step's
     products — a convolution's transposed product is ``convolution_backward`` (not counted), a
     dense layer's a product of the whole batch."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Products(TorchDispatchMode):
+    class Products(InsideCustomOps):
         def __init__(self) -> None:
             super().__init__()
             self.batches: list[int] = []
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "relprop":
-                # A custom op's kernel runs with the mode off: run it with the mode on.
-                with self:
-                    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-                    return func.redispatch(cpu, *args, **(kwargs or {}))
+        def record(self, func, args, kwargs, out) -> None:
             name = func.overloadpacket.__name__
             if name in ("conv2d", "convolution", "linear", "matmul", "addmm", "mm"):
                 self.batches.append(args[0].shape[0] if name != "addmm" else args[1].shape[0])
-            return func(*args, **(kwargs or {}))
 
     g = torch.Generator().manual_seed(2)
     if kind == "conv":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from tests.oracles.inside_ops import InsideCustomOps
 from torch.utils._pytree import tree_flatten
 
 
@@ -57,8 +57,9 @@ class StorageLedger:
         self.live -= size
 
 
-class LiveBytes(TorchDispatchMode):
-    """A :class:`StorageLedger` of every op run under the mode (``live``, ``peak``)."""
+class LiveBytes(InsideCustomOps):
+    """A :class:`StorageLedger` of every op run under the mode (``live``, ``peak``), the buffers
+    inside relprop's custom ops included."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,17 +76,5 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.ledger.reset_peak()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "relprop" and torch._C._dispatch_has_kernel_for_dispatch_key(
-            func.name(), "CPU"
-        ):
-            # A custom op's kernel runs with the mode off: run it with the mode on, so the
-            # buffers inside it are seen too.
-            with self:
-                cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-                out = func.redispatch(cpu, *args, **kwargs)
-        else:
-            out = func(*args, **kwargs)
+    def record(self, func, args, kwargs, out) -> None:
         self.ledger.track(func, args, kwargs, out)
-        return out
