@@ -8,6 +8,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -31,6 +32,19 @@ using StrideList = std::array<int64_t, 4>;
 Strides4 strides(const StrideList& s) { return {{s[0], s[1], s[2], s[3]}}; }
 
 PlaneShape plane_shape(const Shape6& s) { return {s[0], s[1], s[2], s[3], s[4], s[5]}; }
+
+#ifdef RELPROP_WITH_CUDA
+// The max-pool CUDA entries' `offset_bounds`: the winners' offsets known on the host, or empty
+// (the kernel measures them on the device, into its workspace).
+std::optional<OffsetBounds> known_offset_bounds(const std::vector<int>& bounds) {
+  if (bounds.empty()) return std::nullopt;
+  if (bounds.size() != 4) {
+    throw std::invalid_argument(
+        "offset_bounds: [row_min, row_max, col_min, col_max] or empty (measured)");
+  }
+  return OffsetBounds{bounds[0], bounds[1], bounds[2], bounds[3]};
+}
+#endif
 
 AvgPoolGeometry avg_geometry(const Pair& kernel, const Pair& stride, const Pair& padding,
                              bool count_include_pad, int64_t divisor_override) {
@@ -320,20 +334,13 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t sign_reference, uintptr_t denominator, uintptr_t denominator_bias,
          bool denominator_at_outputs, double epsilon, uintptr_t out, uintptr_t workspace,
          const std::vector<int>& offset_bounds, uintptr_t stream, int device) {
-        if (!offset_bounds.empty() && offset_bounds.size() != 4) {
-          throw std::invalid_argument(
-              "offset_bounds: [row_min, row_max, col_min, col_max] or empty (measured)");
-        }
-        const OffsetBounds known = offset_bounds.empty()
-                                       ? OffsetBounds{0, 0, 0, 0}
-                                       : OffsetBounds{offset_bounds[0], offset_bounds[1],
-                                                      offset_bounds[2], offset_bounds[3]};
+        const std::optional<OffsetBounds> known = known_offset_bounds(offset_bounds);
         max_pool_divided_relevance_cuda(
             static_cast<DType>(dtype), plane_shape(shape), relevance, strides(relevance_strides),
             indices, strides(indices_strides),
             WinnerDivision{addend, factor, sign_reference, denominator, denominator_bias,
                            denominator_at_outputs, epsilon},
-            out, workspace, offset_bounds.empty() ? nullptr : &known, stream, device);
+            out, workspace, known ? &*known : nullptr, stream, device);
       },
       py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
       py::arg("indices"), py::arg("indices_strides"), py::arg("addend"), py::arg("factor"),
@@ -347,17 +354,10 @@ PYBIND11_MODULE(_C, m) {
       [](int dtype, const Shape6& shape, uintptr_t relevance, const StrideList& relevance_strides,
          uintptr_t indices, const StrideList& indices_strides, uintptr_t out, uintptr_t workspace,
          const std::vector<int>& offset_bounds, uintptr_t stream, int device) {
-        if (!offset_bounds.empty() && offset_bounds.size() != 4) {
-          throw std::invalid_argument(
-              "offset_bounds: [row_min, row_max, col_min, col_max] or empty (measured)");
-        }
-        const OffsetBounds known = offset_bounds.empty()
-                                       ? OffsetBounds{0, 0, 0, 0}
-                                       : OffsetBounds{offset_bounds[0], offset_bounds[1],
-                                                      offset_bounds[2], offset_bounds[3]};
+        const std::optional<OffsetBounds> known = known_offset_bounds(offset_bounds);
         max_pool_relevance_cuda(static_cast<DType>(dtype), plane_shape(shape), relevance,
                                 strides(relevance_strides), indices, strides(indices_strides), out,
-                                workspace, offset_bounds.empty() ? nullptr : &known, stream,
+                                workspace, known ? &*known : nullptr, stream,
                                 device);
       },
       py::arg("dtype"), py::arg("shape"), py::arg("relevance"), py::arg("relevance_strides"),
